@@ -1,0 +1,1 @@
+"""Policy networks, RL trainers and Ray rollout workers."""

@@ -1,0 +1,1 @@
+"""Transfer problems: datasets, feature front-ends and backbones."""

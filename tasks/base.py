@@ -1,0 +1,71 @@
+"""What defines a transfer problem: a :class:`Task` with train/val/test splits.
+
+Every task resolves to tensors the backbone consumes directly: audio tasks yield
+log-mel spectrograms ``(1, n_mels, frames)``, image tasks yield ``(3, H, W)`` float
+images. Small tasks (the embedded suites) hold their splits in memory as tensors,
+which makes evaluation a plain loop over pre-batched tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+@dataclass
+class Task:
+    """A downstream (or source) classification task.
+
+    ``train_transform`` is applied to a *batch* of training inputs on the fly
+    (e.g. SpecAugment); evaluation splits are never augmented.
+    ``shift_test`` is an optional distribution-shifted test split (unseen speakers,
+    noisier audio, unseen fonts) used by the robustness reports.
+    """
+
+    id: str
+    modality: str  # "audio" | "image"
+    class_names: list[str]
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    input_shape: tuple[int, ...]
+    shift_test: Optional[Dataset] = None
+    train_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def loader(self, split: str, batch_size: int = 64, shuffle: bool | None = None,
+               seed: int = 0, num_workers: int = 0) -> DataLoader:
+        """A DataLoader over ``split`` ("train", "val", "test", "shift_test")."""
+        ds = getattr(self, split)
+        if ds is None:
+            raise ValueError(f"task {self.id} has no split {split!r}")
+        if shuffle is None:
+            shuffle = split == "train"
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g,
+                          num_workers=num_workers, drop_last=False)
+
+
+def tensor_split(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+    """An in-memory split; ``x`` float inputs, ``y`` int64 labels."""
+    if len(x) != len(y):
+        raise ValueError(f"inputs ({len(x)}) and labels ({len(y)}) differ in length")
+    return TensorDataset(x.float().contiguous(), y.long())
+
+
+def materialize(ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of a split as two tensors ``(x, y)``; cheap for TensorDataset."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[0], ds.tensors[1]
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
