@@ -1,5 +1,33 @@
-"""swr: budget-constrained parameter-efficient transfer by Scalable Weight Reparametrization."""
+"""swr: budget-constrained parameter-efficient transfer by Scalable Weight Reparametrization.
+
+The core, in the order a user meets it::
+
+    model = swr.create_backbone("bcresnet-2", weights="model.safetensors")
+    swr.reparametrize(model)                    # wrap candidate layers: W + g*dW
+    swr.candidates(model)                       # names, kinds, shapes, costs
+    budget = swr.resolve_budget(model, "5%")    # parameters
+    swr.set_selection(model, ["stages.0.0.f2.conv", ...])
+    ... train ...
+    task_model = swr.fold(model)                # plain base architecture
+    swr.export_task_delta(model, "task.safetensors", backbone="bcresnet-2")
+"""
 
 from ._version import __version__
+from .budget import (Budget, backbone_params, check_selection, cost_report, resolve_budget,
+                     selection_cost)
+from .delta import apply_task_delta, base_hash, export_task_delta, read_task_delta
+from .errors import BudgetError, ForeignDeltaError, SwrError
+from .fold import fold, fold_batchnorm, fold_check, merge, same_architecture, unmerge
+from .layers import ReparamLayer
+from .reparam import (Candidate, candidates, get_selection, norm_parameters, reparam_layers,
+                      reparametrize, sample_gates, set_selection, set_trainable, unwrap)
+from .tasks.backbones import create_backbone
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__", "Budget", "BudgetError", "Candidate", "ForeignDeltaError", "ReparamLayer",
+    "SwrError", "apply_task_delta", "backbone_params", "base_hash", "candidates",
+    "check_selection", "cost_report", "create_backbone", "export_task_delta", "fold",
+    "fold_batchnorm", "fold_check", "get_selection", "merge", "norm_parameters",
+    "read_task_delta", "reparam_layers", "reparametrize", "resolve_budget", "same_architecture",
+    "sample_gates", "selection_cost", "set_selection", "set_trainable", "unmerge", "unwrap",
+]

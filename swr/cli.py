@@ -1,2 +1,110 @@
-def main(argv=None):
-    raise SystemExit("not yet available")
+"""The ``swr`` command line: thin wrappers over the Python API.
+
+Every command validates its input once here, prints progress on long work, writes
+JSON/CSV results, and on bad input prints one line and exits with status 2
+(``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .errors import SwrError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (a GPU when there is one; default)")
+
+
+# -- swr inspect ----------------------------------------------------------------------
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", required=True,
+                   help="bcresnet-<tau> (tau in 1,1.5,2,3,6,8) or timm:<model_name>")
+    p.add_argument("--weights", help="local safetensors / torch checkpoint (optional)")
+    p.add_argument("--bias-delta", action="store_true", help="count bias deltas in layer costs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold self-check")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .budget import backbone_params
+    from .fold import fold_check
+    from .reparam import candidates
+    from .tasks.backbones import create_backbone, input_shape
+
+    model = create_backbone(args.backbone, weights=args.weights).eval()
+    layers = candidates(model, bias_delta=args.bias_delta)
+    shape = input_shape(model, args.backbone)
+    example = torch.randn((2, *shape), generator=torch.Generator().manual_seed(args.seed))
+    check = fold_check(model, example, seed=args.seed)
+    report = {
+        "backbone": args.backbone,
+        "layers": [c.as_dict() for c in layers],
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "backbone_params": backbone_params(model),
+        "candidate_params": sum(c.params for c in layers),
+        "input_shape": list(shape),
+        "fold_check": check,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max((len(c.name) for c in layers), default=4)
+    print(f"{'layer':<{width}}  {'kind':<9} {'shape':<22} {'params':>10}")
+    for c in layers:
+        print(f"{c.name:<{width}}  {c.kind:<9} {str(list(c.shape)):<22} {c.params:>10,}")
+    print(f"\n{len(layers)} candidate layers, {report['candidate_params']:,} candidate params; "
+          f"backbone {report['backbone_params']:,} params, total {report['total_params']:,}")
+    ok = check["max_abs_diff"] <= 1e-5 and check["same_architecture"]
+    print(f"fold self-check: max |reparam - folded| = {check['max_abs_diff']:.3g} with "
+          f"{check['gates_open']}/{check['layers']} gates open, same architecture: "
+          f"{check['same_architecture']} -> {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+COMMANDS["inspect"] = (_inspect_args, run_inspect,
+                       "list candidate layers and costs, and self-check folding")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="swr", description="Budget-constrained transfer learning by Scalable Weight "
+        "Reparametrization: choose which layers get a weight delta, train, fold.")
+    parser.add_argument("--version", action="version", version=f"swr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (add_args, _, help) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_args(p)
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _, run, _ = COMMANDS[args.command]
+    try:
+        return int(run(args) or 0)
+    except SwrError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"swr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"swr {args.command}: interrupted; rerun with --resume where supported",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Budget accounting: how many parameters a task may update.
+
+The budget counts delta parameters of the gated layers. Task norm parameters and
+the head are reported separately and counted only when the user asks
+(``count_norms`` / ``count_head``): every method trains a head, so counting it
+would only shift all methods alike.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from torch import nn
+
+from .errors import BudgetError, SwrError
+from .layers import ReparamLayer
+from .reparam import candidates, head_names, head_parameters, norm_parameters, reparam_layers
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parameter budget: a ``fraction`` of the backbone's parameters or absolute ``params``."""
+
+    fraction: float | None = None
+    params: int | None = None
+
+    def __post_init__(self):
+        if (self.fraction is None) == (self.params is None):
+            raise SwrError("a budget is either a fraction or a parameter count, not both")
+        if self.fraction is not None:
+            if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
+                raise BudgetError(f"budget fraction {self.fraction:g} must be in (0, 1] "
+                                  "(e.g. 0.05 or 5%)")
+        elif self.params <= 0:
+            raise BudgetError(f"budget of {self.params} parameters must be positive")
+
+    @classmethod
+    def parse(cls, text: str | float | int) -> "Budget":
+        """``"0.05"``, ``"5%"`` -> fractions; ``"20000"``, ``"20k"``, ``"1.5M"`` -> counts."""
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, bool):
+            raise BudgetError(f"budget {text!r} is not a number")
+        if isinstance(text, int):
+            return cls(params=text)
+        if isinstance(text, float):
+            return cls(fraction=text)
+        s = str(text).strip().lower().replace("_", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(%|k|m)?", s)
+        if not m:
+            raise BudgetError(f"cannot read budget {text!r}: give a fraction (0.05), a "
+                              "percentage (5%) or a parameter count (20000, 20k, 1.5M)")
+        value, unit = float(m.group(1)), m.group(2)
+        if unit == "%":
+            if value > 100:
+                raise BudgetError(f"budget {text!r} is above 100%")
+            return cls(fraction=value / 100)
+        if unit in ("k", "m"):
+            return cls(params=int(round(value * (1e3 if unit == "k" else 1e6))))
+        if "." in m.group(1) or "e" in m.group(1):
+            if value > 1:
+                raise BudgetError(f"budget fraction {text!r} is above 1 (100%); "
+                                  "write a parameter count without a decimal point")
+            return cls(fraction=value)
+        return cls(params=int(value))
+
+    def resolve(self, total_params: int) -> int:
+        """The budget in parameters for a backbone of ``total_params`` parameters."""
+        if self.params is not None:
+            if self.params > total_params:
+                raise BudgetError(f"budget of {self.params} parameters is above the "
+                                  f"backbone's {total_params} (100%)")
+            return self.params
+        return int(math.floor(self.fraction * total_params))
+
+    def __str__(self) -> str:
+        return f"{self.fraction:.4g}" if self.fraction is not None else str(self.params)
+
+
+def backbone_params(model: nn.Module) -> int:
+    """Parameters of the base backbone: everything but the head and the deltas."""
+    skip = head_names(model)
+    total = 0
+    for name, m in model.named_modules():
+        if name in skip:
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if isinstance(m, ReparamLayer) and pname in ("delta", "delta_bias"):
+                continue
+            total += p.numel()
+    return total
+
+
+def selection_cost(model: nn.Module, selection: Iterable[str]) -> int:
+    """Sum of delta sizes over the selected layers."""
+    costs = {c.name: c.params for c in candidates(model)}
+    chosen = list(selection)
+    unknown = [n for n in chosen if n not in costs]
+    if unknown:
+        raise SwrError(f"selection names unknown layer(s) {unknown[:5]}")
+    return sum(costs[n] for n in set(chosen))
+
+
+def resolve_budget(model: nn.Module, budget: Budget | str | float | int) -> int:
+    """Resolve ``budget`` against ``model``; refuse one no single layer fits in."""
+    budget = Budget.parse(budget)
+    params = budget.resolve(backbone_params(model))
+    costs = [c.params for c in candidates(model)]
+    if costs and params < min(costs):
+        raise BudgetError(f"budget {budget} = {params} parameters is below the cheapest "
+                          f"layer ({min(costs)} parameters); raise it")
+    return params
+
+
+def check_selection(model: nn.Module, selection: Iterable[str], budget_params: int) -> int:
+    """Return the selection's cost; raise :class:`BudgetError` if it exceeds the budget."""
+    cost = selection_cost(model, selection)
+    if cost > budget_params:
+        raise BudgetError(f"selection costs {cost} parameters, over the budget of "
+                          f"{budget_params}; drop layers or raise --budget")
+    return cost
+
+
+def cost_report(model: nn.Module, selection: Iterable[str] | None = None, *,
+                count_norms: bool = False, count_head: bool = False) -> dict:
+    """Updated parameters of a selection, with norms and head reported separately."""
+    if selection is None:
+        selection = [n for n, m in reparam_layers(model).items() if m.gate != 0.0]
+    deltas = selection_cost(model, selection)
+    norms = sum(p.numel() for p in norm_parameters(model).values())
+    head = sum(p.numel() for p in head_parameters(model).values())
+    updated = deltas + (norms if count_norms else 0) + (head if count_head else 0)
+    return {"deltas": deltas, "norms": norms, "head": head, "updated": updated,
+            "backbone_params": backbone_params(model),
+            "count_norms": count_norms, "count_head": count_head}

@@ -1,0 +1,154 @@
+"""Backbones by name: ``bcresnet-<tau>`` and ``timm:<model>``, weights from local files.
+
+Weights never come from a hub: ``--weights PATH`` points at a safetensors file or a
+torch checkpoint (read with ``weights_only=True``, so it cannot run code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from swr.errors import SwrError
+from swr.io import atomic_path
+from swr.reparam import head_prefix
+
+from .bcresnet import BCRESNET_TAUS, create_bcresnet
+
+BACKBONE_FORMS = [f"bcresnet-{t:g}" for t in BCRESNET_TAUS] + ["timm:<model_name>"]
+
+
+def _timm_name(name: str) -> str:
+    import timm
+
+    model = name.removeprefix("timm:")
+    if not model or model.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise SwrError(f"backbone {name!r}: hub and remote weights are not used; give a "
+                       "timm architecture name and --weights PATH to a local file")
+    arch = model.split(".")[0]
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch[:6]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise SwrError(f"unknown timm model {arch!r}{hint}")
+    return model
+
+
+def create_backbone(name: str, num_classes: Optional[int] = None,
+                    weights: Optional[str | os.PathLike] = None, **kwargs: Any) -> nn.Module:
+    """Build backbone ``name`` with ``num_classes`` outputs, optionally loading ``weights``.
+
+    With ``weights`` and no ``num_classes``, the head is sized from the checkpoint.
+    """
+    if weights is not None and str(weights).lower() in ("hub", "imagenet", "pretrained", "true"):
+        raise SwrError(f"--weights {weights}: weights are never downloaded; give the path "
+                       "of a local safetensors or torch checkpoint file")
+    state = meta = None
+    if weights is not None:
+        state, meta = read_checkpoint(weights)
+    model = _build(name, num_classes or 1, **kwargs)
+    if state is not None:
+        head = head_prefix(model)
+        head_w = state.get(f"{head}.weight") if head else None
+        ckpt_classes = int(head_w.shape[0]) if head_w is not None else None
+        if ckpt_classes is not None and ckpt_classes != (num_classes or 1):
+            model = _build(name, ckpt_classes, **kwargs)
+        load_state(model, state, weights, backbone=name)
+        if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
+            model.reset_classifier(num_classes)
+    elif num_classes is None:
+        model = _build(name, _default_classes(name), **kwargs)
+    return model
+
+
+def _default_classes(name: str) -> int:
+    return 12 if name.startswith("bcresnet-") else 1000
+
+
+def _build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    if name.startswith("bcresnet-"):
+        return create_bcresnet(name, num_classes=num_classes, **kwargs)
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(_timm_name(name), pretrained=False, num_classes=num_classes,
+                                 **kwargs)
+    raise SwrError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_FORMS)}")
+
+
+def input_shape(model: nn.Module, name: str = "") -> tuple[int, ...]:
+    """Per-sample input shape the backbone expects (C, H, W) or (1, mels, frames)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(cfg["input_size"])
+    if name.startswith("bcresnet-"):
+        return (1, 40, 101)
+    return (3, 224, 224)
+
+
+# -- checkpoints ----------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a state dict from safetensors or a torch checkpoint (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SwrError(f"weights file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and not head.startswith(b"PK")
+                                         and not head.startswith(b"\x80")):
+        try:
+            state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            return state, meta
+        except (SafetensorError, OSError, ValueError) as e:
+            if path.suffix == ".safetensors":
+                raise SwrError(f"cannot read safetensors weights {path}: {e}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors of many kinds; weights_only refuses code
+        raise SwrError(f"cannot read weights {path} as safetensors or a weights-only torch "
+                       f"checkpoint ({str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SwrError(f"{path} holds no state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    return state, {}
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Any = "checkpoint",
+               backbone: str = "") -> None:
+    """Load ``state`` strictly; mismatches name the missing/unexpected keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+        if wrong:
+            parts.append(f"shape mismatch at {wrong[:4]}")
+        raise SwrError(f"weights {source} do not fit backbone {backbone or type(model).__name__}: "
+                       + "; ".join(parts) + "; use the checkpoint made for this backbone")
+    model.load_state_dict(state, strict=True)
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> int:
+    """Write ``model``'s state dict to safetensors (atomic); returns the size in bytes."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path).stat().st_size

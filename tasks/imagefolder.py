@@ -1,0 +1,182 @@
+"""Image-folder tasks (ImageNet-to-Sketch layout): ``<path>/{train,test}/<class>/<images>``.
+
+The benchmark ships no validation split, so one is carved from train, stratified per
+class and seeded. Images are decoded lazily; the per-image train augmentation
+(random resized crop, flip) runs in ``__getitem__`` because images of different
+sizes cannot be batched before they are resized, so ``Task.train_transform`` stays
+``None``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from swr.errors import SwrError
+
+from .base import Task
+from .datasets import (FileDataset, Item, OnBadFile, check_fraction, check_on_bad_file,
+                       class_counts, probe_items, stratified_holdout)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_RATIO = 0.875  # resize to S/0.875 then center-crop S: the usual ImageNet eval
+
+
+class BadImageFile(SwrError):
+    """An image that cannot be decoded; carries its path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        super().__init__(
+            f"cannot read image file {path}: {reason}; fix or delete it, or pass --on-bad-file skip")
+
+
+def _reason(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def probe_image(path: Path) -> None:
+    """Raise :class:`BadImageFile` unless PIL recognises ``path`` and its structure verifies.
+
+    ``verify()`` checks headers (and chunk CRCs for PNG) without decoding pixels; a
+    truncated JPEG can pass it and is caught by :func:`read_image` on access.
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+        raise BadImageFile(path, _reason(e)) from None
+
+
+def read_image(path: Path) -> Image.Image:
+    """Decode ``path`` fully to an RGB PIL image (grey, palette, RGBA and CMYK converted)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise BadImageFile(path, _reason(e)) from None
+
+
+def image_transforms(image_size: int, cropped: bool = False
+                     ) -> tuple[Callable[[Image.Image], torch.Tensor],
+                                Callable[[Image.Image], torch.Tensor]]:
+    """``(train, eval)`` transforms from a PIL image to a normalised ``(3, S, S)`` float tensor.
+
+    Train: RandomResizedCrop(S) + horizontal flip; eval: Resize(S/0.875) + CenterCrop(S).
+    ``cropped`` (CUB/Cars cropped to the object): a plain Resize((S, S)) for both, the
+    train side keeping the flip. Both normalise with the ImageNet mean/std.
+    """
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.ToPureTensor()]
+    if cropped:
+        train = [v2.ToImage(), v2.Resize((image_size, image_size)), v2.RandomHorizontalFlip()]
+        evaluate = [v2.ToImage(), v2.Resize((image_size, image_size))]
+    else:
+        train = [v2.ToImage(), v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip()]
+        evaluate = [v2.ToImage(), v2.Resize(int(image_size / EVAL_CROP_RATIO)),
+                    v2.CenterCrop(image_size)]
+    return v2.Compose(train + tail), v2.Compose(evaluate + tail)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder`` (hidden entries skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames
+                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(found)
+
+
+def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
+    """``{class name: image paths}`` for ``root/split``; every class folder must hold images."""
+    folder = root / split
+    if not folder.is_dir():
+        raise SwrError(f"image folder dataset {root} has no {split}/ folder ({folder}); "
+                       f"expected {root}/{{train,test}}/<class>/<images>")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SwrError(f"{folder} holds no class folders; expected {folder}/<class>/<images>")
+    listing = {}
+    for name in classes:
+        files = _images_under(folder / name)
+        if not files:
+            raise SwrError(f"class folder {folder / name} holds no images "
+                           f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+        listing[name] = files
+    return listing
+
+
+def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fraction: float = 0.1,
+                     seed: int = 0, cropped: bool = False, on_bad_file: OnBadFile = "fail") -> Task:
+    """An image classification task from ``<path>/{train,test}/<class>/<images>``.
+
+    Class names are the sorted folder names of ``train/``; ``test/`` must hold the
+    same classes. Images (jpg, jpeg, png, bmp, webp, any case) are found recursively
+    in each class folder. ``val_fraction`` of each class's train images (at least one,
+    never a class's last) is held out as the validation split, keyed by ``seed``; it
+    uses the eval transform. Every file's header is checked at load; an unreadable
+    image raises :class:`SwrError` naming it, or with ``on_bad_file="skip"`` is dropped
+    and listed in ``task.info["skipped"]`` (files that fail only on full decode are
+    found on access and added there). See :func:`image_transforms` for the transforms.
+    """
+    root = Path(path)
+    policy = check_on_bad_file(on_bad_file)
+    check_fraction("val_fraction", val_fraction, low_open=True)
+    if image_size < 1:
+        raise SwrError(f"image_size must be a positive number of pixels, got {image_size}")
+    if not root.is_dir():
+        raise SwrError(f"image folder dataset not found: {root}")
+
+    train_listing = _list_split(root, "train")
+    class_names = list(train_listing)
+    if len(class_names) < 2:
+        raise SwrError(f"{root / 'train'} holds a single class ({class_names[0]}); "
+                       f"a classification task needs at least two class folders")
+    test_listing = _list_split(root, "test")
+    for name in test_listing:
+        if name not in train_listing:
+            raise SwrError(f"class {name!r} in {root / 'test'} has no folder in {root / 'train'}; "
+                           f"train and test must hold the same classes")
+    for name in class_names:
+        if name not in test_listing:
+            raise SwrError(f"class {name!r} in {root / 'train'} has no folder in {root / 'test'}; "
+                           f"train and test must hold the same classes")
+
+    def items(listing: dict[str, list[Path]]) -> list[Item]:
+        return [(p, label) for label, name in enumerate(class_names) for p in listing[name]]
+
+    # Split before probing so a skipped file never moves another into or out of val.
+    train_items, val_items = stratified_holdout(items(train_listing), val_fraction, seed)
+    if not val_items:
+        raise SwrError(f"{root / 'train'} has too few images to hold out a validation split "
+                       f"(every class has a single image); add images")
+    skipped: list[str] = []
+    train_items = probe_items(train_items, probe_image, policy, skipped)
+    val_items = probe_items(val_items, probe_image, policy, skipped)
+    test_items = probe_items(items(test_listing), probe_image, policy, skipped)
+    for split, split_items in (("train", train_items), ("validation", val_items),
+                               ("test", test_items)):
+        if not split_items:
+            raise SwrError(f"no readable images left in the {split} split of {root}")
+
+    train_tf, eval_tf = image_transforms(image_size, cropped)
+    splits = {
+        "train": FileDataset(train_items, read_image, train_tf, policy, skipped),
+        "val": FileDataset(val_items, read_image, eval_tf, policy, skipped),
+        "test": FileDataset(test_items, read_image, eval_tf, policy, skipped),
+    }
+    return Task(
+        id=f"imagefolder:{path}", modality="image", class_names=class_names,
+        input_shape=(3, image_size, image_size), **splits,
+        info={"root": str(root), "skipped": skipped, "val_fraction": val_fraction, "seed": seed,
+              "cropped": cropped, "image_size": image_size,
+              "class_counts": {k: class_counts(ds.labels, class_names) for k, ds in splits.items()}},
+    )
