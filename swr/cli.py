@@ -74,6 +74,105 @@ COMMANDS["inspect"] = (_inspect_args, run_inspect,
                        "list candidate layers and costs, and self-check folding")
 
 
+# -- swr pretrain ---------------------------------------------------------------------
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="source task, e.g. kws-synth:en, glyphs:source")
+    p.add_argument("--backbone", required=True, help="bcresnet-<tau> or timm:<model_name>")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", help="initialise from a local safetensors / torch checkpoint")
+    _device_arg(p)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
+
+    m = pretrain(args.task, args.backbone, args.out, epochs=args.epochs, lr=args.lr,
+                 batch_size=args.batch_size, seed=args.seed, device=args.device,
+                 weights=args.weights)
+    print(f"{args.backbone} on {args.task}: test acc {m['test_acc']:.4f}, val acc "
+          f"{m['val_acc']:.4f} (best epoch {m['best_epoch']}/{m['epochs']}), "
+          f"{m['seconds'] / 60:.1f} min -> {args.out}")
+    return 0
+
+
+COMMANDS["pretrain"] = (_pretrain_args, run_pretrain,
+                        "train the source model and write a checkpoint folder")
+
+
+# -- swr search -----------------------------------------------------------------------
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="target task, e.g. kws-synth:de")
+    p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
+    p.add_argument("--budget", required=True,
+                   help="fraction (0.05), percentage (5%%) or parameter count (20000)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--policy", default="pg", help="pg | ppo | random | greedy | knapsack (default pg)")
+    p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray workers scoring in parallel (default: the machine's CPUs; 0 = no Ray)")
+    p.add_argument("--ray-address", help="join a Ray cluster (ray start --head) instead of a local one")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--supernet-epochs", type=int, default=10)
+    p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
+    _device_arg(p)
+
+
+def run_search_cmd(args: argparse.Namespace) -> int:
+    import os
+
+    from .supernet import SupernetConfig
+    from .policies.search import SearchConfig, run_search
+
+    workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+    cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint, budget=args.budget,
+                       out=args.out, policy=args.policy, seed=args.seed,
+                       evaluations=args.evaluations, workers=workers, resume=args.resume,
+                       device=args.device, ray_address=args.ray_address,
+                       samples_per_iteration=args.samples_per_iteration,
+                       supernet=SupernetConfig(epochs=args.supernet_epochs))
+    r = run_search(cfg)
+    print(f"{r['policy']}: val score {r['val_score']:.4f} with {len(r['layers'])} layers, "
+          f"cost {r['cost']}/{r['budget_params']} params, {r['evaluations']} evaluations "
+          f"-> {args.out}/selection.json")
+    return 0
+
+
+COMMANDS["search"] = (_search_args, run_search_cmd,
+                      "train the supernet and search a layer selection under a budget")
+
+
+# -- swr finetune ---------------------------------------------------------------------
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--selection", required=True, help="selection.json written by swr search")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="start from zero deltas and a new head instead of the supernet's")
+    _device_arg(p)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    m = finetune(args.selection, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                 device=args.device, from_scratch=args.from_scratch)
+    print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} updated "
+          f"params, task delta {m['delta_bytes']} bytes, fold error {m['fold_max_abs_diff']:.2g} "
+          f"-> {args.out}")
+    return 0
+
+
+COMMANDS["finetune"] = (_finetune_args, run_finetune,
+                        "train the selected deltas, fold them and export the task delta")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 

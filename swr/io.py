@@ -49,3 +49,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SwrError(f"{what} {path} is not valid JSON ({e}); regenerate it") from None
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``."""
+    root = Path(os.environ.get("SWR_CACHE") or Path.home() / ".cache" / "swr")
+    return root.joinpath(*parts)

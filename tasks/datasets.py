@@ -56,13 +56,14 @@ def check_fraction(name: str, value: float, low_open: bool = False) -> float:
     return float(value)
 
 
-def resolve_inside(root: Path, rel: str, source: str) -> Path:
-    """``root / rel`` for a path read from a manifest, refusing one that could leave ``root``.
+def check_relative_path(rel: str, source: str, root: Path) -> str:
+    """``rel`` stripped, if it names a path inside ``root``; else :class:`SwrError`.
 
-    The check is lexical: absolute paths, drive letters and any ``..`` component
-    (with ``/`` or ``\\`` as separator) are refused with :class:`SwrError` naming
-    ``source`` (e.g. ``"validation_list.txt:12"``). Symlinks inside the dataset are
-    the user's own layout and are followed. Cheap enough for millions of rows.
+    The error names ``source`` (e.g. ``"validation_list.txt:12"``) and the path. The
+    check is lexical and string-only (cheap enough for millions of CSV rows):
+    absolute paths, drive letters and any ``..`` component (with ``/`` or ``\\`` as
+    separator) are refused. Symlinks inside the dataset are the user's own layout
+    and are followed when the file is read.
     """
     text = rel.strip()
     if not text:
@@ -72,7 +73,16 @@ def resolve_inside(root: Path, rel: str, source: str) -> Path:
     if ".." in _SEPARATORS.split(text):
         raise SwrError(f"{source}: path {text!r} leaves the dataset folder {root} via '..'; "
                        f"fix or delete the entry")
-    return root / PurePosixPath(text)
+    return text
+
+
+def resolve_inside(root: Path, rel: str, source: str) -> Path:
+    """``root / rel`` for a path read from a manifest (``source``, e.g. ``"list.txt:12"``).
+
+    Refuses, with :class:`SwrError`, any path that could leave ``root``
+    (see :func:`check_relative_path`).
+    """
+    return root / PurePosixPath(check_relative_path(rel, source, root).replace("\\", "/"))
 
 
 def record_skip(skipped: list[str], path: Path, error: SwrError) -> None:
@@ -154,7 +164,7 @@ class FileDataset(Dataset):
 
 
 class GeneratedDataset(Dataset):
-    """``n`` items of one ``label``, item ``i`` made by ``make(i)`` (deterministic) then transformed.
+    """``n`` items of one ``label``: item ``i`` is ``transform(make(i))``, ``make`` deterministic.
 
     Used for the ``_silence_`` class: crops of background recordings or synthetic noise.
     """

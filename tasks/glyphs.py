@@ -6,7 +6,7 @@ to. Everything is rendered offline from the fonts that ship inside matplotlib
 (DejaVu, STIX, Computer Modern), so no data is ever downloaded.
 
 ========== ========== ================================ ===============================
-task       style      classes                          shift
+task       style      classes                          mirrors; look
 ========== ========== ================================ ===============================
 source     photo      26 Latin capitals                ImageNet: coloured glyphs on
                                                        gradients, blobs, noise, clutter
@@ -24,7 +24,9 @@ fine       print      12 font faces (the class is the  Cars: fine-grained; ink o
 Each task has ``train``/``val``/``test`` splits rendered with its *train fonts*,
 and a ``shift_test`` split rendered with *unseen* fonts (obliques, italics,
 Computer Modern) at 1.6x the geometric and photometric distortion; for ``fine``,
-whose classes are fonts, ``shift_test`` uses unseen letters instead.
+whose classes are fonts, ``shift_test`` uses unseen letters instead. Images per
+class (train/val/test/shift_test): 160/20/40/40 for the source, 30/10/20/20 for
+each target.
 
 Images are RGB float tensors ``(3, S, S)`` normalised with the fixed
 :data:`MEAN`/:data:`STD` (per channel, measured on the source training split and
@@ -54,7 +56,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import matplotlib
 import numpy as np
@@ -78,7 +80,7 @@ STYLES = ("photo", "sketch", "painting", "print")
 
 #: Per-channel normalisation of every glyph task: ``x = (pixel / 255 - MEAN) / STD``.
 MEAN = (0.5, 0.5, 0.5)
-STD = (0.25, 0.25, 0.25)
+STD = (0.23, 0.23, 0.23)
 
 #: Distortion multiplier of the ``shift_test`` split (1.0 for the others).
 SHIFT_STRENGTH = 1.6
@@ -86,10 +88,9 @@ SHIFT_STRENGTH = 1.6
 # Fonts are named by their file stem in matplotlib's bundled font folder.
 _LATIN_FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSerif", "DejaVuSerif-Bold",
                 "DejaVuSansMono", "DejaVuSansMono-Bold", "STIXGeneral", "STIXGeneralBol")
-# cmti10 maps "$" to a pound sign, so it stays out of the symbol task's fonts.
 _LATIN_SHIFT_FONTS = ("DejaVuSans-Oblique", "DejaVuSerif-Italic", "DejaVuSansMono-BoldOblique",
                       "STIXGeneralItalic", "STIXGeneralBolIta", "cmr10", "cmss10", "cmtt10",
-                      "cmb10")
+                      "cmb10", "cmti10")
 # Computer Modern has neither Greek nor Cyrillic.
 _INTL_FONTS = _LATIN_FONTS
 _INTL_SHIFT_FONTS = ("DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSerif-Italic",
@@ -137,6 +138,7 @@ SPECS: dict[str, GlyphSpec] = {
         description="Latin lower-case as jittery pencil outlines on white paper"),
     "painting": GlyphSpec(
         "painting", "char", tuple("0123456789&@#$%?"), _LATIN_FONTS,
+        # cmti10 draws "$" as a pound sign.
         tuple(f for f in _LATIN_SHIFT_FONTS if f != "cmti10"),
         description="digits and symbols painted in posterised palette blotches"),
     "greek": GlyphSpec(
@@ -168,13 +170,13 @@ def font_path(font: str) -> Path:
 def _font_pixel_size(font: str, canvas: int) -> int:
     """Font size giving every font the same capital height (0.55 of the canvas)."""
     probe = ImageFont.truetype(str(font_path(font)), 100)
-    left, top, right, bottom = probe.getbbox("H")
+    _, top, _, bottom = probe.getbbox("H")
     return max(4, round(100 * 0.55 * canvas / (bottom - top)))
 
 
 @lru_cache(maxsize=4096)
 def _glyph_mask(font: str, glyph: str, canvas: int) -> np.ndarray:
-    """Coverage in [0, 1] of ``glyph`` centred on a ``canvas``-square, float32.
+    """Coverage (uint8, 255 = ink) of ``glyph`` centred on a ``canvas``-square.
 
     Glyphs keep their size relative to the capitals (so ``o`` stays smaller than
     ``O``) but are shrunk to fit 90% of the canvas when larger.
@@ -192,7 +194,7 @@ def _glyph_mask(font: str, glyph: str, canvas: int) -> np.ndarray:
                          Image.Resampling.LANCZOS)
     out = Image.new("L", (canvas, canvas), 0)
     out.paste(ink, ((canvas - ink.width) // 2, (canvas - ink.height) // 2))
-    return np.asarray(out, dtype=np.float32) / 255.0
+    return np.asarray(out)  # uint8 keeps the cache of a few thousand masks small
 
 
 @lru_cache(maxsize=64)
@@ -250,12 +252,14 @@ class _Pose:
 
     @staticmethod
     def draw(rng: np.random.Generator, strength: float, rotate: float, scale: tuple[float, float],
-             shift: float) -> "_Pose":
+             shift: float, shear: float = 0.12, stretch: float = 0.1) -> "_Pose":
+        """Rotation (degrees), scale range, shift (canvas fraction), shear and log
+        aspect bounds, all but the upper scale widened by ``strength``."""
         lo, hi = scale
         return _Pose(angle=np.deg2rad(rng.uniform(-rotate, rotate) * strength),
                      scale=rng.uniform(lo - 0.1 * (strength - 1), hi),
-                     aspect=float(np.exp(rng.uniform(-0.1, 0.1) * strength)),
-                     shear=rng.uniform(-0.12, 0.12) * strength,
+                     aspect=float(np.exp(rng.uniform(-stretch, stretch) * strength)),
+                     shear=rng.uniform(-shear, shear) * strength,
                      dx=rng.uniform(-shift, shift) * strength, dy=rng.uniform(-shift, shift) * strength)
 
 
@@ -366,7 +370,8 @@ def _photo(mask: np.ndarray, rng: np.random.Generator, strength: float) -> np.nd
     return img + rng.normal(0, rng.uniform(0.01, 0.05) * strength, img.shape).astype(np.float32)
 
 
-def _sketch(mask_fn, rng: np.random.Generator, strength: float) -> np.ndarray:
+def _sketch(mask_fn: Callable[[float], np.ndarray], rng: np.random.Generator,
+            strength: float) -> np.ndarray:
     """Pencil outlines of the glyph, drawn twice with hand jitter, on white paper.
 
     ``mask_fn(wobble)`` returns the placed glyph with that much random displacement,
@@ -467,13 +472,15 @@ def render_sample(glyph: str, font: str, style: str, rng: np.random.Generator,
     if style not in STYLES:
         raise SwrError(f"unknown glyph style {style!r}; known: {', '.join(STYLES)}")
     n = 2 * image_size
-    base = _glyph_mask(font, glyph, n)
+    base = _glyph_mask(font, glyph, n).astype(np.float32) / 255.0
     if style == "sketch":
         pose = _Pose.draw(rng, strength, rotate=15, scale=(1.1, 1.45), shift=0.06)
         img = _sketch(lambda wobble: _warp(base, pose, rng, wobble), rng, strength)
     elif style == "print":
-        # Larger, near-upright glyphs: the typeface details are the signal.
-        pose = _Pose.draw(rng, strength, rotate=4, scale=(1.05, 1.25), shift=0.04)
+        # Larger glyphs with little rotation, shear or stretch: slant and width tell
+        # the typefaces apart (an oblique is a sheared regular).
+        pose = _Pose.draw(rng, strength, rotate=3, scale=(1.05, 1.25), shift=0.04,
+                          shear=0.03, stretch=0.03)
         img = _print(_warp(base, pose), rng, strength)
     else:
         pose = _Pose.draw(rng, strength, rotate=12, scale=(0.75, 1.1), shift=0.1)
@@ -667,8 +674,9 @@ def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 
     """
     if target not in SPECS:
         raise SwrError(f"unknown glyphs target {target!r}; known: {', '.join(SPECS)}")
-    if not isinstance(image_size, int) or image_size < 8:
+    if not isinstance(image_size, (int, np.integer)) or image_size < 8:
         raise SwrError(f"glyphs image_size must be an integer >= 8, got {image_size!r}")
+    image_size = int(image_size)
     config = _config(target, int(seed), image_size)
     folder = cache_root(root) / f"{target}-seed{int(seed)}-{image_size}px"
     cached = _load_cache(folder, config)

@@ -35,7 +35,8 @@ class BadImageFile(SwrError):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = str(path)
         super().__init__(
-            f"cannot read image file {path}: {reason}; fix or delete it, or pass --on-bad-file skip")
+            f"cannot read image file {path}: {reason}; "
+            f"fix or delete it, or pass --on-bad-file skip")
 
 
 def _reason(e: Exception) -> str:
@@ -178,5 +179,6 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
         input_shape=(3, image_size, image_size), **splits,
         info={"root": str(root), "skipped": skipped, "val_fraction": val_fraction, "seed": seed,
               "cropped": cropped, "image_size": image_size,
-              "class_counts": {k: class_counts(ds.labels, class_names) for k, ds in splits.items()}},
+              "class_counts": {k: class_counts(ds.labels, class_names)
+                               for k, ds in splits.items()}},
     )

@@ -28,8 +28,8 @@ from swr.errors import SwrError
 from .audio import CLIP_SAMPLES, fix_length, read_audio
 from .base import Task
 from .datasets import (ClipLogMel, FileDataset, GeneratedDataset, Item, OnBadFile,
-                       check_fraction, check_on_bad_file, class_counts, deterministic_subset,
-                       probe_audio, probe_items, record_skip, resolve_inside, seeded_rng)
+                       check_fraction, check_on_bad_file, check_relative_path, class_counts,
+                       deterministic_subset, probe_audio, probe_items, record_skip, seeded_rng)
 from .features import SpecAugment
 
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -137,8 +137,7 @@ def _read_list(root: Path, name: str, words: set[str]) -> list[str]:
         if not line.strip():
             continue
         source = f"{file}:{lineno}"
-        resolve_inside(root, line, source)
-        rel = PurePosixPath(line.strip().replace("\\", "/"))
+        rel = PurePosixPath(check_relative_path(line, source, root).replace("\\", "/"))
         if len(rel.parts) != 2 or rel.parts[0] not in words:
             raise SwrError(f"{source}: entry {line.strip()!r} is not <word>/<clip>.wav for a word "
                            f"folder of {root}; fix or delete the line")
@@ -220,7 +219,7 @@ def load_speechcommands(path: str | os.PathLike, on_bad_file: OnBadFile = "fail"
         train_transform=SpecAugment() if spec_augment else None,
         info={"root": str(root), "skipped": skipped, "seed": seed,
               "unknown_fraction": unknown_fraction, "silence_fraction": silence_fraction,
-              "noise_prob": noise_prob,
+              "noise_prob": noise_prob, "noise_max_gain": noise_max_gain,
               "class_counts": {k: class_counts(ds.datasets[0].labels + ds.datasets[1].labels,
                                                CLASS_NAMES) for k, ds in splits.items()}},
     )

@@ -1,0 +1,119 @@
+"""Scoring many selections at once: locally, or in parallel on Ray workers.
+
+Each Ray worker builds its own evaluator once (the supernet and the validation
+data arrive through the object store, shipped once for all workers) and then
+scores selections sent to it. A worker that dies mid-search has its pending
+selections retried on another worker, and is replaced; retries are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+from swr.envs.evaluator import Evaluator, SupernetEvaluator
+
+log = logging.getLogger("swr.pool")
+
+
+class SupernetEvaluatorFactory:
+    """Picklable recipe for a :class:`SupernetEvaluator` (sent to Ray workers)."""
+
+    def __init__(self, supernet: torch.nn.Module, task, device: str = "cpu", bn_batches: int = 4,
+                 seed: int = 0):
+        self.supernet, self.task, self.device = supernet, task, device
+        self.bn_batches, self.seed = bn_batches, seed
+
+    def __call__(self) -> SupernetEvaluator:
+        return SupernetEvaluator(self.supernet, self.task, device=self.device,
+                                 bn_batches=self.bn_batches, seed=self.seed)
+
+
+class LocalPool:
+    """Scores in this process, one selection after another (no Ray)."""
+
+    retries = 0
+    workers = 1
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self.names = list(evaluator.names)
+
+    def map(self, selections: Sequence[tuple[str, ...]]) -> list[float]:
+        return [float(self.evaluator(s)) for s in selections]
+
+    def close(self) -> None:
+        pass
+
+
+class RayPool:
+    """Scores selections on ``workers`` Ray actors, each holding its own evaluator."""
+
+    def __init__(self, factory: Callable[[], Evaluator], names: Sequence[str], workers: int,
+                 threads_per_worker: int = 1, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0):
+        import ray
+
+        from .ray_utils import init_ray
+
+        init_ray()
+        self._ray = ray
+        self.names = list(names)
+        self.workers = workers
+        self.retries = 0
+
+        @ray.remote
+        class EvaluatorWorker:
+            def __init__(self, factory, threads):
+                torch.set_num_threads(threads)
+                self.evaluator = factory()
+
+            def score(self, selection):
+                return float(self.evaluator(selection))
+
+            def ready(self):
+                return True
+
+        self._actor_cls = EvaluatorWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+        self._factory_ref = ray.put(factory)
+        self._threads = threads_per_worker
+        self.actors = [self._spawn() for _ in range(workers)]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def _spawn(self):
+        return self._actor_cls.remote(self._factory_ref, self._threads)
+
+    def map(self, selections: Sequence[tuple[str, ...]]) -> list[float]:
+        ray = self._ray
+        from ray.exceptions import RayActorError
+
+        results: list[float | None] = [None] * len(selections)
+        queue = list(range(len(selections)))
+        running: dict = {}  # object ref -> (index, actor slot)
+        free = list(range(len(self.actors)))
+        while queue or running:
+            while queue and free:
+                slot = free.pop(0)
+                i = queue.pop(0)
+                running[self.actors[slot].score.remote(selections[i])] = (i, slot)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                i, slot = running.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except RayActorError:
+                    # the worker died (killed, out of memory): replace it, retry elsewhere
+                    self.retries += 1
+                    log.warning("evaluator worker %d died; retrying its selection (retry %d)",
+                                slot, self.retries)
+                    self.actors[slot] = self._spawn()
+                    queue.insert(0, i)
+                free.append(slot)
+        return [float(r) for r in results]
+
+    def close(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
+        self.actors = []

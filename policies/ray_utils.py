@@ -1,0 +1,101 @@
+"""Starting, joining and sizing Ray for rollout workers.
+
+``init_ray()`` starts a quiet local instance (the default on a laptop or CI box) or
+joins a cluster (``--ray-address``); it does nothing when Ray is already running, so
+library code can call it unconditionally. ``worker_threads`` and ``limit_threads``
+keep N workers from each starting one PyTorch thread per core and oversubscribing
+the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import ray
+import torch
+
+from swr.errors import SwrError
+
+# A local instance only ships small observations and env factories; Ray's default
+# (30% of RAM) would reserve gigabytes of shared memory for nothing.
+LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2
+# How long to wait for a cluster's head to accept a TCP connection: Ray's own
+# connect loop retries for minutes before giving up.
+PROBE_TIMEOUT_S = 5.0
+
+_started_here = False
+
+
+def local_cpus() -> int:
+    """Cores this process may run on (respects CPU affinity, e.g. in containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             object_store_memory: int | None = None) -> None:
+    """Make sure Ray is running: join ``address`` or start a quiet local instance.
+
+    Args:
+        address: a cluster's head (``host:port``, ``ray://host:port`` or ``auto``);
+            ``None`` starts a local instance.
+        num_cpus: CPUs a local instance offers (default: this machine's cores).
+        object_store_memory: bytes of shared memory for a local instance (default
+            200 MB).
+
+    Raises:
+        SwrError: the cluster at ``address`` cannot be reached.
+    """
+    global _started_here
+    if ray.is_initialized():
+        return
+    quiet = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level=logging.WARNING)
+    if address is not None:
+        hint = "start it with `ray start --head` or drop --ray-address"
+        try:
+            _probe(address)
+            ray.init(address=address, **quiet)
+        except (OSError, ConnectionError, RuntimeError) as e:
+            raise SwrError(f"cannot reach Ray cluster at {address}: {e}; {hint}") from None
+        return
+    ray.init(num_cpus=num_cpus or local_cpus(),
+             object_store_memory=object_store_memory or LOCAL_OBJECT_STORE_BYTES, **quiet)
+    _started_here = True
+
+
+def shutdown_ray() -> None:
+    """Stop Ray if :func:`init_ray` started it; leave a joined cluster or a caller's instance alone."""
+    global _started_here
+    if _started_here and ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+
+
+def worker_threads(n_workers: int) -> int:
+    """PyTorch threads per worker so that ``n_workers`` workers share the cores without oversubscription."""
+    cpus = local_cpus()
+    if ray.is_initialized():
+        # A local instance may have been started with fewer CPUs than the machine has.
+        cpus = min(cpus, int(ray.cluster_resources().get("CPU", cpus)))
+    return max(1, cpus // max(1, n_workers))
+
+
+def limit_threads(n_threads: int) -> None:
+    """Called by a worker when it starts: cap its PyTorch intra-op threads."""
+    torch.set_num_threads(max(1, int(n_threads)))
+
+
+def _probe(address: str) -> None:
+    """Fail fast (``OSError``) when a ``host:port`` address does not accept connections.
+
+    ``auto`` and anything not shaped ``[scheme://]host:port`` is left to Ray to resolve.
+    """
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()

@@ -1,0 +1,312 @@
+"""``swr search``: supernet (stage 1), then a policy or reference selector (stage 2).
+
+Outputs in ``out``: ``selection.json``, ``search.csv`` (one row per evaluation),
+``search.png`` (reward over evaluations), the policy weights, and
+``evaluations.jsonl``, an append-only log of every scoring that makes the search
+resumable: ``--resume`` replays the search from its seed with the logged scores
+served from that log, so it reaches exactly the result of an uninterrupted run
+and only the scorings that were lost are made again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from swr.budget import backbone_params, resolve_budget, selection_cost
+from swr.delta import base_hash
+from swr.envs.evaluator import CachedEvaluator, canonical
+from swr.envs.features import layer_features
+from swr.errors import SwrError
+from swr.io import atomic_path, cache_dir, write_json, write_text
+from swr.pretrain import load_pretrained
+from swr.reparam import candidates
+from swr.supernet import SupernetConfig, build_supernet, layer_statistics, train_supernet
+
+POLICIES = ("pg", "ppo", "random", "greedy", "knapsack")
+
+
+@dataclass
+class SearchConfig:
+    task: str
+    checkpoint: str
+    budget: str
+    out: str
+    policy: str = "pg"
+    seed: int = 0
+    evaluations: int = 200
+    workers: int = 0  # 0: score in this process; N: N Ray workers
+    resume: bool = False
+    device: str = "auto"
+    ray_address: Optional[str] = None
+    samples_per_iteration: int = 8
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    bn_batches: int = 4
+    progress: bool = True
+
+    def validate(self) -> "SearchConfig":
+        if self.policy not in POLICIES:
+            raise SwrError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.evaluations < 1:
+            raise SwrError(f"--evaluations {self.evaluations} must be at least 1")
+        if self.workers < 0:
+            raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
+        return self
+
+
+class EvaluationLog:
+    """Scores by selection, persisted line by line; the search's resumable state."""
+
+    def __init__(self, path: Path, names: list[str], costs: dict[str, int], resume: bool):
+        self.path = path
+        self.names = names
+        self.costs = costs
+        self.saved: dict[tuple[str, ...], float] = {}
+        if resume and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: that scoring is simply redone
+                self.saved[tuple(rec["selection"])] = float(rec["score"])
+        elif path.exists():
+            path.unlink()
+        self.rows: list[dict] = []
+        self.seen: dict[tuple[str, ...], float] = {}
+        self.best: tuple[float, tuple[str, ...]] = (-float("inf"), ())
+        self.start = time.perf_counter()
+        self.replayed = 0
+        self._file = None
+
+    def record(self, sel: tuple[str, ...], score: float, fresh: bool) -> None:
+        if sel not in self.seen:
+            self.seen[sel] = score
+            if fresh:
+                if self._file is None:
+                    self._file = open(self.path, "a", encoding="utf-8")
+                self._file.write(json.dumps({"selection": list(sel), "score": score}) + "\n")
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            else:
+                self.replayed += 1
+            if score > self.best[0]:
+                self.best = (score, sel)
+            self.rows.append({"evaluation": len(self.seen), "reward": score,
+                              "best_so_far": self.best[0], "cost": sum(self.costs[n] for n in sel),
+                              "layers": len(sel), "elapsed_s": round(time.perf_counter() - self.start, 3)})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class SearchRun:
+    """Glue between a selector and the pool: masks in, rewards out, everything logged."""
+
+    def __init__(self, names, costs, budget, pool, log: EvaluationLog, limit: int, progress: bool):
+        self.names, self.costs, self.budget = names, np.asarray(costs), budget
+        self.pool, self.log, self.limit = pool, log, limit
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=limit, desc="search", unit="eval", dynamic_ncols=True)
+
+    def evaluations_left(self) -> int:
+        return self.limit - len(self.log.seen)
+
+    def score(self, masks: list[np.ndarray]) -> list[float]:
+        sels = [canonical([n for n, m in zip(self.names, mask) if m], self.names) for mask in masks]
+        for sel in sels:
+            if sum(self.costs[self.names.index(n)] for n in sel) > self.budget:
+                raise AssertionError(f"selector proposed {sel} over the budget")
+        todo = [s for s in dict.fromkeys(sels) if s not in self.log.seen and s not in self.log.saved]
+        fresh = dict(zip(todo, self.pool.map(todo))) if todo else {}
+        out = []
+        for sel in sels:
+            if sel in self.log.seen:
+                score = self.log.seen[sel]
+            elif sel in fresh:
+                score = fresh[sel]
+                self.log.record(sel, score, fresh=True)
+            else:
+                score = self.log.saved[sel]
+                self.log.record(sel, score, fresh=False)
+            out.append(score)
+        if self._bar is not None:
+            self._bar.n = min(len(self.log.seen), self.limit)
+            self._bar.set_postfix(best=f"{self.log.best[0]:.4f}")
+            self._bar.refresh()
+        return out
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# -- stage 1 with a cache ---------------------------------------------------------------
+def _supernet_key(cfg: SearchConfig, base: str) -> str:
+    blob = json.dumps({"task": cfg.task, "base": base, "supernet": asdict(cfg.supernet)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_supernet(cfg: SearchConfig, task, base_model, backbone: str):
+    """Train (or load the cached) supernet and its per-layer statistics."""
+    model = build_supernet(base_model, task.num_classes, bias_delta=cfg.supernet.bias_delta)
+    key = _supernet_key(cfg, base_hash(base_model))
+    folder = cache_dir("supernets", key)
+    weights, meta_path = folder / "supernet.safetensors", folder / "supernet.json"
+    if weights.is_file() and meta_path.is_file():
+        model.load_state_dict(load_file(str(weights)))
+        meta = json.loads(meta_path.read_text())
+        return model, meta, folder
+    result = train_supernet(model, task, cfg.supernet)
+    stats = layer_statistics(model, task, cfg.supernet.stats_batches, device=cfg.supernet.device,
+                             seed=cfg.supernet.seed)
+    model.cpu()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    meta = {"task": cfg.task, "backbone": backbone, "val_acc_all_open": result.val_acc,
+            "seconds": result.seconds,
+            "config": asdict(cfg.supernet), "stats": stats}
+    write_json(meta_path, meta)
+    return model, meta, folder
+
+
+def make_pool(cfg: SearchConfig, supernet, task, names):
+    from swr.train import resolve_device
+
+    from .pool import LocalPool, RayPool, SupernetEvaluatorFactory
+
+    device = str(resolve_device(cfg.device))
+    factory = SupernetEvaluatorFactory(supernet, task, device=device, bn_batches=cfg.bn_batches,
+                                       seed=cfg.seed)
+    if cfg.workers <= 0:
+        return LocalPool(factory())
+    from .ray_utils import init_ray, worker_threads
+
+    init_ray(cfg.ray_address)
+    gpus = 1.0 / cfg.workers if device.startswith("cuda") else 0.0
+    return RayPool(factory, names, cfg.workers, threads_per_worker=worker_threads(cfg.workers),
+                   cpus_per_worker=min(1.0, (os.cpu_count() or 1) / cfg.workers),
+                   gpus_per_worker=gpus)
+
+
+# -- the search ---------------------------------------------------------------------------
+def run_search(cfg: SearchConfig) -> dict:
+    """Stage 1 + stage 2; writes the outputs listed in the module docstring."""
+    from swr.tasks import get_task
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_model, ckpt_meta = load_pretrained(cfg.checkpoint)
+    backbone = ckpt_meta["backbone"]
+    task = get_task(cfg.task)
+    cfg.supernet.seed = cfg.seed
+    cfg.supernet.device = cfg.device
+    cfg.supernet.progress = cfg.progress
+    t0 = time.perf_counter()
+    supernet, meta, supernet_dir = prepare_supernet(cfg, task, base_model, backbone)
+    t_supernet = time.perf_counter() - t0
+    cands = candidates(supernet)
+    names = [c.name for c in cands]
+    costs = [c.params for c in cands]
+    budget_params = resolve_budget(supernet, cfg.budget)
+    stats = meta["stats"]
+    features = layer_features(stats)
+    importance = np.array([s["taylor"] for s in stats])
+
+    log = EvaluationLog(out / "evaluations.jsonl", names, dict(zip(names, costs)), cfg.resume)
+    pool = make_pool(cfg, supernet, task, names)
+    run = SearchRun(names, costs, budget_params, pool, log, cfg.evaluations, cfg.progress)
+    t1 = time.perf_counter()
+    policy_file = None
+    try:
+        if cfg.policy == "pg":
+            from .pg import PGConfig, greedy_mask, train_pg
+
+            pgc = PGConfig(samples_per_iteration=cfg.samples_per_iteration, seed=cfg.seed)
+            # one evaluation is kept for the trained policy's most likely selection
+            policy = train_pg(features, np.asarray(costs), budget_params, run.score,
+                              lambda: run.evaluations_left() - 1, pgc)
+            run.score([greedy_mask(policy, features, np.asarray(costs), budget_params)])
+            policy_file = out / "policy.safetensors"
+            with atomic_path(policy_file) as tmp:
+                save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp),
+                          metadata={"n_features": str(features.shape[1]), "hidden": str(pgc.hidden)})
+        elif cfg.policy == "ppo":
+            from .ppo_search import run_ppo
+
+            policy_file = run_ppo(cfg, features, costs, budget_params, names, run, out)
+        else:
+            from .selectors import run_selector
+
+            run_selector(cfg.policy, importance, costs, budget_params, cfg.evaluations, cfg.seed,
+                         run.score, batch=max(cfg.samples_per_iteration, cfg.workers or 1))
+    finally:
+        run.close()
+        log.close()
+        retries = pool.retries
+        pool.close()
+    t_search = time.perf_counter() - t1
+    best_score, best_sel = log.best
+    result = {
+        "layers": list(best_sel), "cost": selection_cost(supernet, best_sel),
+        "budget_params": budget_params, "budget": str(cfg.budget),
+        "backbone_params": backbone_params(supernet), "val_score": best_score,
+        "policy": cfg.policy, "seed": cfg.seed, "evaluations": len(log.seen),
+        "replayed_evaluations": log.replayed, "worker_retries": retries,
+        "task": cfg.task, "checkpoint": str(Path(cfg.checkpoint).resolve()), "backbone": backbone,
+        "supernet": str(supernet_dir), "supernet_val_acc_all_open": meta["val_acc_all_open"],
+        "seconds": {"supernet": t_supernet, "search": t_search},
+        "policy_weights": str(policy_file) if policy_file else None,
+        "workers": cfg.workers,
+    }
+    write_csv(out / "search.csv", log.rows)
+    plot_search(out / "search.png", log.rows, f"{cfg.policy} on {cfg.task}, budget {cfg.budget}")
+    write_json(out / "selection.json", result)
+    return result
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def plot_search(path: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if rows:
+        x = [r["evaluation"] for r in rows]
+        ax.scatter(x, [r["reward"] for r in rows], s=8, alpha=0.5, label="reward")
+        ax.plot(x, [r["best_so_far"] for r in rows], color="C3", label="best so far")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("validation score")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""Stage 3: train only the selected deltas (+ task norms + head), fold, export.
+
+Starts from the supernet's trained deltas, norms and head (they already fit the
+task; ``from_scratch=True`` starts from zero deltas and a fresh head instead),
+keeps the best state on validation, reports test accuracy, folds, checks the fold
+against the trained model, and writes the task delta and the folded model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file
+
+from .budget import check_selection, cost_report
+from .delta import export_task_delta
+from .errors import SwrError
+from .fold import fold, same_architecture
+from .io import read_json, write_json
+from .pretrain import load_pretrained
+from .reparam import reparam_layers, set_selection, set_trainable, unwrap
+from .supernet import build_supernet
+from .train import TrainConfig, evaluate, resolve_device, train
+
+
+def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: float = 3e-3,
+             batch_size: int = 64, seed: int = 0, device: str = "auto",
+             from_scratch: bool = False, progress: bool = True,
+             layers: Optional[list[str]] = None) -> dict:
+    """Final training of a selection written by ``swr search``; returns the metrics."""
+    from .tasks import get_task
+    from .tasks.backbones import save_checkpoint
+
+    sel = read_json(selection_file, "selection file")
+    for key in ("layers", "task", "checkpoint", "budget_params"):
+        if key not in sel:
+            raise SwrError(f"selection file {selection_file} lacks {key!r}; write it with swr search")
+    chosen = list(sel["layers"]) if layers is None else layers
+    base, meta = load_pretrained(sel["checkpoint"])
+    task = get_task(sel["task"])
+    model = build_supernet(base, task.num_classes)
+    supernet_weights = Path(sel.get("supernet") or "") / "supernet.safetensors"
+    if not from_scratch and supernet_weights.is_file():
+        model.load_state_dict(load_file(str(supernet_weights)))
+    cost = check_selection(model, chosen, int(sel["budget_params"]))
+    set_selection(model, chosen)
+    if from_scratch:
+        with torch.no_grad():
+            for layer in reparam_layers(model).values():
+                layer.delta.zero_()
+    # deltas of unselected layers stay in the model with closed gates: they are
+    # neither trained nor exported
+    params = set_trainable(model, deltas=chosen, norms=True, head=True)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                      progress=progress, desc="finetune")
+    start = time.perf_counter()
+    result = train(model, task, params, cfg)
+    dev = resolve_device(device)
+    test_acc = evaluate(model, task.test, dev)
+    model.cpu()
+    folded = fold(model)
+    plain = unwrap(build_supernet(base, task.num_classes))
+    x = next(iter(torch.utils.data.DataLoader(task.val, batch_size=16)))[0]
+    with torch.no_grad():
+        fold_diff = float((model(x) - folded(x)).abs().max())
+    out = Path(out)
+    delta_bytes = export_task_delta(model, out / "task_delta.safetensors", backbone=meta["backbone"],
+                                    budget_params=int(sel["budget_params"]), task=sel["task"])
+    save_checkpoint(folded, out / "model.safetensors", backbone=meta["backbone"], task=sel["task"],
+                    classes=task.class_names)
+    report = cost_report(model, chosen)
+    metrics = {
+        "test_acc": test_acc, "val_acc": result.val_acc,
+        "shift_test_acc": evaluate(folded, task.shift_test) if task.shift_test is not None else None,
+        "updated_params": cost, "budget_params": int(sel["budget_params"]),
+        "norm_params": report["norms"], "head_params": report["head"],
+        "delta_bytes": delta_bytes, "seconds": time.perf_counter() - start,
+        "fold_max_abs_diff": fold_diff, "same_architecture": same_architecture(folded, plain),
+        "layers": chosen, "task": sel["task"], "backbone": meta["backbone"], "epochs": epochs,
+        "best_epoch": result.best_epoch, "seed": seed, "from_scratch": from_scratch,
+        "policy": sel.get("policy"),
+    }
+    write_json(out / "history.json", result.history)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+

@@ -1,0 +1,84 @@
+"""Pretraining the source model, and loading the checkpoints it writes.
+
+A checkpoint is a folder: ``model.safetensors`` (the state dict, with the backbone
+id and class names in its metadata) and ``metrics.json`` (``test_acc``, ``val_acc``,
+``epochs``, ``seconds``, ``task``, ``backbone``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import SwrError
+from .io import cache_dir, read_json, write_json
+from .train import TrainConfig, evaluate, resolve_device, train
+
+#: The embedded defaults: source task, backbone, epochs, learning rate.
+DEFAULT_SOURCES = {
+    "kws": ("kws-synth:en", "bcresnet-2", 30, 5e-3),
+    "glyphs": ("glyphs:source", "timm:resnet10t", 15, 3e-3),
+}
+
+
+def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 30,
+             lr: float = 5e-3, batch_size: int = 64, seed: int = 0, device: str = "auto",
+             weights: Optional[str] = None, progress: bool = True) -> dict:
+    """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""
+    from .tasks import get_task
+    from .tasks.backbones import create_backbone, save_checkpoint
+
+    task = get_task(task_spec)
+    torch.manual_seed(seed)
+    model = create_backbone(backbone, num_classes=task.num_classes, weights=weights)
+    params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                      weight_decay=1e-3, warmup_epochs=min(2.0, epochs / 5), label_smoothing=0.05,
+                      progress=progress, desc=f"pretrain {backbone} on {task_spec}")
+    start = time.perf_counter()
+    result = train(model, task, params, cfg)
+    dev = resolve_device(device)
+    metrics = {
+        "task": task_spec, "backbone": backbone, "classes": task.class_names,
+        "val_acc": result.val_acc, "test_acc": evaluate(model, task.test, dev),
+        "shift_test_acc": evaluate(model, task.shift_test, dev) if task.shift_test is not None else None,
+        "epochs": epochs, "best_epoch": result.best_epoch, "seed": seed, "lr": lr,
+        "seconds": time.perf_counter() - start, "device": str(dev),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    out = Path(out)
+    save_checkpoint(model.cpu(), out / "model.safetensors", backbone=backbone, task=task_spec,
+                    classes=task.class_names)
+    write_json(out / "history.json", result.history)
+    write_json(out / "metrics.json", metrics)  # last: its presence marks a complete checkpoint
+    return metrics
+
+
+def load_pretrained(checkpoint: str | Path) -> tuple[nn.Module, dict]:
+    """The pre-trained model and its metrics from a ``swr pretrain`` folder."""
+    from .tasks.backbones import create_backbone
+
+    ckpt = Path(checkpoint)
+    if ckpt.is_file():
+        raise SwrError(f"--checkpoint {ckpt} is a file; give the folder written by swr pretrain")
+    metrics = read_json(ckpt / "metrics.json", "checkpoint metrics")
+    if "backbone" not in metrics:
+        raise SwrError(f"{ckpt / 'metrics.json'} names no backbone; re-run swr pretrain")
+    model = create_backbone(metrics["backbone"], weights=ckpt / "model.safetensors")
+    return model.eval(), metrics
+
+
+def default_checkpoint(suite: str = "kws", seed: int = 0, progress: bool = True) -> Path:
+    """The cached pre-trained source model of an embedded suite, trained on first use."""
+    if suite not in DEFAULT_SOURCES:
+        raise SwrError(f"unknown suite {suite!r}; known: {', '.join(DEFAULT_SOURCES)}")
+    task, backbone, epochs, lr = DEFAULT_SOURCES[suite]
+    name = f"{task.replace(':', '-')}_{backbone.replace(':', '-')}_e{epochs}_s{seed}"
+    out = cache_dir("pretrained", name)
+    if not (out / "metrics.json").is_file():
+        pretrain(task, backbone, out, epochs=epochs, lr=lr, seed=seed, progress=progress)
+    return out

@@ -1,0 +1,241 @@
+"""Training and evaluation loops shared by pretraining, the supernet, final training
+and every PETL method.
+
+One readable loop: a config dataclass, the parameters to train passed in
+explicitly, the best state on validation kept, every logged number named.
+In-memory splits (``TensorDataset``) are batched by indexing the tensors directly,
+which is many times faster than a DataLoader's per-sample path on small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .errors import SwrError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SwrError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise SwrError(f"--device {device!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+
+
+def batches(ds: Dataset, batch_size: int, shuffle: bool = False,
+            generator: Optional[torch.Generator] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches; tensors are sliced directly for in-memory splits."""
+    if isinstance(ds, TensorDataset):
+        x, y = ds.tensors[0], ds.tensors[1]
+        n = len(x)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        for i in range(0, n, batch_size):
+            if order is None:
+                yield x[i:i + batch_size], y[i:i + batch_size]
+            else:
+                idx = order[i:i + batch_size]
+                yield x[idx], y[idx]
+        return
+    yield from DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, ds: Dataset, device: torch.device | str = "cpu",
+             batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on ``ds``."""
+    device = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in batches(ds, batch_size):
+        pred = model(x.to(device)).argmax(-1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, ds: Dataset, n_batches: int = 4,
+                          batch_size: int = 128, device: torch.device | str = "cpu",
+                          seed: int = 0) -> None:
+    """Recompute BatchNorm running statistics on a few training batches.
+
+    A selection scored on the supernet changes the features every later BN sees, so
+    the statistics accumulated under random gates are replaced by ones measured with
+    this selection (cumulative average, ``momentum=None``).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    if not bns:
+        return
+    device = resolve_device(device)
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    g = torch.Generator().manual_seed(seed)
+    for i, (x, _) in enumerate(batches(ds, batch_size, shuffle=True, generator=g)):
+        if i >= n_batches:
+            break
+        model(x.to(device))
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+    model.train(was_training)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 10
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    desc: str = "train"
+
+    def validate(self) -> "TrainConfig":
+        if self.epochs < 1:
+            raise SwrError(f"--epochs {self.epochs} must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SwrError(f"learning rate {self.lr} must be positive")
+        if self.batch_size < 1:
+            raise SwrError(f"--batch-size {self.batch_size} must be at least 1")
+        return self
+
+
+@dataclass
+class TrainResult:
+    val_acc: float
+    best_epoch: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConfig, *,
+          before_batch: Optional[Callable[[int], None]] = None,
+          regularizer: Optional[Callable[[], torch.Tensor]] = None,
+          before_eval: Optional[Callable[[], None]] = None,
+          on_epoch: Optional[Callable[[dict], None]] = None) -> TrainResult:
+    """Train ``params`` of ``model`` on ``task.train`` and keep the best state on ``task.val``.
+
+    Args:
+        params: exactly the parameters to update (others keep ``requires_grad`` as set
+            by the caller; they receive no optimizer step).
+        before_batch: called with the global step before each batch (e.g. the
+            supernet samples its open gates here).
+        regularizer: an extra loss term (e.g. TAPS' sparsity penalty).
+        before_eval: called before each validation (e.g. fix the gates to a selection).
+        on_epoch: called with each epoch's record (for logging / checkpoints).
+
+    The model ends in the best validation state, in eval mode.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    model.to(device)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise SwrError("nothing to train: no parameter requires a gradient")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(task.train) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout and gate sampling draws
+    best_acc, best_epoch, best_state = -1.0, -1, None
+    history: list[dict] = []
+    start = time.perf_counter()
+    bar = _progress(total, cfg.desc, cfg.progress)
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        loss_sum = correct = seen = 0
+        for x, y in batches(task.train, cfg.batch_size, shuffle=True, generator=g):
+            if before_batch is not None:
+                before_batch(step)
+            x, y = x.to(device), y.to(device)
+            if task.train_transform is not None:
+                x = task.train_transform(x)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if regularizer is not None:
+                loss = loss + regularizer()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(-1) == y).sum())
+            seen += len(y)
+            bar.update(1)
+        if before_eval is not None:
+            before_eval()
+        val_acc = evaluate(model, task.val, device)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                  "train_acc": correct / max(seen, 1), "val_acc": val_acc,
+                  "seconds": time.perf_counter() - start}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val_acc:.3f}")
+        if on_epoch is not None:
+            on_epoch(record)
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_state = val_acc, epoch + 1, _state_of(model)
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(val_acc=best_acc, best_epoch=best_epoch,
+                       seconds=time.perf_counter() - start, history=history)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+

@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import swr.tasks
+from swr.errors import SwrError
+from swr.policies.search import SearchConfig, run_search
+from swr.policies.selectors import (greedy_selection, knapsack_selection, random_selection)
+from swr.supernet import SupernetConfig
+
+from fixtures import tiny_audio_task, tiny_checkpoint
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    task = tiny_audio_task()
+    monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
+    return task, tiny_checkpoint(tmp_path / "ckpt")
+
+
+def search_cfg(tmp_path, ckpt, policy, out="out", **kw):
+    return SearchConfig(task="tiny", checkpoint=str(ckpt), budget="10%", out=str(tmp_path / out),
+                        policy=policy, evaluations=kw.pop("evaluations", 12), workers=0,
+                        progress=False, device="cpu",
+                        supernet=SupernetConfig(epochs=1, progress=False), **kw)
+
+
+@pytest.mark.parametrize("policy", ["pg", "random", "greedy", "knapsack"])
+def test_search_writes_outputs_within_budget(tiny, tmp_path, policy):
+    _, ckpt = tiny
+    r = run_search(search_cfg(tmp_path, ckpt, policy))
+    out = tmp_path / "out"
+    sel = json.loads((out / "selection.json").read_text())
+    assert {"layers", "cost", "budget_params", "val_score", "policy", "seed", "evaluations"} <= sel.keys()
+    assert sel["cost"] <= sel["budget_params"] and sel["layers"]
+    assert sel["evaluations"] <= 12 + 1
+    rows = (out / "search.csv").read_text().splitlines()
+    assert rows[0].startswith("evaluation,reward,best_so_far")
+    assert len(rows) - 1 == sel["evaluations"]
+    assert (out / "search.png").stat().st_size > 1000
+    assert r["val_score"] == max(float(x.split(",")[1]) for x in rows[1:])
+
+
+def test_same_seed_same_selection_and_resume(tiny, tmp_path):
+    _, ckpt = tiny
+    a = run_search(search_cfg(tmp_path, ckpt, "pg", out="a", evaluations=16))
+    b = run_search(search_cfg(tmp_path, ckpt, "pg", out="b", evaluations=16))
+    assert a["layers"] == b["layers"] and a["val_score"] == b["val_score"]
+    # interrupt: keep only the first half of the evaluation log, then resume
+    log = (tmp_path / "b" / "evaluations.jsonl").read_text().splitlines()
+    (tmp_path / "b" / "evaluations.jsonl").write_text("\n".join(log[:8]) + "\n{\"selec")
+    c = run_search(search_cfg(tmp_path, ckpt, "pg", out="b", evaluations=16, resume=True))
+    assert c["layers"] == a["layers"] and c["val_score"] == a["val_score"]
+    assert c["replayed_evaluations"] == 8
+
+
+def test_bad_policy_and_budget(tiny, tmp_path):
+    _, ckpt = tiny
+    with pytest.raises(SwrError, match="--policy"):
+        run_search(search_cfg(tmp_path, ckpt, "magic"))
+    cfg = search_cfg(tmp_path, ckpt, "random")
+    cfg.budget = "3"
+    with pytest.raises(SwrError, match="cheapest"):
+        run_search(cfg)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=12), st.integers(1, 2000),
+       st.integers(0, 2**16))
+def test_selectors_never_exceed_budget_and_knapsack_is_optimal(costs, budget, seed):
+    costs = np.array(costs)
+    rng = np.random.default_rng(seed)
+    values = rng.random(len(costs))
+    for mask in (random_selection(costs, budget, rng), greedy_selection(values, costs, budget),
+                 knapsack_selection(values, costs, budget)):
+        assert costs[mask].sum() <= budget
+    best = 0.0
+    for bits in range(1 << len(costs)):
+        m = np.array([(bits >> i) & 1 for i in range(len(costs))], dtype=bool)
+        if costs[m].sum() <= budget:
+            best = max(best, values[m].sum())
+    assert values[knapsack_selection(values, costs, budget)].sum() == pytest.approx(best)
