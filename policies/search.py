@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from swr.budget import backbone_params, resolve_budget, selection_cost
 from swr.delta import base_hash
-from swr.envs.evaluator import CachedEvaluator, canonical
+from swr.envs.evaluator import canonical
 from swr.envs.features import layer_features
 from swr.errors import SwrError
 from swr.io import atomic_path, cache_dir, write_json, write_text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import SwrError
@@ -171,6 +172,53 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 COMMANDS["finetune"] = (_finetune_args, run_finetune,
                         "train the selected deltas, fold them and export the task delta")
+
+
+# -- swr fold -------------------------------------------------------------------------
+def _fold_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="base checkpoint folder (swr pretrain)")
+    p.add_argument("--delta", required=True, help="task_delta.safetensors (swr finetune)")
+    p.add_argument("--out", required=True, help="output folder for the task model")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export base and task models to ONNX and compare their graphs")
+
+
+def run_fold(args: argparse.Namespace) -> int:
+    import torch
+
+    from .deploy import export_onnx, rebuild
+    from .delta import read_task_delta
+    from .io import write_json
+    from .tasks.backbones import input_shape, save_checkpoint
+
+    task_model, base, meta = rebuild(args.checkpoint, args.delta)
+    _, delta_meta = read_task_delta(args.delta)
+    out = Path(args.out)
+    save_checkpoint(task_model, out / "model.safetensors", backbone=meta["backbone"],
+                    task=str(delta_meta.get("task", "")))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    report = {"backbone": meta["backbone"], "task": delta_meta.get("task"),
+              "delta_bytes": Path(args.delta).stat().st_size,
+              "params": count(task_model), "base_params": count(base),
+              "same_module_types": [type(m).__name__ for m in task_model.modules()]
+              == [type(m).__name__ for m in base.modules()]}
+    if args.onnx:
+        x = torch.randn(1, *input_shape(base, meta["backbone"]))
+        report["onnx"] = export_onnx(task_model, x, out / "model.onnx")
+        report["onnx_base"] = export_onnx(base, x, out / "base.onnx")
+        report["onnx_same_graph"] = report["onnx"]["ops"] == report["onnx_base"]["ops"]
+    write_json(out / "fold.json", report)
+    line = (f"task model {report['params']:,} params (base {report['base_params']:,}; "
+            f"the head differs with the class count), delta {report['delta_bytes']:,} bytes")
+    if args.onnx:
+        line += (f"; ONNX nodes {report['onnx']['nodes']} vs base {report['onnx_base']['nodes']}, "
+                 f"same op counts: {report['onnx_same_graph']}")
+    print(line + f" -> {out}")
+    return 0
+
+
+COMMANDS["fold"] = (_fold_args, run_fold,
+                    "rebuild a task model from the base checkpoint and its task delta")
 
 
 def build_parser() -> argparse.ArgumentParser:
