@@ -173,7 +173,8 @@ def _deterministic_rollout(model: MaskablePPO, vec_env: VecEnv, tally: _Tally) -
     obs, _ = vec_env.env_method("reset", indices=0)[0]
     done = False
     while not done:
-        masks = np.asarray(vec_env.env_method("action_masks", indices=0)[0])
+        # A copy: arrays coming back from Ray are read-only, and torch warns on those.
+        masks = np.array(vec_env.env_method("action_masks", indices=0)[0])
         action, _ = model.predict(obs, deterministic=True, action_masks=masks)
         obs, _, terminated, truncated, info = vec_env.env_method("step", int(action), indices=0)[0]
         done = terminated or truncated

@@ -156,8 +156,8 @@ class SearchRun:
 
 
 # -- stage 1 with a cache ---------------------------------------------------------------
-def _supernet_key(cfg: SearchConfig, base: str) -> str:
-    blob = json.dumps({"task": cfg.task, "base": base, "supernet": asdict(cfg.supernet)},
+def _supernet_key(cfg: SearchConfig, task_id: str, base: str) -> str:
+    blob = json.dumps({"task": task_id, "base": base, "supernet": asdict(cfg.supernet)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -165,7 +165,7 @@ def _supernet_key(cfg: SearchConfig, base: str) -> str:
 def prepare_supernet(cfg: SearchConfig, task, base_model, backbone: str):
     """Train (or load the cached) supernet and its per-layer statistics."""
     model = build_supernet(base_model, task.num_classes, bias_delta=cfg.supernet.bias_delta)
-    key = _supernet_key(cfg, base_hash(base_model))
+    key = _supernet_key(cfg, task.id, base_hash(base_model))
     folder = cache_dir("supernets", key)
     weights, meta_path = folder / "supernet.safetensors", folder / "supernet.json"
     if weights.is_file() and meta_path.is_file():
@@ -179,21 +179,26 @@ def prepare_supernet(cfg: SearchConfig, task, base_model, backbone: str):
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp))
-    meta = {"task": cfg.task, "backbone": backbone, "val_acc_all_open": result.val_acc,
+    meta = {"task": task.id, "backbone": backbone, "val_acc_all_open": result.val_acc,
             "seconds": result.seconds,
             "config": asdict(cfg.supernet), "stats": stats}
     write_json(meta_path, meta)
     return model, meta, folder
 
 
-def make_pool(cfg: SearchConfig, supernet, task, names):
+def evaluator_factory(cfg: SearchConfig, supernet, task):
     from swr.train import resolve_device
 
-    from .pool import LocalPool, RayPool, SupernetEvaluatorFactory
+    from .pool import SupernetEvaluatorFactory
 
-    device = str(resolve_device(cfg.device))
-    factory = SupernetEvaluatorFactory(supernet, task, device=device, bn_batches=cfg.bn_batches,
-                                       seed=cfg.seed)
+    return SupernetEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
+                                    bn_batches=cfg.bn_batches, seed=cfg.seed)
+
+
+def make_pool(cfg: SearchConfig, factory, names):
+    from .pool import LocalPool, RayPool
+
+    device = factory.device
     if cfg.workers <= 0:
         return LocalPool(factory())
     from .ray_utils import init_ray, worker_threads
@@ -207,15 +212,28 @@ def make_pool(cfg: SearchConfig, supernet, task, names):
 
 # -- the search ---------------------------------------------------------------------------
 def run_search(cfg: SearchConfig) -> dict:
-    """Stage 1 + stage 2; writes the outputs listed in the module docstring."""
+    """Load the checkpoint and task named in ``cfg``, search, write ``selection.json``."""
     from swr.tasks import get_task
 
     cfg.validate()
+    base_model, ckpt_meta = load_pretrained(cfg.checkpoint)
+    task = get_task(cfg.task)
+    result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
+    result["checkpoint"] = str(Path(cfg.checkpoint).resolve())
+    result["task"] = cfg.task  # the spec, so swr finetune can load the same task
+    write_json(Path(cfg.out) / "selection.json", result)
+    return result
+
+
+def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, object]:
+    """Stage 1 + stage 2 on an in-memory model and task; returns (result, supernet).
+
+    Writes ``search.csv``, ``search.png``, ``evaluations.jsonl`` and the policy
+    weights into ``cfg.out``.
+    """
+    cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    base_model, ckpt_meta = load_pretrained(cfg.checkpoint)
-    backbone = ckpt_meta["backbone"]
-    task = get_task(cfg.task)
     cfg.supernet.seed = cfg.seed
     cfg.supernet.device = cfg.device
     cfg.supernet.progress = cfg.progress
@@ -231,10 +249,12 @@ def run_search(cfg: SearchConfig) -> dict:
     importance = np.array([s["taylor"] for s in stats])
 
     log = EvaluationLog(out / "evaluations.jsonl", names, dict(zip(names, costs)), cfg.resume)
-    pool = make_pool(cfg, supernet, task, names)
+    factory = evaluator_factory(cfg, supernet, task)
+    pool = make_pool(cfg, factory, names) if cfg.policy != "ppo" else None
     run = SearchRun(names, costs, budget_params, pool, log, cfg.evaluations, cfg.progress)
     t1 = time.perf_counter()
     policy_file = None
+    retries = 0
     try:
         if cfg.policy == "pg":
             from .pg import PGConfig, greedy_mask, train_pg
@@ -251,7 +271,7 @@ def run_search(cfg: SearchConfig) -> dict:
         elif cfg.policy == "ppo":
             from .ppo_search import run_ppo
 
-            policy_file = run_ppo(cfg, features, costs, budget_params, names, run, out)
+            policy_file = run_ppo(cfg, features, costs, budget_params, names, factory, log, out)
         else:
             from .selectors import run_selector
 
@@ -260,8 +280,9 @@ def run_search(cfg: SearchConfig) -> dict:
     finally:
         run.close()
         log.close()
-        retries = pool.retries
-        pool.close()
+        if pool is not None:
+            retries = pool.retries
+            pool.close()
     t_search = time.perf_counter() - t1
     best_score, best_sel = log.best
     result = {
@@ -270,16 +291,15 @@ def run_search(cfg: SearchConfig) -> dict:
         "backbone_params": backbone_params(supernet), "val_score": best_score,
         "policy": cfg.policy, "seed": cfg.seed, "evaluations": len(log.seen),
         "replayed_evaluations": log.replayed, "worker_retries": retries,
-        "task": cfg.task, "checkpoint": str(Path(cfg.checkpoint).resolve()), "backbone": backbone,
+        "task": task.id, "backbone": backbone,
         "supernet": str(supernet_dir), "supernet_val_acc_all_open": meta["val_acc_all_open"],
         "seconds": {"supernet": t_supernet, "search": t_search},
         "policy_weights": str(policy_file) if policy_file else None,
         "workers": cfg.workers,
     }
     write_csv(out / "search.csv", log.rows)
-    plot_search(out / "search.png", log.rows, f"{cfg.policy} on {cfg.task}, budget {cfg.budget}")
-    write_json(out / "selection.json", result)
-    return result
+    plot_search(out / "search.png", log.rows, f"{cfg.policy} on {task.id}, budget {cfg.budget}")
+    return result, supernet
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

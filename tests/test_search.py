@@ -83,3 +83,32 @@ def test_selectors_never_exceed_budget_and_knapsack_is_optimal(costs, budget, se
         if costs[m].sum() <= budget:
             best = max(best, values[m].sum())
     assert values[knapsack_selection(values, costs, budget)].sum() == pytest.approx(best)
+
+
+def test_finetune_folds_exactly_and_fold_cli_rebuilds(tiny, tmp_path, capsys):
+    import torch
+
+    from swr.cli import main
+    from swr.finetune import finetune
+    from swr.pretrain import load_pretrained
+    from swr.tasks.backbones import create_backbone
+
+    task, ckpt = tiny
+    run_search(search_cfg(tmp_path, ckpt, "knapsack", evaluations=4))
+    m = finetune(tmp_path / "out" / "selection.json", tmp_path / "final", epochs=1,
+                 device="cpu", progress=False)
+    assert m["same_architecture"] and m["fold_max_abs_diff"] <= 1e-5
+    assert m["updated_params"] <= m["budget_params"]
+    assert m["delta_bytes"] == (tmp_path / "final" / "task_delta.safetensors").stat().st_size
+    assert 0.0 <= m["test_acc"] <= 1.0
+    assert main(["fold", "--checkpoint", str(ckpt), "--delta",
+                 str(tmp_path / "final" / "task_delta.safetensors"),
+                 "--out", str(tmp_path / "rebuilt")]) == 0
+    rebuilt = create_backbone("bcresnet-1", weights=tmp_path / "rebuilt" / "model.safetensors")
+    folded = create_backbone("bcresnet-1", weights=tmp_path / "final" / "model.safetensors")
+    for k, v in folded.state_dict().items():
+        assert torch.equal(v, rebuilt.state_dict()[k]), k
+    base, _ = load_pretrained(ckpt)
+    assert sum(p.numel() for p in base.parameters()) - base.get_classifier().weight.numel() \
+        - base.get_classifier().bias.numel() == sum(p.numel() for p in rebuilt.parameters()) \
+        - rebuilt.get_classifier().weight.numel() - rebuilt.get_classifier().bias.numel()

@@ -1,0 +1,31 @@
+"""The PETL baselines SWR is compared against, behind one interface.
+
+``get_method(name, **knobs)`` builds a :class:`Method`; ``run_method`` prepares,
+trains, evaluates, folds and measures any of them the same way. Built-in names:
+``linear``, ``full``, ``bitfit``, ``norm``, ``ssf``, ``lora``, ``adapter-par``,
+``adapter-seq``, ``taps``, ``two-stage``, ``vpt-shallow``, ``vpt-deep``; other
+packages add theirs with ``register_method``.
+"""
+
+from .adapter import Adapter, SequentialAdapter
+from .base import METHODS, Method, get_method, register_method
+from .bitfit import BitFit
+from .full import FullFineTune
+from .linear import LinearProbe
+from .lora import LoRA
+from .norm import NormTuning
+from .runner import run_method
+from .ssf import SSF
+from .taps import TAPS
+from .two_stage import TwoStage
+from .vpt import VPTDeep, VPTShallow
+
+# One place lists the built-in methods, by the names users type.
+for _cls in (LinearProbe, FullFineTune, BitFit, NormTuning, SSF, LoRA, Adapter,
+             SequentialAdapter, TAPS, TwoStage, VPTShallow, VPTDeep):
+    register_method(_cls.name, _cls)
+del _cls
+
+__all__ = ["METHODS", "Adapter", "BitFit", "FullFineTune", "LinearProbe", "LoRA", "Method",
+           "NormTuning", "SSF", "SequentialAdapter", "TAPS", "TwoStage", "VPTDeep",
+           "VPTShallow", "get_method", "register_method", "run_method"]

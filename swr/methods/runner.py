@@ -1,0 +1,113 @@
+"""Running any PETL method the same way: prepare, train, evaluate, fold, measure."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import warnings
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..flops import count_flops
+from ..fold import same_architecture
+from ..train import TrainConfig, batches, evaluate, resolve_device
+from .base import get_method
+
+#: Largest fold error accepted in fp32, relative to the outputs' scale (at least 1).
+FOLD_TOLERANCE = 1e-5
+
+
+def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Size of a safetensors file holding exactly ``tensors`` (written to a temp file)."""
+    plain = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "task.safetensors")
+        save_file(plain, path)
+        return os.path.getsize(path)
+
+
+def fold_tolerance(dtype: torch.dtype, scale: float) -> float:
+    """Accepted fold error: 1e-5 in fp32, ten rounding steps in lower precision."""
+    eps = FOLD_TOLERANCE if dtype == torch.float32 else 10 * torch.finfo(dtype).eps
+    return eps * max(1.0, scale)
+
+
+def run_method(method_name: str, base_model: nn.Module, task, budget_params: Optional[int],
+               cfg: TrainConfig, **knobs) -> dict:
+    """Transfer ``base_model`` to ``task`` with one method and measure the result.
+
+    ``base_model`` is left untouched (the method adapts a deep copy, with a new head
+    for ``task``). Returns one result row:
+
+    * ``method``, ``settings`` (knobs as used), ``budget_params``,
+      ``respects_budget``, ``within_budget`` (None without a budget),
+    * ``test_acc``, ``val_acc`` (best validation), ``shift_acc`` (None when the
+      task has no ``shift_test``),
+    * ``updated_params`` (backbone parameters the method updates), ``norm_params``
+      (norms trained beside it, outside the budget), ``head_params``,
+    * ``stored_bytes``: safetensors size of what the method stores per task,
+    * ``extra_flops``: per-sample inference FLOPs of the task model (the folded one
+      when foldable) minus the base model's with the same head,
+    * ``foldable``, ``fold_max_abs_diff`` (folded vs trained outputs on up to 8
+      test inputs; None when not foldable), ``train_seconds``.
+
+    A fold that does not give the base architecture raises; a fold whose outputs
+    drift beyond :data:`FOLD_TOLERANCE` (relative to the output scale) warns.
+    """
+    method = get_method(method_name, **knobs)
+    method.check_supported(base_model)
+    device = resolve_device(cfg.device)
+    reference = copy.deepcopy(base_model).to(device).eval()
+    reference.reset_classifier(task.num_classes)
+    # Heads, adapters and prompts are initialised from the global generator.
+    torch.manual_seed(cfg.seed)
+    model = method.prepare(copy.deepcopy(base_model).to(device), task, budget_params)
+    start = time.perf_counter()
+    result = method.fit(model, task, cfg)
+    train_seconds = time.perf_counter() - start
+    model.eval()
+
+    test_acc = evaluate(model, task.test, device)
+    shift = getattr(task, "shift_test", None)
+    shift_acc = evaluate(model, shift, device) if shift is not None else None
+
+    x = next(batches(task.test, 8))[0].to(device)
+    task_model, fold_diff = model, None
+    if method.foldable:
+        task_model = method.fold(model)
+        if not same_architecture(task_model, reference):
+            raise RuntimeError(f"method {method.name!r} folded into a model that is not the "
+                               "base architecture")
+        with torch.no_grad():
+            y = model(x)
+            fold_diff = float((y - task_model(x)).abs().max())
+        tol = fold_tolerance(y.dtype, float(y.abs().max()))
+        if fold_diff > tol:
+            warnings.warn(f"method {method.name!r}: folded outputs differ by {fold_diff:.3g}, "
+                          f"above the tolerance {tol:.3g}", RuntimeWarning, stacklevel=2)
+    extra_flops = count_flops(task_model, x[:1]) - count_flops(reference, x[:1])
+
+    updated = method.updated_params(model)
+    return {
+        "method": method.name,
+        "settings": method.settings(),
+        "budget_params": budget_params,
+        "respects_budget": method.respects_budget,
+        "within_budget": None if budget_params is None else updated <= budget_params,
+        "test_acc": test_acc,
+        "val_acc": result.val_acc,
+        "shift_acc": shift_acc,
+        "updated_params": updated,
+        "norm_params": method.norm_params(model),
+        "head_params": method.head_params(model),
+        "stored_bytes": stored_bytes(method.stored_tensors(model)),
+        "extra_flops": extra_flops,
+        "foldable": method.foldable,
+        "fold_max_abs_diff": fold_diff,
+        "train_seconds": train_seconds,
+    }
