@@ -25,6 +25,9 @@ from stable_baselines3.common.vec_env.util import dict_to_obs, obs_space_info
 
 from .ray_utils import init_ray, limit_threads, worker_threads
 
+# sb3-contrib's MaskablePPO asks for this after every step (``get_action_masks``).
+ACTION_MASKS = "action_masks"
+
 # The in-process fallback: same interface, no Ray, envs stepped one after another.
 SyncVecEnv = DummyVecEnv
 
@@ -38,11 +41,16 @@ class _EnvWorker:
     def __init__(self, env_fn: Callable[[], gym.Env], n_threads: int):
         limit_threads(n_threads)
         self.env = _patch_env(env_fn())
+        self.has_masks = self.has_attr(ACTION_MASKS)
+
+    def masks(self) -> Any:
+        """The action masks after the step or reset just done (``None`` without masking)."""
+        return self.env.get_wrapper_attr(ACTION_MASKS)() if self.has_masks else None
 
     def spaces(self) -> tuple[spaces.Space, spaces.Space]:
         return self.env.observation_space, self.env.action_space
 
-    def step(self, action: Any) -> tuple[Any, float, bool, dict, dict]:
+    def step(self, action: Any) -> tuple[Any, float, bool, dict, dict, Any]:
         obs, reward, terminated, truncated, info = self.env.step(action)
         done = terminated or truncated
         info["TimeLimit.truncated"] = truncated and not terminated
@@ -52,11 +60,12 @@ class _EnvWorker:
             # truncated one; the returned observation is the next episode's first.
             info["terminal_observation"] = obs
             obs, reset_info = self.env.reset()
-        return obs, reward, done, info, reset_info
+        return obs, reward, done, info, reset_info, self.masks()
 
-    def reset(self, seed: int | None, options: dict) -> tuple[Any, dict]:
+    def reset(self, seed: int | None, options: dict) -> tuple[Any, dict, Any]:
         maybe_options = {"options": options} if options else {}
-        return self.env.reset(seed=seed, **maybe_options)
+        obs, reset_info = self.env.reset(seed=seed, **maybe_options)
+        return obs, reset_info, self.masks()
 
     def render(self) -> Any:
         return self.env.render()
@@ -90,6 +99,9 @@ class RayVecEnv(VecEnv):
     Each factory in ``env_fns`` is shipped to its actor with cloudpickle and called
     there, so it must be picklable: a module-level function or a
     ``functools.partial`` of one, not a lambda closing over a live environment.
+    Functions are shipped by reference, so their module must be importable by the
+    workers (a package such as ``swr``, or the driver script's folder); for others,
+    such as a test module, call ``ray.cloudpickle.register_pickle_by_value(module)``.
     Anything large the environments share (a supernet's state dict, validation
     tensors) should be put in the object store once by the caller and captured as
     a reference, so it is shipped once per node instead of once per actor::
@@ -100,9 +112,9 @@ class RayVecEnv(VecEnv):
         # inside make_env: state = ray.get(weights); ...
 
     Each actor reserves ``min(1, free CPUs / n)`` CPUs, so that ``n`` actors fit on
-    what is free when they are created (several per core on a small machine rather
-    than waiting forever), and runs ``threads_per_env`` PyTorch threads (default:
-    the cores divided among the actors).
+    what is free when they are created (several per core on a small machine, or
+    next to other Ray work, rather than waiting forever for CPUs), and runs
+    ``threads_per_env`` PyTorch threads (default: the cores divided among the actors).
 
     Ray is started locally (quietly) if it is not running yet; see
     :func:`swr.policies.ray_utils.init_ray` to join a cluster instead.
@@ -116,21 +128,33 @@ class RayVecEnv(VecEnv):
         free = ray.available_resources().get("CPU", 0.0)
         num_cpus = int(min(1.0, free / n_envs) * _CPU_GRANULARITY) / _CPU_GRANULARITY
         threads = threads_per_env or worker_threads(n_envs)
-        actor_class = ray.remote(_EnvWorker).options(num_cpus=num_cpus)
+        # SPREAD: on a cluster, spread actors over nodes even when their CPU
+        # reservations are small enough to pack onto one.
+        actor_class = ray.remote(_EnvWorker).options(num_cpus=num_cpus, scheduling_strategy="SPREAD")
         self.actors = [actor_class.remote(fn, threads) for fn in env_fns]
         self.waiting = False
         self.closed = False
         self._pending: list[ray.ObjectRef] = []
-        observation_space, action_space = ray.get(self.actors[0].spaces.remote())
-        super().__init__(n_envs, observation_space, action_space)
+        # Action masks returned with the last step/reset, valid until anything else
+        # may change an environment: saves MaskablePPO a round trip per step.
+        self._masks: list[Any] | None = None
+        try:
+            observation_space, action_space = ray.get(self.actors[0].spaces.remote())
+            super().__init__(n_envs, observation_space, action_space)  # waits for every actor
+        except Exception:
+            # A factory failed in its actor: free the others' CPU reservations.
+            for actor in self.actors:
+                ray.kill(actor)
+            raise
         self._keys, _, self._dtypes = obs_space_info(observation_space)
 
     # -- stepping ---------------------------------------------------------------------
     def reset(self) -> VecEnvObs:
         refs = [actor.reset.remote(self._seeds[i], self._options[i])
                 for i, actor in enumerate(self.actors)]
-        obs, reset_infos = zip(*ray.get(refs))
+        obs, reset_infos, masks = zip(*ray.get(refs))
         self.reset_infos = list(reset_infos)
+        self._keep_masks(masks)
         # Seeds and options apply to one reset only, as in SB3.
         self._reset_seeds()
         self._reset_options()
@@ -144,7 +168,8 @@ class RayVecEnv(VecEnv):
         results = ray.get(self._pending)
         self._pending = []
         self.waiting = False
-        obs, rewards, dones, infos, reset_infos = zip(*results)
+        obs, rewards, dones, infos, reset_infos, masks = zip(*results)
+        self._keep_masks(masks)
         for i, done in enumerate(dones):
             if done:
                 self.reset_infos[i] = reset_infos[i]
@@ -183,10 +208,15 @@ class RayVecEnv(VecEnv):
         return ray.get([a.get_attr.remote(attr_name) for a in self._targets(indices)])
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        self._masks = None
         ray.get([a.set_attr.remote(attr_name, value) for a in self._targets(indices)])
 
     def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None,
                    **method_kwargs) -> list[Any]:
+        if (method_name == ACTION_MASKS and not method_args and not method_kwargs
+                and self._masks is not None and not self.waiting):
+            return [self._masks[i] for i in self._get_indices(indices)]
+        self._masks = None
         return ray.get([a.env_method.remote(method_name, method_args, method_kwargs)
                         for a in self._targets(indices)])
 
@@ -196,6 +226,11 @@ class RayVecEnv(VecEnv):
     # -- helpers ------------------------------------------------------------------------
     def _targets(self, indices: VecEnvIndices) -> list[Any]:
         return [self.actors[i] for i in self._get_indices(indices)]
+
+    def _keep_masks(self, masks: Sequence[Any]) -> None:
+        # Environments without masks answer None; their ``action_masks`` calls must
+        # still go to the environment (and fail there as they would in-process).
+        self._masks = None if any(m is None for m in masks) else list(masks)
 
     def _stack_obs(self, obs: Sequence[Any]) -> VecEnvObs:
         """One array per observation key, environment first, in the space's dtype (as DummyVecEnv)."""

@@ -221,6 +221,76 @@ COMMANDS["fold"] = (_fold_args, run_fold,
                     "rebuild a task model from the base checkpoint and its task delta")
 
 
+# -- swr bench ------------------------------------------------------------------------
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", action="append", required=True,
+                   help="target task; repeat it, or name a suite: kws-synth:all, glyphs:all, "
+                        "imagenet-to-sketch:<root>")
+    p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
+    p.add_argument("--methods", required=True, type=_csv_list,
+                   help="comma-separated: linear,full,bitfit,norm,ssf,lora,adapter-par,"
+                        "adapter-seq,taps,two-stage,vpt-shallow,vpt-deep,swr,swr-knapsack,...")
+    p.add_argument("--budgets", default="5%", type=_csv_list,
+                   help="comma-separated budgets, e.g. 1%%,5%%,10%% (default 5%%)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs for every method")
+    p.add_argument("--lr", type=float, help="one learning rate for all methods (default: per method)")
+    p.add_argument("--tune", action="store_true",
+                   help="first tune each method's lr and own knob on validation with Ray Tune")
+    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: CPUs)")
+    p.add_argument("--swr-evaluations", type=int, default=100, help="search evaluations for swr*")
+    p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
+    _device_arg(p)
+
+
+def run_bench_cmd(args: argparse.Namespace) -> int:
+    from . import policies  # noqa: F401  (registers the swr* methods)
+    from .bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint, methods=args.methods,
+                      budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
+                      lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
+                      swr_evaluations=args.swr_evaluations, resume=args.resume)
+    if args.seeds < 1 or args.epochs < 1:
+        raise SwrError("--seeds and --epochs must be at least 1")
+    run_bench(cfg)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+COMMANDS["bench"] = (_bench_args, run_bench_cmd,
+                     "run SWR and the PETL baselines at the same budgets, seeds and epochs")
+
+
+# -- swr demo -------------------------------------------------------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--suite", default="kws", choices=["kws", "glyphs"],
+                   help="embedded suite: multilingual spoken words (default) or glyph images")
+    p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: CPUs)")
+    _device_arg(p)
+
+
+def run_demo_cmd(args: argparse.Namespace) -> int:
+    from . import policies  # noqa: F401  (registers the swr* methods)
+    from .demo import run_demo
+
+    run_demo(args.out, suite=args.suite, quick=args.quick, seeds=args.seeds,
+             workers=args.workers, device=args.device)
+    return 0
+
+
+COMMANDS["demo"] = (_demo_args, run_demo_cmd,
+                    "the main job: pretrain, then SWR vs baselines on several target tasks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 

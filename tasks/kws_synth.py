@@ -146,10 +146,11 @@ _SHIFT_VARIANTS = ["m8", "f5", "klatt4", "edward2", "quincy", "aunty", "Alicia",
                    "Denis", "gustave", "grandma", "Diogo", "victor"]
 
 # Speakers (train, val, test, shift_test) and repetitions of each keyword per
-# speaker: English is big enough to pretrain on; targets are few-shot transfers.
-_SOURCE_SPEAKERS = (64, 10, 10, 10)
-_TARGET_SPEAKERS = (16, 4, 6, 6)
-_DEFAULT_REPS = 3
+# speaker. English is big enough to pretrain on (BC-ResNet-8 reaches ~98% test
+# accuracy); targets are few-shot transfers, small enough that training from
+# scratch falls behind transfer from English.
+_SOURCE_SPEAKERS, _SOURCE_REPS = (64, 10, 10, 10), 3
+_TARGET_SPEAKERS, _TARGET_REPS = (16, 6, 8, 8), 2
 
 # Rendering share of one worker interpreter; part of the config because it fixes
 # the order in which espeak-ng speaks (see the module docstring).
@@ -302,7 +303,8 @@ def _config(lang: str, seed: int, speakers: Optional[Sequence[int]],
     if len(speakers) != 4 or any(not isinstance(n, int) or n < 1 for n in speakers):
         raise SwrError(f"speakers must be 3 or 4 positive counts (train, val, test"
                        f"[, shift_test]), got {speakers!r}")
-    reps = _DEFAULT_REPS if reps is None else reps
+    if reps is None:
+        reps = _SOURCE_REPS if lang == SOURCE_LANG else _TARGET_REPS
     if not isinstance(reps, int) or reps < 1:
         raise SwrError(f"reps must be a positive integer, got {reps!r}")
     normal = {"snr_db": [5.0, 30.0], "reverb_p": 0.3, "rt60_s": [0.15, 0.6]}

@@ -83,8 +83,13 @@ def test_vecenv_contract(vec_cls):
         venv.set_attr("budget", 123, indices=[1])
         assert venv.get_attr("budget", indices=[0, 1]) == [env_a().budget, 123]
         masks = venv.env_method("action_masks", indices=2)
-        assert len(masks) == 1 and list(masks[0]) == [True, True]
+        assert len(masks) == 1 and list(masks[0]) == list(ref.action_masks())
+        venv.set_attr("_left", 0, indices=[1])  # no budget left: masks must follow
+        assert [list(m) for m in venv.env_method("action_masks")] == [
+            list(ref.action_masks()), [True, False], list(ref.action_masks())]
         assert venv.has_attr("action_masks") and not venv.has_attr("no_such_attribute")
+        with pytest.raises(AttributeError):
+            venv.get_attr("no_such_attribute")
         assert venv.env_is_wrapped(gym.wrappers.TimeLimit) == [False] * 3
         assert venv.get_attr("render_mode") == [None] * 3
     finally:
@@ -100,10 +105,15 @@ def test_ray_and_sync_trajectories_match(ray_session):
         venv = cls([env_a, env_b])
         venv.seed(3)
         steps = [(venv.reset(), None, None, None)]
-        steps += [venv.step(a) for a in actions]
+        masks = [np.stack(venv.env_method("action_masks"))]
+        for a in actions:
+            steps.append(venv.step(a))
+            masks.append(np.stack(venv.env_method("action_masks")))
         venv.close()
-        runs.append(steps)
-    for (o1, r1, d1, i1), (o2, r2, d2, i2) in zip(*runs):
+        runs.append((steps, masks))
+    (sync_steps, sync_masks), (ray_steps, ray_masks) = runs
+    np.testing.assert_array_equal(np.stack(sync_masks), np.stack(ray_masks))
+    for (o1, r1, d1, i1), (o2, r2, d2, i2) in zip(sync_steps, ray_steps):
         np.testing.assert_array_equal(o1, o2)
         assert o1.dtype == o2.dtype
         if r1 is None:

@@ -1,0 +1,333 @@
+"""``swr bench``: every method at every budget it supports, same data, epochs and seeds.
+
+Each (task, method, budget, seed) is one job; jobs run as Ray tasks when more than
+one CPU (or a GPU) is there, else one after another. Every finished job is
+appended to ``results.csv`` (rewritten atomically), so an interrupted bench
+continues with ``--resume`` and skips what is done. ``results.md`` holds mean ± std
+over seeds (plus a per-method average over tasks when there are several), and
+``pareto.png`` plots test accuracy against updated parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .budget import Budget, backbone_params
+from .errors import SwrError
+from .io import atomic_path, write_text
+
+COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
+           "updated_params", "budget_params", "within_budget", "norm_params", "head_params",
+           "stored_bytes", "extra_flops", "foldable", "fold_max_abs_diff", "train_seconds",
+           "lr", "settings"]
+
+#: Methods that ignore the budget: run once per seed at their natural size.
+NATURAL = "natural"
+
+
+def expand_tasks(specs: list[str]) -> list[str]:
+    """Suites to their tasks: ``kws-synth:all``, ``glyphs:all``, ``imagenet-to-sketch:<root>``."""
+    out: list[str] = []
+    for spec in specs:
+        if spec == "kws-synth:all":
+            from .tasks.kws_synth import TARGET_LANGS
+
+            out += [f"kws-synth:{lang}" for lang in TARGET_LANGS]
+        elif spec == "glyphs:all":
+            from .tasks.glyphs import TARGETS
+
+            out += [f"glyphs:{t}" for t in TARGETS]
+        elif spec.startswith("imagenet-to-sketch:"):
+            root = Path(spec.split(":", 1)[1])
+            names = {"cub": "CUBS_Cropped", "cars": "Stanford_Cars_Cropped", "flowers": "Flowers",
+                     "wikiart": "WikiArt", "sketch": "Sketches"}
+            for key, folder in names.items():
+                found = [p for p in (root / folder, root / key) if p.is_dir()]
+                if not found:
+                    raise SwrError(f"imagenet-to-sketch: {root} has no {folder}/ (or {key}/) folder")
+                out.append(f"imagefolder:{found[0]}")
+        else:
+            out.append(spec)
+    return out
+
+
+@dataclass
+class BenchConfig:
+    tasks: list[str]
+    checkpoint: str
+    methods: list[str]
+    budgets: list[str]
+    out: str
+    seeds: int = 3
+    epochs: int = 10
+    lr: Optional[float] = None
+    batch_size: int = 64
+    device: str = "auto"
+    workers: Optional[int] = None
+    resume: bool = False
+    tune: bool = False
+    tune_trials: int = 6
+    swr_evaluations: int = 100
+    supernet_epochs: int = 8
+    progress: bool = True
+    method_lr: dict = field(default_factory=dict)
+
+
+#: Learning rates used when not tuned: a small head-only or norm-only problem likes a
+#: larger step than updating a whole backbone.
+DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "adapter-par": 3e-3, "adapter-seq": 3e-3}
+
+
+def method_lr(method: str, cfg: BenchConfig) -> float:
+    if method in cfg.method_lr:
+        return cfg.method_lr[method]
+    if cfg.lr is not None:
+        return cfg.lr
+    return DEFAULT_LR.get(method, 5e-3)
+
+
+def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfig,
+            lr: float, knobs: dict, threads: int = 0, out_dir: Optional[str] = None) -> dict:
+    """One bench cell; loads task and checkpoint itself so it can run in a Ray worker."""
+    import torch
+
+    from .methods import run_method
+    from .pretrain import load_pretrained
+    from .tasks import get_task
+    from .train import TrainConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    base, _ = load_pretrained(cfg.checkpoint)
+    task = get_task(task_spec)
+    budget_params = None if budget == NATURAL else Budget.parse(budget).resolve(backbone_params(base))
+    knobs = dict(knobs)
+    if method.startswith("swr"):
+        knobs.setdefault("evaluations", cfg.swr_evaluations)
+        knobs.setdefault("supernet_epochs", cfg.supernet_epochs)
+        knobs.setdefault("seed", seed)
+        knobs.setdefault("device", cfg.device)
+        if out_dir:
+            knobs.setdefault("out", out_dir)
+    tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
+                     device=cfg.device, progress=False, desc=method)
+    row = run_method(method, base, task, budget_params, tc, **knobs)
+    row.update(task=task_spec, budget=budget, seed=seed, lr=lr,
+               settings=json.dumps(row.get("settings", {}), default=str))
+    return {k: row.get(k) for k in COLUMNS}
+
+
+def plan(cfg: BenchConfig) -> list[tuple[str, str, str, int]]:
+    """All (task, method, budget, seed) cells; budget-free methods get one 'natural' budget."""
+    from .methods import METHODS, get_method
+
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise SwrError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(METHODS))}")
+    for b in cfg.budgets:
+        Budget.parse(b)  # fail early on a bad budget
+    cells = []
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            budgets = cfg.budgets if get_method(method).respects_budget else [NATURAL]
+            for budget in budgets:
+                for seed in range(cfg.seeds):
+                    cells.append((task, method, budget, seed))
+    return cells
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def _key(row: dict) -> tuple:
+    return (row["task"], row["method"], str(row["budget"]), int(row["seed"]))
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Run (or continue) the bench; returns all result rows."""
+    from .methods import get_method  # noqa: F401  (fills the registry)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.tasks = expand_tasks(cfg.tasks)
+    cells = plan(cfg)
+    results_csv = out / "results.csv"
+    rows = read_rows(results_csv) if cfg.resume else []
+    done = {_key(r) for r in rows}
+    todo = [c for c in cells if c not in done]
+    if cfg.tune:
+        from .tune import tune_methods
+
+        tuned = tune_methods(cfg, todo, log)
+    else:
+        tuned = {}
+    log(f"bench: {len(cells)} runs ({len(cells) - len(todo)} done before), "
+        f"{len(cfg.tasks)} task(s), methods {', '.join(cfg.methods)}")
+    workers = cfg.workers if cfg.workers is not None else (os.cpu_count() or 1)
+
+    def job_args(cell):
+        task, method, budget, seed = cell
+        lr, knobs = tuned.get((task, method, budget), (method_lr(method, cfg), {}))
+        sub = str(out / "runs" / f"{task.replace(':', '_').replace('/', '_')}-{method}-{budget}-s{seed}")
+        return task, method, budget, seed, cfg, lr, knobs, 0, sub
+
+    start = time.perf_counter()
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="bench", unit="run", dynamic_ncols=True)
+
+    def finished(row: dict) -> None:
+        rows.append(row)
+        write_rows(results_csv, rows)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(last=f"{row['method']}@{row['budget']}={float(row['test_acc']):.3f}")
+
+    if workers > 1 and len(todo) > 1:
+        import ray
+
+        from .policies.ray_utils import init_ray
+
+        init_ray()
+        remote = ray.remote(num_cpus=1)(run_job)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pending = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < workers:
+                cell = queue.pop(0)
+                a = list(job_args(cell))
+                a[7] = threads
+                pending[remote.remote(*a)] = cell
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                pending.pop(ref)
+                finished(ray.get(ref))
+    else:
+        for cell in todo:
+            finished(run_job(*job_args(cell)))
+    if bar is not None:
+        bar.close()
+    rows.sort(key=lambda r: (r["task"], r["method"], _budget_order(r["budget"]), int(r["seed"])))
+    write_rows(results_csv, rows)
+    write_text(out / "results.md", results_markdown(rows))
+    plot_pareto(out / "pareto.png", rows)
+    log(f"bench: done in {(time.perf_counter() - start) / 60:.1f} min -> {results_csv}")
+    return rows
+
+
+def _budget_order(b: str) -> float:
+    if b == NATURAL:
+        return math.inf
+    bud = Budget.parse(b)
+    return bud.fraction if bud.fraction is not None else float(bud.params)
+
+
+def _f(v) -> Optional[float]:
+    if v in (None, "", "None"):
+        return None
+    return float(v)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds per (task, method, budget)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], str(r["budget"])), []).append(r)
+    out = []
+    for (task, method, budget), rs in groups.items():
+        acc = [_f(r["test_acc"]) for r in rs]
+        shift = [_f(r["shift_acc"]) for r in rs if _f(r["shift_acc"]) is not None]
+        out.append({
+            "task": task, "method": method, "budget": budget, "n": len(rs),
+            "test_acc": statistics.mean(acc), "test_std": statistics.pstdev(acc) if len(acc) > 1 else 0.0,
+            "shift_acc": statistics.mean(shift) if shift else None,
+            "updated_params": statistics.mean(_f(r["updated_params"]) for r in rs),
+            "stored_bytes": statistics.mean(_f(r["stored_bytes"]) for r in rs),
+            "extra_flops": statistics.mean(_f(r["extra_flops"]) for r in rs),
+            "foldable": str(rs[0]["foldable"]) in ("True", "true", "1"),
+            "train_seconds": statistics.mean(_f(r["train_seconds"]) for r in rs),
+        })
+    return out
+
+
+def results_markdown(rows: list[dict]) -> str:
+    summary = summarize(rows)
+    tasks = sorted({s["task"] for s in summary})
+    lines = ["| task | method | budget | test acc (mean ± std) | shift acc | updated params | "
+             "stored bytes | extra FLOPs | foldable | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sorted(summary, key=lambda s: (s["task"], _budget_order(s["budget"]), -s["test_acc"])):
+        shift = "" if s["shift_acc"] is None else f"{s['shift_acc']:.4f}"
+        lines.append(f"| {s['task']} | {s['method']} | {s['budget']} | "
+                     f"{s['test_acc']:.4f} ± {s['test_std']:.4f} (n={s['n']}) | {shift} | "
+                     f"{s['updated_params']:,.0f} | {s['stored_bytes']:,.0f} | "
+                     f"{s['extra_flops']:,.0f} | {'yes' if s['foldable'] else 'no'} | "
+                     f"{s['train_seconds']:.1f} |")
+    if len(tasks) > 1:
+        lines += ["", "Average over tasks (test accuracy):", "",
+                  "| method | budget | " + " | ".join(tasks) + " | average |",
+                  "|---|---|" + "---|" * len(tasks) + "---|"]
+        by = {(s["method"], s["budget"], s["task"]): s["test_acc"] for s in summary}
+        for method, budget in sorted({(s["method"], s["budget"]) for s in summary},
+                                     key=lambda mb: (mb[0], _budget_order(mb[1]))):
+            accs = [by.get((method, budget, t)) for t in tasks]
+            known = [a for a in accs if a is not None]
+            cells = " | ".join("" if a is None else f"{a:.4f}" for a in accs)
+            avg = f"{statistics.mean(known):.4f}" if len(known) == len(tasks) else "(incomplete)"
+            lines.append(f"| {method} | {budget} | {cells} | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows)
+    tasks = sorted({s["task"] for s in summary})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        methods = sorted({s["method"] for s in summary if s["task"] == task})
+        for i, method in enumerate(methods):
+            pts = sorted((max(s["updated_params"], 1), s["test_acc"], s["test_std"])
+                         for s in summary if s["task"] == task and s["method"] == method)
+            xs, ys, es = zip(*pts)
+            marker = "*" if method.startswith("swr") else "o"
+            ax.errorbar(xs, ys, yerr=es, marker=marker, ms=10 if marker == "*" else 5,
+                        capsize=2, label=method, color=f"C{i % 10}")
+        ax.set_xscale("log")
+        ax.set_xlabel("updated backbone parameters (log)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title or task, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+

@@ -1,0 +1,62 @@
+"""``swr bench --tune``: per-method learning rate and own knob, chosen on validation.
+
+The unifying PETL study found that untuned comparisons mislead, so before the final
+seeds every (task, method, budget) gets a small Ray Tune search over the learning
+rate (log-uniform) and the method's own knob (LoRA rank, adapter width, TAPS
+penalty, prompt length), scored by validation accuracy of seed 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+#: The knob each method exposes to tuning, and the values tried.
+KNOBS: dict[str, tuple[str, list]] = {
+    "lora": ("rank", [None, 1, 2, 4]),
+    "adapter-par": ("width", [None, 2, 4, 8]),
+    "adapter-seq": ("width", [None, 2, 4, 8]),
+    "taps": ("penalty", [0.1, 1.0, 10.0]),
+    "vpt-shallow": ("length", [None, 2, 8]),
+    "vpt-deep": ("length", [None, 2, 8]),
+}
+
+
+def tune_methods(cfg, cells: list[tuple[str, str, str, int]],
+                 log: Callable[[str], None] = print) -> dict[tuple[str, str, str], tuple[float, dict]]:
+    """Best (lr, knobs) per (task, method, budget) among ``cells``, by validation accuracy."""
+    from ray import tune
+
+    from .bench import run_job
+    from .policies.ray_utils import init_ray
+
+    init_ray()
+    best: dict[tuple[str, str, str], tuple[float, dict]] = {}
+    groups = sorted({(t, m, b) for t, m, b, _ in cells})
+    for task, method, budget in groups:
+        space = {"lr": tune.loguniform(3e-4, 3e-2)}
+        if method in KNOBS:
+            knob, values = KNOBS[method]
+            space[knob] = tune.choice(values)
+
+        def trainable(config, task=task, method=method, budget=budget):
+            knobs = {k: v for k, v in config.items() if k != "lr" and v is not None}
+            row = run_job(task, method, budget, 0, cfg, config["lr"], knobs, threads=1)
+            tune.report({"val_acc": float(row["val_acc"])})
+
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 1}),
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=cfg.tune_trials),
+            run_config=tune.RunConfig(name=f"tune-{method}-{budget}",
+                                      storage_path=str(Path(cfg.out).resolve() / "tune"),
+                                      verbose=0),
+        )
+        result = tuner.fit().get_best_result()
+        conf = dict(result.config)
+        lr = conf.pop("lr")
+        knobs = {k: v for k, v in conf.items() if v is not None}
+        best[(task, method, budget)] = (lr, knobs)
+        log(f"tune {method} @ {budget} on {task}: lr {lr:.2g} {knobs} "
+            f"-> val {result.metrics['val_acc']:.4f}")
+    return best

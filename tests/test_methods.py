@@ -1,0 +1,320 @@
+"""The PETL baselines: each trains only what it declares, counts it, keeps its budget
+and folds exactly (or reports its extra inference cost)."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from swr.errors import BudgetError, SwrError
+from swr.flops import count_flops
+from swr.fold import same_architecture
+from swr.methods import METHODS, Method, get_method, register_method, run_method
+from swr.methods.lora import lora_targets
+from swr.methods.runner import stored_bytes
+from swr.methods.taps import scored_layers
+from swr.methods.two_stage import channel_layers
+from swr.reparam import candidates, head_prefix, norm_modules
+from swr.tasks.backbones import create_backbone
+from swr.tasks.base import Task, tensor_split
+from swr.train import TrainConfig, recalibrate_batchnorm
+
+CFG = TrainConfig(epochs=1, lr=1e-2, batch_size=8, progress=False, device="cpu")
+
+
+def _task(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        return tensor_split(torch.randn(n, *shape, generator=g), torch.arange(n) % 3)
+
+    return Task("toy", "image", ["a", "b", "c"], split(8), split(4), split(4), shape,
+                shift_test=split(2))
+
+
+@pytest.fixture(scope="module")
+def families():
+    """(base model, task) per backbone family; built once, never modified by the tests."""
+    torch.manual_seed(0)
+    # 24 frames instead of a clip's 101: BC-ResNet runs on any length, and CPU time
+    # in its dilated depthwise convolutions grows with it.
+    bc_task = _task((1, 40, 24))
+    bc = create_backbone("bcresnet-1", num_classes=5)
+    # Fresh BatchNorm statistics make the random network's outputs depend on its
+    # weights, so the fold comparisons below are not vacuous.
+    recalibrate_batchnorm(bc, bc_task.train, n_batches=1, batch_size=8)
+    img_task = _task((3, 32, 32))
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=5)
+    resnet = timm.create_model("resnet18", num_classes=5)
+    recalibrate_batchnorm(resnet, img_task.train, n_batches=1, batch_size=8)
+    return {"bc": (bc.eval(), bc_task), "vit": (vit.eval(), img_task),
+            "resnet": (resnet.eval(), img_task)}
+
+
+def _reference(base, task):
+    ref = copy.deepcopy(base).eval()
+    ref.reset_classifier(task.num_classes)
+    return ref
+
+
+def _backbone_changes(folded, reference) -> dict[str, torch.Tensor]:
+    """Per state-dict key outside the head: a bool mask of the elements that differ."""
+    head = head_prefix(reference) + "."
+    a, b = folded.state_dict(), reference.state_dict()
+    return {k: (a[k] != b[k]) for k in b if not k.startswith(head) and not torch.equal(a[k], b[k])}
+
+
+def _module_of(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _may_change(method: str, key: str, norms: tuple[str, ...], layers: set[str]) -> bool:
+    """Whether ``method`` may change state-dict entry ``key`` of the base backbone."""
+    in_norm, in_layer = key.startswith(norms), _module_of(key) in layers
+    return {
+        "full": True,
+        "linear": False,
+        "bitfit": key.endswith(".bias"),  # a module's own bias, norm shifts included
+        "norm": in_norm,  # affines and running statistics
+        "ssf": in_layer,
+        "lora": in_layer,
+        "taps": in_layer or in_norm,
+        "two-stage": in_layer or in_norm,
+    }[method]
+
+
+# (method, family, budget, knobs). Budgets are chosen to exercise each method's fitting:
+# SSF on the ViT (41856 natural) must drop layers to fit 20000.
+CASES = [
+    ("linear", "bc", 3000, {}),
+    ("full", "bc", 3000, {}),
+    ("bitfit", "bc", 3000, {}),
+    ("norm", "bc", 3000, {}),
+    ("ssf", "bc", 3000, {}),
+    ("lora", "bc", 3000, {}),
+    ("adapter-par", "bc", 3000, {}),
+    ("adapter-seq", "bc", 3000, {}),
+    ("taps", "bc", 3000, {}),
+    ("two-stage", "bc", 3000, {}),
+    ("ssf", "vit", 20000, {}),
+    ("lora", "vit", 40000, {"rank": 1}),
+    ("adapter-seq", "vit", 20000, {}),
+    ("taps", "vit", 40000, {"retrain_epochs": 0}),
+    ("two-stage", "vit", 20000, {}),
+    ("vpt-shallow", "vit", 5000, {}),
+    ("vpt-deep", "vit", 5000, {}),
+    ("adapter-par", "resnet", 60000, {}),
+    ("lora", "resnet", 100000, {}),
+]
+
+
+@pytest.mark.parametrize("name,family,budget,knobs", CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_method_trains_counts_and_folds(families, name, family, budget, knobs):
+    base, task = families[family]
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    method = get_method(name, **knobs)
+    torch.manual_seed(0)
+    model = method.prepare(copy.deepcopy(base), task, budget)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    declared = {id(p) for p in method.trainable_parameters(model)}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == declared
+    declared_backbone = sum(p.numel() for p in method.trainable_parameters(model)
+                            if id(p) not in head)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    method.fit(model, task, CFG)
+    updated = method.updated_params(model)
+
+    # The base model the method copied from is never touched.
+    assert all(torch.equal(v, base_state[k]) for k, v in base.state_dict().items())
+    if method.respects_budget:
+        assert 0 < updated <= budget
+    # The updated-parameter count, per method (see each method's docstring).
+    if name in ("taps", "two-stage"):
+        pass  # counted on the folded model below: they train more than they keep
+    else:
+        assert updated == declared_backbone
+
+    ref = _reference(base, task)
+    x = torch.randn(4, *task.input_shape, generator=torch.Generator().manual_seed(5))
+    if method.foldable:
+        folded = method.fold(model)
+        assert same_architecture(folded, ref)
+        with torch.no_grad():
+            y, y_folded = model(x), folded(x)
+        assert (y - y_folded).abs().max() <= 1e-5
+        changes = _backbone_changes(folded, ref)
+        norms = tuple(n + "." for n in norm_modules(ref))
+        layers = {c.name for c in candidates(ref)}
+        for key in changes:  # only the method's own mechanism moved the backbone
+            assert _may_change(name, key, norms, layers), key
+        assert bool(changes) == (name != "linear"), "training must move the backbone (only)"
+        if name == "lora":  # depthwise/grouped convs are left out (peft cannot merge them)
+            kinds = {c.name: c.kind for c in candidates(ref)}
+            assert all(kinds[_module_of(k)] in ("linear", "conv1d", "conv2d")
+                       for k in changes if _module_of(k) in kinds)
+        if name == "taps":
+            open_layers = {n for n, m in scored_layers(model).items() if m.is_open}
+            weight_changes = {k: m for k, m in changes.items() if not k.startswith(norms)}
+            assert {_module_of(k) for k in weight_changes} <= open_layers
+            assert sum(int(m.sum()) for m in weight_changes.values()) <= updated
+            assert updated == sum(m.cost for n, m in scored_layers(model).items()
+                                  if n in open_layers)
+        if name == "two-stage":
+            layers = channel_layers(model)
+            norm_count = sum(p.numel() for n in norm_modules(model)
+                             for p in model.get_submodule(n).parameters())
+            rows = sum(m.tuned_params for m in layers.values())
+            assert updated == norm_count + rows
+            for key, mask in changes.items():
+                if key.startswith(norms):
+                    continue
+                layer = layers[_module_of(key)]
+                changed_rows = mask.flatten(1).any(1).nonzero().flatten()
+                assert set(changed_rows.tolist()) <= set(layer.channels.tolist())
+    else:
+        after = model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed and changed <= trainable
+        assert count_flops(model, x[:1]) > count_flops(ref, x[:1])
+    assert stored_bytes(method.stored_tensors(model)) > 0
+
+
+def test_run_method_row_foldable_and_not(families):
+    base, task = families["bc"]
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    row = run_method("taps", base, task, 3000, CFG)
+    assert row["method"] == "taps" and row["foldable"] and row["within_budget"]
+    assert row["fold_max_abs_diff"] <= 1e-5 and row["extra_flops"] == 0
+    assert row["shift_acc"] is not None and 0 <= row["test_acc"] <= 1
+    assert row["norm_params"] > 0 and row["head_params"] == 32 * 3 + 3
+    assert row["settings"]["penalty"] == 1.0
+    row = run_method("adapter-par", base, task, 3000, CFG, width=2)
+    assert not row["foldable"] and row["fold_max_abs_diff"] is None
+    assert row["extra_flops"] > 0 and row["settings"] == {"width": 2}
+    assert row["within_budget"] and row["updated_params"] <= 3000
+    # Methods that ignore the budget say whether they happen to fit it.
+    row = run_method("full", base, task, 3000, CFG)
+    assert row["respects_budget"] is False and row["within_budget"] is False
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+
+
+def test_stored_bytes_is_the_safetensors_size(families):
+    base, task = families["bc"]
+    method = get_method("linear")
+    model = method.prepare(copy.deepcopy(base), task, None)
+    tensors = method.stored_tensors(model)
+    assert set(tensors) == {"head/head.weight", "head/head.bias"}
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert payload < stored_bytes(tensors) < payload + 1024
+
+
+def test_lora_merge_matches_unmerged_and_skips_depthwise(families):
+    base, task = families["bc"]
+    targets = lora_targets(base)
+    kinds = {c.name: c.kind for c in candidates(base)}
+    assert targets and all(kinds[t] in ("linear", "conv1d", "conv2d") for t in targets)
+    assert any(k.startswith("dw") for k in kinds.values())
+    method = get_method("lora", rank=2)
+    model = method.prepare(copy.deepcopy(base), task, None)
+    assert method.settings() == {"rank": 2, "alpha": 2.0}
+    with torch.no_grad():  # a non-zero update, so merging has something to match
+        for p in method.trainable_parameters(model):
+            p.normal_(0, 0.1)
+    x = torch.randn(4, *task.input_shape)
+    folded = method.fold(model.eval())
+    with torch.no_grad():
+        y, y_base = model(x), folded(x)
+    assert (y - y_base).abs().max() <= 1e-5
+    assert same_architecture(folded, _reference(base, task))
+
+
+def test_taps_finalize_keeps_highest_scores_within_budget(families):
+    base, task = families["bc"]
+    method = get_method("taps")
+    model = method.prepare(copy.deepcopy(base), task, 1000)
+    layers = scored_layers(model)
+    with torch.no_grad():  # distinct scores; one layer below the threshold
+        for i, layer in enumerate(layers.values()):
+            layer.score.fill_(1.0 + i / 100)
+        first = next(iter(layers.values()))
+        first.score.fill_(0.05)
+    assert method.finalize(model)  # the budget closed gates the scores had open
+    kept = [n for n, m in layers.items() if m.is_open]
+    assert first.gate == 0.0 and kept
+    assert sum(layers[n].cost for n in kept) <= 1000
+    # greedy by score: every closed layer above threshold either scored lower than
+    # a kept one or did not fit what was left
+    best_closed = max((m for n, m in layers.items() if n not in kept and m is not first),
+                      key=lambda m: float(m.score.detach()))
+    assert any(float(layers[n].score.detach()) > float(best_closed.score.detach())
+               for n in kept)
+
+
+def test_taps_penalty_pushes_scores_down(families):
+    base, task = families["bc"]
+    method = get_method("taps", penalty=10.0, retrain_epochs=0)
+    model = method.prepare(copy.deepcopy(base), task, None)
+    method.fit(model, task, CFG)
+    assert all(float(m.score.detach()) < 1.0 for m in scored_layers(model).values())
+
+
+def test_vpt_refuses_cnn_with_reason(families):
+    base, task = families["resnet"]
+    method = get_method("vpt-deep")
+    assert not method.supports(base)
+    assert "VisionTransformer" in method.unsupported_reason(base)
+    with pytest.raises(SwrError, match="VisionTransformer"):
+        run_method("vpt-shallow", base, task, 5000, CFG)
+    assert method.supports(families["vit"][0])
+
+
+def test_unknown_names_knobs_and_budgets_are_clear_errors(families):
+    with pytest.raises(SwrError, match="known methods: .*lora"):
+        get_method("lorra")
+    with pytest.raises(SwrError, match="no option ranks.*rank"):
+        get_method("lora", ranks=4)
+    base, task = families["bc"]
+    with pytest.raises(BudgetError, match="over the budget"):
+        get_method("lora").prepare(copy.deepcopy(base), task, 10)
+    with pytest.raises(BudgetError, match="rank=64"):
+        get_method("lora", rank=64).prepare(copy.deepcopy(base), task, 3000)
+    with pytest.raises(SwrError, match="budget"):
+        get_method("adapter-par").prepare(copy.deepcopy(base), task, None)
+    with pytest.raises(BudgetError, match="norm parameters"):
+        get_method("two-stage").prepare(copy.deepcopy(base), task, 100)
+
+
+def test_register_method_adds_a_name():
+    class Probe(Method):
+        name = "probe-test"
+
+        def prepare(self, model, task, budget_params):
+            return model
+
+        def trainable_parameters(self, model):
+            return []
+
+        def updated_params(self, model):
+            return 0
+
+        def stored_tensors(self, model):
+            return {}
+
+    register_method("probe-test", Probe)
+    try:
+        assert isinstance(get_method("probe-test"), Probe)
+    finally:
+        del METHODS["probe-test"]
+    assert {"linear", "full", "bitfit", "norm", "ssf", "lora", "adapter-par", "adapter-seq",
+            "taps", "two-stage", "vpt-shallow", "vpt-deep"} <= set(METHODS)
+
+
+def test_count_flops_counts_multiply_accumulates_twice():
+    assert count_flops(nn.Linear(10, 5), torch.randn(1, 10)) == 2 * 10 * 5
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    assert count_flops(conv, torch.randn(1, 3, 8, 8)) == 2 * 3 * 9 * 4 * 64
