@@ -53,8 +53,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     global _started_here
     if ray.is_initialized():
         return
-    quiet = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
-                 logging_level=logging.WARNING)
+    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
+             "logging_level": logging.WARNING}
     if address is not None:
         hint = "start it with `ray start --head` or drop --ray-address"
         try:

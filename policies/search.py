@@ -251,7 +251,8 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     log = EvaluationLog(out / "evaluations.jsonl", names, dict(zip(names, costs)), cfg.resume)
     factory = evaluator_factory(cfg, supernet, task)
     pool = make_pool(cfg, factory, names) if cfg.policy != "ppo" else None
-    run = SearchRun(names, costs, budget_params, pool, log, cfg.evaluations, cfg.progress)
+    run = SearchRun(names, costs, budget_params, pool, log, cfg.evaluations,
+                    cfg.progress and cfg.policy != "ppo")  # PPO shows its own progress
     t1 = time.perf_counter()
     policy_file = None
     retries = 0

@@ -53,10 +53,10 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Callable, Optional
 
 import matplotlib
 import numpy as np
@@ -166,7 +166,7 @@ def font_path(font: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font_pixel_size(font: str, canvas: int) -> int:
     """Font size giving every font the same capital height (0.55 of the canvas)."""
     probe = ImageFont.truetype(str(font_path(font)), 100)
@@ -252,7 +252,7 @@ class _Pose:
 
     @staticmethod
     def draw(rng: np.random.Generator, strength: float, rotate: float, scale: tuple[float, float],
-             shift: float, shear: float = 0.12, stretch: float = 0.1) -> "_Pose":
+             shift: float, shear: float = 0.12, stretch: float = 0.1) -> _Pose:
         """Rotation (degrees), scale range, shift (canvas fraction), shear and log
         aspect bounds, all but the upper scale widened by ``strength``."""
         lo, hi = scale
@@ -588,14 +588,14 @@ def _remove_stale_temps(folder: Path, max_age_s: float = 3600.0) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _read_manifest(folder: Path) -> Optional[dict]:
+def _read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def _load_cache(folder: Path, config: dict) -> Optional[tuple[dict, dict]]:
+def _load_cache(folder: Path, config: dict) -> tuple[dict, dict] | None:
     """``(manifest, {split: (x, y)})`` if ``folder`` holds a valid cache for ``config``."""
     manifest = _read_manifest(folder)
     if manifest is None or manifest.get("config_hash") != _config_hash(config):
@@ -642,7 +642,7 @@ class RandomTranslate:
     Uses ``generator`` if given, else torch's global RNG (seed it for repeatability).
     """
 
-    def __init__(self, max_shift: int, generator: Optional[torch.Generator] = None):
+    def __init__(self, max_shift: int, generator: torch.Generator | None = None):
         self.max_shift = max_shift
         self.generator = generator
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import ray
 import ray.cloudpickle
-
 from swr.envs import LayerSelectEnv, make_synthetic_env
-from swr.errors import SwrError
 from swr.policies import ray_utils
 from swr.policies.ppo import ppo_select, train_ppo
 from swr.policies.ray_vecenv import RayVecEnv, SyncVecEnv
+
+from swr.errors import SwrError
 
 N_LAYERS = 8
 
@@ -129,7 +129,7 @@ def test_ray_and_sync_trajectories_match(ray_session):
 @pytest.mark.ray
 def test_maskable_ppo_search_respects_budget(ray_session):
     records: list[dict] = []
-    kwargs = dict(seed=0, n_steps=32, batch_size=64, progress=False)
+    kwargs = {"seed": 0, "n_steps": 32, "batch_size": 64, "progress": False}
     _, result = ppo_select([env_a, env_a], 256, use_ray=True, log=records.append, **kwargs)
 
     env = env_a()

@@ -28,7 +28,7 @@ def search_cfg(tmp_path, ckpt, policy, out="out", **kw):
                         supernet=SupernetConfig(epochs=1, progress=False), **kw)
 
 
-@pytest.mark.parametrize("policy", ["pg", "random", "greedy", "knapsack"])
+@pytest.mark.parametrize("policy", ["pg", "ppo", "random", "greedy", "knapsack"])
 def test_search_writes_outputs_within_budget(tiny, tmp_path, policy):
     _, ckpt = tiny
     r = run_search(search_cfg(tmp_path, ckpt, policy))

@@ -194,7 +194,10 @@ def new_head(model: nn.Module, task) -> list[nn.Parameter]:
     if not hasattr(model, "reset_classifier"):
         raise SwrError(f"{type(model).__name__} has no reset_classifier(); PETL methods need "
                        "a timm-style model with a resizable head")
+    like = next(model.parameters())
     model.reset_classifier(task.num_classes)
+    # timm builds the new head on the CPU in fp32; keep it with the backbone.
+    model.get_classifier().to(device=like.device, dtype=like.dtype)
     return list(head_parameters(model).values())
 
 

@@ -62,8 +62,9 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
     method = get_method(method_name, **knobs)
     method.check_supported(base_model)
     device = resolve_device(cfg.device)
-    reference = copy.deepcopy(base_model).to(device).eval()
+    reference = copy.deepcopy(base_model)
     reference.reset_classifier(task.num_classes)
+    reference.to(device).eval()
     # Heads, adapters and prompts are initialised from the global generator.
     torch.manual_seed(cfg.seed)
     model = method.prepare(copy.deepcopy(base_model).to(device), task, budget_params)

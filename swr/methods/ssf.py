@@ -34,7 +34,8 @@ class SSFLayer(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         channels = base_layer.weight.shape[0]
-        self.scale = nn.Parameter(torch.ones(channels, dtype=base_layer.weight.dtype))
+        w = base_layer.weight
+        self.scale = nn.Parameter(torch.ones(channels, dtype=w.dtype, device=w.device))
         self.shift = (nn.Parameter(torch.zeros_like(base_layer.bias))
                       if base_layer.bias is not None else None)
         # Linear layers keep features last; convolutions put channels at dim 1.

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..errors import SwrError
 from ..fold import fold
 from ..layers import ReparamLayer
 from ..reparam import (candidates, delta_parameters, head_parameters, norm_parameters,
@@ -45,7 +46,8 @@ class ScoredReparamLayer(ReparamLayer):
     def __init__(self, base_layer: nn.Module, threshold: float, init_score: float):
         super().__init__(base_layer)
         self.threshold = threshold
-        self.score = nn.Parameter(torch.tensor(float(init_score)))
+        self.score = nn.Parameter(torch.tensor(float(init_score),
+                                               device=base_layer.weight.device))
         self.scoring = True
         # ReparamLayer.forward skips effective_weight for a closed float gate; keep the
         # float open while scoring so the learned gate is always evaluated.
@@ -101,12 +103,20 @@ class TAPS(Method):
     retrain_epochs: Optional[int] = None
     budget_params: Optional[int] = dataclasses.field(default=None, init=False)
 
+    def __post_init__(self):
+        if not self.penalty >= 0:
+            raise SwrError(f"taps: penalty={self.penalty} must be non-negative")
+        if self.retrain_epochs is not None and self.retrain_epochs < 0:
+            raise SwrError(f"taps: retrain_epochs={self.retrain_epochs} must be non-negative")
+
     @property
     def trains_norms(self) -> bool:
         return self.norms
 
     def prepare(self, model: nn.Module, task, budget_params: Optional[int]) -> nn.Module:
-        head = new_head(model, task)
+        if not candidates(model):
+            raise SwrError("method 'taps' found no Linear/Conv layer outside the head to adapt")
+        new_head(model, task)
         self.budget_params = budget_params
         for c in candidates(model):
             replace_module(model, c.name, ScoredReparamLayer(model.get_submodule(c.name),

@@ -94,7 +94,10 @@ def taylor_channel_importance(model: nn.Module, task, n_batches: int, batch_size
                 break
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             loss.backward()
+        # A layer the forward never reached has no gradient: it cannot matter to the loss.
         importance = {name: (layer.weight * layer.weight.grad).flatten(1).sum(1).abs().detach()
+                      if layer.weight.grad is not None
+                      else torch.zeros(layer.weight.shape[0], device=layer.weight.device)
                       for name, layer in layers.items()}
     finally:
         for layer in layers.values():
@@ -121,6 +124,13 @@ class TwoStage(Method):
     norm_epochs: Optional[int] = None
     importance_batches: int = 8
     budget_params: Optional[int] = dataclasses.field(default=None, init=False)
+
+    def __post_init__(self):
+        if self.norm_epochs is not None and self.norm_epochs < 1:
+            raise SwrError(f"two-stage: norm_epochs={self.norm_epochs} must be at least 1")
+        if self.importance_batches < 1:
+            raise SwrError(f"two-stage: importance_batches={self.importance_batches} must be "
+                           "at least 1")
 
     @property
     def trains_norms(self) -> bool:
