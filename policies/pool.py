@@ -56,7 +56,7 @@ class RayPool:
                  gpus_per_worker: float = 0.0):
         import ray
 
-        from .ray_utils import init_ray
+        from swr.parallel import init_ray
 
         init_ray()
         self._ray = ray

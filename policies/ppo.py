@@ -26,7 +26,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from .ray_utils import limit_threads
+from swr.parallel import limit_threads
 from .ray_vecenv import RayVecEnv, SyncVecEnv
 
 

@@ -38,7 +38,7 @@ def run_ppo(cfg, features: np.ndarray, costs: Sequence[int], budget: int, names:
     n_envs = max(1, cfg.workers)
     use_ray = cfg.workers > 0
     if use_ray:
-        from .ray_utils import init_ray
+        from swr.parallel import init_ray
 
         init_ray(cfg.ray_address)
     factory = EnvFactory(features, costs, budget, names, evaluator_factory, log.saved)

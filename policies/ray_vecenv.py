@@ -27,7 +27,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
 from stable_baselines3.common.vec_env.patch_gym import _patch_env
 from stable_baselines3.common.vec_env.util import dict_to_obs, obs_space_info
 
-from .ray_utils import init_ray, limit_threads, worker_threads
+from swr.parallel import init_ray, limit_threads, worker_threads
 
 # sb3-contrib's MaskablePPO asks for this after every step (``get_action_masks``).
 ACTION_MASKS = "action_masks"
@@ -121,7 +121,7 @@ class RayVecEnv(VecEnv):
     ``threads_per_env`` PyTorch threads (default: the cores divided among the actors).
 
     Ray is started locally (quietly) if it is not running yet; see
-    :func:`swr.policies.ray_utils.init_ray` to join a cluster instead.
+    :func:`swr.parallel.init_ray` to join a cluster instead.
     """
 
     def __init__(self, env_fns: list[Callable[[], gym.Env]], threads_per_env: int | None = None):

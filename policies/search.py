@@ -201,7 +201,7 @@ def make_pool(cfg: SearchConfig, factory, names):
     device = factory.device
     if cfg.workers <= 0:
         return LocalPool(factory())
-    from .ray_utils import init_ray, worker_threads
+    from swr.parallel import init_ray, worker_threads
 
     init_ray(cfg.ray_address)
     gpus = 1.0 / cfg.workers if device.startswith("cuda") else 0.0

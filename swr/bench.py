@@ -209,7 +209,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     if workers > 1 and len(todo) > 1:
         import ray
 
-        from .policies.ray_utils import init_ray
+        from .parallel import init_ray
 
         init_ray()
         remote = ray.remote(num_cpus=1)(run_job)

@@ -28,7 +28,7 @@ def tune_methods(cfg, cells: list[tuple[str, str, str, int]],
     from ray import tune
 
     from .bench import run_job
-    from .policies.ray_utils import init_ray
+    from .parallel import init_ray
 
     init_ray()
     best: dict[tuple[str, str, str], tuple[float, dict]] = {}

@@ -45,10 +45,11 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -238,7 +239,7 @@ class _Espeak:
         return out
 
 
-_ENGINE: Optional[_Espeak] = None
+_ENGINE: _Espeak | None = None
 _ENGINE_PID = -1
 _ENGINE_LOCK = threading.Lock()  # espeak-ng is not thread-safe
 _RESAMPLERS: dict[int, torchaudio.transforms.Resample] = {}
@@ -289,8 +290,8 @@ def _check_lang(lang: str) -> None:
         raise SwrError(f"unknown kws-synth language {lang!r}; known: {', '.join(LANGUAGES)}")
 
 
-def _config(lang: str, seed: int, speakers: Optional[Sequence[int]],
-            reps: Optional[int]) -> dict:
+def _config(lang: str, seed: int, speakers: Sequence[int] | None,
+            reps: int | None) -> dict:
     """Everything that determines the generated data; its hash keys the cache."""
     _check_lang(lang)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -347,6 +348,10 @@ def _config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# What a random stream is for: the second part of the key given to _rng.
+_STREAM_VOICE, _STREAM_CLIPS, _STREAM_BABBLE = 0, 1, 2
+
+
 def _rng(cfg: dict, *keys: int) -> np.random.Generator:
     """A generator seeded from (seed, language, keys): independent of call order."""
     return np.random.default_rng([cfg["seed"], zlib.crc32(cfg["lang"].encode()), *keys])
@@ -367,7 +372,7 @@ def _speakers(cfg: dict) -> list[dict]:
         variants = cfg["shift_variants"] if split == "shift_test" else cfg["variants"]
         for _ in range(cfg["speakers"][split]):
             out.append({"id": sid, "split": split,
-                        **_draw_voice(_rng(cfg, 0, sid), cfg, variants)})
+                        **_draw_voice(_rng(cfg, _STREAM_VOICE, sid), cfg, variants)})
             sid += 1
     return out
 
@@ -400,8 +405,12 @@ def _speak(spk: dict, text: str, rng: np.random.Generator, cfg: dict) -> np.ndar
     rate = int(np.clip(spk["rate"] * rng.uniform(1 - v["jitter_rate"], 1 + v["jitter_rate"]),
                        80, 450))
     punct = str(rng.choice(v["punctuation"]))
-    wav = synthesize(text + punct, spk["voice"], rate=rate, pitch=pitch, pitch_range=prange)
-    return _trim(wav.astype(np.float64))
+    wav = _trim(synthesize(text + punct, spk["voice"], rate=rate, pitch=pitch,
+                           pitch_range=prange).astype(np.float64))
+    if wav.size < SAMPLE_RATE // 20 or not np.abs(wav).max() > 0:
+        raise RuntimeError(f"espeak-ng produced no speech for {text!r} with voice "
+                           f"{spk['voice']!r}")
+    return wav
 
 
 def _channel(word: np.ndarray, rng: np.random.Generator, profile: dict) -> np.ndarray:
@@ -411,8 +420,8 @@ def _channel(word: np.ndarray, rng: np.random.Generator, profile: dict) -> np.nd
         rt60 = rng.uniform(*profile["rt60_s"])
         t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
         tail = rng.standard_normal(t.size) * np.exp(-6.908 * t / rt60)  # -60 dB at rt60
-        tail *= 10 ** (rng.uniform(-12.0, -3.0) / 20) / _rms(tail) / np.sqrt(t.size)
-        ir = tail
+        # reverberant energy 3-12 dB below the direct path
+        ir = tail * 10 ** (rng.uniform(-12.0, -3.0) / 20) / (_rms(tail) * np.sqrt(t.size))
         ir[0] = 1.0  # direct path
     n = word.size + (0 if ir is None else ir.size - 1)
     nfft = 1 << (n - 1).bit_length()
@@ -460,7 +469,7 @@ def _noise(rng: np.random.Generator, cfg: dict, babble: np.ndarray,
 
 def _babble_bank(cfg: dict) -> np.ndarray:
     """Seconds of overlapping speech of filler words by several voices (unit RMS)."""
-    rng = _rng(cfg, 2)
+    rng = _rng(cfg, _STREAM_BABBLE)
     n = cfg["babble"]["seconds"] * SAMPLE_RATE
     bank = np.zeros(n)
     for _ in range(cfg["babble"]["voices"]):
@@ -478,9 +487,9 @@ def _render_speaker(spk: dict, cfg: dict, babble: np.ndarray
                     ) -> tuple[list[np.ndarray], list[int], list[str]]:
     """All clips of one speaker: each keyword ``reps`` times, ``reps`` unknown words and
     ``reps`` silences, every clip through the same augmentation."""
-    rng = _rng(cfg, 1, spk["id"])
+    rng = _rng(cfg, _STREAM_CLIPS, spk["id"])
     reps, keywords, fillers = cfg["reps"], cfg["keywords"], cfg["fillers"]
-    items: list[tuple[int, Optional[str]]] = [(k, w) for k, w in enumerate(keywords)
+    items: list[tuple[int, str | None]] = [(k, w) for k, w in enumerate(keywords)
                                               for _ in range(reps)]
     picks = rng.choice(len(fillers), size=reps, replace=reps > len(fillers))
     items += [(len(keywords), fillers[i]) for i in picks]
@@ -547,7 +556,7 @@ def _worker_main(job_path: str) -> None:
 # Orchestration, cache
 
 
-def _cache_root(root: Optional[str | os.PathLike]) -> Path:
+def _cache_root(root: str | os.PathLike | None) -> Path:
     if root is not None:
         return Path(root).expanduser()
     base = os.environ.get("SWR_CACHE")
@@ -613,7 +622,7 @@ class _Workers:
 
 
 def _render_all(cfg: dict, speakers: list[dict], work: Path, keep_wav: bool,
-                progress: bool, workers: Optional[int]) -> list[dict]:
+                progress: bool, workers: int | None) -> list[dict]:
     """Render every speaker in worker interpreters; results in speaker order."""
     n_streams = -(-len(speakers) // cfg["speakers_per_stream"])
     bounds = [round(i * len(speakers) / n_streams) for i in range(n_streams + 1)]
@@ -653,7 +662,7 @@ def _cache_ok(path: Path, cfg: dict, keep_wav: bool) -> bool:
 
 
 def _generate_locked(cfg: dict, root: Path, keep_wav: bool, progress: bool,
-                     workers: Optional[int]) -> Path:
+                     workers: int | None) -> Path:
     from safetensors.torch import save_file
 
     lang = cfg["lang"]
@@ -717,10 +726,10 @@ def _generate_locked(cfg: dict, root: Path, keep_wav: bool, progress: bool,
     return final
 
 
-def generate(lang: str, root: Optional[str | os.PathLike] = None, seed: int = 0, *,
-             speakers: Optional[Sequence[int]] = None, reps: Optional[int] = None,
+def generate(lang: str, root: str | os.PathLike | None = None, seed: int = 0, *,
+             speakers: Sequence[int] | None = None, reps: int | None = None,
              keep_wav: bool = False, progress: bool = True,
-             workers: Optional[int] = None) -> Path:
+             workers: int | None = None) -> Path:
     """(Re)generate the ``kws-synth:<lang>`` cache and return its folder.
 
     ``speakers`` = (train, val, test[, shift_test]) speaker counts and ``reps`` =
@@ -735,16 +744,21 @@ def generate(lang: str, root: Optional[str | os.PathLike] = None, seed: int = 0,
         return _generate_locked(cfg, root, keep_wav, progress, workers)
 
 
-def load_kws_synth(lang: str, root: Optional[str | os.PathLike] = None, seed: int = 0,
-                   progress: bool = True, *, speakers: Optional[Sequence[int]] = None,
-                   reps: Optional[int] = None, keep_wav: bool = False,
-                   workers: Optional[int] = None) -> Task:
+def load_kws_synth(lang: str, root: str | os.PathLike | None = None, seed: int = 0,
+                   progress: bool = True, *, speakers: Sequence[int] | None = None,
+                   reps: int | None = None, keep_wav: bool = False,
+                   workers: int | None = None) -> Task:
     """The ``kws-synth:<lang>`` task, generated on first use and cached.
 
     Splits are in-memory log-mel tensors ``(N, 1, 40, 101)``; ``train_transform``
-    is SpecAugment. The cache under ``root`` (default ``$SWR_CACHE/kws-synth`` or
-    ``~/.cache/swr/kws-synth``) is reused when its manifest matches this call's
-    parameters and regenerated otherwise; see :func:`generate` for the keywords.
+    is SpecAugment. Classes: the language's 10 keywords, ``_unknown_``,
+    ``_silence_``. By default English has 64/10/10/10 speakers saying each word 3
+    times (2304/360/360/360 clips in train/val/test/shift_test), a target language
+    16/6/8/8 speakers, 2 times (384/144/192/192 clips). The cache under ``root``
+    (default ``$SWR_CACHE/kws-synth`` or ``~/.cache/swr/kws-synth``) is reused when
+    its manifest matches this call's parameters and regenerated otherwise; see
+    :func:`generate` for the keyword arguments. An unknown language raises
+    :class:`~swr.errors.SwrError`.
     """
     from safetensors.torch import load_file
 

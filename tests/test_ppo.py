@@ -11,7 +11,7 @@ import pytest
 import ray
 import ray.cloudpickle
 from swr.envs import LayerSelectEnv, make_synthetic_env
-from swr.policies import ray_utils
+from swr import parallel as ray_utils
 from swr.policies.ppo import ppo_select, train_ppo
 from swr.policies.ray_vecenv import RayVecEnv, SyncVecEnv
 

@@ -1,4 +1,4 @@
-"""Starting, joining and sizing Ray for rollout workers.
+"""Starting, joining and sizing Ray for parallel workers (search scoring, rollouts, bench runs).
 
 ``init_ray()`` starts a quiet local instance (the default on a laptop or CI box) or
 joins a cluster (``--ray-address``); it does nothing when Ray is already running, so
