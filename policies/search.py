@@ -53,6 +53,7 @@ class SearchConfig:
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     bn_batches: int = 4
     progress: bool = True
+    on_bad_file: str = "fail"  # real-data tasks: "skip" drops unreadable files
 
     def validate(self) -> "SearchConfig":
         if self.policy not in POLICIES:
@@ -76,9 +77,9 @@ class EvaluationLog:
             for line in path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                    self.saved[tuple(rec["selection"])] = float(rec["score"])
+                except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a kill: that scoring is simply redone
-                self.saved[tuple(rec["selection"])] = float(rec["score"])
         elif path.exists():
             path.unlink()
         self.rows: list[dict] = []
@@ -217,10 +218,12 @@ def run_search(cfg: SearchConfig) -> dict:
 
     cfg.validate()
     base_model, ckpt_meta = load_pretrained(cfg.checkpoint)
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, on_bad_file=cfg.on_bad_file)
     result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
     result["checkpoint"] = str(Path(cfg.checkpoint).resolve())
     result["task"] = cfg.task  # the spec, so swr finetune can load the same task
+    result["on_bad_file"] = cfg.on_bad_file
+    result["skipped_files"] = list(task.info.get("skipped", []))
     write_json(Path(cfg.out) / "selection.json", result)
     return result
 
@@ -232,6 +235,13 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     weights into ``cfg.out``.
     """
     cfg.validate()
+    # Fail on a budget no layer fits in, or an unreachable cluster, before stage 1.
+    resolve_budget(build_supernet(base_model, task.num_classes,
+                                  bias_delta=cfg.supernet.bias_delta), cfg.budget)
+    if cfg.workers > 0 and cfg.ray_address:
+        from swr.parallel import init_ray
+
+        init_ray(cfg.ray_address)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.supernet.seed = cfg.seed

@@ -29,18 +29,30 @@ from .train import TrainConfig, evaluate, resolve_device, train
 def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: float = 3e-3,
              batch_size: int = 64, seed: int = 0, device: str = "auto",
              from_scratch: bool = False, progress: bool = True,
-             layers: Optional[list[str]] = None) -> dict:
-    """Final training of a selection written by ``swr search``; returns the metrics."""
+             layers: Optional[list[str]] = None, on_bad_file: Optional[str] = None) -> dict:
+    """Final training of a selection written by ``swr search``; returns the metrics.
+
+    ``on_bad_file`` defaults to the policy the search ran with.
+    """
     from .tasks import get_task
     from .tasks.backbones import save_checkpoint
 
     sel = read_json(selection_file, "selection file")
+    if not isinstance(sel, dict):
+        raise SwrError(f"selection file {selection_file} is not a JSON object; write it with "
+                       "swr search")
     for key in ("layers", "task", "checkpoint", "budget_params"):
         if key not in sel:
             raise SwrError(f"selection file {selection_file} lacks {key!r}; write it with swr search")
+    if not (isinstance(sel["layers"], list) and all(isinstance(n, str) for n in sel["layers"])
+            and isinstance(sel["task"], str) and isinstance(sel["checkpoint"], str)
+            and isinstance(sel["budget_params"], int) and not isinstance(sel["budget_params"], bool)):
+        raise SwrError(f"selection file {selection_file} is malformed: 'layers' must be a list of "
+                       "layer names, 'task' and 'checkpoint' strings, 'budget_params' an integer; "
+                       "write it with swr search")
     chosen = list(sel["layers"]) if layers is None else layers
     base, meta = load_pretrained(sel["checkpoint"])
-    task = get_task(sel["task"])
+    task = get_task(sel["task"], on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
     model = build_supernet(base, task.num_classes)
     supernet_weights = Path(sel.get("supernet") or "") / "supernet.safetensors"
     if not from_scratch and supernet_weights.is_file():
@@ -81,7 +93,7 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
         "fold_max_abs_diff": fold_diff, "same_architecture": same_architecture(folded, plain),
         "layers": chosen, "task": sel["task"], "backbone": meta["backbone"], "epochs": epochs,
         "best_epoch": result.best_epoch, "seed": seed, "from_scratch": from_scratch,
-        "policy": sel.get("policy"),
+        "policy": sel.get("policy"), "skipped_files": list(task.info.get("skipped", [])),
     }
     write_json(out / "history.json", result.history)
     write_json(out / "metrics.json", metrics)

@@ -27,12 +27,13 @@ DEFAULT_SOURCES = {
 
 def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 30,
              lr: float = 5e-3, batch_size: int = 64, seed: int = 0, device: str = "auto",
-             weights: Optional[str] = None, progress: bool = True) -> dict:
+             weights: Optional[str] = None, progress: bool = True,
+             on_bad_file: str = "fail") -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""
     from .tasks import get_task
     from .tasks.backbones import create_backbone, save_checkpoint
 
-    task = get_task(task_spec)
+    task = get_task(task_spec, on_bad_file=on_bad_file)
     torch.manual_seed(seed)
     model = create_backbone(backbone, num_classes=task.num_classes, weights=weights)
     params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
@@ -49,6 +50,7 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 30,
         "epochs": epochs, "best_epoch": result.best_epoch, "seed": seed, "lr": lr,
         "seconds": time.perf_counter() - start, "device": str(dev),
         "params": sum(p.numel() for p in model.parameters()),
+        "skipped_files": list(task.info.get("skipped", [])),
     }
     out = Path(out)
     save_checkpoint(model.cpu(), out / "model.safetensors", backbone=backbone, task=task_spec,

@@ -21,8 +21,16 @@ TASK_FORMS = ["kws-synth:<lang>", "glyphs:<target>", "imagefolder:<path>",
               "speechcommands:<path>", "mswc:<path>:<lang>"]
 
 
-def get_task(spec: str, seed: int = 0, **kwargs: Any) -> Task:
-    """Load the task named by ``spec`` (see the module docstring for the forms)."""
+def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail", **kwargs: Any) -> Task:
+    """Load the task named by ``spec`` (see the module docstring for the forms).
+
+    ``on_bad_file`` ("fail" or "skip") is passed to the loaders of real data
+    (imagefolder, speechcommands, mswc); the embedded suites generate their data
+    and have no files a user could damage. Skipped files are listed in
+    ``task.info["skipped"]``.
+    """
+    if on_bad_file not in ("fail", "skip"):
+        raise SwrError(f"on_bad_file must be 'fail' or 'skip', got {on_bad_file!r}")
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SwrError(f"task {spec!r} is not of a known form: {', '.join(TASK_FORMS)}")
@@ -37,18 +45,18 @@ def get_task(spec: str, seed: int = 0, **kwargs: Any) -> Task:
     if kind == "imagefolder":
         from .imagefolder import load_imagefolder
 
-        return load_imagefolder(rest, seed=seed, **kwargs)
+        return load_imagefolder(rest, seed=seed, on_bad_file=on_bad_file, **kwargs)
     if kind == "speechcommands":
         from .speechcommands import load_speechcommands
 
-        return load_speechcommands(rest, seed=seed, **kwargs)
+        return load_speechcommands(rest, seed=seed, on_bad_file=on_bad_file, **kwargs)
     if kind == "mswc":
         path, sep, lang = rest.rpartition(":")
         if not sep or not path or not lang:
             raise SwrError(f"task {spec!r}: write mswc:<path>:<lang>, e.g. mswc:/data/mswc:de")
         from .mswc import load_mswc
 
-        return load_mswc(path, lang, seed=seed, **kwargs)
+        return load_mswc(path, lang, seed=seed, on_bad_file=on_bad_file, **kwargs)
     raise SwrError(f"unknown task kind {kind!r} in {spec!r}; known: {', '.join(TASK_FORMS)}")
 
 

@@ -25,10 +25,12 @@ atomically, so a killed generation never leaves a half cache behind.
 
 espeak-ng keeps synthesis state across utterances (pitch-flutter phase, gain
 control, echo buffers) that its API cannot reset, so the same text comes out
-slightly differently depending on what was spoken before in the process. The
-cache is therefore rendered in fresh worker interpreters, each speaking a fixed
-share of the speakers in a fixed order: that makes it reproducible, and the
-workers run in parallel.
+slightly differently depending on what was spoken before in the process; and it
+seeds the breath noise of breathy voices from the clock. The cache is therefore
+rendered in fresh worker interpreters, each speaking a fixed share of the
+speakers in a fixed order, with the noise seeded per utterance: that makes it
+reproducible (bit for bit on one machine, whatever the number of workers), and
+the workers run in parallel.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from typing import Any
 import numpy as np
 import torch
 import torchaudio
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from swr.errors import SwrError
 from swr.io import write_json
@@ -202,6 +206,8 @@ class _Espeak:
                                      ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
                                      ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed.restype = None
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), 0)
         if rate <= 0:
             raise SwrError(f"espeak-ng failed to initialise with its data at {data_path}; "
@@ -219,15 +225,17 @@ class _Espeak:
         return 0  # 0 = continue synthesis
 
     def synth(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
-              volume: int) -> np.ndarray:
+              volume: int, seed: int | None) -> np.ndarray:
         """16-bit samples at the native rate (22050 Hz)."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
             raise SwrError(f"espeak-ng has no voice {voice!r}; use a language code such as "
                            "'en' or 'de', optionally with a variant: 'en+m3'")
-        # The voice change resets prosody, so parameters are set after it.
+        # Parameters persist across calls and voice changes: every call sets them all.
         for param, value in ((_ESPEAK_RATE, rate), (_ESPEAK_PITCH, pitch),
                              (_ESPEAK_RANGE, pitch_range), (_ESPEAK_VOLUME, volume)):
             self.lib.espeak_SetParameter(param, int(value), 0)
+        if seed is not None:
+            self.lib.espeak_ng_SetRandSeed(seed)
         self._chunks = []
         data = text.encode("utf-8")
         err = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0,
@@ -255,14 +263,18 @@ def _engine() -> _Espeak:
 
 
 def synthesize(text: str, voice: str = "en", rate: int = 175, pitch: int = 50,
-               pitch_range: int = 50, volume: int = 100) -> np.ndarray:
+               pitch_range: int = 50, volume: int = 100, seed: int | None = None
+               ) -> np.ndarray:
     """Speak ``text`` with espeak-ng; float32 mono samples in [-1, 1] at 16 kHz.
 
     ``voice`` is an espeak-ng voice name, optionally with a variant (``"en-us+f2"``);
     ``rate`` is in words per minute (80-450), ``pitch`` and ``pitch_range`` are 0-99
-    (50 = the voice's own), ``volume`` 0-200. The output includes espeak-ng's short
-    leading and trailing silences. espeak-ng carries a little state from one
-    utterance to the next, so repeated calls can differ slightly.
+    (50 = the voice's own), ``volume`` 0-200. ``seed`` seeds the breath noise of
+    breathy voices (espeak-ng seeds it from the clock otherwise). The output
+    includes espeak-ng's short leading and trailing silences. espeak-ng also
+    carries a little state from one utterance to the next, so within a process
+    repeated calls can differ slightly; the same sequence of seeded calls in a
+    fresh process gives the same audio.
     """
     for name, value, lo, hi in (("rate", rate, 80, 450), ("pitch", pitch, 0, 99),
                                 ("pitch_range", pitch_range, 0, 99),
@@ -271,7 +283,7 @@ def synthesize(text: str, voice: str = "en", rate: int = 175, pitch: int = 50,
             raise SwrError(f"synthesize: {name}={value} is out of range; use {lo}..{hi}")
     with _ENGINE_LOCK:
         engine = _engine()
-        raw = engine.synth(text, voice, rate, pitch, pitch_range, volume)
+        raw = engine.synth(text, voice, rate, pitch, pitch_range, volume, seed)
     wav = torch.from_numpy(raw.astype(np.float32) / 32768.0)
     sr = engine.sample_rate
     if sr != SAMPLE_RATE:
@@ -406,7 +418,8 @@ def _speak(spk: dict, text: str, rng: np.random.Generator, cfg: dict) -> np.ndar
                        80, 450))
     punct = str(rng.choice(v["punctuation"]))
     wav = _trim(synthesize(text + punct, spk["voice"], rate=rate, pitch=pitch,
-                           pitch_range=prange).astype(np.float64))
+                           pitch_range=prange, seed=int(rng.integers(2**31 - 1)))
+                .astype(np.float64))
     if wav.size < SAMPLE_RATE // 20 or not np.abs(wav).max() > 0:
         raise RuntimeError(f"espeak-ng produced no speech for {text!r} with voice "
                            f"{spk['voice']!r}")
@@ -634,8 +647,6 @@ def _render_all(cfg: dict, speakers: list[dict], work: Path, keep_wav: bool,
         path.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
         jobs.append(path)
     total = len(speakers) * cfg["reps"] * (len(cfg["keywords"]) + 2)
-    from tqdm.auto import tqdm
-
     with tqdm(total=total, desc=f"kws-synth:{cfg['lang']}", unit="clip",
               disable=not progress) as bar:
         runner = _Workers(bar.update)
@@ -663,8 +674,6 @@ def _cache_ok(path: Path, cfg: dict, keep_wav: bool) -> bool:
 
 def _generate_locked(cfg: dict, root: Path, keep_wav: bool, progress: bool,
                      workers: int | None) -> Path:
-    from safetensors.torch import save_file
-
     lang = cfg["lang"]
     for stale in list(root.glob(f".{lang}.tmp-*")) + list(root.glob(f".{lang}.old-*")):
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed generation
@@ -760,8 +769,6 @@ def load_kws_synth(lang: str, root: str | os.PathLike | None = None, seed: int =
     :func:`generate` for the keyword arguments. An unknown language raises
     :class:`~swr.errors.SwrError`.
     """
-    from safetensors.torch import load_file
-
     cfg = _config(lang, seed, speakers, reps)
     root = _cache_root(root)
     with _locked(root, lang):

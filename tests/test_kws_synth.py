@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,15 @@ def test_synthesize_is_speech_at_16k():
     slow = ks.synthesize("seven", "en+f2", rate=100)
     fast = ks.synthesize("seven", "en+f2", rate=300)
     assert slow.size > 1.5 * fast.size
+
+
+def test_seeded_synthesis_is_reproducible_in_fresh_processes():
+    # f2 is a breathy voice: without the seed espeak-ng draws its noise from the clock
+    code = ("import hashlib; from swr.tasks.kws_synth import synthesize; "
+            "print(hashlib.sha256(synthesize('seven', 'en+f2', seed=7).tobytes()).hexdigest())")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0].strip()) == 64
 
 
 def test_synthesize_rejects_bad_input():
@@ -157,6 +168,13 @@ def test_failed_generation_keeps_old_cache(tiny, monkeypatch):
     monkeypatch.setattr(ks, "_generate_locked", crash)
     again = ks.load_kws_synth("de", root=root, **TINY)
     assert torch.equal(again.train.tensors[0], task.train.tensors[0])
+
+
+def test_worker_failure_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setitem(ks._ACCENTS, "de", ["xx-nonexistent"])
+    with pytest.raises(RuntimeError, match="(?s)worker failed.*no voice"):
+        ks.load_kws_synth("de", root=tmp_path, **TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".de.lock"]
 
 
 def test_bad_arguments():
