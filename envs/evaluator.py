@@ -45,8 +45,9 @@ class SupernetEvaluator:
     runs before the first open gate) is not redone: its outputs on the
     recalibration batches and on the validation split, and its recalibrated
     BatchNorm statistics, are the same for every selection whose gates open later,
-    so they are captured once and replayed (see :class:`_PrefixCache`). Scores are
-    bit-identical to the plain path (``prefix_cache_mb=0``).
+    so they are recorded once and replayed (see :class:`_PrefixCache`). Logits and
+    scores are bit-identical to the plain path (``prefix_cache_mb=0``); the cache
+    holds at most ``prefix_cache_mb`` MiB of activations.
     """
 
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
@@ -73,31 +74,38 @@ class SupernetEvaluator:
 
     @torch.inference_mode(False)
     def __call__(self, selection: Iterable[str]) -> float:
+        correct = total = 0
+        for logits, (_, y) in zip(self.val_logits(selection), self._val):
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+        return correct / max(total, 1)
+
+    @torch.inference_mode(False)
+    def val_logits(self, selection: Iterable[str]) -> list[torch.Tensor]:
+        """The supernet's validation logits under ``selection``, one tensor per batch."""
         sel = canonical(selection, self.names)
         if self._prefix is not None:
-            return self._prefix.score(sel)
+            return self._prefix.logits(sel)
         set_selection(self.model, sel)
         merge(self.model)
         try:
             if self.has_bn and self.bn_batches > 0:
                 recalibrate_batchnorm(self.model, self.task.train, self.bn_batches,
                                       self.bn_batch_size, self.device, seed=self.seed)
-            correct = total = 0
             with torch.inference_mode():
-                for x, y in self._val:
-                    correct += int((self.model(x).argmax(-1) == y).sum())
-                    total += len(y)
+                return [self.model(x) for x, _ in self._val]
         finally:
             unmerge(self.model)
             if self.has_bn:
                 self.model.load_state_dict(self._bn_state, strict=False)
             set_selection(self.model, [])
-        return correct / max(total, 1)
 
-
-def _passthrough(*args, **kwargs):
-    """Stands in for a prefix module whose output is not needed: returns its input."""
-    return args[0] if args else None
+    def prefix_cache_info(self) -> dict:
+        """What the prefix cache holds: boundaries, bytes, and scorings that replayed one."""
+        p = self._prefix
+        if p is None:
+            return {"enabled": False, "boundaries": [], "bytes": 0, "hits": 0}
+        return {"enabled": True, "boundaries": list(p.cache), "bytes": p.bytes, "hits": p.hits}
 
 
 class _PrefixCache:
@@ -111,49 +119,43 @@ class _PrefixCache:
     batch, in eval mode with recalibrated statistics) and the recalibrated
     statistics of the BatchNorms up to ``M`` do not depend on the selection.
 
-    The cut is not assumed from the module tree: a boundary is used only after a
-    probe batch, run with the prefix stubbed out and ``M`` replaced by its recorded
-    output, gives bit-identical logits to the full model. Boundaries are filled
-    lazily, the first time a selection needs one, while that selection is scored
-    (the capture costs no extra forward pass), until ``max_bytes`` are held.
+    To replay, the outermost modules that run before ``M`` return an empty tensor
+    of their usual shape instead of computing, and ``M`` returns a copy of its
+    recorded output. The cut is not assumed from the module tree: a boundary is used
+    only after a probe batch run that way gives bit-identical logits to the full
+    model. Boundaries are recorded lazily, the first time a selection needs one,
+    while that selection is scored (no extra forward pass), until ``max_bytes``.
     """
 
     def __init__(self, ev: "SupernetEvaluator", max_bytes: int, probe: torch.Tensor,
-                 order: list[str]):
-        self.ev = ev
-        self.model = ev.model
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.probe = probe
-        modules = dict(self.model.named_modules())
-        self.modules = modules
-        start = {n: i for i, n in enumerate(order)}
-        # end[n]: the last call position inside n's subtree (n itself included)
-        end = dict(start)
+                 order: list[str], shapes: dict[str, tuple]):
+        self.ev, self.model = ev, ev.model
+        self.max_bytes, self.bytes, self.hits = max_bytes, 0, 0
+        self.probe, self.order, self.shapes = probe, order, shapes
+        self.modules = dict(self.model.named_modules())
+        self.start = {n: i for i, n in enumerate(order)}
+        self.end = dict(self.start)  # the last call position inside a module's subtree
         for n in order:
             parent = n
             while parent:
                 parent = parent.rpartition(".")[0]
-                if parent in end:
-                    end[parent] = max(end[parent], start[n])
-        self.start, self.end, self.order = start, end, order
-        self.layer_start = {name: start[name] for name in ev.names}
-        self.bns = [(start[n], m) for n, m in modules.items()
+                self.end[parent] = max(self.end.get(parent, -1), self.start[n])
+        self.bns = [(self.start[n], m) for n, m in self.modules.items()
                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                    and n in start]
+                    and n in self.start]
         self.saved_bn = [(m, m.running_mean.clone(), m.running_var.clone(),
                           m.num_batches_tracked.clone(), m.momentum) for _, m in self.bns]
         inside_reparam = tuple(f"{n}." for n in ev.names)
-        # boundary candidates, latest cut first; ties: the outermost module
-        self.candidates = sorted(
-            (n for n in order if n and not n.startswith(inside_reparam)),
-            key=lambda n: (-end[n], start[n]))
+        # boundary candidates, latest cut first; among equal cuts the outermost module
+        self.candidates = sorted((n for n in order if n and not n.startswith(inside_reparam)),
+                                 key=lambda n: (-self.end[n], self.start[n]))
         self.verified: dict[str, bool] = {}
-        self.closed_stats: dict[int, tuple] = {}  # id(bn) -> recalibrated stats, gates closed
-        self.cache: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self.per_sample_bytes: dict[str, int] = {}
+        self.closed_stats: dict[int, tuple] = {}  # id(bn) -> statistics, prefix gates closed
+        self.cache: dict[str, list[torch.Tensor]] = {}  # boundary -> outputs, recal then val
+        self.batch = 0  # the batch size the prefix stubs fake
+        self.verifying = False
         # recalibration batches exactly as recalibrate_batchnorm draws them
-        self.recal = []
+        self.recal: list[torch.Tensor] = []
         if ev.has_bn and ev.bn_batches > 0:
             g = torch.Generator().manual_seed(ev.seed)
             for i, (x, _) in enumerate(batches(ev.task.train, ev.bn_batch_size, shuffle=True,
@@ -161,18 +163,19 @@ class _PrefixCache:
                 if i >= ev.bn_batches:
                     break
                 self.recal.append(x.to(ev.device))
-        self.hits = 0
 
     @classmethod
     def build(cls, ev: "SupernetEvaluator", max_bytes: int) -> "_PrefixCache | None":
-        """Discover the call order on a probe batch; None where caching cannot apply."""
-        if not ev._val:
+        """Record the call order and output shapes on a probe batch; None where the
+        model calls a layer or BatchNorm more than once per pass (no single place)."""
+        if not ev._val or len(ev._val[0][0]) < 2:
             return None
         model = ev.model
-        probe = ev._val[0][0][:2]
+        probe = ev._val[0][0][:3]
+        names = {m: n for n, m in model.named_modules()}
         order: list[str] = []
         calls: dict[str, int] = {}
-        names = {m: n for n, m in model.named_modules()}
+        shapes: dict[str, tuple] = {}
 
         def pre_hook(mod, args):
             n = names[mod]
@@ -180,7 +183,12 @@ class _PrefixCache:
             if calls[n] == 1:
                 order.append(n)
 
+        def hook(mod, args, out):
+            if isinstance(out, torch.Tensor) and out.dim() > 0 and len(out) == len(probe):
+                shapes[names[mod]] = (tuple(out.shape[1:]), out.dtype, out.device)
+
         handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()]
+        handles += [m.register_forward_hook(hook) for m in model.modules()]
         try:
             set_selection(model, [])
             with torch.inference_mode():
@@ -188,121 +196,113 @@ class _PrefixCache:
         finally:
             for h in handles:
                 h.remove()
-        # a layer or BatchNorm run twice per pass (shared weights) has no single place
-        # in the order: keep the plain path
         shared = [n for n, c in calls.items() if c > 1 and (
-            n in ev.names or isinstance(model.get_submodule(n) if n else model,
-                                        nn.modules.batchnorm._BatchNorm))]
+            n in ev.names or isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm))]
         if shared or any(n not in calls for n in ev.names):
             return None
-        return cls(ev, max_bytes, probe, order)
+        return cls(ev, max_bytes, probe, order, shapes)
 
-    # -- boundaries --------------------------------------------------------------------
-    def _prefix_roots(self, boundary: str) -> list[nn.Module]:
-        """The outermost modules that run before ``boundary`` and are not its ancestors."""
-        ancestors = set()
-        n = boundary
+    # -- boundaries ------------------------------------------------------------------------
+    def _replay(self, boundary: str, outputs: Iterator[torch.Tensor]) -> "_Patched":
+        """Context: the prefix is skipped and ``boundary`` returns its next recorded output."""
+        ancestors, n = set(), boundary
         while n:
             n = n.rpartition(".")[0]
             ancestors.add(n)
-        s = self.start[boundary]
-        return [self.modules[n] for n in self.order
-                if self.start[n] < s and n not in ancestors and n.rpartition(".")[0] in ancestors]
+        first = self.start[boundary]
+        patches = []
+        for n in self.order:
+            if self.start[n] < first and n not in ancestors and n.rpartition(".")[0] in ancestors:
+                patches.append((self.modules[n], self._fake(n)))
+        patches.append((self.modules[boundary], lambda *a, **k: next(outputs).clone()))
+        return _Patched(patches)
 
-    def _replay(self, boundary: str, outputs: Iterator[torch.Tensor]):
-        """Context: the prefix is skipped and ``boundary`` returns the next recorded output."""
-        stubs = [(m, _passthrough) for m in self._prefix_roots(boundary)]
-        stubs.append((self.modules[boundary], lambda *a, **k: next(outputs).clone()))
-        return _Patched(stubs)
+    def _fake(self, name: str):
+        """A stand-in for a skipped module: an empty tensor shaped like its output."""
+        if name not in self.shapes:
+            return lambda *a, **k: a[0] if a else None
+        shape, dtype, device = self.shapes[name]
+        if self.verifying:  # NaN poisons every result the skipped work still reaches
+            return lambda *a, **k: torch.full((self.batch, *shape), float("nan"), dtype=dtype,
+                                              device=device)
+        return lambda *a, **k: torch.empty((self.batch, *shape), dtype=dtype, device=device)
 
     def _verify(self, boundary: str) -> bool:
         ok = self.verified.get(boundary)
         if ok is not None:
             return ok
-        model, mod = self.model, self.modules[boundary]
+        model, ok = self.model, False
         seen: list[torch.Tensor] = []
-        handle = mod.register_forward_hook(lambda m, a, out: seen.append(out))
-        ok = False
+        handle = self.modules[boundary].register_forward_hook(lambda m, a, out: seen.append(out))
         try:
             with torch.inference_mode():
                 ref = model(self.probe)
                 handle.remove()
                 if len(seen) == 1 and isinstance(seen[0], torch.Tensor):
                     recorded = seen[0].clone()
+                    self.batch, self.verifying = len(self.probe), True
                     with self._replay(boundary, iter([recorded])):
                         out = model(self.probe.clone())
                     ok = isinstance(out, torch.Tensor) and out.shape == ref.shape \
                         and torch.equal(out, ref)
-                    self.per_sample_bytes[boundary] = recorded[0].numel() * recorded.element_size()
-        except Exception:  # the stubbed prefix fed a module something it cannot take
+        except Exception:  # a faked prefix fed some module what it cannot take: no cut here
             ok = False
         finally:
             handle.remove()
+            self.verifying = False
         self.verified[boundary] = ok
         return ok
 
-    def _best(self, first_open: int, cached_only: bool) -> str | None:
-        """The latest verified boundary that ends before call position ``first_open``."""
+    def _latest(self, first_open: int, cached_only: bool) -> str | None:
+        """The latest usable boundary that ends before call position ``first_open``."""
         for n in self.candidates:
-            if self.end[n] >= first_open:
-                continue
-            if cached_only:
-                if n in self.cache:
-                    return n
-            elif self._verify(n):
+            if self.end[n] < first_open and (n in self.cache if cached_only else self._verify(n)):
                 return n
         return None
 
-    # -- scoring -------------------------------------------------------------------------
-    def score(self, sel: Selection) -> float:
+    # -- scoring ---------------------------------------------------------------------------
+    def logits(self, sel: Selection) -> list[torch.Tensor]:
         ev, model = self.ev, self.model
-        first_open = min((self.layer_start[n] for n in sel), default=len(self.order))
-        use = self._best(first_open, cached_only=True)
-        want = self._best(first_open, cached_only=False)
-        capture = None
-        if want is not None and want != use:
-            need = self.per_sample_bytes[want] * (sum(len(x) for x in self.recal)
-                                                  + sum(len(x) for x, _ in ev._val))
-            if self.bytes + need <= self.max_bytes:
-                capture = want
-        if use is not None:
-            self.hits += 1
+        first_open = min((self.start[n] for n in sel), default=len(self.order))
+        use = self._latest(first_open, cached_only=True)
+        want = self._latest(first_open, cached_only=False)
         use_end = self.end[use] if use is not None else -1
+        record = None
+        if want is not None and self.end[want] > use_end:
+            samples = sum(len(x) for x in self.recal) + sum(len(x) for x, _ in ev._val)
+            shape, dtype, _ = self.shapes.get(want, ((), torch.float32, None))
+            need = samples * math.prod(shape) * dtype.itemsize
+            if want in self.shapes and self.bytes + need <= self.max_bytes:
+                record = want
+        self.hits += use is not None
         set_selection(model, sel)
         merge(model)
+        recorded: list[torch.Tensor] = []
         try:
             with torch.inference_mode():
-                recal_out, val_out = [], []
                 if self.recal:
                     for pos, m in self.bns:
-                        if pos <= use_end:  # replayed: its statistics are the closed ones
-                            mean, var, count = self.closed_stats[id(m)]
-                            m.running_mean.copy_(mean)
-                            m.running_var.copy_(var)
-                            m.num_batches_tracked.copy_(count)
-                        else:
+                        if pos <= use_end:  # skipped: it holds the closed-prefix statistics
+                            for buf, value in zip(
+                                    (m.running_mean, m.running_var, m.num_batches_tracked),
+                                    self.closed_stats[id(m)]):
+                                buf.copy_(value)
+                        else:  # as recalibrate_batchnorm: cumulative average from scratch
                             m.reset_running_stats()
                             m.momentum = None
                         m.train()
-                    self._run(self.recal, use, 0, capture, recal_out)
+                    self._run(self.recal, use, 0, record, recorded)
                     for pos, m in self.bns:
                         m.eval()
-                    if capture is not None:
-                        cut = self.end[capture]
-                        for pos, m in self.bns:
-                            if pos <= cut and id(m) not in self.closed_stats:
-                                self.closed_stats[id(m)] = (m.running_mean.clone(),
-                                                            m.running_var.clone(),
-                                                            m.num_batches_tracked.clone())
-                logits = self._run([x for x, _ in ev._val], use, len(self.recal), capture,
-                                   val_out)
-                correct = total = 0
-                for out, (_, y) in zip(logits, ev._val):
-                    correct += int((out.argmax(-1) == y).sum())
-                    total += len(y)
-            if capture is not None:
-                self.cache[capture] = (recal_out, val_out)
-                self.bytes += sum(t.numel() * t.element_size() for t in recal_out + val_out)
+                        if record is not None and pos <= self.end[record]:
+                            self.closed_stats.setdefault(id(m), (
+                                m.running_mean.clone(), m.running_var.clone(),
+                                m.num_batches_tracked.clone()))
+                out = self._run([x for x, _ in ev._val], use, len(self.recal), record, recorded)
+            if record is not None:
+                self.cache[record] = recorded
+                self.bytes += sum(t.numel() * t.element_size() for t in recorded)
+            return out
         finally:
             unmerge(model)
             for m, mean, var, count, momentum in self.saved_bn:
@@ -312,41 +312,45 @@ class _PrefixCache:
                 m.momentum = momentum
                 m.eval()
             set_selection(model, [])
-        return correct / max(total, 1)
 
     def _run(self, inputs: list[torch.Tensor], use: str | None, offset: int,
-             capture: str | None, captured: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Forward ``inputs``, replaying boundary ``use`` (its recorded outputs start at
-        ``offset``) and recording ``capture``'s outputs into ``captured``."""
+             record: str | None, recorded: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Forward ``inputs``, replaying boundary ``use`` (its outputs for these inputs
+        start at ``offset``) and appending ``record``'s outputs to ``recorded``."""
         model = self.model
         handle = None
-        if capture is not None:
-            handle = self.modules[capture].register_forward_hook(
-                lambda m, a, out: captured.append(out.clone()))
+        if record is not None:
+            handle = self.modules[record].register_forward_hook(
+                lambda m, a, out: recorded.append(out.clone()))
         try:
             if use is None:
                 return [model(x) for x in inputs]
-            recal, val = self.cache[use]
-            recorded = iter((recal + val)[offset:offset + len(inputs)])
-            with self._replay(use, recorded):
-                return [model(x) for x in inputs]
+            outs = []
+            replayed = iter(self.cache[use][offset:offset + len(inputs)])
+            with self._replay(use, replayed):
+                for x in inputs:
+                    self.batch = len(x)
+                    # glue code between the skipped modules sees the raw input: a copy
+                    # keeps an in-place op there off the held data
+                    outs.append(model(x.clone()))
+            return outs
         finally:
             if handle is not None:
                 handle.remove()
 
 
 class _Patched:
-    """Context: give modules a different ``forward`` for a while (instance attribute)."""
+    """Context: modules run a different ``forward`` (an instance attribute) for a while."""
 
     def __init__(self, patches):
         self.patches = patches
 
-    def __enter__(self):
+    def __enter__(self) -> "_Patched":
         for m, fn in self.patches:
             m.forward = fn
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> bool:
         for m, _ in self.patches:
             del m.forward
         return False

@@ -22,13 +22,15 @@ class SupernetEvaluatorFactory:
     """Picklable recipe for a :class:`SupernetEvaluator` (sent to Ray workers)."""
 
     def __init__(self, supernet: torch.nn.Module, task, device: str = "cpu", bn_batches: int = 4,
-                 seed: int = 0):
+                 seed: int = 0, prefix_cache_mb: float = 512.0):
         self.supernet, self.task, self.device = supernet, task, device
         self.bn_batches, self.seed = bn_batches, seed
+        self.prefix_cache_mb = prefix_cache_mb
 
     def __call__(self) -> SupernetEvaluator:
         return SupernetEvaluator(self.supernet, self.task, device=self.device,
-                                 bn_batches=self.bn_batches, seed=self.seed)
+                                 bn_batches=self.bn_batches, seed=self.seed,
+                                 prefix_cache_mb=self.prefix_cache_mb)
 
 
 class LocalPool:

@@ -80,6 +80,7 @@ class BenchConfig:
     supernet_epochs: int = 8
     progress: bool = True
     method_lr: dict = field(default_factory=dict)
+    on_bad_file: str = "fail"
 
 
 #: Learning rates used when not tuned: a small head-only or norm-only problem likes a
@@ -108,7 +109,7 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
     if threads:
         torch.set_num_threads(threads)
     base, _ = load_pretrained(cfg.checkpoint)
-    task = get_task(task_spec)
+    task = get_task(task_spec, on_bad_file=cfg.on_bad_file)
     budget_params = None if budget == NATURAL else Budget.parse(budget).resolve(backbone_params(base))
     knobs = dict(knobs)
     if method.startswith("swr"):

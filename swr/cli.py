@@ -23,6 +23,21 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N or auto (a GPU when there is one; default)")
 
 
+def _on_bad_file_arg(p: argparse.ArgumentParser, default: str | None = "fail") -> None:
+    p.add_argument("--on-bad-file", choices=["fail", "skip"], default=default,
+                   help="an unreadable audio/image file of a real dataset (imagefolder, "
+                        "speechcommands, mswc): stop with its name (fail) or skip it and list "
+                        "it in the results; default: "
+                        + (default or "the policy the search ran with"))
+
+
+def _report_skipped(command: str, skipped: list[str], where: str) -> None:
+    """One stderr line summarising the files ``--on-bad-file skip`` left out."""
+    if skipped:
+        print(f"swr {command}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}; "
+              f"all are listed in {where}", file=sys.stderr)
+
+
 # -- swr inspect ----------------------------------------------------------------------
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True,
@@ -85,6 +100,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", help="initialise from a local safetensors / torch checkpoint")
+    _on_bad_file_arg(p)
     _device_arg(p)
 
 
@@ -93,10 +109,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     m = pretrain(args.task, args.backbone, args.out, epochs=args.epochs, lr=args.lr,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,
-                 weights=args.weights)
+                 weights=args.weights, on_bad_file=args.on_bad_file)
     print(f"{args.backbone} on {args.task}: test acc {m['test_acc']:.4f}, val acc "
           f"{m['val_acc']:.4f} (best epoch {m['best_epoch']}/{m['epochs']}), "
           f"{m['seconds'] / 60:.1f} min -> {args.out}")
+    _report_skipped("pretrain", m.get("skipped_files", []), f"{args.out}/metrics.json")
     return 0
 
 
@@ -120,6 +137,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--supernet-epochs", type=int, default=10)
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
+    _on_bad_file_arg(p)
     _device_arg(p)
 
 
@@ -135,11 +153,13 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        evaluations=args.evaluations, workers=workers, resume=args.resume,
                        device=args.device, ray_address=args.ray_address,
                        samples_per_iteration=args.samples_per_iteration,
-                       supernet=SupernetConfig(epochs=args.supernet_epochs))
+                       supernet=SupernetConfig(epochs=args.supernet_epochs),
+                       on_bad_file=args.on_bad_file)
     r = run_search(cfg)
     print(f"{r['policy']}: val score {r['val_score']:.4f} with {len(r['layers'])} layers, "
           f"cost {r['cost']}/{r['budget_params']} params, {r['evaluations']} evaluations "
           f"-> {args.out}/selection.json")
+    _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")
     return 0
 
 
@@ -156,6 +176,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from-scratch", action="store_true",
                    help="start from zero deltas and a new head instead of the supernet's")
+    _on_bad_file_arg(p, default=None)
     _device_arg(p)
 
 
@@ -163,10 +184,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     m = finetune(args.selection, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                 device=args.device, from_scratch=args.from_scratch)
+                 device=args.device, from_scratch=args.from_scratch, on_bad_file=args.on_bad_file)
     print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} updated "
           f"params, task delta {m['delta_bytes']} bytes, fold error {m['fold_max_abs_diff']:.2g} "
           f"-> {args.out}")
+    _report_skipped("finetune", m.get("skipped_files", []), f"{args.out}/metrics.json")
     return 0
 
 
@@ -245,6 +267,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: CPUs)")
     p.add_argument("--swr-evaluations", type=int, default=100, help="search evaluations for swr*")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
+    _on_bad_file_arg(p)
     _device_arg(p)
 
 
@@ -255,7 +278,8 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
     cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint, methods=args.methods,
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
-                      swr_evaluations=args.swr_evaluations, resume=args.resume)
+                      swr_evaluations=args.swr_evaluations, resume=args.resume,
+                      on_bad_file=args.on_bad_file)
     if args.seeds < 1 or args.epochs < 1:
         raise SwrError("--seeds and --epochs must be at least 1")
     run_bench(cfg)
@@ -291,10 +315,17 @@ COMMANDS["demo"] = (_demo_args, run_demo_cmd,
                     "the main job: pretrain, then SWR vs baselines on several target tasks")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (exit status 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="swr", description="Budget-constrained transfer learning by Scalable Weight "
         "Reparametrization: choose which layers get a weight delta, train, fold.")
     parser.add_argument("--version", action="version", version=f"swr {__version__}")
@@ -312,10 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     _, run, _ = COMMANDS[args.command]
     try:
         return int(run(args) or 0)
-    except SwrError as e:
+    except (SwrError, OSError) as e:
         if getattr(args, "debug", False):
             raise
-        print(f"swr {args.command}: error: {e}", file=sys.stderr)
+        # A Ray task's error carries the remote traceback; its cause is the one line.
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, SwrError):
+            e = cause
+        if isinstance(e, OSError) and not isinstance(e, SwrError) and e.filename:
+            msg = f"{e.strerror or e}: {e.filename}"
+        else:
+            msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"swr {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"swr {args.command}: interrupted; rerun with --resume where supported",

@@ -144,11 +144,15 @@ def read_task_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if raw.get("format") != FORMAT:
         raise SwrError(f"{path} is not a swr task delta (format {raw.get('format')!r}, "
                        f"expected {FORMAT!r})")
+    missing = [k for k in ("base_hash", "backbone") if k not in raw]
+    if missing:
+        raise SwrError(f"{path} is a damaged swr task delta: its metadata lacks "
+                       f"{', '.join(missing)}; re-export it with swr finetune")
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             meta[k] = v
     meta["base_hash"] = raw["base_hash"]
     meta["backbone"] = raw["backbone"]
@@ -176,7 +180,14 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
     head = meta.get("head")
     n = meta.get("num_classes")
     if head and n is not None:
-        current = base_model.get_submodule(head)
+        if not isinstance(head, str) or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SwrError(f"task delta {path} has malformed head metadata (head {head!r}, "
+                           f"num_classes {n!r}); re-export it with swr finetune")
+        try:
+            current = base_model.get_submodule(head)
+        except AttributeError:
+            raise SwrError(f"task delta {path} names head {head!r} that the base model lacks; "
+                           "was it made for another backbone?") from None
         if getattr(current, "weight", None) is None or current.weight.shape[0] != n:
             base_model.reset_classifier(n)
     # Freshly built heads are fp32; match the stored dtypes before copying.
@@ -188,6 +199,10 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
             if target is None:
                 raise SwrError(f"task delta {path} names layer {name} that the base model "
                                "lacks; was it made for another backbone?")
+            if target.shape != t.shape:
+                raise SwrError(f"task delta {path}: delta of {name} has shape {tuple(t.shape)}, "
+                               f"the base model's {tuple(target.shape)}; was it made for "
+                               "another backbone?")
             target.copy_(target + t.to(target.dtype))
         elif kind in ("norm", "head"):
             target = state.get(name)

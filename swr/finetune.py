@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .budget import check_selection, cost_report
@@ -54,9 +55,14 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     base, meta = load_pretrained(sel["checkpoint"])
     task = get_task(sel["task"], on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
     model = build_supernet(base, task.num_classes)
-    supernet_weights = Path(sel.get("supernet") or "") / "supernet.safetensors"
+    supernet_weights = Path(str(sel.get("supernet") or "")) / "supernet.safetensors"
     if not from_scratch and supernet_weights.is_file():
-        model.load_state_dict(load_file(str(supernet_weights)))
+        try:
+            model.load_state_dict(load_file(str(supernet_weights)))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise SwrError(f"supernet {supernet_weights} named in {selection_file} does not load "
+                           f"({str(e).splitlines()[0][:200]}); re-run swr search or pass "
+                           "--from-scratch") from None
     cost = check_selection(model, chosen, int(sel["budget_params"]))
     set_selection(model, chosen)
     if from_scratch:

@@ -46,9 +46,14 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     if not path.is_file():
         raise SwrError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SwrError(f"{what} {path} is not valid JSON ({e}); regenerate it") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SwrError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep, huge numbers
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise SwrError(f"{what} {path} is not valid JSON ({reason}); regenerate it") from None
 
 
 def cache_dir(*parts: str) -> Path:

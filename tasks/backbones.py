@@ -56,7 +56,7 @@ def create_backbone(name: str, num_classes: Optional[int] = None,
     if state is not None:
         head = head_prefix(model)
         head_w = state.get(f"{head}.weight") if head else None
-        ckpt_classes = int(head_w.shape[0]) if head_w is not None else None
+        ckpt_classes = int(head_w.shape[0]) if head_w is not None and head_w.dim() else None
         if ckpt_classes is not None and ckpt_classes != (num_classes or 1):
             model = _build(name, ckpt_classes, **kwargs)
         load_state(model, state, weights, backbone=name)
@@ -119,7 +119,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
         raise SwrError(f"{path} holds no state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     return state, {}

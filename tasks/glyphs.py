@@ -590,9 +590,10 @@ def _remove_stale_temps(folder: Path, max_age_s: float = 3600.0) -> None:
 
 def _read_manifest(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _load_cache(folder: Path, config: dict) -> tuple[dict, dict] | None:
@@ -606,9 +607,15 @@ def _load_cache(folder: Path, config: dict) -> tuple[dict, dict] | None:
             tensors = load_file(str(folder / f"{split}.safetensors"))
         except (OSError, SafetensorError):
             return None
-        if set(tensors) != {"x", "y"} or len(tensors["y"]) != manifest["counts"][split]:
+        try:
+            if set(tensors) != {"x", "y"} or len(tensors["y"]) != manifest["counts"][split]:
+                return None
+        except (KeyError, TypeError):  # a damaged manifest: regenerate
             return None
         splits[split] = (tensors["x"], tensors["y"])
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
     return manifest, splits
 
 

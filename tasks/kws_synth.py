@@ -665,9 +665,9 @@ def _render_all(cfg: dict, speakers: list[dict], work: Path, keep_wav: bool,
 def _cache_ok(path: Path, cfg: dict, keep_wav: bool) -> bool:
     try:
         manifest = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
-    return (manifest.get("config_hash") == _config_hash(cfg)
+    return (isinstance(manifest, dict) and manifest.get("config_hash") == _config_hash(cfg)
             and (manifest.get("keep_wav") or not keep_wav)
             and all((path / _FEATURE_FILE.format(split=s)).is_file() for s in SPLITS))
 
@@ -753,6 +753,31 @@ def generate(lang: str, root: str | os.PathLike | None = None, seed: int = 0, *,
         return _generate_locked(cfg, root, keep_wav, progress, workers)
 
 
+def _read_cache(path: Path) -> tuple[dict, dict] | None:
+    """``(manifest, {split: tensors})`` of a cache folder, or None if any part is damaged.
+
+    Only the fixed feature files are read (safetensors: no code runs); file names
+    listed in the manifest are never followed.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        manifest = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+        data = {s: load_file(str(path / _FEATURE_FILE.format(split=s))) for s in SPLITS}
+        ok = (isinstance(manifest["class_names"], list)
+              and all(isinstance(c, str) for c in manifest["class_names"])
+              and len(manifest["input_shape"]) == 3
+              and all(isinstance(n, int) for n in manifest["input_shape"])
+              and all(isinstance(manifest["splits"][s]["speakers"], list)
+                      and isinstance(manifest["counts"][s], int) for s in SPLITS)
+              and all({"x", "y"} <= d.keys() and len(d["x"]) == len(d["y"])
+                      == manifest["counts"][s] for s, d in data.items()))
+    except (OSError, ValueError, RecursionError, SafetensorError, KeyError, TypeError,
+            AttributeError):
+        return None
+    return (manifest, data) if ok else None
+
+
 def load_kws_synth(lang: str, root: str | os.PathLike | None = None, seed: int = 0,
                    progress: bool = True, *, speakers: Sequence[int] | None = None,
                    reps: int | None = None, keep_wav: bool = False,
@@ -773,10 +798,14 @@ def load_kws_synth(lang: str, root: str | os.PathLike | None = None, seed: int =
     root = _cache_root(root)
     with _locked(root, lang):
         path = root / lang
-        if not _cache_ok(path, cfg, keep_wav):
+        cached = _read_cache(path) if _cache_ok(path, cfg, keep_wav) else None
+        if cached is None:  # missing, stale or damaged: (re)generate
             _generate_locked(cfg, root, keep_wav, progress, workers)
-        manifest = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
-        data = {s: load_file(str(path / _FEATURE_FILE.format(split=s))) for s in SPLITS}
+            cached = _read_cache(path)
+            if cached is None:
+                raise SwrError(f"kws-synth cache {path} is unreadable right after writing it; "
+                               f"check the disk, or set SWR_CACHE to another folder")
+    manifest, data = cached
     ds = {s: tensor_split(d["x"], d["y"]) for s, d in data.items()}
     return Task(
         id=f"kws-synth:{lang}", modality="audio", class_names=manifest["class_names"],
