@@ -21,7 +21,7 @@ from .train import TrainConfig, evaluate, resolve_device, train
 #: The embedded defaults: source task, backbone, epochs, learning rate; the quick
 #: variants keep ``swr demo --quick`` within minutes on 2 CPU cores from a cold cache.
 DEFAULT_SOURCES = {
-    "kws": ("kws-synth:en", "bcresnet-2", 30, 5e-3),
+    "kws": ("kws-synth:en", "bcresnet-2", 40, 1e-2),
     "glyphs": ("glyphs:source", "timm:resnet10t", 15, 3e-3),
 }
 QUICK_SOURCES = {
@@ -30,8 +30,8 @@ QUICK_SOURCES = {
 }
 
 
-def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 30,
-             lr: float = 5e-3, batch_size: int = 64, seed: int = 0, device: str = "auto",
+def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
+             lr: float = 1e-2, batch_size: int = 64, seed: int = 0, device: str = "auto",
              weights: Optional[str] = None, progress: bool = True,
              on_bad_file: str = "fail") -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""

@@ -36,7 +36,7 @@ class LogMel(nn.Module):
 class SpecAugment(nn.Module):
     """Random frequency and time masks on a batch ``(B, 1, F, T)`` (train only)."""
 
-    def __init__(self, freq_mask: int = 7, time_mask: int = 20, n_masks: int = 2):
+    def __init__(self, freq_mask: int = 7, time_mask: int = 20, n_masks: int = 1):
         super().__init__()
         self.freq = torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True)
         self.time = torchaudio.transforms.TimeMasking(time_mask, iid_masks=True)
