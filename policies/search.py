@@ -74,7 +74,11 @@ class EvaluationLog:
         self.costs = costs
         self.saved: dict[tuple[str, ...], float] = {}
         if resume and path.is_file():
-            for line in path.read_text().splitlines():
+            text = path.read_text(errors="replace")
+            if text and not text.endswith("\n"):  # cut short by a kill: new records start afresh
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write("\n")
+            for line in text.splitlines():
                 try:
                     rec = json.loads(line)
                     self.saved[tuple(rec["selection"])] = float(rec["score"])
@@ -158,8 +162,8 @@ class SearchRun:
 
 # -- stage 1 with a cache ---------------------------------------------------------------
 def _supernet_key(cfg: SearchConfig, task_id: str, base: str) -> str:
-    blob = json.dumps({"task": task_id, "base": base, "supernet": asdict(cfg.supernet)},
-                      sort_keys=True)
+    settings = {k: v for k, v in asdict(cfg.supernet).items() if k != "progress"}
+    blob = json.dumps({"task": task_id, "base": base, "supernet": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -95,8 +95,8 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="source task, e.g. kws-synth:en, glyphs:source")
     p.add_argument("--backbone", required=True, help="bcresnet-<tau> or timm:<model_name>")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", help="initialise from a local safetensors / torch checkpoint")
@@ -337,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars an error cut short, so that its line starts a line of its own."""
+    from tqdm.std import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -350,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = getattr(e, "cause", None)
         if isinstance(cause, SwrError):
             e = cause
+        _close_progress_bars()
         if isinstance(e, OSError) and not isinstance(e, SwrError) and e.filename:
             msg = f"{e.strerror or e}: {e.filename}"
         else:
@@ -357,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swr {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"swr {args.command}: interrupted; rerun with --resume where supported",
               file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import ForeignDeltaError, SwrError
-from .io import atomic_path
+from .io import atomic_path, sort_safetensors_metadata
 from .reparam import head_names, head_prefix, norm_modules, reparam_layers
 
 FORMAT = "swr-task-delta/1"
@@ -126,6 +126,7 @@ def export_task_delta(model: nn.Module, path: str | os.PathLike, *, backbone: st
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        sort_safetensors_metadata(tmp)  # same delta, same bytes
     return Path(path).stat().st_size
 
 
@@ -180,9 +181,11 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
     head = meta.get("head")
     n = meta.get("num_classes")
     if head and n is not None:
-        if not isinstance(head, str) or not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        weight = tensors.get(f"head/{head}.weight") if isinstance(head, str) else None
+        if not isinstance(n, int) or weight is None or weight.dim() == 0 or weight.shape[0] != n:
             raise SwrError(f"task delta {path} has malformed head metadata (head {head!r}, "
-                           f"num_classes {n!r}); re-export it with swr finetune")
+                           f"num_classes {n!r}, no matching head weight); re-export it with "
+                           "swr finetune")
         try:
             current = base_model.get_submodule(head)
         except AttributeError:

@@ -45,9 +45,10 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     for key in ("layers", "task", "checkpoint", "budget_params"):
         if key not in sel:
             raise SwrError(f"selection file {selection_file} lacks {key!r}; write it with swr search")
+    budget = sel["budget_params"]
     if not (isinstance(sel["layers"], list) and all(isinstance(n, str) for n in sel["layers"])
             and isinstance(sel["task"], str) and isinstance(sel["checkpoint"], str)
-            and isinstance(sel["budget_params"], int) and not isinstance(sel["budget_params"], bool)):
+            and isinstance(budget, int) and not isinstance(budget, bool)):
         raise SwrError(f"selection file {selection_file} is malformed: 'layers' must be a list of "
                        "layer names, 'task' and 'checkpoint' strings, 'budget_params' an integer; "
                        "write it with swr search")

@@ -56,6 +56,26 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise SwrError(f"{what} {path} is not valid JSON ({reason}); regenerate it") from None
 
 
+def sort_safetensors_metadata(path: str | os.PathLike) -> None:
+    """Rewrite the header of safetensors file ``path`` with its ``__metadata__`` keys sorted.
+
+    safetensors writes the metadata in hash-map order, which changes from call to call;
+    sorted, the same tensors and metadata always give the same bytes. Compact JSON is
+    never longer than the header safetensors wrote, so the tensors stay where they are.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header},
+                          separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text.ljust(n))  # padded with spaces, as safetensors pads
+
+
 def cache_dir(*parts: str) -> Path:
     """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``."""
     root = Path(os.environ.get("SWR_CACHE") or Path.home() / ".cache" / "swr")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from swr.errors import SwrError
-from swr.io import atomic_path
+from swr.io import atomic_path, sort_safetensors_metadata
 from swr.reparam import head_prefix
 
 from .bcresnet import BCRESNET_TAUS, create_bcresnet
@@ -113,8 +113,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors of many kinds; weights_only refuses code
+        text = str(e)
+        if text.startswith("Weights only load failed"):
+            # torch's first paragraph suggests weights_only=False (running the file's code);
+            # the reason is in the next one
+            parts = [p.strip() for p in text.split("\n\n") if p.strip()]
+            reason = parts[1] if len(parts) > 1 else parts[0]
+            raise SwrError(f"refused weights {path}: a pickle that is not a weights-only torch "
+                           f"checkpoint ({' '.join(reason.split())[:200]}); nothing in it was "
+                           "run; convert it to safetensors where it came from") from None
         raise SwrError(f"cannot read weights {path} as safetensors or a weights-only torch "
-                       f"checkpoint ({str(e).splitlines()[0][:200]})") from None
+                       f"checkpoint ({text.splitlines()[0][:200] if text else type(e).__name__})"
+                       ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -152,4 +162,5 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+        sort_safetensors_metadata(tmp)  # same model, same bytes
     return Path(path).stat().st_size

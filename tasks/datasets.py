@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from swr.errors import SwrError
 
-from .audio import BadAudioFile
+from .audio import BadAudioFile, check_rate
 from .base import materialize, tensor_split
 from .features import LogMel
 
@@ -273,6 +273,7 @@ def probe_audio(path: Path) -> None:
         raise BadAudioFile(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if info.frames == 0:
         raise BadAudioFile(path, "it holds no samples")
+    check_rate(path, info.samplerate)
 
 
 class ClipLogMel:

@@ -65,6 +65,17 @@ def splits_csv(root: Path, lang_dir: Path, lang: str) -> Path:
 
 def _rows(csv_path: Path, clips: Path) -> Iterator[tuple[str, str, str]]:
     """``(split, word, link)`` per row of the split table, each row checked."""
+    try:
+        yield from _parse_rows(csv_path, clips)
+    except UnicodeDecodeError as e:
+        raise SwrError(f"{csv_path} is not UTF-8 text ({e.reason} at byte {e.start}); restore "
+                       f"it from the corpus' splits archive") from None
+    except csv.Error as e:
+        raise SwrError(f"{csv_path} is not a readable CSV table ({e}); restore it from the "
+                       f"corpus' splits archive") from None
+
+
+def _parse_rows(csv_path: Path, clips: Path) -> Iterator[tuple[str, str, str]]:
     with open(csv_path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]

@@ -132,8 +132,13 @@ def _read_list(root: Path, name: str, words: set[str]) -> list[str]:
     if not file.is_file():
         raise SwrError(f"Speech Commands split list {file} not found; the v0.02 archive "
                        f"ships {VALIDATION_LIST} and {TESTING_LIST} at its root")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SwrError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); restore it "
+                       f"from the Speech Commands archive") from None
     entries = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         source = f"{file}:{lineno}"

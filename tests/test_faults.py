@@ -1,0 +1,199 @@
+"""Faults in the distributed part: dying Ray workers, failing Ray tasks, unreachable clusters."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+
+import swr.policies.search as search_mod
+import swr.tasks
+from swr.cli import main
+from swr.envs.evaluator import SyntheticEvaluator
+from swr.policies.pool import RayPool
+from swr.policies.search import SearchConfig, run_search
+from swr.supernet import SupernetConfig
+
+from fixtures import tiny_audio_task, tiny_checkpoint
+
+pytestmark = pytest.mark.ray
+TESTS_DIR = Path(__file__).parent
+
+# Pytest imports this file as a top-level module that Ray workers cannot import;
+# ship its classes (the failing evaluators) by value instead of by reference.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """A local Ray instance for this module, shut down at its end (unless one was running)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: the workers need them
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+                 log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+class DyingEvaluator:
+    """Wraps an evaluator; the first one anywhere to reach ``die_on`` calls kills its process."""
+
+    def __init__(self, inner, marker: str, die_on: int):
+        self.inner, self.marker, self.die_on = inner, marker, die_on
+        self.names = inner.names
+        self.calls = 0
+
+    def __call__(self, selection):
+        self.calls += 1
+        if self.calls == self.die_on:
+            try:  # exactly one death across all workers: whoever creates the marker dies
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return self.inner(selection)
+
+
+class DyingFactory:
+    """Picklable factory of :class:`DyingEvaluator` around another factory."""
+
+    def __init__(self, inner, marker: Path, die_on: int = 3):
+        self.inner, self.marker, self.die_on = inner, str(marker), die_on
+        self.device = getattr(inner, "device", "cpu")
+
+    def __call__(self):
+        return DyingEvaluator(self.inner(), self.marker, self.die_on)
+
+
+class SyntheticFactory:
+    def __init__(self, costs, seed=0):
+        self.costs, self.seed = costs, seed
+
+    def __call__(self):
+        return SyntheticEvaluator(self.costs, seed=self.seed)
+
+
+def random_selections(names, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [tuple(nm for nm, keep in zip(names, rng.random(len(names)) < 0.4) if keep)
+            for _ in range(n)]
+
+
+def test_worker_that_dies_mid_map_is_retried_elsewhere(ray_local, tmp_path):
+    costs = list(range(10, 130, 10))
+    reference = SyntheticEvaluator(costs)
+    sels = random_selections(reference.names, 10)
+    pool = RayPool(DyingFactory(SyntheticFactory(costs), tmp_path / "died"), reference.names, 2)
+    try:
+        scores = pool.map(sels)
+    finally:
+        pool.close()
+    assert (tmp_path / "died").exists()  # a worker really did die
+    assert pool.retries >= 1
+    assert scores == [reference(s) for s in sels]
+
+
+def test_killed_actor_is_replaced(ray_local):
+    costs = list(range(10, 130, 10))
+    reference = SyntheticEvaluator(costs)
+    sels = random_selections(reference.names, 8, seed=1)
+    pool = RayPool(SyntheticFactory(costs), reference.names, 2)
+    try:
+        first = pool.map(sels[:4])
+        ray.kill(pool.actors[0], no_restart=True)
+        second = pool.map(sels[4:])
+    finally:
+        pool.close()
+    assert pool.retries >= 1
+    assert first + second == [reference(s) for s in sels]
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory):
+    """The tiny task behind ``tiny`` and a checkpoint; the session's supernet cache."""
+    task = tiny_audio_task()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
+        mp.setenv("SWR_CACHE", str(tmp_path_factory.getbasetemp() / "swr-cache"))
+        yield tiny_checkpoint(tmp_path_factory.mktemp("faults") / "ckpt")
+
+
+def search_cfg(ckpt, out, workers=2):
+    return SearchConfig(task="tiny", checkpoint=str(ckpt), budget="10%", out=str(out),
+                        policy="pg", evaluations=10, samples_per_iteration=4, seed=3,
+                        workers=workers, progress=False, device="cpu",
+                        supernet=SupernetConfig(epochs=1, progress=False))
+
+
+def test_search_survives_a_dying_worker(ray_local, tiny_search, tmp_path, monkeypatch):
+    """A Ray worker dies on its third scoring: retried elsewhere, same result as no fault."""
+    clean = run_search(search_cfg(tiny_search, tmp_path / "clean", workers=0))  # in-process
+    make = search_mod.evaluator_factory
+    monkeypatch.setattr(search_mod, "evaluator_factory", lambda cfg, supernet, task: DyingFactory(
+        make(cfg, supernet, task), tmp_path / "died"))
+    faulty = run_search(search_cfg(tiny_search, tmp_path / "faulty"))
+    assert (tmp_path / "died").exists()
+    assert faulty["worker_retries"] > 0
+    assert (faulty["layers"], faulty["val_score"], faulty["evaluations"]) == \
+        (clean["layers"], clean["val_score"], clean["evaluations"])
+
+
+def test_failing_ray_task_is_one_line(ray_local, tiny_search, tmp_path, capsys):
+    """An SwrError raised inside a Ray task (parallel bench runs) still ends in one line, exit 2."""
+    args = ["bench", "--task", "kws-synth:xx", "--checkpoint", str(tiny_search), "--methods",
+            "norm", "--seeds", "2", "--epochs", "1", "--workers", "2", "--device", "cpu",
+            "--out", str(tmp_path / "bench")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # the bench's progress bar had started: it is closed, and the error is the last line
+    assert "Traceback" not in "\n".join(err) and sum("error" in line for line in err) == 1, err
+    assert err[-1].startswith("swr bench: error: unknown kws-synth language 'xx'; known: ")
+
+
+SEARCH_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, os.environ["SWR_TESTS_DIR"])
+from fixtures import tiny_audio_task
+import swr.tasks
+task = tiny_audio_task()
+swr.tasks.get_task = lambda spec, **kw: task
+from swr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}",
+                                     "no-such-host.invalid:6379"])
+def test_unreachable_cluster_fails_fast_with_one_line(tmp_path, address):
+    """No cluster at --ray-address: one clear line before any training, in a fresh process."""
+    address = address.format(port=closed_port())
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    env = dict(os.environ, SWR_TESTS_DIR=str(TESTS_DIR), SWR_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", SEARCH_SCRIPT, "search", "--task", "tiny", "--checkpoint",
+         str(ckpt), "--budget", "10%", "--out", str(tmp_path / "out"), "--workers", "2",
+         "--ray-address", address, "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(err) == 1 and f"cannot reach Ray cluster at {address}" in err[0], err
+    assert not (tmp_path / "cache" / "supernets").exists()  # failed before stage 1
