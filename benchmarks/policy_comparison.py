@@ -113,7 +113,9 @@ def render(results: dict, args) -> str:
         fin.setdefault(r["method"].split(" ")[0], []).append(r)
     for method, rs in fin.items():
         accs = [r["test_acc"] for r in rs]
-        lines.append(f"| {method} ({', '.join(r['method'] for r in rs) if method == 'swr' else method}) | "
+        label = method if method != "swr" else \
+            "swr, best policy per seed: " + ", ".join(r["method"][5:-1] for r in rs)
+        lines.append(f"| {label} | "
                      f"{', '.join(f'{a:.4f}' for a in accs)} | {statistics.mean(accs):.4f} | "
                      f"{rs[0]['updated_params']:,} |")
     return "\n".join(lines) + "\n"
