@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .budget import Budget, backbone_params
-from .errors import SwrError
+from .errors import BudgetError, SwrError
 from .io import atomic_path, write_text
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
@@ -121,7 +121,11 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
             knobs.setdefault("out", out_dir)
     tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
                      device=cfg.device, progress=False, desc=method)
-    row = run_method(method, base, task, budget_params, tc, **knobs)
+    try:
+        row = run_method(method, base, task, budget_params, tc, **knobs)
+    except BudgetError as e:  # the method cannot be made this small: not a bench failure
+        return {"task": task_spec, "method": method, "budget": budget, "seed": seed,
+                "skipped": str(e)}
     row.update(task=task_spec, budget=budget, seed=seed, lr=lr,
                settings=json.dumps(row.get("settings", {}), default=str))
     return {k: row.get(k) for k in COLUMNS}
@@ -200,7 +204,18 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
 
         bar = tqdm(total=len(todo), desc="bench", unit="run", dynamic_ncols=True)
 
+    skipped: dict[tuple[str, str, str], str] = {}
+
     def finished(row: dict) -> None:
+        if "skipped" in row:
+            key = (row["task"], row["method"], row["budget"])
+            if key not in skipped:
+                skipped[key] = row["skipped"]
+                log(f"bench: {row['method']} at {row['budget']} on {row['task']} not run: "
+                    f"{row['skipped']}")
+            if bar is not None:
+                bar.update(1)
+            return
         rows.append(row)
         write_rows(results_csv, rows)
         if bar is not None:
@@ -234,7 +249,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         bar.close()
     rows.sort(key=lambda r: (r["task"], r["method"], _budget_order(r["budget"]), int(r["seed"])))
     write_rows(results_csv, rows)
-    write_text(out / "results.md", results_markdown(rows))
+    notes = "".join(f"\n- `{m}` at {b} on `{t}`: not run ({why})" for (t, m, b), why in skipped.items())
+    write_text(out / "results.md", results_markdown(rows)
+               + (f"\nMethods that cannot fit a budget:{notes}\n" if notes else ""))
     plot_pareto(out / "pareto.png", rows)
     log(f"bench: done in {(time.perf_counter() - start) / 60:.1f} min -> {results_csv}")
     return rows

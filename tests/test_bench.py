@@ -66,3 +66,13 @@ def test_demo_writes_report_with_selection_map(tiny, tmp_path, monkeypatch):
     assert "selection_map.png" in report and "| tiny | swr |" in report
     assert (tmp_path / "demo" / "selection_map.png").stat().st_size > 1000
     assert {r["method"] for r in summary["rows"]} == {"linear", "swr"}
+
+
+def test_bench_skips_budgets_a_method_cannot_meet(tiny, tmp_path):
+    cfg = bench_cfg(tiny, tmp_path / "s")
+    cfg.methods, cfg.budgets, cfg.seeds = ["lora", "linear"], ["0.1%", "50%"], 1
+    notes = []
+    rows = run_bench(cfg, log=notes.append)
+    assert {(r["method"], r["budget"]) for r in rows} == {("lora", "50%"), ("linear", "natural")}
+    assert any("lora at 0.1%" in n and "not run" in n for n in notes)
+    assert "cannot fit a budget" in (tmp_path / "s" / "results.md").read_text()
