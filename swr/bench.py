@@ -11,6 +11,7 @@ over seeds (plus a per-method average over tasks when there are several), and
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import math
@@ -80,6 +81,9 @@ class BenchConfig:
     supernet_epochs: int = 8
     progress: bool = True
     method_lr: dict = field(default_factory=dict)
+    #: modules that register more methods when imported (e.g. ``swr.policies`` adds the
+    #: swr* methods); imported in every worker, so the core needs no knowledge of them
+    plugins: list = field(default_factory=list)
     on_bad_file: str = "fail"
 
 
@@ -108,6 +112,8 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
 
     if threads:
         torch.set_num_threads(threads)
+    for module in cfg.plugins:
+        importlib.import_module(module)
     base, _ = load_pretrained(cfg.checkpoint)
     task = get_task(task_spec, on_bad_file=cfg.on_bad_file)
     budget_params = None if budget == NATURAL else Budget.parse(budget).resolve(backbone_params(base))
@@ -171,8 +177,8 @@ def _key(row: dict) -> tuple:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run (or continue) the bench; returns all result rows."""
-    from .methods import get_method  # noqa: F401  (fills the registry)
-
+    for module in cfg.plugins:
+        importlib.import_module(module)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.tasks = expand_tasks(cfg.tasks)

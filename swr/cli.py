@@ -272,13 +272,13 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench_cmd(args: argparse.Namespace) -> int:
-    from . import policies  # noqa: F401  (registers the swr* methods)
     from .bench import BenchConfig, run_bench
 
     cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint, methods=args.methods,
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
                       swr_evaluations=args.swr_evaluations, resume=args.resume,
+                      plugins=["swr.policies"],
                       on_bad_file=args.on_bad_file)
     if args.seeds < 1 or args.epochs < 1:
         raise SwrError("--seeds and --epochs must be at least 1")
@@ -303,7 +303,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from . import policies  # noqa: F401  (registers the swr* methods)
     from .demo import run_demo
 
     run_demo(args.out, suite=args.suite, quick=args.quick, seeds=args.seeds,
