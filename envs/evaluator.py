@@ -8,6 +8,7 @@ is a deterministic stand-in with a known optimum, for tests and environment chec
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -20,6 +21,8 @@ from swr.fold import merge, unmerge
 from swr.train import batches, recalibrate_batchnorm, resolve_device
 
 Selection = tuple[str, ...]
+
+log = logging.getLogger("swr.evaluator")
 
 
 class Evaluator(Protocol):
@@ -47,7 +50,9 @@ class SupernetEvaluator:
     BatchNorm statistics, are the same for every selection whose gates open later,
     so they are recorded once and replayed (see :class:`_PrefixCache`). Logits and
     scores are bit-identical to the plain path (``prefix_cache_mb=0``); the cache
-    holds at most ``prefix_cache_mb`` MiB of activations.
+    holds at most ``prefix_cache_mb`` MiB of activations. Like the BatchNorm snapshot
+    both paths restore, the cache assumes the supernet does not change while this
+    evaluator scores on it.
     """
 
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
@@ -85,7 +90,12 @@ class SupernetEvaluator:
         """The supernet's validation logits under ``selection``, one tensor per batch."""
         sel = canonical(selection, self.names)
         if self._prefix is not None:
-            return self._prefix.logits(sel)
+            try:
+                return self._prefix.logits(sel)
+            except Exception as e:  # the model and its statistics are restored by now
+                log.warning("prefix cache disabled after %s: %s; scoring on the plain path",
+                            type(e).__name__, e)
+                self._prefix = None
         set_selection(self.model, sel)
         merge(self.model)
         try:
@@ -122,8 +132,8 @@ class _PrefixCache:
     To replay, the outermost modules that run before ``M`` return an empty tensor
     of their usual shape instead of computing, and ``M`` returns a copy of its
     recorded output. The cut is not assumed from the module tree: a boundary is used
-    only after a probe batch run that way gives bit-identical logits to the full
-    model. Boundaries are recorded lazily, the first time a selection needs one,
+    only after a probe batch run that way, with the skipped modules returning NaN so
+    that any use of them shows, gives bit-identical logits to the full model. Boundaries are recorded lazily, the first time a selection needs one,
     while that selection is scored (no extra forward pass), until ``max_bytes``.
     """
 
@@ -168,10 +178,12 @@ class _PrefixCache:
     def build(cls, ev: "SupernetEvaluator", max_bytes: int) -> "_PrefixCache | None":
         """Record the call order and output shapes on a probe batch; None where the
         model calls a layer or BatchNorm more than once per pass (no single place)."""
-        if not ev._val or len(ev._val[0][0]) < 2:
+        if not ev._val or len(ev._val[0][0]) < 3:
             return None
         model = ev.model
-        probe = ev._val[0][0][:3]
+        # shapes are read at batch 2 and cuts verified at batch 3, so a module whose
+        # output does not scale with the batch cannot pass for one that does
+        probe = ev._val[0][0][:2]
         names = {m: n for n, m in model.named_modules()}
         order: list[str] = []
         calls: dict[str, int] = {}
@@ -200,7 +212,7 @@ class _PrefixCache:
             n in ev.names or isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm))]
         if shared or any(n not in calls for n in ev.names):
             return None
-        return cls(ev, max_bytes, probe, order, shapes)
+        return cls(ev, max_bytes, ev._val[0][0][:3], order, shapes)
 
     # -- boundaries ------------------------------------------------------------------------
     def _replay(self, boundary: str, outputs: Iterator[torch.Tensor]) -> "_Patched":
@@ -227,36 +239,51 @@ class _PrefixCache:
                                               device=device)
         return lambda *a, **k: torch.empty((self.batch, *shape), dtype=dtype, device=device)
 
-    def _verify(self, boundary: str) -> bool:
-        ok = self.verified.get(boundary)
-        if ok is not None:
-            return ok
-        model, ok = self.model, False
-        seen: list[torch.Tensor] = []
-        handle = self.modules[boundary].register_forward_hook(lambda m, a, out: seen.append(out))
+    def _verify(self, names: list[str]) -> None:
+        """Check the cut at each of ``names`` (one reference pass records them all)."""
+        model, probe = self.model, self.probe
+        recorded: dict[str, torch.Tensor] = {}
+
+        def recorder(name):
+            def hook(mod, args, out):
+                if isinstance(out, torch.Tensor):
+                    recorded[name] = out.clone()
+            return hook
+
+        handles = [self.modules[n].register_forward_hook(recorder(n)) for n in names]
         try:
             with torch.inference_mode():
-                ref = model(self.probe)
-                handle.remove()
-                if len(seen) == 1 and isinstance(seen[0], torch.Tensor):
-                    recorded = seen[0].clone()
-                    self.batch, self.verifying = len(self.probe), True
-                    with self._replay(boundary, iter([recorded])):
-                        out = model(self.probe.clone())
-                    ok = isinstance(out, torch.Tensor) and out.shape == ref.shape \
-                        and torch.equal(out, ref)
-        except Exception:  # a faked prefix fed some module what it cannot take: no cut here
-            ok = False
+                ref = model(probe)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+        self.batch, self.verifying = len(probe), True
+        try:
+            for n in names:
+                ok = False
+                if n in recorded:
+                    try:
+                        with torch.inference_mode(), self._replay(n, iter([recorded[n]])):
+                            out = model(probe.clone())
+                        ok = isinstance(out, torch.Tensor) and out.shape == ref.shape \
+                            and torch.equal(out, ref)
+                    except Exception:  # a faked prefix fed a module what it cannot take
+                        ok = False
+                self.verified[n] = ok
+                if ok:  # the caller wants the latest cut: later names can wait
+                    break
+        finally:
             self.verifying = False
-        self.verified[boundary] = ok
-        return ok
 
     def _latest(self, first_open: int, cached_only: bool) -> str | None:
         """The latest usable boundary that ends before call position ``first_open``."""
-        for n in self.candidates:
-            if self.end[n] < first_open and (n in self.cache if cached_only else self._verify(n)):
+        before = [n for n in self.candidates if self.end[n] < first_open]
+        if cached_only:
+            return next((n for n in before if n in self.cache), None)
+        for i, n in enumerate(before):
+            if n not in self.verified:
+                self._verify([m for m in before[i:] if m not in self.verified])
+            if self.verified[n]:
                 return n
         return None
 

@@ -8,6 +8,7 @@ selections retried on another worker, and is replaced; retries are counted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Sequence
 
@@ -26,6 +27,14 @@ class SupernetEvaluatorFactory:
         self.supernet, self.task, self.device = supernet, task, device
         self.bn_batches, self.seed = bn_batches, seed
         self.prefix_cache_mb = prefix_cache_mb
+
+    def __getstate__(self) -> dict:
+        # An evaluator reads only the train (BN recalibration) and val splits: the test
+        # splits stay in the driver, which shrinks what every worker fetches.
+        state = dict(self.__dict__)
+        if dataclasses.is_dataclass(self.task) and hasattr(self.task, "shift_test"):
+            state["task"] = dataclasses.replace(self.task, test=None, shift_test=None)
+        return state
 
     def __call__(self) -> SupernetEvaluator:
         return SupernetEvaluator(self.supernet, self.task, device=self.device,
@@ -51,11 +60,20 @@ class LocalPool:
 
 
 class RayPool:
-    """Scores selections on ``workers`` Ray actors, each holding its own evaluator."""
+    """Scores selections on ``workers`` Ray actors, each holding its own evaluator.
+
+    Workers with more than one torch thread start with ``OMP_WAIT_POLICY`` set to
+    ``omp_wait_policy`` (default ``PASSIVE``; None leaves the environment alone): with
+    OpenMP's default busy-waiting, a worker whose cores are shared with any other
+    process stalls at every parallel region until its descheduled threads run again;
+    on a busy 2-core machine that made a 2-thread worker about 6 times slower than
+    one thread (``docs/PERFORMANCE.md``). The variable is read when a process loads
+    OpenMP, so it can only be given to a process at its start.
+    """
 
     def __init__(self, factory: Callable[[], Evaluator], names: Sequence[str], workers: int,
                  threads_per_worker: int = 1, cpus_per_worker: float = 1.0,
-                 gpus_per_worker: float = 0.0):
+                 gpus_per_worker: float = 0.0, omp_wait_policy: str | None = "PASSIVE"):
         import ray
 
         from swr.parallel import init_ray
@@ -78,7 +96,10 @@ class RayPool:
             def ready(self):
                 return True
 
-        self._actor_cls = EvaluatorWorker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
+        if omp_wait_policy is not None and threads_per_worker > 1:
+            options["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": omp_wait_policy}}
+        self._actor_cls = EvaluatorWorker.options(**options)
         self._factory_ref = ray.put(factory)
         self._threads = threads_per_worker
         self.actors = [self._spawn() for _ in range(workers)]

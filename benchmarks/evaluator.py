@@ -1,0 +1,357 @@
+"""Scoring speed of the SupernetEvaluator, against its floor.
+
+The *floor* is one plain forward pass of the base architecture over the same
+validation batches (what scoring a folded task model would cost). One scoring is:
+merge the selection's deltas, recalibrate BatchNorm on ``bn_batches x bn_batch_size``
+training clips, forward the validation split, undo. The script measures, on a
+bcresnet-2 supernet and the embedded kws task (or its synthetic stand-in):
+
+* selections scored per second and scoring time / floor, for the plain path and the
+  prefix-cached path (cold cache, then warm), on random selections under a 5% budget
+  (what random search and an untrained policy propose) and on late selections (first
+  open gate in the second half of the network);
+* where a plain scoring's time goes (recalibration / validation / the rest) and the
+  top operators (torch.profiler);
+* the ideas tried, each timed against its alternative in the same run;
+* what fewer or larger recalibration batches would buy, and what they would cost in
+  score fidelity (rank correlation with the default scores).
+
+    python benchmarks/evaluator.py [--quick] [--task auto|synthetic|kws-synth:de] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from _common import (bench_task, kws_base, machine, md_table, median, print_table, task_line,
+                     timed, write_section)
+
+BACKBONE = "bcresnet-2"
+BUDGET = "5%"
+
+
+def trained_supernet(base, task, epochs: int, seed: int = 0):
+    """A supernet on ``base`` trained on ``task`` for ``epochs``, and its validation
+    accuracy with all gates open."""
+    from swr.supernet import SupernetConfig, build_supernet, train_supernet
+
+    supernet = build_supernet(base, task.num_classes)
+    cfg = SupernetConfig(epochs=epochs, seed=seed, device="cpu", progress=False)
+    result = train_supernet(supernet, task, cfg)
+    return supernet.eval(), result.val_acc
+
+
+def selections(supernet, n: int, seed: int, late: bool = False) -> list[tuple[str, ...]]:
+    """``n`` distinct random feasible selections under the budget (the random selector's
+    draw); ``late``: only layers of the second half of the network may open."""
+    from swr.budget import resolve_budget
+    from swr.policies.selectors import random_selection
+    from swr.reparam import candidates
+
+    cands = candidates(supernet)
+    costs = np.array([c.params for c in cands])
+    budget = resolve_budget(supernet, BUDGET)
+    if late:
+        costs = costs.copy()
+        costs[: len(costs) // 2] = budget + 1  # never fits
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, ...]] = []
+    while len(out) < n:
+        sel = tuple(c.name for c, m in zip(cands, random_selection(costs, budget, rng)) if m)
+        if sel and sel not in out:
+            out.append(sel)
+    return out
+
+
+def floor_fn(base: nn.Module, ev):
+    """One plain forward pass of the base architecture over the evaluator's val batches."""
+    model = copy.deepcopy(base).eval()
+    model.reset_classifier(ev.task.num_classes)
+
+    def run():
+        with torch.inference_mode():
+            for x, _ in ev._val:
+                model(x)
+    return run
+
+
+def score_times(ev, sels) -> list[float]:
+    return [timed(lambda: ev(s)) for s in sels]
+
+
+def spearman(a, b) -> float:
+    def ranks(v):
+        v = np.asarray(v, float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for x in np.unique(v):  # ties share their mean rank
+            r[v == x] = r[v == x].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def top_ops(fn, n_ops: int = 8) -> list[list]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [[e.key, e.count, round(e.self_cpu_time_total / 1e3, 1),
+             f"{100 * e.self_cpu_time_total / total:.1f}%"] for e in events[:n_ops]]
+
+
+def ideas(ev_plain, supernet, task, sel) -> list[list]:
+    """Each idea against its alternative, timed side by side (median of repeats)."""
+    from swr.fold import merge, unmerge
+    from swr.reparam import set_selection
+    from swr.train import recalibrate_batchnorm
+
+    rows = []
+    model = ev_plain.model
+    val = ev_plain._val
+    reps = 5  # each pair timed back to back, so load drifts hit both alike
+
+    def paired(label, a, b, note):
+        ta, tb = [], []
+        for _ in range(reps):
+            ta.append(timed(a))
+            tb.append(timed(b))
+        rows.append([label, round(median(ta) * 1e3, 1), round(median(tb) * 1e3, 1),
+                     round(median(tb) / median(ta), 2), note])
+
+    def val_pass(grad_mode):
+        def run():
+            with grad_mode():
+                for x, _ in val:
+                    model(x)
+        return run
+
+    set_selection(model, sel)
+    # 1. merge once per selection vs W + g*dW inside every layer call
+    merge(model)
+    merged = val_pass(torch.inference_mode)
+    t_merged = [timed(merged) for _ in range(reps)]
+    unmerge(model)
+    t_unmerged = [timed(val_pass(torch.inference_mode)) for _ in range(reps)]
+    rows.append(["merge W+dW once per selection (done)", round(median(t_merged) * 1e3, 1),
+                 round(median(t_unmerged) * 1e3, 1), round(median(t_unmerged) / median(t_merged), 2),
+                 "alternative: add the delta inside every layer call (val pass)"])
+    # 2. inference_mode vs no_grad for the validation pass
+    paired("torch.inference_mode (done)", val_pass(torch.inference_mode), val_pass(torch.no_grad),
+           "alternative: torch.no_grad (val pass)")
+    # 3. pre-batched in-memory validation tensors vs a DataLoader
+    loader = torch.utils.data.DataLoader(task.val, batch_size=ev_plain.batch_size)
+
+    def through_loader():
+        with torch.inference_mode():
+            for x, _ in loader:
+                model(x)
+    paired("pre-batched val tensors (done)", val_pass(torch.inference_mode), through_loader,
+           "alternative: torch DataLoader over the TensorDataset")
+    # 4. restoring BN statistics: direct copies vs load_state_dict(strict=False)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in bns]
+
+    def copy_back():
+        for m, (a, b, c) in zip(bns, saved):
+            m.running_mean.copy_(a)
+            m.running_var.copy_(b)
+            m.num_batches_tracked.copy_(c)
+    paired("restore BN stats by tensor copies (done, cached path)", copy_back,
+           lambda: model.load_state_dict(ev_plain._bn_state, strict=False),
+           "alternative: load_state_dict(strict=False) (plain path)")
+    # 5. recalibration in the default 4 x 128 vs one batch of 512 (same clips)
+    merge(model)
+    paired("recalibrate 4 x 128 (default)",
+           lambda: recalibrate_batchnorm(model, task.train, 4, 128),
+           lambda: recalibrate_batchnorm(model, task.train, 1, 512),
+           "alternative: 1 x 512 (changes the statistics, see fidelity table)")
+    unmerge(model)
+    model.load_state_dict(ev_plain._bn_state, strict=False)
+    set_selection(model, [])
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer selections (about a minute)")
+    ap.add_argument("--task", default="auto",
+                    help="auto (kws-synth:de if cached, else synthetic), synthetic, or a spec")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: see docs/PERFORMANCE.md)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="swr pretrain folder of the source model (default: the cached kws "
+                         "source model if any, else random weights)")
+    ap.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from swr.envs.evaluator import SupernetEvaluator
+    from swr.train import recalibrate_batchnorm
+
+    info = machine()
+    task = bench_task(args.task)
+    n = 3 if args.quick else 5
+    print(task_line(task), flush=True)
+    base, base_desc = kws_base(BACKBONE, task.num_classes, args.checkpoint)
+    # the search's default is 10 supernet epochs: fewer leave the scores of different
+    # selections too close together for the fidelity table to mean anything
+    epochs = 3 if args.quick else 10
+    supernet, supernet_acc = trained_supernet(base, task, epochs)
+    print(f"base {base_desc}; supernet val acc (all gates open) {supernet_acc:.3f}", flush=True)
+    ev_plain = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu", prefix_cache_mb=0)
+    floor = floor_fn(base, ev_plain)
+    floor()
+    sels = {"random 5%": selections(supernet, 2 * n, seed=1),
+            "late 5%": selections(supernet, 2 * n, seed=2, late=True)}
+
+    # -- plain vs prefix-cached, selections interleaved with floor passes -----------------
+    rows, t_floor, fast = [], [], {}
+    for kind, ss in sels.items():
+        ev_fast = fast[kind] = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu")
+        cold, warm, plain = [], [], []
+        for i, s in enumerate(ss):
+            t_floor.append(timed(floor))
+            plain.append(timed(lambda: ev_plain(s)))
+            (cold if i < n else warm).append(timed(lambda: ev_fast(s)))
+        f = median(t_floor)
+        cache = ev_fast.prefix_cache_info()
+        for label, ts in (("plain", plain), ("prefix cache, cold (first half)", cold),
+                          ("prefix cache, warm (second half)", warm)):
+            rows.append([kind, label, len(ts), round(median(ts), 3), round(1 / median(ts), 2),
+                         round(median(ts) / f, 2), round(median(plain) / median(ts), 2)])
+        rows.append([kind, f"(cache: {len(cache['boundaries'])} boundaries, "
+                     f"{cache['bytes'] / 2**20:.0f} MiB, {cache['hits']} replays)",
+                     "", "", "", "", ""])
+        print_table(["selections", "evaluator", "n", "s/scoring", "scorings/s", "x floor",
+                     "speed-up"], rows[-4:])
+    f = median(t_floor)
+    n_val = len(task.val)
+
+    # -- where a plain scoring's time goes --------------------------------------------------
+    from swr.fold import merge, unmerge
+    from swr.reparam import set_selection
+
+    s0 = sels["random 5%"][0]
+    model = ev_plain.model
+    set_selection(model, s0)
+    merge(model)
+    t_recal = [timed(lambda: recalibrate_batchnorm(model, task.train, ev_plain.bn_batches,
+                                                   ev_plain.bn_batch_size)) for _ in range(3)]
+    unmerge(model)
+    model.load_state_dict(ev_plain._bn_state, strict=False)
+    set_selection(model, [])
+    t_total = [timed(lambda: ev_plain(s0)) for _ in range(3)]
+    recal_clips = min(len(task.train), ev_plain.bn_batches * ev_plain.bn_batch_size)
+    breakdown = [
+        ["floor: base forward over val", n_val, round(f, 3), 1.0],
+        ["plain scoring, total", recal_clips + n_val, round(median(t_total), 3),
+         round(median(t_total) / f, 2)],
+        ["  of which BN recalibration", recal_clips, round(median(t_recal), 3),
+         round(median(t_recal) / f, 2)],
+        ["  of which validation + merge/restore", n_val,
+         round(median(t_total) - median(t_recal), 3),
+         round((median(t_total) - median(t_recal)) / f, 2)],
+    ]
+    print_table(["part", "clips", "s", "x floor"], breakdown)
+
+    ev_warm = fast["random 5%"]  # its cache is warm by now
+    prof_sel = sels["random 5%"][:2]
+    ops_plain = top_ops(lambda: [ev_plain(s) for s in prof_sel])
+    ops_fast = top_ops(lambda: [ev_warm(s) for s in prof_sel])
+    op_headers = ["op", "calls", "self CPU ms", "share"]
+    print_table(op_headers, ops_plain)
+    print_table(op_headers, ops_fast)
+
+    idea_rows = ideas(ev_plain, supernet, task, s0)
+    idea_headers = ["idea", "ms (idea)", "ms (alternative)", "alternative / idea", "note"]
+    print_table(idea_headers, idea_rows)
+
+    # -- fewer / larger recalibration batches: speed and fidelity ---------------------------
+    fid_sels = selections(supernet, 6 if args.quick else 12, seed=3)
+    configs = [(4, 128), (1, 128), (1, 64), (0, 0)] if args.quick else \
+        [(4, 128), (2, 128), (1, 128), (1, 64), (2, 32), (0, 0)]
+    ref_scores = None
+    fid_rows = []
+    for nb, bs in configs:
+        ev = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu", bn_batches=nb,
+                               bn_batch_size=max(bs, 1), prefix_cache_mb=0)
+        ts, scores = [], []
+        for s in fid_sels:
+            t_floor.append(timed(floor))
+            ts.append(timed(lambda: scores.append(ev(s))))
+        if ref_scores is None:
+            ref_scores = scores
+        same_best = int(np.argmax(scores)) == int(np.argmax(ref_scores))
+        top3 = len(set(np.argsort(scores)[-3:]) & set(np.argsort(ref_scores)[-3:]))
+        label = f"{nb} x {bs}" if nb else "none (supernet statistics)"
+        fid_rows.append([label, min(len(task.train), nb * bs), round(median(ts), 3), round(median(ts) / median(t_floor), 2),
+                         round(spearman(scores, ref_scores), 3),
+                         round(float(np.max(np.abs(np.subtract(scores, ref_scores)))), 3),
+                         "yes" if same_best else "no", f"{top3}/3",
+                         f"{min(scores):.3f}-{max(scores):.3f}"])
+    fid_headers = ["recalibration", "clips", "s/scoring (plain)", "x floor",
+                   "Spearman vs 4x128", "max |score diff|", "same best", "top-3 overlap",
+                   "score range"]
+    print_table(fid_headers, fid_rows)
+
+    if args.no_doc:
+        return
+    body = f"""{task_line(task)}; `{BACKBONE}` base {base_desc}; supernet trained
+{epochs} epoch(s) (val accuracy with all gates open {supernet_acc:.3f}); budget {BUDGET}; evaluator defaults (BN recalibration 4 x 128
+training clips, validation in one pre-batched tensor of up to 512); {args.threads} torch
+thread(s). The floor is a plain forward pass of the base architecture over the same
+validation batches: median {f * 1e3:.0f} ms for {n_val} clips. Every scoring below was timed
+next to a floor pass in the same loop, so ratios share the machine's state.
+
+### Plain path against the prefix cache
+
+Random 5% selections are what random search and an untrained policy propose; late
+selections open gates only in the second half of the network (a policy that has learnt
+to leave the early layers frozen). Cold: the cache is being filled (verification of
+the cut and recording ride along with these scorings); warm: new selections from the
+same distribution after that. Scores are bit-identical on both paths
+(`tests/test_evaluator_perf_equiv.py`).
+
+{md_table(["selections", "evaluator", "n", "s/scoring", "scorings/s", "x floor", "speed-up vs plain"], rows)}
+
+### Where a plain scoring's time goes
+
+{md_table(["part", "clips", "s", "x floor"], breakdown)}
+
+Top operators (torch.profiler, self CPU time) over {len(prof_sel)} plain scorings:
+
+{md_table(op_headers, ops_plain)}
+
+and over the same {len(prof_sel)} scorings with a warm prefix cache:
+
+{md_table(op_headers, ops_fast)}
+
+### Ideas tried, each against its alternative in the same run
+
+{md_table(idea_headers, idea_rows)}
+
+### Fewer or larger recalibration batches: speed against fidelity
+
+The same {len(fid_sels)} random selections scored with other recalibration settings
+(plain path), against the default 4 x 128. Changing this setting changes the scores,
+so it is reported here and left at the default.
+
+{md_table(fid_headers, fid_rows)}
+"""
+    write_section("evaluator", "Evaluator throughput (`benchmarks/evaluator.py`)", body, info)
+
+
+if __name__ == "__main__":
+    main()

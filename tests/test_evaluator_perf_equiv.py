@@ -1,0 +1,121 @@
+"""The prefix-caching SupernetEvaluator returns exactly what the plain path returns."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from swr.envs.evaluator import SupernetEvaluator
+from swr.reparam import reparam_layers
+from swr.supernet import build_supernet
+from swr.tasks.backbones import create_backbone
+from swr.tasks.base import Task, tensor_split
+
+from fixtures import tiny_audio_task
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core box thrashes on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def image_task(n_train=48, n_val=20, seed=0) -> Task:
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        return tensor_split(torch.randn(n, 3, 32, 32, generator=g),
+                            torch.randint(0, 5, (n,), generator=g))
+
+    return Task(id="img", modality="image", class_names=[f"c{i}" for i in range(5)],
+                train=split(n_train), val=split(n_val), test=split(4), input_shape=(3, 32, 32))
+
+
+def trained_looking_supernet(backbone: str, task: Task, **kw) -> torch.nn.Module:
+    """A supernet whose deltas and BN statistics are far from their initial values,
+    so every selection (and every recalibration) changes the logits."""
+    torch.manual_seed(0)
+    model = build_supernet(create_backbone(backbone, num_classes=task.num_classes, **kw),
+                           task.num_classes)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in reparam_layers(model).values():
+            scale = layer.base_layer.weight.std() * 0.3 + 1e-3
+            layer.delta.copy_(torch.randn(layer.delta.shape, generator=g) * scale)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    return model
+
+
+def random_selections(names, n, seed=0):
+    rng = random.Random(seed)
+    sels = [(), tuple(names)]
+    for _ in range(n):
+        first = rng.randrange(len(names))  # first open gate anywhere, sparse after it
+        sels.append(tuple(x for i, x in enumerate(names) if i >= first and
+                          (i == first or rng.random() < 0.2)))
+    return sels
+
+
+CASES = [
+    ("bcresnet-1", lambda: tiny_audio_task(n_classes=4, per_class=24), {}),
+    ("timm:resnet10t", image_task, {}),
+    ("timm:vit_tiny_patch16_224", image_task, {"img_size": 32}),
+]
+
+
+@pytest.mark.parametrize("backbone,make_task,kw", CASES, ids=[c[0] for c in CASES])
+def test_prefix_cache_gives_identical_logits(backbone, make_task, kw):
+    task = make_task()
+    supernet = trained_looking_supernet(backbone, task, **kw)
+    state = {k: v.clone() for k, v in supernet.state_dict().items()}
+    opts = dict(bn_batches=3, bn_batch_size=16, batch_size=12, seed=3)
+    plain = SupernetEvaluator(copy.deepcopy(supernet), task, prefix_cache_mb=0, **opts)
+    fast = SupernetEvaluator(supernet, task, **opts)
+    selections = random_selections(plain.names, 8)
+    for sel in selections + selections[::-1]:  # again, now from the filled cache
+        expected, got = plain.val_logits(sel), fast.val_logits(sel)
+        assert len(expected) == len(got) == len(fast._val) > 1
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b), sel
+    assert [fast(s) for s in selections[:3]] == [plain(s) for s in selections[:3]]
+    info = fast.prefix_cache_info()
+    assert info["enabled"] and info["boundaries"] and info["hits"] > len(selections)
+    # scoring leaves the supernet exactly as it was
+    for k, v in supernet.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_prefix_cache_respects_its_memory_cap():
+    task = tiny_audio_task(n_classes=4, per_class=12)
+    supernet = trained_looking_supernet("bcresnet-1", task)
+    opts = dict(bn_batches=2, bn_batch_size=16, seed=0)
+    plain = SupernetEvaluator(copy.deepcopy(supernet), task, prefix_cache_mb=0, **opts)
+    capped = SupernetEvaluator(supernet, task, prefix_cache_mb=0.05, **opts)
+    for sel in random_selections(plain.names, 4, seed=1):
+        assert capped(sel) == plain(sel)
+        assert capped.prefix_cache_info()["bytes"] <= 0.05 * 2**20
+
+
+def test_a_failing_replay_falls_back_to_the_plain_path(monkeypatch):
+    task = tiny_audio_task(n_classes=4, per_class=12)
+    supernet = trained_looking_supernet("bcresnet-1", task)
+    opts = dict(bn_batches=2, bn_batch_size=16, seed=0)
+    plain = SupernetEvaluator(copy.deepcopy(supernet), task, prefix_cache_mb=0, **opts)
+    fast = SupernetEvaluator(supernet, task, **opts)
+    sel = random_selections(plain.names, 1, seed=2)[-1]
+
+    def broken(self, selection):
+        raise RuntimeError("replay broke")
+
+    monkeypatch.setattr(type(fast._prefix), "logits", broken)
+    assert fast(sel) == plain(sel)
+    assert not fast.prefix_cache_info()["enabled"]
