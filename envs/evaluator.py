@@ -50,14 +50,17 @@ class SupernetEvaluator:
     BatchNorm statistics, are the same for every selection whose gates open later,
     so they are recorded once and replayed (see :class:`_PrefixCache`). Logits and
     scores are bit-identical to the plain path (``prefix_cache_mb=0``); the cache
-    holds at most ``prefix_cache_mb`` MiB of activations. Like the BatchNorm snapshot
+    holds at most ``prefix_cache_mb`` MiB of activations, and records a boundary only
+    where replaying it skips at least ``prefix_min_skip`` of the forward pass
+    (measured as the share of module output elements computed before it): early
+    boundaries hold the largest activations and save the least. Like the BatchNorm snapshot
     both paths restore, the cache assumes the supernet does not change while this
     evaluator scores on it.
     """
 
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
                  bn_batches: int = 4, bn_batch_size: int = 128, batch_size: int = 512,
-                 seed: int = 0, prefix_cache_mb: float = 512.0):
+                 seed: int = 0, prefix_cache_mb: float = 512.0, prefix_min_skip: float = 0.25):
         self.model = supernet
         self.task = task
         self.device = resolve_device(device)
@@ -75,7 +78,8 @@ class SupernetEvaluator:
                      for x, y in batches(task.val, batch_size)]
         self._prefix = None
         if prefix_cache_mb > 0:
-            self._prefix = _PrefixCache.build(self, int(prefix_cache_mb * 2**20))
+            self._prefix = _PrefixCache.build(self, int(prefix_cache_mb * 2**20),
+                                              prefix_min_skip)
 
     @torch.inference_mode(False)
     def __call__(self, selection: Iterable[str]) -> float:
@@ -134,13 +138,14 @@ class _PrefixCache:
     recorded output. The cut is not assumed from the module tree: a boundary is used
     only after a probe batch run that way, with the skipped modules returning NaN so
     that any use of them shows, gives bit-identical logits to the full model. Boundaries are recorded lazily, the first time a selection needs one,
-    while that selection is scored (no extra forward pass), until ``max_bytes``.
+    while that selection is scored (no extra forward pass), until ``max_bytes``, and
+    only where they skip at least ``min_skip`` of the forward pass.
     """
 
-    def __init__(self, ev: "SupernetEvaluator", max_bytes: int, probe: torch.Tensor,
-                 order: list[str], shapes: dict[str, tuple]):
+    def __init__(self, ev: "SupernetEvaluator", max_bytes: int, min_skip: float,
+                 probe: torch.Tensor, order: list[str], shapes: dict[str, tuple]):
         self.ev, self.model = ev, ev.model
-        self.max_bytes, self.bytes, self.hits = max_bytes, 0, 0
+        self.max_bytes, self.min_skip, self.bytes, self.hits = max_bytes, min_skip, 0, 0
         self.probe, self.order, self.shapes = probe, order, shapes
         self.modules = dict(self.model.named_modules())
         self.start = {n: i for i, n in enumerate(order)}
@@ -150,6 +155,12 @@ class _PrefixCache:
             while parent:
                 parent = parent.rpartition(".")[0]
                 self.end[parent] = max(self.end.get(parent, -1), self.start[n])
+        # the work before each call position, as output elements of the leaf modules so far
+        # (a proxy for the compute a replay skips: convs, norms and activations all scale
+        # with the size of what they produce)
+        work = [math.prod(shapes[n][0]) if n in shapes and not any(
+            True for _ in self.modules[n].children()) else 0 for n in order]
+        self.work_before = np.cumsum(work) / max(sum(work), 1)
         self.bns = [(self.start[n], m) for n, m in self.modules.items()
                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                     and n in self.start]
@@ -175,7 +186,8 @@ class _PrefixCache:
                 self.recal.append(x.to(ev.device))
 
     @classmethod
-    def build(cls, ev: "SupernetEvaluator", max_bytes: int) -> "_PrefixCache | None":
+    def build(cls, ev: "SupernetEvaluator", max_bytes: int, min_skip: float
+              ) -> "_PrefixCache | None":
         """Record the call order and output shapes on a probe batch; None where the
         model calls a layer or BatchNorm more than once per pass (no single place)."""
         if not ev._val or len(ev._val[0][0]) < 3:
@@ -212,7 +224,7 @@ class _PrefixCache:
             n in ev.names or isinstance(model.get_submodule(n), nn.modules.batchnorm._BatchNorm))]
         if shared or any(n not in calls for n in ev.names):
             return None
-        return cls(ev, max_bytes, ev._val[0][0][:3], order, shapes)
+        return cls(ev, max_bytes, min_skip, ev._val[0][0][:3], order, shapes)
 
     # -- boundaries ------------------------------------------------------------------------
     def _replay(self, boundary: str, outputs: Iterator[torch.Tensor]) -> "_Patched":
@@ -292,14 +304,17 @@ class _PrefixCache:
         ev, model = self.ev, self.model
         first_open = min((self.start[n] for n in sel), default=len(self.order))
         use = self._latest(first_open, cached_only=True)
-        want = self._latest(first_open, cached_only=False)
+        # the latest cut before the first open gate, where recording one could pay
+        worth = first_open > 0 and self.work_before[first_open - 1] >= self.min_skip
+        want = self._latest(first_open, cached_only=False) if worth else None
         use_end = self.end[use] if use is not None else -1
         record = None
         if want is not None and self.end[want] > use_end:
             samples = sum(len(x) for x in self.recal) + sum(len(x) for x, _ in ev._val)
             shape, dtype, _ = self.shapes.get(want, ((), torch.float32, None))
             need = samples * math.prod(shape) * dtype.itemsize
-            if want in self.shapes and self.bytes + need <= self.max_bytes:
+            if want in self.shapes and self.bytes + need <= self.max_bytes and \
+                    self.work_before[self.end[want]] >= self.min_skip:
                 record = want
         self.hits += use is not None
         set_selection(model, sel)

@@ -79,7 +79,7 @@ def test_prefix_cache_gives_identical_logits(backbone, make_task, kw):
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
     opts = dict(bn_batches=3, bn_batch_size=16, batch_size=12, seed=3)
     plain = SupernetEvaluator(copy.deepcopy(supernet), task, prefix_cache_mb=0, **opts)
-    fast = SupernetEvaluator(supernet, task, **opts)
+    fast = SupernetEvaluator(supernet, task, prefix_min_skip=0.0, **opts)  # every boundary
     selections = random_selections(plain.names, 8)
     for sel in selections + selections[::-1]:  # again, now from the filled cache
         expected, got = plain.val_logits(sel), fast.val_logits(sel)
@@ -103,6 +103,20 @@ def test_prefix_cache_respects_its_memory_cap():
     for sel in random_selections(plain.names, 4, seed=1):
         assert capped(sel) == plain(sel)
         assert capped.prefix_cache_info()["bytes"] <= 0.05 * 2**20
+
+
+def test_prefix_cache_records_only_boundaries_that_skip_enough():
+    task = tiny_audio_task(n_classes=4, per_class=12)
+    supernet = trained_looking_supernet("bcresnet-1", task)
+    opts = dict(bn_batches=2, bn_batch_size=16, seed=0)
+    plain = SupernetEvaluator(copy.deepcopy(supernet), task, prefix_cache_mb=0, **opts)
+    fast = SupernetEvaluator(supernet, task, prefix_min_skip=0.5, **opts)
+    for sel in random_selections(plain.names, 10, seed=4):
+        assert fast(sel) == plain(sel)
+    p = fast._prefix
+    assert p.cache and all(p.work_before[p.end[b]] >= 0.5 for b in p.cache)
+    # the skipped share of the forward grows along the call order, from ~0 to 1
+    assert p.work_before[0] < 0.1 and p.work_before[-1] == 1.0
 
 
 def test_a_failing_replay_falls_back_to_the_plain_path(monkeypatch):
