@@ -39,6 +39,15 @@ BUDGET = "5%"
 MiB = 2**20
 
 
+def is_ray_worker(cmdline: str) -> bool:
+    """A process that hosts (or waits to host) an actor, as opposed to Ray's services:
+    workers retitle themselves ``ray::<Actor>`` / ``ray::IDLE`` and start as
+    ``default_worker.py``; the agents are titled ``ray::...Agent``."""
+    if cmdline.startswith("ray::"):
+        return not cmdline.split()[0].endswith("Agent")
+    return "default_worker.py" in cmdline
+
+
 def tree_memory(uss: bool = False) -> dict[str, float]:
     """Bytes held by this process and its descendants, by part."""
     me = psutil.Process()
@@ -46,12 +55,12 @@ def tree_memory(uss: bool = False) -> dict[str, float]:
     for p in [me] + me.children(recursive=True):
         try:
             mem = p.memory_full_info().uss if uss else p.memory_info().rss
-            name = " ".join(p.cmdline()[:1]) if p is not me else ""
+            name = " ".join(p.cmdline()) if p is not me else ""
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
         if p is me:
             parts["driver"] += mem
-        elif name.startswith("ray::") and "IDLE" not in name and "Agent" not in name:
+        elif is_ray_worker(name):
             parts["ray workers"] += mem
         else:
             parts["ray services"] += mem
@@ -184,7 +193,7 @@ def main(argv=None) -> None:
             print_table(["Ray workers", "evaluations", "s", "driver", "ray workers",
                          "ray services", "total RSS", "total USS"], rows[-1:])
         growth, long_s, samples = [], {}, {}
-        for mb in (512.0, 0.0):
+        for mb in (256.0, 0.0):
             trace: list = []
             _, _, long_s[mb] = run_search(base, task, 2, long_n, os.path.join(tmp, f"long{mb:g}"),
                                           trace, policy="random", prefix_cache_mb=mb)
@@ -198,12 +207,12 @@ def main(argv=None) -> None:
     growth_headers = ["evaluators", "span", "evaluations", "RSS first (MiB)", "RSS last (MiB)",
                       "slope (MiB / 100 evaluations)"]
     print_table(growth_headers, growth)
-    peak_headers = ["Ray workers", "evaluations", "wall s", "driver MiB", "Ray workers MiB",
+    peak_headers = ["Ray workers", "evaluations", "wall s", "driver MiB", "Ray worker processes MiB",
                     "Ray services MiB", "total RSS MiB", "total USS MiB"]
     if args.no_doc:
         return
     body = f"""{task_line(task)}; `{BACKBONE}` base {base_desc}; supernet 2 epochs; budget
-{BUDGET}; evaluator defaults (prefix cache up to 512 MiB per evaluator). Before the runs
+{BUDGET}; evaluator defaults (prefix cache up to 256 MiB per evaluator). Before the runs
 the driver held {idle['driver'] / MiB:.0f} MiB (data and models loaded).
 
 Peak over each whole search (sampled every 0.25 s; parts at the moment of the

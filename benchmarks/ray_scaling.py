@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=None, help="selections to score (default 16)")
     ap.add_argument("--task", default="auto",
                     help="auto (kws-synth:de if cached, else synthetic), synthetic, or a spec")
-    ap.add_argument("--prefix-cache-mb", type=float, default=512.0,
+    ap.add_argument("--prefix-cache-mb", type=float, default=256.0,
                     help="evaluator prefix cache per worker (0: plain path)")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
     args = ap.parse_args(argv)

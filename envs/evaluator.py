@@ -60,7 +60,7 @@ class SupernetEvaluator:
 
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
                  bn_batches: int = 4, bn_batch_size: int = 128, batch_size: int = 512,
-                 seed: int = 0, prefix_cache_mb: float = 512.0, prefix_min_skip: float = 0.25):
+                 seed: int = 0, prefix_cache_mb: float = 256.0, prefix_min_skip: float = 0.25):
         self.model = supernet
         self.task = task
         self.device = resolve_device(device)

@@ -23,7 +23,7 @@ class SupernetEvaluatorFactory:
     """Picklable recipe for a :class:`SupernetEvaluator` (sent to Ray workers)."""
 
     def __init__(self, supernet: torch.nn.Module, task, device: str = "cpu", bn_batches: int = 4,
-                 seed: int = 0, prefix_cache_mb: float = 512.0):
+                 seed: int = 0, prefix_cache_mb: float = 256.0):
         self.supernet, self.task, self.device = supernet, task, device
         self.bn_batches, self.seed = bn_batches, seed
         self.prefix_cache_mb = prefix_cache_mb
