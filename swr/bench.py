@@ -25,6 +25,7 @@ from typing import Callable, Optional
 from .budget import Budget, backbone_params
 from .errors import BudgetError, SwrError
 from .io import atomic_path, write_text
+from .robustness import cell_name, ensemble_rows
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
            "updated_params", "budget_params", "within_budget", "norm_params", "head_params",
@@ -101,8 +102,12 @@ def method_lr(method: str, cfg: BenchConfig) -> float:
 
 
 def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfig,
-            lr: float, knobs: dict, threads: int = 0, out_dir: Optional[str] = None) -> dict:
-    """One bench cell; loads task and checkpoint itself so it can run in a Ray worker."""
+            lr: float, knobs: dict, threads: int = 0, out_dir: Optional[str] = None,
+            predictions: Optional[str] = None) -> dict:
+    """One bench cell; loads task and checkpoint itself so it can run in a Ray worker.
+
+    ``predictions``: where to store the trained model's class probabilities on the
+    evaluation splits (for the ensembles table)."""
     import torch
 
     from .methods import run_method
@@ -128,7 +133,7 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
     tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
                      device=cfg.device, progress=False, desc=method)
     try:
-        row = run_method(method, base, task, budget_params, tc, **knobs)
+        row = run_method(method, base, task, budget_params, tc, predictions=predictions, **knobs)
     except BudgetError as e:  # the method cannot be made this small: not a bench failure
         return {"task": task_spec, "method": method, "budget": budget, "seed": seed,
                 "skipped": str(e)}
@@ -200,8 +205,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     def job_args(cell):
         task, method, budget, seed = cell
         lr, knobs = tuned.get((task, method, budget), (method_lr(method, cfg), {}))
-        sub = str(out / "runs" / f"{task.replace(':', '_').replace('/', '_')}-{method}-{budget}-s{seed}")
-        return task, method, budget, seed, cfg, lr, knobs, 0, sub
+        name = cell_name(task, method, budget, seed)
+        preds = out / "preds" / f"{name}.safetensors"
+        preds.parent.mkdir(parents=True, exist_ok=True)
+        return task, method, budget, seed, cfg, lr, knobs, 0, str(out / "runs" / name), str(preds)
 
     start = time.perf_counter()
     bar = None
@@ -256,9 +263,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     rows.sort(key=lambda r: (r["task"], r["method"], _budget_order(r["budget"]), int(r["seed"])))
     write_rows(results_csv, rows)
     notes = "".join(f"\n- `{m}` at {b} on `{t}`: not run ({why})" for (t, m, b), why in skipped.items())
+    pairs = ensemble_rows(rows, out / "preds")
+    write_ensembles(out / "ensembles.csv", pairs)
     write_text(out / "results.md", results_markdown(rows)
-               + (f"\nMethods that cannot fit a budget:{notes}\n" if notes else ""))
+               + (f"\nMethods that cannot fit a budget:{notes}\n" if notes else "")
+               + robustness_markdown(rows, pairs))
     plot_pareto(out / "pareto.png", rows)
+    if any(_f(r["shift_acc"]) is not None for r in rows):
+        plot_robustness(out / "robustness.png", rows, pairs)
     log(f"bench: done in {(time.perf_counter() - start) / 60:.1f} min -> {results_csv}")
     return rows
 
@@ -355,3 +367,126 @@ def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
+
+
+ENSEMBLE_COLUMNS = ["task", "members", "budget", "seed", "test_acc", "shift_acc",
+                    "best_member_test_acc", "best_member_shift_acc"]
+
+
+def write_ensembles(path: Path, pairs: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=ENSEMBLE_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(pairs)
+    write_text(path, buf.getvalue())
+
+
+def _mean(values) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
+
+
+def _pct(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def summarize_ensembles(pairs: list[dict]) -> list[dict]:
+    """Mean over seeds per (task, members, budget)."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in pairs:
+        groups.setdefault((p["task"], p["members"], p["budget"]), []).append(p)
+    return [{"task": t, "members": m, "budget": b, "n": len(ps),
+             **{k: _mean(_f(p[k]) for p in ps) for k in ENSEMBLE_COLUMNS[4:]}}
+            for (t, m, b), ps in groups.items()]
+
+
+def wise_curves(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per task, the WiSE-FT curve (accuracies per mixing weight, mean over seeds)."""
+    points: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "wise-ft":
+            continue
+        settings = json.loads(r["settings"]) if isinstance(r["settings"], str) else r["settings"]
+        for pt in settings.get("curve", []):
+            points.setdefault((r["task"], float(pt["alpha"])), []).append(pt)
+    curves: dict[str, list[dict]] = {}
+    for (task, alpha), pts in sorted(points.items()):
+        curves.setdefault(task, []).append(
+            {"alpha": alpha, **{k: _mean(_f(p.get(k)) for p in pts)
+                                for k in ("val_acc", "test_acc", "shift_acc")}})
+    return curves
+
+
+def robustness_markdown(rows: list[dict], pairs: list[dict], top: int = 12) -> str:
+    """The WiSE-FT curve and the best pairwise ensembles, per task ('' when neither ran)."""
+    lines: list[str] = []
+    for task, curve in wise_curves(rows).items():
+        lines += ["", f"WiSE-FT on `{task}`: weights (1 - alpha) x linear probe + alpha x "
+                  "fully fine-tuned (from the probe); alpha chosen on validation.", "",
+                  "| alpha | val acc | test acc | shift acc |", "|---|---|---|---|"]
+        lines += [f"| {p['alpha']:g} | {_pct(p['val_acc'])} | {_pct(p['test_acc'])} | "
+                  f"{_pct(p['shift_acc'])} |" for p in curve]
+    summary = summarize_ensembles(pairs)
+    for task in sorted({s["task"] for s in summary}):
+        mine = sorted((s for s in summary if s["task"] == task), key=lambda s: -s["test_acc"])
+        shown = mine[:top]
+        lines += ["", f"Prediction ensembles on `{task}` (softmax average of two runs with the "
+                  f"same seed; {len(shown)} best of {len(mine)} pairs by test accuracy, all in "
+                  "ensembles.csv):", "",
+                  "| members | budget | test acc | shift acc | best member test | "
+                  "best member shift | test gain | shift gain |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in shown:
+            gain = [None if a is None or b is None else a - b for a, b in
+                    ((s["test_acc"], s["best_member_test_acc"]),
+                     (s["shift_acc"], s["best_member_shift_acc"]))]
+            lines.append(f"| {s['members']} | {s['budget']} | {_pct(s['test_acc'])} | "
+                         f"{_pct(s['shift_acc'])} | {_pct(s['best_member_test_acc'])} | "
+                         f"{_pct(s['best_member_shift_acc'])} | "
+                         + " | ".join("" if g is None else f"{g:+.4f}" for g in gain) + " |")
+    if not lines:
+        return ""
+    return "\n## Ensembles and robustness\n" + "\n".join(lines) + "\n"
+
+
+def plot_robustness(path: Path, rows: list[dict], pairs: list[dict]) -> None:
+    """Shift accuracy against test accuracy: methods, the WiSE-FT line, ensembles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [s for s in summarize(rows) if s["shift_acc"] is not None]
+    ens = [s for s in summarize_ensembles(pairs) if s["shift_acc"] is not None]
+    curves = wise_curves(rows)
+    tasks = sorted({s["task"] for s in summary})
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        methods = sorted({s["method"] for s in summary if s["task"] == task})
+        for i, method in enumerate(methods):
+            pts = [(s["test_acc"], s["shift_acc"]) for s in summary
+                   if s["task"] == task and s["method"] == method]
+            marker = "*" if method.startswith("swr") else "o"
+            ax.scatter(*zip(*pts), marker=marker, s=90 if marker == "*" else 30,
+                       label=method, color=f"C{i % 10}", zorder=3)
+        curve = [p for p in curves.get(task, []) if p["shift_acc"] is not None]
+        if curve:
+            ax.plot([p["test_acc"] for p in curve], [p["shift_acc"] for p in curve], "-",
+                    color="0.4", lw=1, label="WiSE-FT (alpha 0 to 1)", zorder=2)
+            for p in curve:
+                ax.annotate(f"{p['alpha']:g}", (p["test_acc"], p["shift_acc"]), fontsize=6)
+        mine = [s for s in ens if s["task"] == task]
+        if mine:
+            ax.scatter([s["test_acc"] for s in mine], [s["shift_acc"] for s in mine], marker="x",
+                       s=20, color="0.2", alpha=0.6, label="ensembles of two", zorder=1)
+        ax.set_xlabel("test accuracy")
+        ax.set_ylabel("shift_test accuracy")
+        ax.set_title(task, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

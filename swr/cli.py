@@ -255,7 +255,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
     p.add_argument("--methods", required=True, type=_csv_list,
                    help="comma-separated: linear,full,bitfit,norm,ssf,lora,adapter-par,"
-                        "adapter-seq,taps,two-stage,vpt-shallow,vpt-deep,swr,swr-knapsack,...")
+                        "adapter-seq,taps,two-stage,vpt-shallow,vpt-deep,wise-ft,swr,swr-knapsack,...")
     p.add_argument("--budgets", default="5%", type=_csv_list,
                    help="comma-separated budgets, e.g. 1%%,5%%,10%% (default 5%%)")
     p.add_argument("--out", required=True, help="output folder")

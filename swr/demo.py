@@ -21,11 +21,11 @@ from .reparam import candidates
 SUITES = {
     # suite: (targets, methods)
     "kws": (["kws-synth:de", "kws-synth:fr", "kws-synth:pl"],
-            ["linear", "norm", "lora", "full", "swr-knapsack", "swr"]),
+            ["linear", "norm", "lora", "full", "wise-ft", "swr-knapsack", "swr"]),
     "glyphs": (["glyphs:sketch", "glyphs:painting", "glyphs:greek"],
-               ["linear", "norm", "lora", "full", "swr-knapsack", "swr"]),
+               ["linear", "norm", "lora", "full", "wise-ft", "swr-knapsack", "swr"]),
 }
-QUICK_METHODS = ["linear", "norm", "full", "swr"]
+QUICK_METHODS = ["linear", "norm", "full", "wise-ft", "swr"]
 
 
 def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: int = 1,
@@ -61,11 +61,18 @@ def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: in
         f"Seeds: {seeds}. Epochs per method: {cfg.epochs}. Wall time: {seconds / 60:.1f} min.", "",
         "## Results", "", table, "",
         "![pareto](bench/pareto.png)", "",
+        *(["Accuracy on the shifted test split (unseen speakers or fonts, harder conditions) "
+           "against the plain test split: each method, the WiSE-FT line and every ensemble "
+           "of two methods.", "", "![robustness](bench/robustness.png)", ""]
+          if (out / "bench" / "robustness.png").is_file() else []),
         "## Which layers each target chose (SWR)", "",
         "![selection map](selection_map.png)" if selection_map else "(no SWR runs)", "",
         "Methods: `linear` head only; `norm` norm affines; `lora` LoRA through peft at the "
-        "budget; `full` every weight; `swr` SWR with the policy network; `swr-knapsack` SWR "
-        "with the knapsack selector over stage-1 Taylor importance.", "",
+        "budget; `full` every weight; `wise-ft` linear probe, then every weight from it, then "
+        "the weight-space interpolation between the two chosen on validation; `swr` SWR with "
+        "the policy network; `swr-knapsack` SWR with the knapsack selector over stage-1 "
+        "Taylor importance. Ensembles average the class probabilities of two of these runs.",
+        "",
     ]
     write_text(out / "report.md", "\n".join(report))
     summary = {"seconds": seconds, "source": source, "rows": summarize(rows)}

@@ -10,12 +10,14 @@ from swr.tasks.base import Task, tensor_split
 
 
 def tiny_audio_task(n_classes: int = 4, per_class: int = 24, seed: int = 0, name="tiny") -> Task:
-    """Log-mel-shaped inputs whose class is a band of raised energy: learnable, not trivial."""
+    """Log-mel-shaped inputs whose class is a band of raised energy: learnable, not trivial.
+
+    ``shift_test`` is the same problem under stronger noise."""
     g = torch.Generator().manual_seed(seed)
 
-    def split(n):
+    def split(n, noise=1.0):
         y = torch.arange(n_classes).repeat_interleave(n)
-        x = torch.randn(len(y), 1, 40, 101, generator=g)
+        x = noise * torch.randn(len(y), 1, 40, 101, generator=g)
         for i, c in enumerate(y.tolist()):
             band = slice(4 + 8 * c, 10 + 8 * c)
             x[i, 0, band] += 1.0 + 0.5 * torch.rand((), generator=g)
@@ -23,7 +25,7 @@ def tiny_audio_task(n_classes: int = 4, per_class: int = 24, seed: int = 0, name
 
     return Task(id=f"{name}", modality="audio", class_names=[f"c{i}" for i in range(n_classes)],
                 train=split(per_class), val=split(per_class // 3), test=split(per_class // 3),
-                input_shape=(1, 40, 101))
+                input_shape=(1, 40, 101), shift_test=split(per_class // 3, noise=1.6))
 
 
 def tiny_checkpoint(folder: Path, backbone: str = "bcresnet-1", n_classes: int = 6) -> Path:

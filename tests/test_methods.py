@@ -75,6 +75,7 @@ def _may_change(method: str, key: str, norms: tuple[str, ...], layers: set[str])
     in_norm, in_layer = key.startswith(norms), _module_of(key) in layers
     return {
         "full": True,
+        "wise-ft": True,
         "linear": False,
         "bitfit": key.endswith(".bias"),  # a module's own bias, norm shifts included
         "norm": in_norm,  # affines and running statistics
@@ -98,6 +99,7 @@ CASES = [
     ("adapter-seq", "bc", 3000, {}),
     ("taps", "bc", 3000, {}),
     ("two-stage", "bc", 3000, {}),
+    ("wise-ft", "bc", 3000, {"alphas": [0.5, 1.0]}),
     ("ssf", "vit", 20000, {}),
     ("lora", "vit", 40000, {"rank": 1}),
     ("adapter-seq", "vit", 20000, {}),

@@ -3,7 +3,7 @@
 ``get_method(name, **knobs)`` builds a :class:`Method`; ``run_method`` prepares,
 trains, evaluates, folds and measures any of them the same way. Built-in names:
 ``linear``, ``full``, ``bitfit``, ``norm``, ``ssf``, ``lora``, ``adapter-par``,
-``adapter-seq``, ``taps``, ``two-stage``, ``vpt-shallow``, ``vpt-deep``; other
+``adapter-seq``, ``taps``, ``two-stage``, ``vpt-shallow``, ``vpt-deep``, ``wise-ft``; other
 packages add theirs with ``register_method``.
 """
 
@@ -19,13 +19,14 @@ from .ssf import SSF
 from .taps import TAPS
 from .two_stage import TwoStage
 from .vpt import VPTDeep, VPTShallow
+from .wise import WiSEFT
 
 # One place lists the built-in methods, by the names users type.
 for _cls in (LinearProbe, FullFineTune, BitFit, NormTuning, SSF, LoRA, Adapter,
-             SequentialAdapter, TAPS, TwoStage, VPTShallow, VPTDeep):
+             SequentialAdapter, TAPS, TwoStage, VPTShallow, VPTDeep, WiSEFT):
     register_method(_cls.name, _cls)
 del _cls
 
 __all__ = ["METHODS", "Adapter", "BitFit", "FullFineTune", "LinearProbe", "LoRA", "Method",
            "NormTuning", "SSF", "SequentialAdapter", "TAPS", "TwoStage", "VPTDeep",
-           "VPTShallow", "get_method", "register_method", "run_method"]
+           "VPTShallow", "WiSEFT", "get_method", "register_method", "run_method"]

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..flops import count_flops
 from ..fold import same_architecture
+from ..robustness import save_predictions
 from ..train import TrainConfig, batches, evaluate, resolve_device
 from .base import get_method
 
@@ -38,7 +39,7 @@ def fold_tolerance(dtype: torch.dtype, scale: float) -> float:
 
 
 def run_method(method_name: str, base_model: nn.Module, task, budget_params: Optional[int],
-               cfg: TrainConfig, **knobs) -> dict:
+               cfg: TrainConfig, predictions: Optional[str] = None, **knobs) -> dict:
     """Transfer ``base_model`` to ``task`` with one method and measure the result.
 
     ``base_model`` is left untouched (the method adapts a deep copy, with a new head
@@ -55,6 +56,10 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
       when foldable) minus the base model's with the same head,
     * ``foldable``, ``fold_max_abs_diff`` (folded vs trained outputs on up to 8
       test inputs; None when not foldable), ``train_seconds``.
+
+    With ``predictions`` (a path), the trained model's class probabilities on
+    ``test`` and ``shift_test`` are stored there for ensembles
+    (:func:`swr.robustness.save_predictions`).
 
     A fold that does not give the base architecture raises; a fold whose outputs
     drift beyond :data:`FOLD_TOLERANCE` (relative to the output scale) warns.
@@ -76,6 +81,8 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
     test_acc = evaluate(model, task.test, device)
     shift = getattr(task, "shift_test", None)
     shift_acc = evaluate(model, shift, device) if shift is not None else None
+    if predictions is not None:
+        save_predictions(predictions, model, task, device)
 
     x = next(batches(task.test, 8))[0].to(device)
     task_model, fold_diff = model, None
