@@ -3,7 +3,9 @@
 Each Ray worker builds its own evaluator once (the supernet and the validation
 data arrive through the object store, shipped once for all workers) and then
 scores selections sent to it. A worker that dies mid-search has its pending
-selections retried on another worker, and is replaced; retries are counted.
+selections retried on another worker, and is replaced; retries are counted. When
+the cluster itself goes away (its head no longer answers), :meth:`RayPool.map`
+raises :class:`~swr.errors.ClusterLostError` instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from swr.envs.evaluator import Evaluator, SupernetEvaluator
+from swr.errors import ClusterLostError
 
 log = logging.getLogger("swr.pool")
 
@@ -71,6 +74,9 @@ class RayPool:
     OpenMP, so it can only be given to a process at its start.
     """
 
+    #: Seconds between liveness checks of the cluster while waiting for results.
+    poll_s: float = 5.0
+
     def __init__(self, factory: Callable[[], Evaluator], names: Sequence[str], workers: int,
                  threads_per_worker: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, omp_wait_policy: str | None = "PASSIVE"):
@@ -83,6 +89,7 @@ class RayPool:
         self.names = list(names)
         self.workers = workers
         self.retries = 0
+        self.lost = False
 
         @ray.remote
         class EvaluatorWorker:
@@ -110,7 +117,9 @@ class RayPool:
 
     def map(self, selections: Sequence[tuple[str, ...]]) -> list[float]:
         ray = self._ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        from swr.parallel import cluster_alive
 
         results: list[float | None] = [None] * len(selections)
         queue = list(range(len(selections)))
@@ -121,13 +130,17 @@ class RayPool:
                 slot = free.pop(0)
                 i = queue.pop(0)
                 running[self.actors[slot].score.remote(selections[i])] = (i, slot)
-            done, _ = ray.wait(list(running), num_returns=1)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=self.poll_s)
+            if not done and not cluster_alive():
+                self._lost()
             for ref in done:
                 i, slot = running.pop(ref)
                 try:
                     results[i] = ray.get(ref)
-                except RayActorError:
-                    # the worker died (killed, out of memory): replace it, retry elsewhere
+                except (RayActorError, ActorUnavailableError):
+                    # the worker died (killed, out of memory), or its node went away
+                    if not cluster_alive():
+                        self._lost()
                     self.retries += 1
                     log.warning("evaluator worker %d died; retrying its selection (retry %d)",
                                 slot, self.retries)
@@ -136,7 +149,15 @@ class RayPool:
                 free.append(slot)
         return [float(r) for r in results]
 
+    def _lost(self) -> None:
+        from swr.parallel import cluster_address
+
+        self.lost = True
+        raise ClusterLostError(f"lost the Ray cluster at {cluster_address() or '(unknown)'}: "
+                               "its head no longer answers")
+
     def close(self) -> None:
-        for a in self.actors:
-            self._ray.kill(a)
+        if not self.lost:  # with the cluster gone there is nothing left to stop
+            for a in self.actors:
+                self._ray.kill(a)
         self.actors = []

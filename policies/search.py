@@ -27,7 +27,7 @@ from swr.budget import backbone_params, resolve_budget, selection_cost
 from swr.delta import base_hash
 from swr.envs.evaluator import canonical
 from swr.envs.features import layer_features
-from swr.errors import SwrError
+from swr.errors import ClusterLostError, SwrError
 from swr.io import atomic_path, cache_dir, write_json, write_text
 from swr.pretrain import load_pretrained
 from swr.reparam import candidates
@@ -292,6 +292,11 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
 
             run_selector(cfg.policy, importance, costs, budget_params, cfg.evaluations, cfg.seed,
                          run.score, batch=max(cfg.samples_per_iteration, cfg.workers or 1))
+    except ClusterLostError as e:
+        raise ClusterLostError(
+            f"{e} after {len(log.seen)} of {cfg.evaluations} evaluations; they are saved in "
+            f"{log.path}: rerun the same command with --resume (on a restarted cluster, or "
+            "without --ray-address to finish on this machine)") from None
     finally:
         run.close()
         log.close()

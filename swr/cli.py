@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import SwrError
+from .errors import ClusterLostError, SwrError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
@@ -133,7 +133,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
                    help="Ray workers scoring in parallel (default: the machine's CPUs; 0 = no Ray)")
-    p.add_argument("--ray-address", help="join a Ray cluster (ray start --head) instead of a local one")
+    p.add_argument("--ray-address", help="join a Ray cluster (ray start --head) instead of a "
+                   "local one; if its head goes away the search stops with exit status 75 and "
+                   "continues with --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--supernet-epochs", type=int, default=10)
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
@@ -326,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="swr", description="Budget-constrained transfer learning by Scalable Weight "
-        "Reparametrization: choose which layers get a weight delta, train, fold.")
+        "Reparametrization: choose which layers get a weight delta, train, fold.",
+        epilog="Exit status: 0 done; 2 bad input (one line says which value or file); 75 the "
+        "Ray cluster went away (rerun with --resume); 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"swr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add_args, _, help) in COMMANDS.items():
@@ -363,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             msg = " ".join(str(e).split()) or type(e).__name__
         print(f"swr {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        # 75 (EX_TEMPFAIL): nothing was wrong with the input; retry with --resume
+        return 75 if isinstance(e, ClusterLostError) else 2
     except KeyboardInterrupt:
         _close_progress_bars()
         print(f"swr {args.command}: interrupted; rerun with --resume where supported",

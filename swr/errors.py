@@ -18,3 +18,7 @@ class BudgetError(SwrError):
 
 class ForeignDeltaError(SwrError):
     """A task delta made for other base weights."""
+
+
+class ClusterLostError(SwrError):
+    """The Ray cluster a run had joined stopped answering (its head went away)."""

@@ -63,7 +63,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         except (OSError, ConnectionError, RuntimeError) as e:
             raise SwrError(f"cannot reach Ray cluster at {address}: {e}; {hint}") from None
         return
-    ray.init(num_cpus=num_cpus or local_cpus(),
+    # "local": a new instance even when `ray start` left one running on this machine
+    # (Ray would otherwise join it, and refuse the num_cpus given here)
+    ray.init(address="local", num_cpus=num_cpus or local_cpus(),
              object_store_memory=object_store_memory or LOCAL_OBJECT_STORE_BYTES, **quiet)
     _started_here = True
 
@@ -88,6 +90,31 @@ def worker_threads(n_workers: int) -> int:
 def limit_threads(n_threads: int) -> None:
     """Called by a worker when it starts: cap its PyTorch intra-op threads."""
     torch.set_num_threads(max(1, int(n_threads)))
+
+
+def cluster_alive(timeout: float = 2.0) -> bool:
+    """Whether the Ray cluster this process joined still answers at its head (GCS).
+
+    A TCP connection to the head's GCS port, so it answers within ``timeout`` even
+    when Ray's own clients would keep retrying for a minute.
+    """
+    if not ray.is_initialized():
+        return False
+    try:
+        address = ray.get_runtime_context().gcs_address
+        host, _, port = address.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def cluster_address() -> str:
+    """The head address of the Ray cluster this process joined ('' when none)."""
+    try:
+        return ray.get_runtime_context().gcs_address if ray.is_initialized() else ""
+    except AttributeError:
+        return ""
 
 
 def _probe(address: str) -> None:

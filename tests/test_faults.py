@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +41,8 @@ def ray_local(tmp_path_factory):
     torch.set_num_threads(1)  # two shared cores: the workers need them
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=100 * 1024**2, log_to_driver=False)
     yield
     if started:
         ray.shutdown()
@@ -197,3 +199,100 @@ def test_unreachable_cluster_fails_fast_with_one_line(tmp_path, address):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(err) == 1 and f"cannot reach Ray cluster at {address}" in err[0], err
     assert not (tmp_path / "cache" / "supernets").exists()  # failed before stage 1
+
+
+HEAD_SCRIPT = r"""
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 2, "include_dashboard": False, "object_store_memory": 100 * 1024**2})
+print(cluster.address, flush=True)
+sys.stdin.readline()  # the test says when the head goes away
+cluster.remove_node(cluster.head_node, allow_graceful=False)
+print("head gone", flush=True)
+"""
+
+SLOW_SEARCH_SCRIPT = r"""
+import os, sys, time
+sys.path.insert(0, os.environ["SWR_TESTS_DIR"])
+from fixtures import tiny_audio_task
+import swr.tasks
+import swr.policies.search as search_mod
+task = tiny_audio_task()
+swr.tasks.get_task = lambda spec, **kw: task
+
+class Slow:  # one second per scoring, so that the head can go away mid-search
+    def __init__(self, inner):
+        self.inner, self.names = inner, inner.names
+    def __call__(self, selection):
+        time.sleep(1.0)
+        return self.inner(selection)
+
+class SlowFactory:
+    def __init__(self, inner):
+        self.inner, self.device = inner, inner.device
+    def __call__(self):
+        return Slow(self.inner())
+
+make = search_mod.evaluator_factory
+search_mod.evaluator_factory = lambda cfg, supernet, task: SlowFactory(make(cfg, supernet, task))
+from swr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_head_going_away_mid_search_stops_cleanly_and_resumes(tiny_search, tmp_path, monkeypatch):
+    """The head of a joined cluster dies mid-search: one clear line, exit 75, the evaluations
+    so far kept; --resume finishes on this machine with the result of an uninterrupted run."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SWR_CACHE", str(cache))  # the subprocess's supernet, reused below
+    env = dict(os.environ, SWR_TESTS_DIR=str(TESTS_DIR), SWR_CACHE=str(cache))
+    head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the test cluster did not start"
+        out = tmp_path / "run"
+        args = ["search", "--task", "tiny", "--checkpoint", str(tiny_search), "--budget", "10%",
+                "--out", str(out), "--policy", "random", "--evaluations", "12", "--seed", "3",
+                "--workers", "2", "--device", "cpu", "--supernet-epochs", "1",
+                "--samples-per-iteration", "2"]
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_SEARCH_SCRIPT, *args,
+                                 "--ray-address", address],
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        log = out / "evaluations.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if log.is_file() and len(log.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the search ended before the head could go away"
+        head.stdin.write("go\n")
+        head.stdin.flush()
+        assert head.stdout.readline().strip() == "head gone"
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if head.poll() is None:
+            head.kill()
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("swr search")]
+    assert proc.returncode == 75, err[-3000:]
+    assert len(lines) == 1 and "lost the Ray cluster" in lines[0] and "--resume" in lines[0], err
+    assert "Traceback" not in err
+    kept = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    assert 2 <= len(kept) < 12
+    assert not (out / "selection.json").exists()
+
+    # resume on this machine (no cluster): the kept scores are replayed, not recomputed
+    resumed = run_search(SearchConfig(
+        task="tiny", checkpoint=str(tiny_search), budget="10%", out=str(out), policy="random",
+        evaluations=12, seed=3, workers=0, resume=True, progress=False, device="cpu",
+        samples_per_iteration=2,
+        supernet=SupernetConfig(epochs=1, progress=False)))
+    clean = run_search(SearchConfig(
+        task="tiny", checkpoint=str(tiny_search), budget="10%", out=str(tmp_path / "clean"),
+        policy="random", evaluations=12, seed=3, workers=0, progress=False, device="cpu",
+        samples_per_iteration=2,
+        supernet=SupernetConfig(epochs=1, progress=False)))
+    assert resumed["replayed_evaluations"] == len(kept)
+    assert (resumed["layers"], resumed["val_score"], resumed["evaluations"]) == \
+        (clean["layers"], clean["val_score"], clean["evaluations"])

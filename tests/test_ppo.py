@@ -38,8 +38,8 @@ def ray_session():
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=100 * 1024**2, log_to_driver=False)
     yield
     ray.shutdown()
 
