@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from .budget import Budget, backbone_params
 from .errors import BudgetError, SwrError
-from .io import atomic_path, write_text
+from .io import atomic_path, read_json, write_json, write_text
 from .robustness import cell_name, ensemble_rows
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
@@ -136,10 +136,12 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
         row = run_method(method, base, task, budget_params, tc, predictions=predictions, **knobs)
     except BudgetError as e:  # the method cannot be made this small: not a bench failure
         return {"task": task_spec, "method": method, "budget": budget, "seed": seed,
-                "skipped": str(e)}
+                "skipped": str(e), "skipped_files": list(task.info.get("skipped", []))}
     row.update(task=task_spec, budget=budget, seed=seed, lr=lr,
                settings=json.dumps(row.get("settings", {}), default=str))
-    return {k: row.get(k) for k in COLUMNS}
+    # unreadable data files --on-bad-file skip left out (not a results.csv column)
+    return {**{k: row.get(k) for k in COLUMNS},
+            "skipped_files": list(task.info.get("skipped", []))}
 
 
 def plan(cfg: BenchConfig) -> list[tuple[str, str, str, int]]:
@@ -218,8 +220,18 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         bar = tqdm(total=len(todo), desc="bench", unit="run", dynamic_ncols=True)
 
     skipped: dict[tuple[str, str, str], str] = {}
+    bad_files_json = out / "skipped_files.json"
+    bad_files: dict[str, list[str]] = {}
+    if cfg.resume and bad_files_json.is_file():
+        bad_files = {t: list(v) for t, v in read_json(bad_files_json, "skipped-files list").items()}
+    elif bad_files_json.exists():
+        bad_files_json.unlink()  # a fresh bench: the list belongs to the runs it replaces
 
     def finished(row: dict) -> None:
+        new_bad = [p for p in row.pop("skipped_files", []) if p not in bad_files.get(row["task"], [])]
+        if new_bad:
+            bad_files.setdefault(row["task"], []).extend(new_bad)
+            write_json(bad_files_json, {t: sorted(v) for t, v in sorted(bad_files.items())})
         if "skipped" in row:
             key = (row["task"], row["method"], row["budget"])
             if key not in skipped:
@@ -265,8 +277,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     notes = "".join(f"\n- `{m}` at {b} on `{t}`: not run ({why})" for (t, m, b), why in skipped.items())
     pairs = ensemble_rows(rows, out / "preds")
     write_ensembles(out / "ensembles.csv", pairs)
+    bad_notes = "".join(f"\n- `{t}`: {len(v)} file(s), e.g. `{sorted(v)[0]}`"
+                        for t, v in sorted(bad_files.items()))
     write_text(out / "results.md", results_markdown(rows)
                + (f"\nMethods that cannot fit a budget:{notes}\n" if notes else "")
+               + (f"\nUnreadable data files left out (`--on-bad-file skip`; all listed in "
+                  f"skipped_files.json):{bad_notes}\n" if bad_notes else "")
                + robustness_markdown(rows, pairs))
     plot_pareto(out / "pareto.png", rows)
     if any(_f(r["shift_acc"]) is not None for r in rows):

@@ -286,6 +286,10 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         raise SwrError("--seeds and --epochs must be at least 1")
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())
+    listed = Path(args.out) / "skipped_files.json"
+    if listed.is_file():
+        bad = sorted({p for paths in json.loads(listed.read_text()).values() for p in paths})
+        _report_skipped("bench", bad, str(listed))
     return 0
 
 

@@ -469,6 +469,20 @@ def test_on_bad_file_skip_through_the_cli(world, capsys):
     assert sorted(Path(p).name for p in metrics["skipped_files"]) == ["broken.png", "cut.jpg"]
 
 
+def test_bench_on_bad_file_skip_summarises_what_it_left_out(world, capsys):
+    """swr bench --on-bad-file skip: every run's skipped files in one list and one line."""
+    args = ["bench", "--task", f"speechcommands:{world.sc_bad}", "--checkpoint", str(world.ckpt),
+            "--methods", "linear", "--seeds", "2", "--epochs", "1", "--workers", "1",
+            "--device", "cpu", "--out", str(world.d / "bench_bad")]
+    assert main(args) == 2 and "broken.wav" in capsys.readouterr().err  # default: fail
+    assert main(args + ["--on-bad-file", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert "swr bench: skipped 1 unreadable file(s), e.g." in err and "broken.wav" in err
+    listed = json.loads((world.d / "bench_bad" / "skipped_files.json").read_text())
+    assert [Path(p).name for paths in listed.values() for p in paths] == ["broken.wav"]
+    assert "Unreadable data files left out" in (world.d / "bench_bad" / "results.md").read_text()
+
+
 def test_truncated_image_found_on_access_fails_by_default(world):
     task = swr.tasks.get_task(f"imagefolder:{world.img}")
     assert task.info["skipped"] == []
