@@ -42,7 +42,8 @@ def tune_methods(cfg, cells: list[tuple[str, str, str, int]],
         def trainable(config, task=task, method=method, budget=budget):
             knobs = {k: v for k, v in config.items() if k != "lr" and v is not None}
             row = run_job(task, method, budget, 0, cfg, config["lr"], knobs, threads=1)
-            tune.report({"val_acc": float(row["val_acc"])})
+            # a size that cannot fit the budget scores nothing (its row says "skipped")
+            tune.report({"val_acc": float(row.get("val_acc") or 0.0)})
 
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 1}),

@@ -1,4 +1,6 @@
+import ast
 import csv
+import json
 
 import pytest
 
@@ -76,3 +78,58 @@ def test_bench_skips_budgets_a_method_cannot_meet(tiny, tmp_path):
     assert {(r["method"], r["budget"]) for r in rows} == {("lora", "50%"), ("linear", "natural")}
     assert any("lora at 0.1%" in n and "not run" in n for n in notes)
     assert "cannot fit a budget" in (tmp_path / "s" / "results.md").read_text()
+
+
+def _imagefolder(root, classes=("a", "b", "c"), n_train=6, n_test=2):
+    """Solid-colour images per class: learnable in one epoch, loadable in any process."""
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", n_train), ("test", n_test)):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                img = np.zeros((32, 32, 3), np.uint8)
+                img[..., ci] = 120 + 10 * k
+                Image.fromarray(img).save(root / split / c / f"{k}.png")
+    return root
+
+
+@pytest.mark.ray
+def test_bench_tune_picks_lr_and_knob_on_validation_then_runs_seeds(tmp_path):
+    """--tune: Ray Tune trials choose each method's lr (and LoRA's rank); the final runs use them."""
+    import ray
+
+    from swr.parallel import shutdown_ray
+    from swr.tune import KNOBS
+
+    data = _imagefolder(tmp_path / "img")
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", backbone="timm:resnet10t", n_classes=3)
+    cfg = BenchConfig(tasks=[f"imagefolder:{data}"], checkpoint=str(ckpt),
+                      methods=["linear", "lora"], budgets=["50%"], out=str(tmp_path / "t"),
+                      seeds=1, epochs=1, workers=1, device="cpu", progress=False, tune=True,
+                      tune_trials=2, batch_size=8)
+    notes = []
+    try:
+        rows = run_bench(cfg, log=notes.append)
+    finally:
+        if ray.is_initialized():
+            shutdown_ray()
+    tuned = {}
+    for n in notes:  # "tune lora @ 50% on imagefolder:...: lr 0.0031 {'rank': 2} -> val 0.5"
+        if n.startswith("tune "):
+            lr_part = n.split(": lr ")[1].split(" -> val")[0]
+            lr, knobs = lr_part.split(" ", 1)
+            tuned[n.split()[1]] = (float(lr), ast.literal_eval(knobs))
+    assert set(tuned) == {"linear", "lora"}, notes
+    for r in rows:
+        lr = float(r["lr"])
+        assert 3e-4 <= lr <= 3e-2
+        assert f"{lr:.2g}" == f"{tuned[r['method']][0]:.2g}"  # the final run used the tuned lr
+    lora = next(r for r in rows if r["method"] == "lora")
+    knobs = tuned["lora"][1]
+    assert set(knobs) <= {KNOBS["lora"][0]}
+    if knobs:  # a rank was tried and won; None (the largest rank that fits) leaves it out
+        assert json.loads(lora["settings"])["rank"] == knobs["rank"]
+    trials = list((tmp_path / "t" / "tune").glob("tune-*"))
+    assert len(trials) == 2  # one Ray Tune experiment per (method, budget)
