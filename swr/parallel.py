@@ -96,15 +96,19 @@ def cluster_alive(timeout: float = 2.0) -> bool:
     """Whether the Ray cluster this process joined still answers at its head (GCS).
 
     A TCP connection to the head's GCS port, so it answers within ``timeout`` even
-    when Ray's own clients would keep retrying for a minute.
+    when Ray's own clients would keep retrying for a minute. True when the head's
+    address cannot be told (e.g. through Ray Client): unknown is not dead.
     """
     if not ray.is_initialized():
         return False
     try:
-        address = ray.get_runtime_context().gcs_address
-        host, _, port = address.rpartition(":")
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError, AttributeError):
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        port = int(port)
+    except (AttributeError, ValueError, TypeError):
+        return True
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
         return False
     return True
 
