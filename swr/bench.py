@@ -25,6 +25,7 @@ from typing import Callable, Optional
 from .budget import Budget, backbone_params
 from .errors import BudgetError, SwrError
 from .io import atomic_path, read_json, write_json, write_text
+from .pretrain import checkpoint_metrics
 from .robustness import cell_name, ensemble_rows
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
@@ -88,17 +89,26 @@ class BenchConfig:
     on_bad_file: str = "fail"
 
 
-#: Learning rates used when not tuned: a small head-only or norm-only problem likes a
-#: larger step than updating a whole backbone.
-DEFAULT_LR = {"full": 1e-3, "lora": 3e-3, "adapter-par": 3e-3, "adapter-seq": 3e-3}
+#: Learning rates used when not tuned (``--tune``), by backbone family and method
+#: (``*``: every other method). timm backbones pre-trained on large data take small
+#: steps, a head- or norm-only problem a larger one than a whole backbone. BC-ResNet
+#: (small, a BatchNorm after every convolution, pre-trained here from scratch at 1e-2)
+#: wants steps about ten times larger: these were chosen on kws-synth:de validation
+#: accuracy from 1e-3 / 5e-3, 2e-2 and 5e-2 (docs/BENCH.md, "Learning rates").
+DEFAULT_LR = {
+    "timm": {"full": 1e-3, "lora": 3e-3, "adapter-par": 3e-3, "adapter-seq": 3e-3, "*": 5e-3},
+    "bcresnet": {"linear": 5e-2, "norm": 5e-2, "lora": 5e-2, "*": 2e-2},
+}
 
 
-def method_lr(method: str, cfg: BenchConfig) -> float:
+def method_lr(method: str, cfg: BenchConfig, backbone: str = "") -> float:
+    """The learning rate of ``method``: ``cfg.method_lr``, else ``--lr``, else the default."""
     if method in cfg.method_lr:
         return cfg.method_lr[method]
     if cfg.lr is not None:
         return cfg.lr
-    return DEFAULT_LR.get(method, 5e-3)
+    table = DEFAULT_LR["bcresnet" if backbone.startswith("bcresnet") else "timm"]
+    return table.get(method, table["*"])
 
 
 def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfig,
@@ -119,10 +129,12 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
         torch.set_num_threads(threads)
     for module in cfg.plugins:
         importlib.import_module(module)
-    base, _ = load_pretrained(cfg.checkpoint)
+    base, meta = load_pretrained(cfg.checkpoint)
     task = get_task(task_spec, on_bad_file=cfg.on_bad_file)
     budget_params = None if budget == NATURAL else Budget.parse(budget).resolve(backbone_params(base))
     knobs = dict(knobs)
+    if method == "wise-ft":  # its probe phase trains what the linear probe trains
+        knobs.setdefault("probe_lr", method_lr("linear", cfg, meta["backbone"]))
     if method.startswith("swr"):
         knobs.setdefault("evaluations", cfg.swr_evaluations)
         knobs.setdefault("supernet_epochs", cfg.supernet_epochs)
@@ -204,9 +216,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         f"{len(cfg.tasks)} task(s), methods {', '.join(cfg.methods)}")
     workers = cfg.workers if cfg.workers is not None else (os.cpu_count() or 1)
 
+    backbone = checkpoint_metrics(cfg.checkpoint)["backbone"]
+
     def job_args(cell):
         task, method, budget, seed = cell
-        lr, knobs = tuned.get((task, method, budget), (method_lr(method, cfg), {}))
+        lr, knobs = tuned.get((task, method, budget), (method_lr(method, cfg, backbone), {}))
         name = cell_name(task, method, budget, seed)
         preds = out / "preds" / f"{name}.safetensors"
         preds.parent.mkdir(parents=True, exist_ok=True)

@@ -65,17 +65,23 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
     return metrics
 
 
-def load_pretrained(checkpoint: str | Path) -> tuple[nn.Module, dict]:
-    """The pre-trained model and its metrics from a ``swr pretrain`` folder."""
-    from .tasks.backbones import create_backbone
-
+def checkpoint_metrics(checkpoint: str | Path) -> dict:
+    """The metrics of a ``swr pretrain`` folder (``backbone`` checked), without the weights."""
     ckpt = Path(checkpoint)
     if ckpt.is_file():
         raise SwrError(f"--checkpoint {ckpt} is a file; give the folder written by swr pretrain")
     metrics = read_json(ckpt / "metrics.json", "checkpoint metrics")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("backbone"), str):
         raise SwrError(f"{ckpt / 'metrics.json'} names no backbone; re-run swr pretrain")
-    model = create_backbone(metrics["backbone"], weights=ckpt / "model.safetensors")
+    return metrics
+
+
+def load_pretrained(checkpoint: str | Path) -> tuple[nn.Module, dict]:
+    """The pre-trained model and its metrics from a ``swr pretrain`` folder."""
+    from .tasks.backbones import create_backbone
+
+    metrics = checkpoint_metrics(checkpoint)
+    model = create_backbone(metrics["backbone"], weights=Path(checkpoint) / "model.safetensors")
     return model.eval(), metrics
 
 

@@ -124,7 +124,7 @@ def test_bench_tune_picks_lr_and_knob_on_validation_then_runs_seeds(tmp_path):
     assert set(tuned) == {"linear", "lora"}, notes
     for r in rows:
         lr = float(r["lr"])
-        assert 3e-4 <= lr <= 3e-2
+        assert 3e-4 <= lr <= 1e-1
         assert f"{lr:.2g}" == f"{tuned[r['method']][0]:.2g}"  # the final run used the tuned lr
     lora = next(r for r in rows if r["method"] == "lora")
     knobs = tuned["lora"][1]
@@ -133,3 +133,17 @@ def test_bench_tune_picks_lr_and_knob_on_validation_then_runs_seeds(tmp_path):
         assert json.loads(lora["settings"])["rank"] == knobs["rank"]
     trials = list((tmp_path / "t" / "tune").glob("tune-*"))
     assert len(trials) == 2  # one Ray Tune experiment per (method, budget)
+
+
+def test_default_learning_rates_follow_the_backbone_family_and_yield_to_the_user(tiny, tmp_path):
+    from swr.bench import method_lr
+
+    cfg = bench_cfg(tiny, tmp_path)
+    assert method_lr("full", cfg, "timm:resnet18") == 1e-3
+    assert method_lr("swr", cfg, "timm:resnet18") == 5e-3
+    assert method_lr("full", cfg, "bcresnet-2") == 2e-2
+    assert method_lr("norm", cfg, "bcresnet-2") == 5e-2
+    cfg.lr = 1e-4  # --lr: every method
+    assert method_lr("norm", cfg, "bcresnet-2") == 1e-4
+    cfg.method_lr = {"norm": 3e-3}  # one method, from code
+    assert method_lr("norm", cfg, "bcresnet-2") == 3e-3 and method_lr("full", cfg) == 1e-4
