@@ -33,7 +33,8 @@ class WiSEFT(Method):
     Knobs: ``alphas`` (the grid of mixing weights), ``probe_epochs`` (phase 1; default
     a third of the epochs, at least 1; phase 2 gets the rest) and ``probe_lr``
     (phase 1's learning rate; default ten times the fine-tuning rate, as a head
-    alone likes larger steps). Ignores the budget: every backbone weight may change.
+    alone likes larger steps; ``swr bench`` gives it the linear probe's rate).
+    Ignores the budget: every backbone weight may change.
     """
 
     name = "wise-ft"
@@ -44,8 +45,8 @@ class WiSEFT(Method):
     probe_epochs: Optional[int] = None
     probe_lr: Optional[float] = None
     #: filled by ``fit``: the chosen weight and every grid point's accuracies
-    alpha: Optional[float] = None
-    curve: list = field(default_factory=list)
+    alpha: Optional[float] = field(default=None, init=False)
+    curve: list = field(default_factory=list, init=False)
 
     @property
     def trains_norms(self) -> bool:
