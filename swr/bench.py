@@ -33,6 +33,9 @@ COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc
            "stored_bytes", "extra_flops", "foldable", "fold_max_abs_diff", "train_seconds",
            "lr", "settings"]
 
+ENSEMBLE_COLUMNS = ["task", "members", "budget", "seed", "test_acc", "shift_acc",
+                    "best_member_test_acc", "best_member_shift_acc"]
+
 #: Methods that ignore the budget: run once per seed at their natural size.
 NATURAL = "natural"
 
@@ -182,9 +185,9 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     write_text(path, buf.getvalue())
@@ -290,7 +293,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     write_rows(results_csv, rows)
     notes = "".join(f"\n- `{m}` at {b} on `{t}`: not run ({why})" for (t, m, b), why in skipped.items())
     pairs = ensemble_rows(rows, out / "preds")
-    write_ensembles(out / "ensembles.csv", pairs)
+    write_rows(out / "ensembles.csv", pairs, ENSEMBLE_COLUMNS)
     bad_notes = "".join(f"\n- `{t}`: {len(v)} file(s), e.g. `{sorted(v)[0]}`"
                         for t, v in sorted(bad_files.items()))
     write_text(out / "results.md", results_markdown(rows)
@@ -398,17 +401,6 @@ def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
     plt.close(fig)
 
 
-
-ENSEMBLE_COLUMNS = ["task", "members", "budget", "seed", "test_acc", "shift_acc",
-                    "best_member_test_acc", "best_member_shift_acc"]
-
-
-def write_ensembles(path: Path, pairs: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=ENSEMBLE_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(pairs)
-    write_text(path, buf.getvalue())
 
 
 def _mean(values) -> Optional[float]:

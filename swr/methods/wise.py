@@ -15,19 +15,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch import nn
 
-from ..budget import backbone_params
 from ..errors import SwrError
 from ..reparam import head_parameters
 from ..robustness import interpolate
 from ..train import TrainConfig, TrainResult, evaluate, train
-from .base import Method, freeze_batchnorm, frozen_copy, new_head, train_only
+from .base import freeze_batchnorm, frozen_copy, train_only
+from .full import FullFineTune
 
 
 @dataclass
-class WiSEFT(Method):
+class WiSEFT(FullFineTune):
     """Linear probe, then full fine-tune from it, then the best interpolation on validation.
 
     Knobs: ``alphas`` (the grid of mixing weights), ``probe_epochs`` (phase 1; default
@@ -38,8 +37,6 @@ class WiSEFT(Method):
     """
 
     name = "wise-ft"
-    foldable = True
-    respects_budget = False
 
     alphas: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     probe_epochs: Optional[int] = None
@@ -48,20 +45,11 @@ class WiSEFT(Method):
     alpha: Optional[float] = field(default=None, init=False)
     curve: list = field(default_factory=list, init=False)
 
-    @property
-    def trains_norms(self) -> bool:
-        return True
-
     def prepare(self, model: nn.Module, task, budget_params: Optional[int]) -> nn.Module:
         if not self.alphas or any(not 0.0 <= float(a) <= 1.0 for a in self.alphas):
             raise SwrError(f"method 'wise-ft': alphas {self.alphas!r} must be weights in [0, 1]")
         self.alphas = sorted(float(a) for a in self.alphas)
-        new_head(model, task)
-        train_only(model, model.parameters())
-        return model
-
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return list(model.parameters())
+        return super().prepare(model, task, budget_params)
 
     def fit(self, model: nn.Module, task, cfg: TrainConfig) -> TrainResult:
         probe_epochs = self.probe_epochs or max(1, cfg.epochs // 3)
@@ -94,13 +82,3 @@ class WiSEFT(Method):
         return TrainResult(val_acc=best["val_acc"], best_epoch=probe_epochs + second.best_epoch,
                            seconds=first.seconds + second.seconds,
                            history=first.history + second.history)
-
-    def updated_params(self, model: nn.Module) -> int:
-        return backbone_params(model)
-
-    def stored_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return dict(model.state_dict())
-
-    def fold(self, model: nn.Module) -> nn.Module:
-        return frozen_copy(model)
-
