@@ -28,7 +28,7 @@ from swr.delta import base_hash
 from swr.envs.evaluator import canonical
 from swr.envs.features import layer_features
 from swr.errors import ClusterLostError, SwrError
-from swr.io import atomic_path, cache_dir, write_json, write_text
+from swr.io import atomic_path, cache_dir, save_png, write_json, write_text
 from swr.pretrain import load_pretrained
 from swr.reparam import candidates
 from swr.supernet import SupernetConfig, build_supernet, layer_statistics, train_supernet
@@ -347,6 +347,4 @@ def plot_search(path: Path, rows: list[dict], title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)

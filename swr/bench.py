@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from .budget import Budget, backbone_params
 from .errors import BudgetError, SwrError
-from .io import atomic_path, read_json, write_json, write_text
+from .io import read_json, save_png, write_json, write_text
 from .pretrain import checkpoint_metrics
 from .robustness import cell_name, ensemble_rows
 
@@ -396,9 +396,7 @@ def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 
@@ -509,6 +507,4 @@ def plot_robustness(path: Path, rows: list[dict], pairs: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)

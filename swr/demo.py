@@ -14,7 +14,7 @@ from typing import Callable
 
 from .bench import BenchConfig, run_bench, summarize
 from .errors import SwrError
-from .io import atomic_path, write_text
+from .io import save_png, write_text
 from .pretrain import default_checkpoint, load_pretrained
 from .reparam import candidates
 
@@ -108,8 +108,6 @@ def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str]) -> 
     ax.set_xticks(range(len(layer_list)), layer_list, rotation=90, fontsize=6)
     ax.set_title("layers reparametrized by SWR (5% budget)", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
