@@ -500,7 +500,7 @@ def plot_robustness(path: Path, rows: list[dict], pairs: list[dict]) -> None:
         mine = [s for s in ens if s["task"] == task]
         if mine:
             ax.scatter([s["test_acc"] for s in mine], [s["shift_acc"] for s in mine], marker="x",
-                       s=20, color="0.2", alpha=0.6, label="ensembles of two", zorder=1)
+                       s=16, color="black", alpha=0.35, label="ensembles of two", zorder=1)
         ax.set_xlabel("test accuracy")
         ax.set_ylabel("shift_test accuracy")
         ax.set_title(task, fontsize=9)

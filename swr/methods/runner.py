@@ -55,7 +55,8 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
     * ``extra_flops``: per-sample inference FLOPs of the task model (the folded one
       when foldable) minus the base model's with the same head,
     * ``foldable``, ``fold_max_abs_diff`` (folded vs trained outputs on up to 8
-      test inputs; None when not foldable), ``train_seconds``.
+      test inputs; None when not foldable), ``train_seconds`` (``prepare`` and
+      ``fit``: for SWR the supernet and the search as well as the final training).
 
     With ``predictions`` (a path), the trained model's class probabilities on
     ``test`` and ``shift_test`` are stored there for ensembles
@@ -72,8 +73,8 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
     reference.to(device).eval()
     # Heads, adapters and prompts are initialised from the global generator.
     torch.manual_seed(cfg.seed)
+    start = time.perf_counter()  # prepare included: SWR's supernet and search run there
     model = method.prepare(copy.deepcopy(base_model).to(device), task, budget_params)
-    start = time.perf_counter()
     result = method.fit(model, task, cfg)
     train_seconds = time.perf_counter() - start
     model.eval()
