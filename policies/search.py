@@ -215,6 +215,18 @@ def make_pool(cfg: SearchConfig, factory, names):
                    gpus_per_worker=gpus)
 
 
+def _cluster_lost(error: Exception, cfg: SearchConfig) -> bool:
+    """Whether ``error`` ended the search because the Ray cluster went away (the pool
+    says so itself; PPO's Ray environments surface it as any Ray error)."""
+    if isinstance(error, ClusterLostError):
+        return True
+    if cfg.workers <= 0 or not type(error).__module__.startswith("ray"):
+        return False
+    from swr.parallel import cluster_alive
+
+    return not cluster_alive()
+
+
 # -- the search ---------------------------------------------------------------------------
 def run_search(cfg: SearchConfig) -> dict:
     """Load the checkpoint and task named in ``cfg``, search, write ``selection.json``."""
@@ -292,9 +304,12 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
 
             run_selector(cfg.policy, importance, costs, budget_params, cfg.evaluations, cfg.seed,
                          run.score, batch=max(cfg.samples_per_iteration, cfg.workers or 1))
-    except ClusterLostError as e:
+    except Exception as e:
+        if not _cluster_lost(e, cfg):
+            raise
         raise ClusterLostError(
-            f"{e} after {len(log.seen)} of {cfg.evaluations} evaluations; they are saved in "
+            f"{e if isinstance(e, ClusterLostError) else 'lost the Ray cluster'} after "
+            f"{len(log.seen)} of {cfg.evaluations} evaluations; they are saved in "
             f"{log.path}: rerun the same command with --resume (on a restarted cluster, or "
             "without --ray-address to finish on this machine)") from None
     finally:
