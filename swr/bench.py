@@ -399,14 +399,12 @@ def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
     save_png(fig, path)
 
 
-
-
 def _mean(values) -> Optional[float]:
     known = [v for v in values if v is not None]
     return statistics.mean(known) if known else None
 
 
-def _pct(v: Optional[float]) -> str:
+def _fmt(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
@@ -444,8 +442,8 @@ def robustness_markdown(rows: list[dict], pairs: list[dict], top: int = 12) -> s
         lines += ["", f"WiSE-FT on `{task}`: weights (1 - alpha) x linear probe + alpha x "
                   "fully fine-tuned (from the probe); alpha chosen on validation.", "",
                   "| alpha | val acc | test acc | shift acc |", "|---|---|---|---|"]
-        lines += [f"| {p['alpha']:g} | {_pct(p['val_acc'])} | {_pct(p['test_acc'])} | "
-                  f"{_pct(p['shift_acc'])} |" for p in curve]
+        lines += [f"| {p['alpha']:g} | {_fmt(p['val_acc'])} | {_fmt(p['test_acc'])} | "
+                  f"{_fmt(p['shift_acc'])} |" for p in curve]
     summary = summarize_ensembles(pairs)
     for task in sorted({s["task"] for s in summary}):
         mine = sorted((s for s in summary if s["task"] == task), key=lambda s: -s["test_acc"])
@@ -460,9 +458,9 @@ def robustness_markdown(rows: list[dict], pairs: list[dict], top: int = 12) -> s
             gain = [None if a is None or b is None else a - b for a, b in
                     ((s["test_acc"], s["best_member_test_acc"]),
                      (s["shift_acc"], s["best_member_shift_acc"]))]
-            lines.append(f"| {s['members']} | {s['budget']} | {_pct(s['test_acc'])} | "
-                         f"{_pct(s['shift_acc'])} | {_pct(s['best_member_test_acc'])} | "
-                         f"{_pct(s['best_member_shift_acc'])} | "
+            lines.append(f"| {s['members']} | {s['budget']} | {_fmt(s['test_acc'])} | "
+                         f"{_fmt(s['shift_acc'])} | {_fmt(s['best_member_test_acc'])} | "
+                         f"{_fmt(s['best_member_shift_acc'])} | "
                          + " | ".join("" if g is None else f"{g:+.4f}" for g in gain) + " |")
     if not lines:
         return ""
