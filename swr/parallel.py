@@ -102,12 +102,7 @@ def cluster_alive(timeout: float = 2.0) -> bool:
     if not ray.is_initialized():
         return False
     try:
-        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
-        port = int(port)
-    except (AttributeError, ValueError, TypeError):
-        return True
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        _probe(cluster_address(), timeout)
     except OSError:
         return False
     return True
@@ -116,12 +111,12 @@ def cluster_alive(timeout: float = 2.0) -> bool:
 def cluster_address() -> str:
     """The head address of the Ray cluster this process joined ('' when none)."""
     try:
-        return ray.get_runtime_context().gcs_address if ray.is_initialized() else ""
+        return (ray.get_runtime_context().gcs_address or "") if ray.is_initialized() else ""
     except AttributeError:
         return ""
 
 
-def _probe(address: str) -> None:
+def _probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Fail fast (``OSError``) when a ``host:port`` address does not accept connections.
 
     ``auto`` and anything not shaped ``[scheme://]host:port`` is left to Ray to resolve.
@@ -129,4 +124,4 @@ def _probe(address: str) -> None:
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
         return
-    socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    socket.create_connection((host, int(port)), timeout=timeout).close()
