@@ -53,9 +53,9 @@ class SupernetEvaluator:
     holds at most ``prefix_cache_mb`` MiB of activations, and records a boundary only
     where replaying it skips at least ``prefix_min_skip`` of the forward pass
     (measured as the share of module output elements computed before it): early
-    boundaries hold the largest activations and save the least. Like the BatchNorm snapshot
-    both paths restore, the cache assumes the supernet does not change while this
-    evaluator scores on it.
+    boundaries hold the largest activations and save the least. Like the BatchNorm
+    snapshot both paths restore, the cache assumes the supernet does not change while
+    this evaluator scores on it.
     """
 
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
@@ -137,9 +137,10 @@ class _PrefixCache:
     of their usual shape instead of computing, and ``M`` returns a copy of its
     recorded output. The cut is not assumed from the module tree: a boundary is used
     only after a probe batch run that way, with the skipped modules returning NaN so
-    that any use of them shows, gives bit-identical logits to the full model. Boundaries are recorded lazily, the first time a selection needs one,
-    while that selection is scored (no extra forward pass), until ``max_bytes``, and
-    only where they skip at least ``min_skip`` of the forward pass.
+    that any use of them shows, gives bit-identical logits to the full model.
+    Boundaries are recorded lazily, the first time a selection needs one, while that
+    selection is scored (no extra forward pass), until ``max_bytes``, and only where
+    they skip at least ``min_skip`` of the forward pass.
     """
 
     def __init__(self, ev: "SupernetEvaluator", max_bytes: int, min_skip: float,
