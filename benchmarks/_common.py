@@ -239,6 +239,30 @@ def kws_base(backbone: str, num_classes: int, checkpoint: str | None = None
     return create_backbone(backbone, num_classes=num_classes).eval(), "random-initialised"
 
 
+def random_selections(supernet, n: int, seed: int, budget: str,
+                      late: bool = False) -> list[tuple[str, ...]]:
+    """``n`` distinct random feasible selections under ``budget`` (the random selector's
+    draw); ``late``: only layers of the second half of the network may open."""
+    import numpy as np
+
+    from swr.budget import resolve_budget
+    from swr.policies.selectors import random_selection
+    from swr.reparam import candidates
+
+    cands = candidates(supernet)
+    costs = np.array([c.params for c in cands])
+    limit = resolve_budget(supernet, budget)
+    if late:
+        costs[: len(costs) // 2] = limit + 1  # never fits
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, ...]] = []
+    while len(out) < n:
+        sel = tuple(c.name for c, m in zip(cands, random_selection(costs, limit, rng)) if m)
+        if sel and sel not in out:
+            out.append(sel)
+    return out
+
+
 def task_line(task) -> str:
     return (f"task `{task.id}`: {len(task.train)} train / {len(task.val)} val clips of "
             f"{tuple(task.input_shape)}, {task.num_classes} classes")

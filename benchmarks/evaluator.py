@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from _common import (bench_task, kws_base, machine, md_table, median, print_table, task_line,
-                     timed, write_section)
+from _common import (bench_task, kws_base, machine, md_table, median, print_table,
+                     random_selections, task_line, timed, write_section)
 
 BACKBONE = "bcresnet-2"
 BUDGET = "5%"
@@ -44,28 +44,6 @@ def trained_supernet(base, task, epochs: int, seed: int = 0):
     cfg = SupernetConfig(epochs=epochs, seed=seed, device="cpu", progress=False)
     result = train_supernet(supernet, task, cfg)
     return supernet.eval(), result.val_acc
-
-
-def selections(supernet, n: int, seed: int, late: bool = False) -> list[tuple[str, ...]]:
-    """``n`` distinct random feasible selections under the budget (the random selector's
-    draw); ``late``: only layers of the second half of the network may open."""
-    from swr.budget import resolve_budget
-    from swr.policies.selectors import random_selection
-    from swr.reparam import candidates
-
-    cands = candidates(supernet)
-    costs = np.array([c.params for c in cands])
-    budget = resolve_budget(supernet, BUDGET)
-    if late:
-        costs = costs.copy()
-        costs[: len(costs) // 2] = budget + 1  # never fits
-    rng = np.random.default_rng(seed)
-    out: list[tuple[str, ...]] = []
-    while len(out) < n:
-        sel = tuple(c.name for c, m in zip(cands, random_selection(costs, budget, rng)) if m)
-        if sel and sel not in out:
-            out.append(sel)
-    return out
 
 
 def floor_fn(base: nn.Module, ev):
@@ -213,8 +191,8 @@ def main(argv=None) -> None:
     ev_plain = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu", prefix_cache_mb=0)
     floor = floor_fn(base, ev_plain)
     floor()
-    sels = {"random 5%": selections(supernet, 2 * n, seed=1),
-            "late 5%": selections(supernet, 2 * n, seed=2, late=True)}
+    sels = {"random 5%": random_selections(supernet, 2 * n, seed=1, budget=BUDGET),
+            "late 5%": random_selections(supernet, 2 * n, seed=2, budget=BUDGET, late=True)}
 
     # -- plain vs prefix-cached, selections interleaved with floor passes -----------------
     rows, t_floor, fast = [], [], {}
@@ -282,7 +260,7 @@ def main(argv=None) -> None:
     print_table(idea_headers, idea_rows)
 
     # -- fewer / larger recalibration batches: speed and fidelity ---------------------------
-    fid_sels = selections(supernet, 6 if args.quick else 12, seed=3)
+    fid_sels = random_selections(supernet, 6 if args.quick else 12, seed=3, budget=BUDGET)
     configs = [(4, 128), (1, 128), (1, 64), (0, 0)] if args.quick else \
         [(4, 128), (2, 128), (1, 128), (1, 64), (2, 32), (0, 0)]
     ref_scores = None

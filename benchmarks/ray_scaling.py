@@ -27,12 +27,11 @@ import argparse
 import pickle
 import time
 
-import numpy as np
 import psutil
 import torch
 
-from _common import (bench_task, machine, md_table, median, print_table, task_line, timed,
-                     write_section)
+from _common import (bench_task, machine, md_table, median, print_table, random_selections,
+                     task_line, timed, write_section)
 
 BACKBONE = "bcresnet-2"
 BUDGET = "5%"
@@ -54,23 +53,6 @@ def random_supernet(task, seed: int = 0):
             scale = layer.base_layer.weight.std() * 0.1 + 1e-3
             layer.delta.copy_(torch.randn(layer.delta.shape, generator=g) * scale)
     return supernet.eval()
-
-
-def random_selections(supernet, k: int, seed: int) -> list[tuple[str, ...]]:
-    from swr.budget import resolve_budget
-    from swr.policies.selectors import random_selection
-    from swr.reparam import candidates
-
-    cands = candidates(supernet)
-    costs = np.array([c.params for c in cands])
-    budget = resolve_budget(supernet, BUDGET)
-    rng = np.random.default_rng(seed)
-    out: list[tuple[str, ...]] = []
-    while len(out) < k:
-        sel = tuple(c.name for c, m in zip(cands, random_selection(costs, budget, rng)) if m)
-        if sel and sel not in out:
-            out.append(sel)
-    return out
 
 
 def scoring_cpu_seconds() -> float:
@@ -121,7 +103,7 @@ def main(argv=None) -> None:
     task = bench_task(args.task)
     print(task_line(task), flush=True)
     supernet = random_supernet(task)
-    sels = random_selections(supernet, k, seed=1)
+    sels = random_selections(supernet, k, seed=1, budget=BUDGET)
     factory = SupernetEvaluatorFactory(supernet, task, device="cpu",
                                        prefix_cache_mb=args.prefix_cache_mb)
     names = list(reparam_layers(supernet))
