@@ -221,15 +221,12 @@ def kws_base(backbone: str, num_classes: int, checkpoint: str | None = None
     ``checkpoint`` (a ``swr pretrain`` folder), else the cached default kws source model
     when ``swr demo`` / ``default_checkpoint`` has trained one, else random weights.
     """
-    from swr.io import cache_dir
-    from swr.pretrain import DEFAULT_SOURCES, load_pretrained
+    from swr.pretrain import DEFAULT_SOURCES, default_checkpoint_dir, load_pretrained
     from swr.tasks.backbones import create_backbone
 
     if checkpoint is None:
-        src, arch, epochs, _ = DEFAULT_SOURCES["kws"]
-        folder = cache_dir("pretrained", f"{src.replace(':', '-')}_{arch.replace(':', '-')}"
-                                         f"_e{epochs}_s0")
-        if arch == backbone and (folder / "metrics.json").is_file():
+        folder = default_checkpoint_dir("kws")
+        if DEFAULT_SOURCES["kws"][1] == backbone and (folder / "metrics.json").is_file():
             checkpoint = str(folder)
     if checkpoint is not None:
         model, meta = load_pretrained(checkpoint)

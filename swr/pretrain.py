@@ -85,15 +85,21 @@ def load_pretrained(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), metrics
 
 
-def default_checkpoint(suite: str = "kws", seed: int = 0, quick: bool = False,
-                       progress: bool = True) -> Path:
-    """The cached pre-trained source model of an embedded suite, trained on first use."""
+def default_checkpoint_dir(suite: str = "kws", seed: int = 0, quick: bool = False) -> Path:
+    """Where :func:`default_checkpoint` keeps a suite's source model (trained or not)."""
     sources = QUICK_SOURCES if quick else DEFAULT_SOURCES
     if suite not in sources:
         raise SwrError(f"unknown suite {suite!r}; known: {', '.join(sources)}")
-    task, backbone, epochs, lr = sources[suite]
-    name = f"{task.replace(':', '-')}_{backbone.replace(':', '-')}_e{epochs}_s{seed}"
-    out = cache_dir("pretrained", name)
+    task, backbone, epochs, _ = sources[suite]
+    return cache_dir("pretrained",
+                     f"{task.replace(':', '-')}_{backbone.replace(':', '-')}_e{epochs}_s{seed}")
+
+
+def default_checkpoint(suite: str = "kws", seed: int = 0, quick: bool = False,
+                       progress: bool = True) -> Path:
+    """The cached pre-trained source model of an embedded suite, trained on first use."""
+    out = default_checkpoint_dir(suite, seed, quick)
     if not (out / "metrics.json").is_file():
+        task, backbone, epochs, lr = (QUICK_SOURCES if quick else DEFAULT_SOURCES)[suite]
         pretrain(task, backbone, out, epochs=epochs, lr=lr, seed=seed, progress=progress)
     return out
