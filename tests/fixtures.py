@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 
 from swr.io import write_json
@@ -34,3 +36,16 @@ def tiny_checkpoint(folder: Path, backbone: str = "bcresnet-1", n_classes: int =
     save_checkpoint(model, folder / "model.safetensors", backbone=backbone)
     write_json(folder / "metrics.json", {"backbone": backbone, "task": "tiny-source", "test_acc": 0.5})
     return folder
+
+
+def write_clip(path: Path, i: int, sr: int = 16000, channels: int = 1,
+               seconds: float = 1.0) -> Path:
+    """A 16-bit WAV tone (pitch set by ``i``; channel c at (c + 1) / channels of the
+    level) at any rate, channel count and length, for the loaders to resample, mix
+    down, pad and crop."""
+    t = np.arange(int(sr * seconds)) / sr
+    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t)
+    data = np.stack([tone * (c + 1) / channels for c in range(channels)], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), data.astype(np.float32), sr, subtype="PCM_16")
+    return path

@@ -21,18 +21,10 @@ from swr.tasks.mswc import load_mswc
 from swr.tasks.speechcommands import (CLASS_NAMES, KEYWORDS, BackgroundNoise,
                                       load_speechcommands)
 
+from fixtures import write_clip
+
 # Clip formats cycled through the fixtures so resampling and mixdown both run.
 FORMATS = [(16000, 1, 1.0), (8000, 2, 0.5), (44100, 1, 1.5), (16000, 2, 1.2)]
-
-
-def write_clip(path: Path, i: int, fmt: tuple[int, int, float] | None = None) -> Path:
-    sr, channels, seconds = fmt or FORMATS[i % len(FORMATS)]
-    t = np.arange(int(sr * seconds)) / sr
-    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t)
-    data = np.stack([tone * (c + 1) / channels for c in range(channels)], axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), data.astype(np.float32), sr, subtype="PCM_16")
-    return path
 
 
 def ids(ds) -> list[str]:
@@ -214,14 +206,14 @@ def make_speechcommands(root: Path) -> Path:
         n = 4 if word in UNKNOWN_WORDS else 3
         for k in range(n):
             name = f"{i:04x}abcd_nohash_{k}.wav"
-            write_clip(root / word / name, i)
+            write_clip(root / word / name, i, *FORMATS[i % len(FORMATS)])
             i += 1
             if k == 0:
                 val.append(f"{word}/{name}")
             elif k == 1:
                 test.append(f"{word}/{name}")
-    write_clip(root / "_background_noise_" / "white_noise.wav", 0, (16000, 1, 3.0))
-    write_clip(root / "_background_noise_" / "running_tap.wav", 1, (44100, 2, 1.3))
+    write_clip(root / "_background_noise_" / "white_noise.wav", 0, 16000, 1, 3.0)
+    write_clip(root / "_background_noise_" / "running_tap.wav", 1, 44100, 2, 1.3)
     (root / "_background_noise_" / "README.md").write_text("noise")
     (root / "validation_list.txt").write_text("\n".join(val) + "\n")
     (root / "testing_list.txt").write_text("\n".join(test) + "\n")
@@ -323,7 +315,7 @@ def make_mswc(root: Path, lang: str = "xx", opus: bool = False) -> Path:
             stem = f"common_voice_{lang}_{i}"
             link = f"{word}/{stem}.opus"
             # converted corpora keep .opus links but hold .wav files
-            write_clip(lang_dir / "clips" / word / f"{stem}.wav", i)
+            write_clip(lang_dir / "clips" / word / f"{stem}.wav", i, *FORMATS[i % len(FORMATS)])
             rows.append({"SET": set_name, "LINK": link, "WORD": word, "VALID": "True",
                          "SPEAKER": f"spk{k % 3}", "GENDER": "NAN"})
             i += 1

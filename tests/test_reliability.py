@@ -39,7 +39,7 @@ from swr.supernet import build_supernet
 from swr.tasks.audio import read_audio
 from swr.tasks.speechcommands import KEYWORDS
 
-from fixtures import tiny_audio_task, tiny_checkpoint
+from fixtures import tiny_audio_task, tiny_checkpoint, write_clip
 
 TESTS_DIR = Path(__file__).parent
 TINY = tiny_audio_task()
@@ -64,16 +64,6 @@ def tiny_world(tmp_path_factory):
 
 
 # -------------------------------------------------------------------- on-disk fixtures
-
-def write_clip(path: Path, i: int, sr: int = 16000, channels: int = 1,
-               seconds: float = 1.0) -> Path:
-    t = np.arange(int(sr * seconds)) / sr
-    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t)
-    data = np.stack([tone * (c + 1) / channels for c in range(channels)], axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), data.astype(np.float32), sr, subtype="PCM_16")
-    return path
-
 
 # rates, channel counts and lengths cycled through the clips: resampled, mixed down,
 # padded and cropped on the way in
