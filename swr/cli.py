@@ -320,6 +320,27 @@ COMMANDS["demo"] = (_demo_args, run_demo_cmd,
                     "the main job: pretrain, then SWR vs baselines on several target tasks")
 
 
+# -- swr check ------------------------------------------------------------------------
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = "example: swr check"
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from .native import environment_error, installed_versions
+
+    line = environment_error()
+    if line is not None:
+        print(f"swr check: error: {line}", file=sys.stderr)
+        return 1
+    versions = ", ".join(f"{n} {v}" for n, v in installed_versions().items())
+    print(f"swr check: ok: native libraries load ({versions})")
+    return 0
+
+
+COMMANDS["check"] = (_check_args, run_check,
+                     "self-check of the install: torch, torchvision and torchaudio load together")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors on one line (exit status 2), like every other bad input."""
 
@@ -333,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="swr", description="Budget-constrained transfer learning by Scalable Weight "
         "Reparametrization: choose which layers get a weight delta, train, fold.",
-        epilog="Exit status: 0 done; 2 bad input (one line says which value or file); 75 the "
+        epilog="Exit status: 0 done; 1 broken install (one line names the clashing packages "
+        "and the reinstall command; `swr check` runs that test); 2 bad input (one line says which value or file); 75 the "
         "Ray cluster went away (rerun with --resume); 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"swr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -361,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SwrError, OSError) as e:
         if getattr(args, "debug", False):
             raise
+        if not isinstance(e, SwrError) and _report_broken_install(args.command):
+            return 1
         # A Ray task's error carries the remote traceback; its cause is the one line.
         cause = getattr(e, "cause", None)
         if isinstance(cause, SwrError):
@@ -378,6 +402,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swr {args.command}: interrupted; rerun with --resume where supported",
               file=sys.stderr)
         return 130
+    except Exception:
+        # A native library that fails to load is a broken install, not bad input.
+        if not getattr(args, "debug", False) and _report_broken_install(args.command):
+            return 1
+        raise
+
+
+def _report_broken_install(command: str) -> bool:
+    """Print the one line naming a broken torch/torchvision/torchaudio install, if it is one."""
+    from .native import environment_error
+
+    line = environment_error()
+    if line is None:
+        return False
+    _close_progress_bars()
+    print(f"swr {command}: error: {line}", file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":
