@@ -21,7 +21,7 @@ from .fold import fold, fold_batchnorm, fold_check, merge, same_architecture, un
 from .layers import ReparamLayer
 from .reparam import (Candidate, candidates, get_selection, norm_parameters, reparam_layers,
                       reparametrize, sample_gates, set_selection, set_trainable, unwrap)
-from .tasks.backbones import create_backbone
+from .tasks.backbones import create_backbone, save_checkpoint
 
 __all__ = [
     "__version__", "Budget", "BudgetError", "Candidate", "ForeignDeltaError", "ReparamLayer",
@@ -29,5 +29,6 @@ __all__ = [
     "check_selection", "cost_report", "create_backbone", "export_task_delta", "fold",
     "fold_batchnorm", "fold_check", "get_selection", "merge", "norm_parameters",
     "read_task_delta", "reparam_layers", "reparametrize", "resolve_budget", "same_architecture",
-    "sample_gates", "selection_cost", "set_selection", "set_trainable", "unmerge", "unwrap",
+    "sample_gates", "save_checkpoint", "selection_cost", "set_selection", "set_trainable",
+    "unmerge", "unwrap",
 ]

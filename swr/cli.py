@@ -146,9 +146,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 def run_search_cmd(args: argparse.Namespace) -> int:
     import os
 
+    from .io import check_output
     from .supernet import SupernetConfig
     from .policies.search import SearchConfig, run_search
+    from .tasks import task_data_path
 
+    check_output(args.out, {"--checkpoint": args.checkpoint, "--task": task_data_path(args.task)})
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint, budget=args.budget,
                        out=args.out, policy=args.policy, seed=args.seed,
@@ -204,40 +207,22 @@ def _fold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", required=True, help="task_delta.safetensors (swr finetune)")
     p.add_argument("--out", required=True, help="output folder for the task model")
     p.add_argument("--onnx", action="store_true",
-                   help="also export base and task models to ONNX and compare their graphs")
+                   help="also export base and task models to ONNX, compare their graphs, and "
+                        "check each against PyTorch with onnxruntime (max abs diff <= 1e-4)")
 
 
 def run_fold(args: argparse.Namespace) -> int:
-    import torch
+    from .deploy import fold_task
 
-    from .deploy import export_onnx, rebuild
-    from .delta import read_task_delta
-    from .io import write_json
-    from .tasks.backbones import input_shape, save_checkpoint
-
-    task_model, base, meta = rebuild(args.checkpoint, args.delta)
-    _, delta_meta = read_task_delta(args.delta)
-    out = Path(args.out)
-    save_checkpoint(task_model, out / "model.safetensors", backbone=meta["backbone"],
-                    task=str(delta_meta.get("task", "")))
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    report = {"backbone": meta["backbone"], "task": delta_meta.get("task"),
-              "delta_bytes": Path(args.delta).stat().st_size,
-              "params": count(task_model), "base_params": count(base),
-              "same_module_types": [type(m).__name__ for m in task_model.modules()]
-              == [type(m).__name__ for m in base.modules()]}
-    if args.onnx:
-        x = torch.randn(1, *input_shape(base, meta["backbone"]))
-        report["onnx"] = export_onnx(task_model, x, out / "model.onnx")
-        report["onnx_base"] = export_onnx(base, x, out / "base.onnx")
-        report["onnx_same_graph"] = report["onnx"]["ops"] == report["onnx_base"]["ops"]
-    write_json(out / "fold.json", report)
+    report = fold_task(args.checkpoint, args.delta, args.out, onnx=args.onnx)
     line = (f"task model {report['params']:,} params (base {report['base_params']:,}; "
             f"the head differs with the class count), delta {report['delta_bytes']:,} bytes")
     if args.onnx:
         line += (f"; ONNX nodes {report['onnx']['nodes']} vs base {report['onnx_base']['nodes']}, "
-                 f"same op counts: {report['onnx_same_graph']}")
-    print(line + f" -> {out}")
+                 f"same op counts: {report['onnx_same_graph']}, onnxruntime vs PyTorch max abs "
+                 f"diff {report['onnx']['max_abs_diff']:.2g} (tolerance "
+                 f"{report['onnx']['tolerance']:g})")
+    print(line + f" -> {args.out}")
     return 0
 
 
@@ -275,7 +260,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def run_bench_cmd(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
+    from .io import check_output
+    from .tasks import task_data_path
 
+    # suites (imagenet-to-sketch:<root>) name their data folder the same way
+    check_output(args.out, {"--checkpoint": args.checkpoint,
+                            **{f"--task {t}": task_data_path(t) or
+                               (t.partition(":")[2] if t.startswith("imagenet-to-sketch:") else None)
+                               for t in args.task}})
     cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint, methods=args.methods,
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,

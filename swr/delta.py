@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
+from .budget import check_selection
 from .errors import ForeignDeltaError, SwrError
-from .io import atomic_path, sort_safetensors_metadata
-from .reparam import head_names, head_prefix, norm_modules, reparam_layers
+from .io import atomic_path, safetensors_os_error, sort_safetensors_metadata
+from .reparam import candidates, head_names, head_prefix, norm_modules, reparam_layers
 
 FORMAT = "swr-task-delta/1"
 
@@ -111,6 +112,8 @@ def export_task_delta(model: nn.Module, path: str | os.PathLike, *, backbone: st
         raise SwrError("unmerge the model before exporting its task delta")
     tensors = task_delta_tensors(model)
     selection = [n for n, m in reparam_layers(model).items() if m.gate != 0.0]
+    if budget_params is not None:  # the metadata may not claim a budget the deltas exceed
+        check_selection(model, selection, budget_params)
     head = head_prefix(model)
     num_classes = None
     if head is not None:
@@ -125,7 +128,10 @@ def export_task_delta(model: nn.Module, path: str | os.PathLike, *, backbone: st
         meta.update(extra)
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # a full disk, reported as text
+            raise safetensors_os_error(e, path) from None
         sort_safetensors_metadata(tmp)  # same delta, same bytes
     return Path(path).stat().st_size
 
@@ -160,14 +166,107 @@ def read_task_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def _fail(path, what: str) -> SwrError:
+    return SwrError(f"task delta {path} {what}; re-export it with swr finetune from this "
+                    "base model")
+
+
+def _task_delta_roles(base_model: nn.Module, head: Optional[str]) -> dict[str, set[str]]:
+    """The state-dict keys of ``base_model`` each prefix of a task delta may name."""
+    deltas = set()
+    for c in candidates(base_model):  # never the head: its layers are stored under head/
+        deltas.add(f"{c.name}.weight")
+        if getattr(base_model.get_submodule(c.name), "bias", None) is not None:
+            deltas.add(f"{c.name}.bias")
+    norms = {f"{n}.{k}" if n else k for n, m in norm_modules(base_model).items()
+             for k in m.state_dict()}
+    heads = set() if head is None else \
+        {f"{head}.{k}" for k in base_model.get_submodule(head).state_dict()}
+    return {"delta": deltas, "norm": norms, "head": heads}
+
+
+def validate_task_delta(base_model: nn.Module, tensors: dict[str, torch.Tensor],
+                        meta: dict[str, Any], path: str | os.PathLike = "",
+                        backbone: Optional[str] = None) -> None:
+    """Check a task delta against the plain base model it is about to change.
+
+    Every tensor must have the role its prefix claims (``delta/`` a candidate layer's
+    weight or bias, ``norm/`` a norm layer's parameter or running statistic, ``head/``
+    the head), name an entry of ``base_model`` of the same shape and dtype, and hold
+    finite values; the delta must hold every norm and head entry; its metadata must
+    agree with its tensors (``selection`` lists exactly the layers with ``delta/``
+    entries, which fit ``budget_params``; ``head`` is the model's head; ``backbone``,
+    when given, is the delta's). Raises :class:`SwrError` naming the first problem.
+    The head must already have the delta's class count.
+    """
+    if backbone is not None and meta.get("backbone") != backbone:
+        raise _fail(path, f"was made for backbone {meta.get('backbone')!r}, not {backbone!r}")
+    head = head_prefix(base_model)
+    if meta.get("head") != head:
+        raise _fail(path, f"names head {meta.get('head')!r}, but the base model's head is "
+                          f"{head!r}; was it made for another backbone?")
+    selection = meta.get("selection")
+    if not (isinstance(selection, list) and all(isinstance(n, str) for n in selection)):
+        raise _fail(path, f"has no selection list in its metadata (got {selection!r})")
+    budget = meta.get("budget_params")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                               or budget <= 0):
+        raise _fail(path, f"has budget_params {budget!r}: expected a positive integer")
+    roles = _task_delta_roles(base_model, head)
+    state = base_model.state_dict()
+    seen: dict[str, set[str]] = {kind: set() for kind in roles}
+    for key, t in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind not in roles:
+            raise _fail(path, f"holds an unknown entry {key} (expected delta/, norm/ or head/)")
+        if name not in roles[kind]:
+            what = {"delta": "a gated layer's weight or bias", "norm": "a norm layer's entry",
+                    "head": "an entry of the head"}[kind]
+            where = "the base model lacks it" if name not in state else "it is not"
+            raise _fail(path, f"entry {key} must name {what} of the base model, but {where}")
+        target = state[name]
+        if t.shape != target.shape:
+            raise _fail(path, f"entry {key} has shape {tuple(t.shape)}, the base model's "
+                              f"{name} {tuple(target.shape)}")
+        if t.dtype != target.dtype:
+            raise _fail(path, f"entry {key} is {str(t.dtype).removeprefix('torch.')}, the base "
+                              f"model's {name} {str(target.dtype).removeprefix('torch.')}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise _fail(path, f"entry {key} holds NaN or infinite values")
+        seen[kind].add(name)
+    for kind in ("norm", "head"):
+        missing = sorted(roles[kind] - seen[kind])
+        if missing:
+            raise _fail(path, f"lacks {kind}/{missing[0]}"
+                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    layers = {name.rpartition(".")[0] for name in seen["delta"]}
+    weightless = sorted(n for n in layers if f"{n}.weight" not in seen["delta"])
+    if weightless:
+        raise _fail(path, f"holds a bias delta but no weight delta for {weightless[0]}")
+    if len(set(selection)) != len(selection) or set(selection) != layers:
+        odd = sorted(set(selection) ^ layers) or ["a layer listed twice"]
+        raise _fail(path, f"metadata lists selection {selection[:4]}"
+                          f"{'...' if len(selection) > 4 else ''}, but its delta/ entries "
+                          f"are for {sorted(layers)[:4]}{'...' if len(layers) > 4 else ''} "
+                          f"(differ at {odd[0]})")
+    cost = sum(tensors[f"delta/{n}"].numel() for n in seen["delta"])
+    if budget is not None and cost > budget:
+        raise _fail(path, f"updates {cost} parameters, over the budget of {budget} its "
+                          "metadata states")
+
+
 @torch.no_grad()
 def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
-                     check_hash: bool = True) -> nn.Module:
+                     check_hash: bool = True, backbone: Optional[str] = None) -> nn.Module:
     """Rebuild the folded task model from plain base weights and a task delta, in place.
 
     ``base_model`` is an unwrapped backbone loaded with the base weights. Its head is
     resized to the task's classes (``reset_classifier``) when needed. A delta made
-    for other base weights raises :class:`~swr.errors.ForeignDeltaError`.
+    for other base weights raises :class:`~swr.errors.ForeignDeltaError`; one whose
+    tensors or metadata do not fit the model (see :func:`validate_task_delta`;
+    ``backbone`` is the base model's backbone id, checked when given) raises
+    :class:`~swr.errors.SwrError` before anything is changed. Returns the model in
+    eval mode.
     """
     if reparam_layers(base_model):
         raise SwrError("apply_task_delta expects the plain base model, not a reparametrized one")
@@ -186,34 +285,23 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
             raise SwrError(f"task delta {path} has malformed head metadata (head {head!r}, "
                            f"num_classes {n!r}, no matching head weight); re-export it with "
                            "swr finetune")
-        try:
-            current = base_model.get_submodule(head)
-        except AttributeError:
+        if head != head_prefix(base_model):
             raise SwrError(f"task delta {path} names head {head!r} that the base model lacks; "
-                           "was it made for another backbone?") from None
+                           "was it made for another backbone?")
+        current = base_model.get_submodule(head)
         if getattr(current, "weight", None) is None or current.weight.shape[0] != n:
+            dtype = current.weight.dtype if getattr(current, "weight", None) is not None \
+                else None
             base_model.reset_classifier(n)
-    # Freshly built heads are fp32; match the stored dtypes before copying.
+            if dtype is not None:  # a freshly built head is fp32; keep the model's dtype
+                base_model.get_submodule(head).to(dtype)
+    validate_task_delta(base_model, tensors, meta, path, backbone=backbone)
     state = base_model.state_dict()
     for key, t in tensors.items():
         kind, _, name = key.partition("/")
+        target = state[name]
         if kind == "delta":
-            target = state.get(name)
-            if target is None:
-                raise SwrError(f"task delta {path} names layer {name} that the base model "
-                               "lacks; was it made for another backbone?")
-            if target.shape != t.shape:
-                raise SwrError(f"task delta {path}: delta of {name} has shape {tuple(t.shape)}, "
-                               f"the base model's {tuple(target.shape)}; was it made for "
-                               "another backbone?")
-            target.copy_(target + t.to(target.dtype))
-        elif kind in ("norm", "head"):
-            target = state.get(name)
-            if target is None or target.shape != t.shape:
-                raise SwrError(f"task delta {path}: {name} does not fit the base model "
-                               f"(have {None if target is None else tuple(target.shape)}, "
-                               f"delta {tuple(t.shape)})")
-            target.copy_(t)
+            target.copy_(target + t)
         else:
-            raise SwrError(f"task delta {path} holds an unknown entry {key}")
-    return base_model
+            target.copy_(t)
+    return base_model.eval()

@@ -20,11 +20,15 @@ from .budget import check_selection, cost_report
 from .delta import export_task_delta
 from .errors import SwrError
 from .fold import fold, same_architecture
-from .io import read_json, write_json
+from .io import check_output, check_run_folder, read_json, staged_folder, write_json
 from .pretrain import load_pretrained
 from .reparam import reparam_layers, set_selection, set_trainable, unwrap
 from .supernet import build_supernet
+from .tasks import task_data_path
 from .train import TrainConfig, evaluate, resolve_device, train
+
+#: Every file ``finetune`` writes: the run folder it replaces may hold only these.
+OUTPUTS = {"task_delta.safetensors", "model.safetensors", "history.json", "metrics.json"}
 
 
 def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: float = 3e-3,
@@ -53,6 +57,13 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
                        "layer names, 'task' and 'checkpoint' strings, 'budget_params' an integer; "
                        "write it with swr search")
     chosen = list(sel["layers"]) if layers is None else layers
+    # before any work: the run may not overwrite what it reads, nor a folder of other files
+    check_output(out, {"--selection": selection_file,
+                       "the selection's checkpoint": sel["checkpoint"],
+                       "the selection's supernet": sel.get("supernet")
+                       if isinstance(sel.get("supernet"), str) else None,
+                       "the selection's task data": task_data_path(sel["task"])})
+    check_run_folder(out, OUTPUTS)
     base, meta = load_pretrained(sel["checkpoint"])
     task = get_task(sel["task"], on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
     model = build_supernet(base, task.num_classes)
@@ -85,24 +96,27 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     x = next(iter(torch.utils.data.DataLoader(task.val, batch_size=16)))[0]
     with torch.no_grad():
         fold_diff = float((model(x) - folded(x)).abs().max())
-    out = Path(out)
-    delta_bytes = export_task_delta(model, out / "task_delta.safetensors", backbone=meta["backbone"],
-                                    budget_params=int(sel["budget_params"]), task=sel["task"])
-    save_checkpoint(folded, out / "model.safetensors", backbone=meta["backbone"], task=sel["task"],
-                    classes=task.class_names)
-    report = cost_report(model, chosen)
-    metrics = {
-        "test_acc": test_acc, "val_acc": result.val_acc,
-        "shift_test_acc": evaluate(folded, task.shift_test) if task.shift_test is not None else None,
-        "updated_params": cost, "budget_params": int(sel["budget_params"]),
-        "norm_params": report["norms"], "head_params": report["head"],
-        "delta_bytes": delta_bytes, "seconds": time.perf_counter() - start,
-        "fold_max_abs_diff": fold_diff, "same_architecture": same_architecture(folded, plain),
-        "layers": chosen, "task": sel["task"], "backbone": meta["backbone"], "epochs": epochs,
-        "best_epoch": result.best_epoch, "seed": seed, "from_scratch": from_scratch,
-        "policy": sel.get("policy"), "skipped_files": list(task.info.get("skipped", [])),
-    }
-    write_json(out / "history.json", result.history)
-    write_json(out / "metrics.json", metrics)
+    shift_test_acc = evaluate(folded, task.shift_test) if task.shift_test is not None else None
+    # every file goes to a staged folder that replaces ``out`` only once all are written
+    with staged_folder(out, OUTPUTS) as stage:
+        delta_bytes = export_task_delta(model, stage / "task_delta.safetensors",
+                                        backbone=meta["backbone"],
+                                        budget_params=int(sel["budget_params"]), task=sel["task"])
+        save_checkpoint(folded, stage / "model.safetensors", backbone=meta["backbone"],
+                        task=sel["task"], classes=task.class_names)
+        report = cost_report(model, chosen)
+        metrics = {
+            "test_acc": test_acc, "val_acc": result.val_acc, "shift_test_acc": shift_test_acc,
+            "updated_params": cost, "budget_params": int(sel["budget_params"]),
+            "norm_params": report["norms"], "head_params": report["head"],
+            "delta_bytes": delta_bytes, "seconds": time.perf_counter() - start,
+            "fold_max_abs_diff": fold_diff, "same_architecture": same_architecture(folded, plain),
+            "layers": chosen, "task": sel["task"], "backbone": meta["backbone"],
+            "epochs": epochs, "best_epoch": result.best_epoch, "seed": seed,
+            "from_scratch": from_scratch, "policy": sel.get("policy"),
+            "skipped_files": list(task.info.get("skipped", [])),
+        }
+        write_json(stage / "history.json", result.history)
+        write_json(stage / "metrics.json", metrics)
     return metrics
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,111 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_output(out: str | os.PathLike, inputs: dict[str, Any], option: str = "--out") -> Path:
+    """Refuse an output that is, lies inside, or holds one of the ``inputs``.
+
+    ``inputs`` maps what the user typed to name an input (``--checkpoint``, ``--task``,
+    ``the selection's checkpoint``) to its path (None or "" for an input not given).
+    Paths are compared with symlinks resolved, so a link cannot hide that a run would
+    overwrite the base model it reads, or replace a folder holding one of its inputs.
+    Returns ``out`` resolved.
+    """
+    from .errors import SwrError
+
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None or str(path) == "":
+            continue
+        source = Path(path).resolve()
+        if target == source or source in target.parents:
+            where = "is" if target == source else "lies inside"
+            raise SwrError(f"{option} {out} {where} the input {what} {path}; writing there would "
+                           "overwrite it: choose another output folder")
+        if target in source.parents:
+            raise SwrError(f"{option} {out} holds the input {what} {path}, which writing the "
+                           "outputs would replace: choose another output folder")
+    return target
+
+
+def check_run_folder(out: str | os.PathLike, outputs: set[str], option: str = "--out") -> None:
+    """Refuse an existing ``out`` that holds anything but the files in ``outputs``.
+
+    :func:`staged_folder` replaces ``out`` whole; call this before long work so that
+    a folder of other files is refused at once, not after the training.
+    """
+    from .errors import SwrError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SwrError(f"{option} {out} is a file; give a folder")
+    if out.is_dir():
+        # hidden *.tmp files are what an interrupted atomic write leaves behind
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in outputs
+                         and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        if foreign:
+            raise SwrError(f"{option} {out} holds files this command does not write "
+                           f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                           "replacing the folder would lose them: choose a new or empty folder")
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, outputs: set[str],
+                  option: str = "--out") -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; on success it becomes ``out``.
+
+    A run writes all its files there; only when every one is complete is the old
+    ``out`` (if any) moved aside, the new folder renamed onto ``out`` and the old one
+    deleted. A failure on the way (a full disk, Ctrl-C) deletes the temporary folder
+    and leaves ``out`` as it was, so a run folder never mixes files of two runs.
+    ``outputs`` names every file the command may write (see :func:`check_run_folder`).
+    An ``OSError`` while writing is raised again naming ``out``.
+    """
+    given = out
+    out = Path(out).resolve()  # a symlinked folder is replaced where it really lies
+    check_run_folder(out, outputs, option)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".new", dir=out.parent))
+    try:
+        try:
+            yield stage
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror or e} while writing {option}, which is left "
+                          "as it was", str(given)) from e
+        umask = os.umask(0)  # mkdtemp makes the folder private (0700); give it mkdir's mode
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)
+        if out.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old)  # onto the empty folder mkdtemp reserved
+            try:
+                os.replace(stage, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def safetensors_os_error(e: Exception, path: str | os.PathLike) -> OSError:
+    """The ``OSError`` behind a safetensors write error (a full disk), naming ``path``.
+
+    safetensors reports I/O failures as ``SafetensorError`` text such as
+    ``IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })``.
+    """
+    import re
+
+    text = str(e)
+    code = re.search(r"code: (\d+)", text)
+    message = re.search(r'message: "([^"]*)"', text)
+    errno_ = int(code.group(1)) if code else None
+    strerror = message.group(1) if message else " ".join(text.split())[:200]
+    return OSError(errno_, strerror, str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

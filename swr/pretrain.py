@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import SwrError
-from .io import cache_dir, read_json, write_json
+from .io import cache_dir, check_output, check_run_folder, read_json, staged_folder, write_json
 from .train import TrainConfig, evaluate, resolve_device, train
 
 #: The embedded defaults: source task, backbone, epochs, learning rate; the quick
@@ -29,15 +29,20 @@ QUICK_SOURCES = {
     "glyphs": ("glyphs:source", "timm:resnet10t", 4, 3e-3),
 }
 
+#: Every file of a checkpoint folder: the folder ``pretrain`` replaces may hold only these.
+OUTPUTS = {"model.safetensors", "history.json", "metrics.json"}
+
 
 def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
              lr: float = 1e-2, batch_size: int = 64, seed: int = 0, device: str = "auto",
              weights: Optional[str] = None, progress: bool = True,
              on_bad_file: str = "fail") -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""
-    from .tasks import get_task
+    from .tasks import get_task, task_data_path
     from .tasks.backbones import create_backbone, save_checkpoint
 
+    check_output(out, {"--weights": weights, "--task": task_data_path(task_spec)})
+    check_run_folder(out, OUTPUTS)
     task = get_task(task_spec, on_bad_file=on_bad_file)
     torch.manual_seed(seed)
     model = create_backbone(backbone, num_classes=task.num_classes, weights=weights)
@@ -57,11 +62,11 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
         "params": sum(p.numel() for p in model.parameters()),
         "skipped_files": list(task.info.get("skipped", [])),
     }
-    out = Path(out)
-    save_checkpoint(model.cpu(), out / "model.safetensors", backbone=backbone, task=task_spec,
-                    classes=task.class_names)
-    write_json(out / "history.json", result.history)
-    write_json(out / "metrics.json", metrics)  # last: its presence marks a complete checkpoint
+    with staged_folder(out, OUTPUTS) as stage:  # a checkpoint folder is all new or all old
+        save_checkpoint(model.cpu(), stage / "model.safetensors", backbone=backbone,
+                        task=task_spec, classes=task.class_names)
+        write_json(stage / "history.json", result.history)
+        write_json(stage / "metrics.json", metrics)
     return metrics
 
 

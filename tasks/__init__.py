@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from swr.errors import SwrError
 
@@ -60,4 +60,18 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail", **kwargs: Any)
     raise SwrError(f"unknown task kind {kind!r} in {spec!r}; known: {', '.join(TASK_FORMS)}")
 
 
-__all__ = ["Task", "TASK_FORMS", "get_task"]
+def task_data_path(spec: str) -> Optional[str]:
+    """The dataset folder a task spec reads (imagefolder, speechcommands, mswc), else None.
+
+    Used to keep outputs out of the data a run reads; the embedded suites live in the
+    cache and have none.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind in ("imagefolder", "speechcommands"):
+        return rest or None
+    if kind == "mswc":
+        return rest.rpartition(":")[0] or None
+    return None
+
+
+__all__ = ["Task", "TASK_FORMS", "get_task", "task_data_path"]

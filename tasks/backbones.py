@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from swr.errors import SwrError
-from swr.io import atomic_path, sort_safetensors_metadata
+from swr.io import atomic_path, safetensors_os_error, sort_safetensors_metadata
 from swr.reparam import head_prefix
 
 from .bcresnet import BCRESNET_TAUS, create_bcresnet
@@ -138,7 +138,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Any = "checkpoint",
                backbone: str = "") -> None:
-    """Load ``state`` strictly; mismatches name the missing/unexpected keys."""
+    """Load ``state`` strictly; mismatches name the missing/unexpected keys, and
+    non-float or non-finite values where the model has float weights are refused."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -153,6 +154,18 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Any = "
             parts.append(f"shape mismatch at {wrong[:4]}")
         raise SwrError(f"weights {source} do not fit backbone {backbone or type(model).__name__}: "
                        + "; ".join(parts) + "; use the checkpoint made for this backbone")
+    # load_state_dict would cast int8 codes to float and copy NaN silently: a wrong model
+    for key, have in own.items():
+        if not have.is_floating_point():
+            continue
+        t = state[key]
+        if not t.is_floating_point():
+            raise SwrError(f"weights {source}: {key} is {str(t.dtype).removeprefix('torch.')}, "
+                           "where the model has floating-point weights (a quantized or damaged "
+                           "checkpoint?); give float weights")
+        if not bool(torch.isfinite(t).all()):
+            raise SwrError(f"weights {source}: {key} holds NaN or infinite values (a diverged "
+                           "or damaged checkpoint); give finite weights")
     model.load_state_dict(state, strict=True)
 
 
@@ -161,6 +174,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        try:
+            save_file(state, str(tmp), metadata=meta)
+        except SafetensorError as e:  # a full disk, reported as text
+            raise safetensors_os_error(e, path) from None
         sort_safetensors_metadata(tmp)  # same model, same bytes
     return Path(path).stat().st_size

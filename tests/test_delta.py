@@ -7,7 +7,9 @@ from safetensors import safe_open
 from swr.delta import apply_task_delta, base_hash, export_task_delta, read_task_delta
 from swr.errors import ForeignDeltaError, SwrError
 from swr.fold import fold
-from swr.reparam import norm_parameters, reparam_layers, reparametrize, set_selection
+from swr.budget import selection_cost
+from swr.reparam import (get_selection, norm_parameters, reparam_layers, reparametrize,
+                         set_selection)
 
 from models import make
 from test_fold import randomize_deltas
@@ -30,7 +32,8 @@ def make_task_model(family, num_classes=5, seed=0):
 def test_export_apply_bit_exact(tmp_path, family):
     base, supernet, x = make_task_model(family)
     path = tmp_path / "task.safetensors"
-    size = export_task_delta(supernet, path, backbone=family, budget_params=1234, task="t")
+    cost = selection_cost(supernet, get_selection(supernet))
+    size = export_task_delta(supernet, path, backbone=family, budget_params=cost, task="t")
     assert size == path.stat().st_size > 0
     folded = fold(supernet)
     rebuilt = apply_task_delta(copy.deepcopy(base), path)
@@ -42,7 +45,7 @@ def test_export_apply_bit_exact(tmp_path, family):
         assert torch.equal(folded(x), rebuilt(x))
     _, meta = read_task_delta(path)
     assert meta["selection"] == list(reparam_layers(supernet))[1::3]
-    assert meta["budget_params"] == 1234 and meta["backbone"] == family
+    assert meta["budget_params"] == cost and meta["backbone"] == family
     assert meta["base_hash"] == base_hash(base) == base_hash(supernet)
 
 
