@@ -263,11 +263,12 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
     from .io import check_output
     from .tasks import task_data_path
 
-    # suites (imagenet-to-sketch:<root>) name their data folder the same way
+    def data(task: str) -> str | None:  # a suite (imagenet-to-sketch:<root>) names its root
+        suite, _, root = task.partition(":")
+        return root if suite == "imagenet-to-sketch" else task_data_path(task)
+
     check_output(args.out, {"--checkpoint": args.checkpoint,
-                            **{f"--task {t}": task_data_path(t) or
-                               (t.partition(":")[2] if t.startswith("imagenet-to-sketch:") else None)
-                               for t in args.task}})
+                            **{f"--task {t}": data(t) for t in args.task}})
     cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint, methods=args.methods,
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,

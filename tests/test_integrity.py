@@ -110,15 +110,14 @@ def world(tmp_path_factory):
 
     # task deltas that pass the hash but lie
     sd = load_file(str(w.delta))
-    layer = next(k for k in sd if k.startswith("delta/")).removeprefix("delta/")
+    layer = next(k for k in sd if k.startswith("delta/")).removeprefix("delta/")  # x.weight
     w.bad = {}
 
     def craft(name, tensors=None, meta=None):
         w.bad[name] = crafted_delta(w.delta, d / f"bad_{name}.safetensors", tensors, meta)
 
-    craft("norm-overwrites-conv", with_entry("norm/stem.0.weight",
-                                             lambda s: torch.zeros_like(load_file(
-                                                 str(w.ckpt / "model.safetensors"))["stem.0.weight"])))
+    conv = load_file(str(w.ckpt / "model.safetensors"))["stem.0.weight"]
+    craft("norm-overwrites-conv", with_entry("norm/stem.0.weight", lambda s: torch.zeros_like(conv)))
     craft("head-overwrites-conv", with_entry("head/stages.0.0.f2.0.weight",
                                              lambda s: torch.zeros_like(s[f"delta/{layer}"])))
     craft("delta-on-a-norm", with_entry("delta/stem.1.weight",
@@ -132,7 +131,9 @@ def world(tmp_path_factory):
     craft("delta-float64", lambda s: {**s, f"delta/{layer}": s[f"delta/{layer}"].double()})
     craft("delta-int8", lambda s: {**s, f"delta/{layer}": s[f"delta/{layer}"].to(torch.int8)})
     craft("norm-missing", lambda s: {k: v for k, v in s.items() if k != "norm/stem.1.weight"})
-    craft("selection-lies", meta=lambda m: {**m, "selection": json.dumps([layer])})
+    # the delta holds two layers; its metadata claims only the first
+    first_layer = layer.rpartition(".")[0]
+    craft("selection-lies", meta=lambda m: {**m, "selection": json.dumps([first_layer])})
     craft("selection-not-list", meta=lambda m: {**m, "selection": "everything"})
     craft("budget-lies", meta=lambda m: {**m, "budget_params": "10"})
     craft("backbone-lies", meta=lambda m: {**m, "backbone": "bcresnet-2"})
