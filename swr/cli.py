@@ -151,7 +151,9 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     from .policies.search import SearchConfig, run_search
     from .tasks import task_data_path
 
-    check_output(args.out, {"--checkpoint": args.checkpoint, "--task": task_data_path(args.task)})
+    # the search writes its own files into --out (kept for --resume), it never replaces it
+    check_output(args.out, {"--checkpoint": args.checkpoint, "--task": task_data_path(args.task)},
+                 replaced=False)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint, budget=args.budget,
                        out=args.out, policy=args.policy, seed=args.seed,
@@ -268,7 +270,7 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         return root if suite == "imagenet-to-sketch" else task_data_path(task)
 
     check_output(args.out, {"--checkpoint": args.checkpoint,
-                            **{f"--task {t}": data(t) for t in args.task}})
+                            **{f"--task {t}": data(t) for t in args.task}}, replaced=False)
     cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint, methods=args.methods,
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,

@@ -35,14 +35,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def check_output(out: str | os.PathLike, inputs: dict[str, Any], option: str = "--out") -> Path:
-    """Refuse an output that is, lies inside, or holds one of the ``inputs``.
+def check_output(out: str | os.PathLike, inputs: dict[str, Any], option: str = "--out",
+                 replaced: bool = True) -> Path:
+    """Refuse an output that is or lies inside one of the ``inputs`` (or holds one).
 
     ``inputs`` maps what the user typed to name an input (``--checkpoint``, ``--task``,
     ``the selection's checkpoint``) to its path (None or "" for an input not given).
-    Paths are compared with symlinks resolved, so a link cannot hide that a run would
-    overwrite the base model it reads, or replace a folder holding one of its inputs.
-    Returns ``out`` resolved.
+    ``replaced``: ``out`` is a folder replaced whole (:func:`staged_folder`), so it may
+    not hold an input either. Paths are compared with symlinks resolved, so a link
+    cannot hide that a run would overwrite the base model it reads. Returns ``out``
+    resolved.
     """
     from .errors import SwrError
 
@@ -55,7 +57,7 @@ def check_output(out: str | os.PathLike, inputs: dict[str, Any], option: str = "
             where = "is" if target == source else "lies inside"
             raise SwrError(f"{option} {out} {where} the input {what} {path}; writing there would "
                            "overwrite it: choose another output folder")
-        if target in source.parents:
+        if replaced and target in source.parents:
             raise SwrError(f"{option} {out} holds the input {what} {path}, which writing the "
                            "outputs would replace: choose another output folder")
     return target

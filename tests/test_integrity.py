@@ -361,6 +361,7 @@ def test_full_disk_during_fold_keeps_the_old_folder(world, capsys, monkeypatch):
     assert main(fold_args(world, out, delta=world.delta2)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0], err
+    print(f"BAD-INPUT | fold … --out …/{out.name} (a full disk on its 2nd file) | {err[0]}")
     assert written == ["model.safetensors", "fold.json"]
     assert snapshot(out) == old
     assert not list(world.d.glob(".folded.*"))
@@ -368,6 +369,31 @@ def test_full_disk_during_fold_keeps_the_old_folder(world, capsys, monkeypatch):
     monkeypatch.setattr(swr.tasks, "get_task", get_task)
     assert main(fold_args(world, out, delta=world.delta2)) == 0
     assert snapshot(out)["model.safetensors"] != old["model.safetensors"]
+
+
+@pytest.mark.slow
+def test_full_disk_during_pretrain_keeps_the_old_checkpoint(world, capsys, monkeypatch):
+    out = world.d / "pre_run"
+    args = ["pretrain", "--task", "tiny", "--backbone", "bcresnet-1", "--out", str(out),
+            "--epochs", "1", "--device", "cpu"]
+    assert main(args) == 0
+    old = snapshot(out)
+    written = full_disk_on_file(monkeypatch, 2, "oserror")
+    assert main([*args, "--seed", "1"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert written == ["model.safetensors", "history.json"]
+    assert snapshot(out) == old and not list(world.d.glob(".pre_run.*"))
+
+
+def test_output_may_hold_an_input_only_where_it_is_not_replaced(world):
+    # swr search and swr bench add their own files to --out; pretrain, finetune and fold
+    # replace it whole
+    assert swr.io.check_output(world.d, {"--checkpoint": world.ckpt}, replaced=False) == \
+        world.d.resolve()
+    with pytest.raises(SwrError, match="holds the input --checkpoint"):
+        swr.io.check_output(world.d, {"--checkpoint": world.ckpt})
+    with pytest.raises(SwrError, match="lies inside the input --checkpoint"):
+        swr.io.check_output(world.ckpt / "x", {"--checkpoint": world.ckpt}, replaced=False)
 
 
 def test_staged_folder_keeps_the_old_folder_on_ctrl_c(tmp_path):
