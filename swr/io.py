@@ -1,12 +1,16 @@
 """Atomic file output: write to a temporary file in the same folder, then rename.
 
 A crash or Ctrl-C never leaves a half-written result behind; the previous file, if
-any, stays intact until the new one is complete.
+any, stays intact until the new one is complete. A command that writes a folder of
+files (a checkpoint, a fine-tuned run, a folded model) writes them all into a staged
+folder that replaces the old one at the end (:func:`staged_folder`), and refuses an
+output that is, lies inside or holds one of its inputs (:func:`check_output`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -110,20 +114,30 @@ def staged_folder(out: str | os.PathLike, outputs: set[str],
         umask = os.umask(0)  # mkdtemp makes the folder private (0700); give it mkdir's mode
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)
-        if out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old)  # onto the empty folder mkdtemp reserved
-            try:
-                os.replace(stage, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
+        _swap_in(stage, out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Rename ``stage`` onto ``out``, moving an existing ``out`` aside first and then deleting it."""
+    if not out.is_dir():
+        try:
+            os.replace(stage, out)
+            return
+        except OSError as e:
+            # another process made ``out`` meanwhile (two runs of one cached checkpoint)
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old)  # onto the empty folder mkdtemp reserved
+    try:
+        os.replace(stage, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def safetensors_os_error(e: Exception, path: str | os.PathLike) -> OSError:
