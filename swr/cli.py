@@ -305,7 +305,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .io import cache_dir, check_output
 
+    # its inputs are the cached suites and source models
+    check_output(args.out, {"$SWR_CACHE": cache_dir()}, replaced=False)
     run_demo(args.out, suite=args.suite, quick=args.quick, seeds=args.seeds,
              workers=args.workers, device=args.device)
     return 0

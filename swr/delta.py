@@ -29,7 +29,8 @@ from ._version import __version__
 from .budget import check_selection
 from .errors import ForeignDeltaError, SwrError
 from .io import atomic_path, safetensors_os_error, sort_safetensors_metadata
-from .reparam import candidates, head_names, head_prefix, norm_modules, reparam_layers
+from .reparam import (candidates, head_names, head_prefix, norm_modules, reparam_layers,
+                      replace_module)
 
 FORMAT = "swr-task-delta/1"
 
@@ -265,8 +266,8 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
     for other base weights raises :class:`~swr.errors.ForeignDeltaError`; one whose
     tensors or metadata do not fit the model (see :func:`validate_task_delta`;
     ``backbone`` is the base model's backbone id, checked when given) raises
-    :class:`~swr.errors.SwrError` before anything is changed. Returns the model in
-    eval mode.
+    :class:`~swr.errors.SwrError` before any weight is changed (a head resized for it
+    is put back). Returns the model in eval mode.
     """
     if reparam_layers(base_model):
         raise SwrError("apply_task_delta expects the plain base model, not a reparametrized one")
@@ -279,6 +280,7 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
                 f"base weights hash to {have}; load the checkpoint the delta was trained from")
     head = meta.get("head")
     n = meta.get("num_classes")
+    resized = None  # (the head it had, its class count) when resized below
     if head and n is not None:
         weight = tensors.get(f"head/{head}.weight") if isinstance(head, str) else None
         if not isinstance(n, int) or weight is None or weight.dim() == 0 or weight.shape[0] != n:
@@ -292,10 +294,18 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
         if getattr(current, "weight", None) is None or current.weight.shape[0] != n:
             dtype = current.weight.dtype if getattr(current, "weight", None) is not None \
                 else None
+            resized = (current, getattr(base_model, "num_classes", None))
             base_model.reset_classifier(n)
             if dtype is not None:  # a freshly built head is fp32; keep the model's dtype
                 base_model.get_submodule(head).to(dtype)
-    validate_task_delta(base_model, tensors, meta, path, backbone=backbone)
+    try:
+        validate_task_delta(base_model, tensors, meta, path, backbone=backbone)
+    except SwrError:
+        if resized is not None:  # a refused delta leaves the model as it came
+            replace_module(base_model, head, resized[0])
+            if resized[1] is not None:
+                base_model.num_classes = resized[1]
+        raise
     state = base_model.state_dict()
     for key, t in tensors.items():
         kind, _, name = key.partition("/")

@@ -197,6 +197,9 @@ BAD_INPUT = [
     ("bench-out-is-checkpoint", lambda w: ["bench", "--task", "tiny", "--checkpoint", str(w.ckpt),
                                            "--methods", "linear", "--out", str(w.ckpt),
                                            "--workers", "1"], ["is the input --checkpoint"]),
+    ("demo-out-inside-the-cache", lambda w: ["demo", "--quick", "--out",
+                                             os.environ["SWR_CACHE"] + "/runs"],
+     ["lies inside the input $SWR_CACHE"]),
     # task deltas whose hash fits but whose tensors or metadata do not
     ("delta-norm-entry-on-a-conv", lambda w: fold_args(w, w.d / "f", w.bad["norm-overwrites-conv"]),
      ["norm/stem.0.weight", "norm layer"]),
@@ -449,6 +452,17 @@ def test_apply_task_delta_returns_eval_mode(world):
     base, _ = load_pretrained(world.ckpt)
     base.train()
     assert not swr.apply_task_delta(base, world.delta, backbone="bcresnet-1").training
+
+
+def test_refused_delta_leaves_the_model_as_it_came(world):
+    base, _ = load_pretrained(world.ckpt)  # 6 classes; the deltas are for 4
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for bad in ("norm-overwrites-conv", "delta-nan", "selection-lies"):
+        with pytest.raises(SwrError):
+            swr.apply_task_delta(base, world.bad[bad])
+        after = base.state_dict()
+        assert after.keys() == before.keys() and base.num_classes == 6
+        assert all(torch.equal(after[k], v) for k, v in before.items()), bad
 
 
 @pytest.mark.slow
