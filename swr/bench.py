@@ -41,29 +41,10 @@ NATURAL = "natural"
 
 
 def expand_tasks(specs: list[str]) -> list[str]:
-    """Suites to their tasks: ``kws-synth:all``, ``glyphs:all``, ``imagenet-to-sketch:<root>``."""
-    out: list[str] = []
-    for spec in specs:
-        if spec == "kws-synth:all":
-            from .tasks.kws_synth import TARGET_LANGS
+    """Suites to their tasks (see :func:`swr.tasks.get_suite`)."""
+    from .tasks.suites import expand_tasks as expand
 
-            out += [f"kws-synth:{lang}" for lang in TARGET_LANGS]
-        elif spec == "glyphs:all":
-            from .tasks.glyphs import TARGETS
-
-            out += [f"glyphs:{t}" for t in TARGETS]
-        elif spec.startswith("imagenet-to-sketch:"):
-            root = Path(spec.split(":", 1)[1])
-            names = {"cub": "CUBS_Cropped", "cars": "Stanford_Cars_Cropped", "flowers": "Flowers",
-                     "wikiart": "WikiArt", "sketch": "Sketches"}
-            for key, folder in names.items():
-                found = [p for p in (root / folder, root / key) if p.is_dir()]
-                if not found:
-                    raise SwrError(f"imagenet-to-sketch: {root} has no {folder}/ (or {key}/) folder")
-                out.append(f"imagefolder:{found[0]}")
-        else:
-            out.append(spec)
-    return out
+    return expand(specs)
 
 
 @dataclass
