@@ -347,19 +347,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_search(path: Path, rows: list[dict], title: str) -> None:
-    import matplotlib
+    """``search.png``: every evaluation's reward and the best so far (see :mod:`swr.plots`)."""
+    from swr.plots import search_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if rows:
-        x = [r["evaluation"] for r in rows]
-        ax.scatter(x, [r["reward"] for r in rows], s=8, alpha=0.5, label="reward")
-        ax.plot(x, [r["best_so_far"] for r in rows], color="C3", label="best so far")
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("validation score")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    save_png(fig, path)
+    save_png(search_figure(rows, title), path)

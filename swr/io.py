@@ -40,12 +40,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
+    """Write a matplotlib figure as PNG atomically; a pyplot figure is then closed.
 
+    A :class:`matplotlib.figure.Figure` made without pyplot (as :mod:`swr.plots`
+    makes them) needs no backend, so saving never changes a notebook's backend.
+    """
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # registered with pyplot
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
