@@ -31,6 +31,8 @@ from swr.errors import ClusterLostError, SwrError
 from swr.io import atomic_path, cache_dir, save_png, write_json, write_text
 from swr.pretrain import load_pretrained
 from swr.reparam import candidates
+from swr.runlog import RunLog
+from swr.runlog import reset as reset_runlog
 from swr.supernet import SupernetConfig, build_supernet, layer_statistics, train_supernet
 
 POLICIES = ("pg", "ppo", "random", "greedy", "knapsack")
@@ -287,9 +289,19 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
             from .pg import PGConfig, greedy_mask, train_pg
 
             pgc = PGConfig(samples_per_iteration=cfg.samples_per_iteration, seed=cfg.seed)
+            # a resumed search replays its iterations, so the log starts afresh either way
+            reset_runlog(out, ("search_iterations",))
+            iterations = RunLog(out, "search_iterations", tag="search")
+
+            def on_iteration(rec: dict) -> None:
+                values = {k: v for k, v in rec.items() if k != "iteration"}
+                iterations.record(rec["iteration"], {**values, "best": log.best[0],
+                                                     "evaluations": len(log.seen)})
+
             # one evaluation is kept for the trained policy's most likely selection
             policy = train_pg(features, np.asarray(costs), budget_params, run.score,
-                              lambda: run.evaluations_left() - 1, pgc)
+                              lambda: run.evaluations_left() - 1, pgc, on_iteration)
+            iterations.close()
             run.score([greedy_mask(policy, features, np.asarray(costs), budget_params)])
             policy_file = out / "policy.safetensors"
             with atomic_path(policy_file) as tmp:

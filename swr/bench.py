@@ -127,7 +127,11 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
         if out_dir:
             knobs.setdefault("out", out_dir)
     tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
-                     device=cfg.device, progress=False, desc=method)
+                     device=cfg.device, progress=False, desc=method, log_dir=out_dir)
+    if out_dir:  # this cell starts afresh: its epochs.csv and TensorBoard events are new
+        from .runlog import reset
+
+        reset(out_dir)
     try:
         row = run_method(method, base, task, budget_params, tc, predictions=predictions, **knobs)
     except BudgetError as e:  # the method cannot be made this small: not a bench failure

@@ -35,6 +35,7 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
 
     ``on_bad_file`` defaults to the policy the search ran with.
     """
+    from .runlog import reset as reset_runlog
     from .tasks import get_task
     from .tasks.backbones import save_checkpoint
 
@@ -74,7 +75,8 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     # neither trained nor exported
     params = set_trainable(model, deltas=chosen, norms=True, head=True)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                      progress=progress, desc="finetune")
+                      progress=progress, desc="finetune", log_dir=str(out))
+    reset_runlog(out)
     start = time.perf_counter()
     result = train(model, task, params, cfg)
     dev = resolve_device(device)

@@ -35,6 +35,7 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
              weights: Optional[str] = None, progress: bool = True,
              on_bad_file: str = "fail") -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""
+    from . import runlog
     from .tasks import get_task
     from .tasks.backbones import create_backbone, save_checkpoint
 
@@ -44,7 +45,9 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
     params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                       weight_decay=1e-3, warmup_epochs=min(2.0, epochs / 5), label_smoothing=0.05,
-                      progress=progress, desc=f"pretrain {backbone} on {task_spec}")
+                      progress=progress, desc=f"pretrain {backbone} on {task_spec}",
+                      log_dir=str(out))
+    runlog.reset(out)
     start = time.perf_counter()
     result = train(model, task, params, cfg)
     dev = resolve_device(device)
