@@ -130,7 +130,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     from .policies.search import POLICIES
 
-    p.add_argument("--policy", default="pg", choices=list(POLICIES),
+    # the list is shown, and checked by SearchConfig (one line naming the value, exit 2)
+    p.add_argument("--policy", default="pg", metavar="{" + ",".join(POLICIES) + "}",
                    help="policy network trained by policy gradient (pg), SB3 MaskablePPO (ppo), "
                         "or a reference selector")
     p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")

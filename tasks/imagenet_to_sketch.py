@@ -375,7 +375,7 @@ def locate(root: str | os.PathLike) -> dict[str, Path]:
     for kind, names in FOLDER_NAMES.items():
         folder = next((children[_norm(n)] for n in names if _norm(n) in children), None)
         if folder is None:
-            missing.append(f"{kind} ({' or '.join(names[:2])}/)")
+            missing.append(f"{kind} ({'/ or '.join(names[:2])}/)")
             continue
         inner = [d for d in folder.iterdir() if d.is_dir() and _norm(d.name) == _norm(folder.name)]
         found[kind] = inner[0] if len(inner) == 1 else folder
