@@ -264,3 +264,57 @@ def test_mswc_multilingual_suite(tmp_path):
     for bad in (f"mswc:{root}:de,de", f"mswc:{root}:de,", "mswc::de,fr"):
         with pytest.raises(SwrError):
             get_suite(bad)
+
+
+def test_repackaged_folders_are_read_too(tmp_path):
+    """Piggyback's CUBS_Cropped and the train/valid/test Flowers copies."""
+    cub = make_class_folders(tmp_path / "CUBS_Cropped", ("001.a", "002.b"))
+    task = get_task(f"cub:{cub}", image_size=SIZE)
+    assert task.info["cropped"] and task.class_names == ["001.a", "002.b"]
+    flowers = make_class_folders(tmp_path / "flowers", ("1", "2"), per_class=4)
+    make_class_folders(flowers / "valid", ("1", "2"), per_class=1, split=False)
+    task = get_task(f"flowers102:{flowers}", image_size=SIZE)
+    assert len(task.val) == 2 and "val from valid/" in task.info["protocol"]
+    make_class_folders(flowers / "test", ("3",), per_class=1, split=False)
+    with pytest.raises(SwrError, match="different classes"):
+        get_task(f"flowers102:{flowers}", image_size=SIZE)
+    with pytest.raises(SwrError, match="CUB-200-2011 not found"):
+        get_task(f"cub:{tmp_path / 'flowers' / 'valid'}", image_size=SIZE)
+
+
+def test_single_task_commands_refuse_a_suite_with_its_tasks(tmp_path):
+    with pytest.raises(SwrError, match=r"suite of 2 tasks \(mswc:/d:de, mswc:/d:fr\)"):
+        get_task("mswc:/d:de,fr")
+
+
+def test_bench_runs_a_suite_task_by_task(tmp_path):
+    """swr bench --task mswc:<root>:de,fr: one task per language, averaged in results.md,
+    and each run's epochs.csv under runs/."""
+    from fixtures import tiny_checkpoint
+
+    from swr.bench import BenchConfig, run_bench
+
+    root = tmp_path / "mswc"
+    words = [f"w{i}" for i in range(10)]  # the default protocol: 10 keywords, 10+ TRAIN clips
+    for lang in ("de", "fr"):
+        rows, i = [], 0
+        for word in words:
+            for set_name in ["TRAIN"] * 10 + ["DEV", "TEST"]:
+                link = f"{word}/c{lang}{i}.wav"
+                write_clip(root / lang / "clips" / link, i % 7, seconds=0.5)
+                rows.append({"SET": set_name, "LINK": link, "WORD": word})
+                i += 1
+        with open(root / lang / f"{lang}_splits.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=["SET", "LINK", "WORD"])
+            w.writeheader()
+            w.writerows(rows)
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", n_classes=12)
+    cfg = BenchConfig(tasks=[f"mswc:{root}:de,fr"], checkpoint=str(ckpt), methods=["linear"],
+                      budgets=["5%"], out=str(tmp_path / "b"), seeds=1, epochs=1, workers=1,
+                      device="cpu", progress=False)
+    result = run_bench(cfg, log=lambda _: None)
+    assert sorted(r["task"] for r in result) == [f"mswc:{root}:de", f"mswc:{root}:fr"]
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "Average over tasks" in md
+    logs = sorted((tmp_path / "b" / "runs").glob("*/epochs.csv"))
+    assert len(logs) == 2 and all(len(p.read_text().splitlines()) == 2 for p in logs)
