@@ -164,7 +164,7 @@ class SearchRun:
 
 # -- stage 1 with a cache ---------------------------------------------------------------
 def _supernet_key(cfg: SearchConfig, task_id: str, base: str) -> str:
-    settings = {k: v for k, v in asdict(cfg.supernet).items() if k != "progress"}
+    settings = {k: v for k, v in asdict(cfg.supernet).items() if k not in ("progress", "log_dir")}
     blob = json.dumps({"task": task_id, "base": base, "supernet": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -265,6 +265,9 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     cfg.supernet.seed = cfg.seed
     cfg.supernet.device = cfg.device
     cfg.supernet.progress = cfg.progress
+    cfg.supernet.log_dir = str(out)
+    if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
+        reset_runlog(out, ("epochs",))
     t0 = time.perf_counter()
     supernet, meta, supernet_dir = prepare_supernet(cfg, task, base_model, backbone)
     t_supernet = time.perf_counter() - t0

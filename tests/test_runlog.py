@@ -93,15 +93,19 @@ def test_search_logs_iterations(policy, tmp_path, monkeypatch):
 
     task = tiny_audio_task()
     monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
+    monkeypatch.setenv("SWR_CACHE", str(tmp_path / "cache"))  # train the supernet here
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
     run_search(SearchConfig(task="tiny", checkpoint=str(ckpt), budget="10%", out=str(out),
                             policy=policy, evaluations=16, workers=0, progress=False,
                             device="cpu", supernet=SupernetConfig(epochs=1, progress=False)))
     got = scalars(out / "tensorboard")
+    # stage 1 (the supernet) is watched like any training
+    assert "supernet/val_acc" in got and rows(out / "epochs.csv")[0]["phase"] == "supernet"
     if policy == "pg":
         table = rows(out / "search_iterations.csv")
-        assert len(table) >= 2 and [int(r["step"]) for r in table] == list(range(1, len(table) + 1))
+        assert len(table) >= 2
+        assert [int(r["step"]) for r in table] == list(range(1, len(table) + 1))
         assert {"mean_reward", "max_reward", "best", "entropy", "loss"} <= table[0].keys()
         best = [float(r["best"]) for r in table]
         assert best == sorted(best)  # best so far never drops
