@@ -68,7 +68,6 @@ def test_tensorboard_can_be_switched_off(tmp_path, monkeypatch):
 
 @needs_writer
 def test_train_logs_every_epoch(tmp_path):
-    from fixtures import tiny_checkpoint  # noqa: F401  (same fixtures module as the pipeline)
     from swr.tasks.backbones import create_backbone
 
     task = tiny_audio_task(n_classes=3, per_class=6)
