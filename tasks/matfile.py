@@ -10,6 +10,7 @@ fixtures in the real format.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -66,7 +67,8 @@ def read_mat(path: str | Path) -> dict[str, Any]:
                 continue  # e.g. the subsystem data of function handles
             name, value = _matrix(data, order)
             out[name] = value
-    except (_Bad, zlib.error, struct.error, ValueError) as e:
+    except (_Bad, zlib.error, struct.error, ValueError, IndexError, TypeError, OverflowError,
+            UnicodeDecodeError, RecursionError) as e:
         raise SwrError(f"{path} is a damaged MAT-file ({e}); restore it from the dataset's "
                        f"archive") from None
     return out
@@ -109,7 +111,11 @@ def _matrix(buf: bytes, order: str) -> tuple[str, Any]:
     shape = tuple(int(d) for d in _numbers(dtype, dims, order))
     _, name, pos = _element(buf, pos, order)
     name = name.decode("latin-1")
-    count = int(np.prod(shape)) if shape else 0
+    if any(d < 0 for d in shape):
+        raise _Bad(f"negative dimension in {shape}")
+    count = math.prod(shape) if shape else 0
+    if count > 8 * len(buf) + 8:  # every element takes at least a byte (cells: 8)
+        raise _Bad(f"dimensions {shape} are larger than the data")
     if mx_class in _MX_NUMERIC:
         dtype, real, pos = _element(buf, pos, order)
         values = _numbers(dtype, real, order).astype(_MX_NUMERIC[mx_class])

@@ -318,3 +318,27 @@ def test_bench_runs_a_suite_task_by_task(tmp_path):
     assert "Average over tasks" in md
     logs = sorted((tmp_path / "b" / "runs").glob("*/epochs.csv"))
     assert len(logs) == 2 and all(len(p.read_text().splitlines()) == 2 for p in logs)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_matfile_damaged_bytes_give_one_swr_error(tmp_path, compress):
+    """Any corruption of a real-format file is a SwrError naming it, never a crash."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    good = tmp_path / "good.mat"
+    write_mat(good, {"annotations": [{"fname": "a.jpg", "class": np.array(3)}],
+                     "labels": np.arange(300), "names": ["x", "yz"]}, compress=compress)
+    data = good.read_bytes()
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.integers(128, len(data) - 1), st.binary(min_size=1, max_size=8))
+    def damaged(pos, junk):
+        path = tmp_path / "bad.mat"
+        path.write_bytes(data[:pos] + junk + data[pos + len(junk):])
+        try:
+            read_mat(path)
+        except SwrError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+
+    damaged()
