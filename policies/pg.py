@@ -64,8 +64,8 @@ def train_pg(features: np.ndarray, costs: np.ndarray, budget: int,
         opt.step()
         if on_iteration is not None:
             on_iteration({"iteration": it + 1, "mean_reward": mean, "max_reward": float(rewards.max()),
-                          "baseline": baseline, "entropy": float(roll.entropy.mean()),
-                          "loss": float(loss)})
+                          "baseline": baseline, "entropy": float(roll.entropy.mean().detach()),
+                          "loss": float(loss.detach())})
     return policy
 
 

@@ -118,7 +118,8 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
               use_ray: bool = True, progress: bool = True,
               log: Callable[[dict], None] | None = None, n_epochs: int = 4,
               gamma: float = 1.0, ent_coef: float = 0.01, net_arch: Sequence[int] = (64, 64),
-              final_rollout: bool = False) -> tuple[MaskablePPO, SearchResult | None]:
+              final_rollout: bool = False, log_dir: str | None = None
+              ) -> tuple[MaskablePPO, SearchResult | None]:
     """Train MaskablePPO on the environments and return it with the best selection seen.
 
     Args:
@@ -134,6 +135,8 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
             less important.
         final_rollout: after training, also run the deterministic policy once (on
             environment 0, with action masks) and count it like any episode.
+        log_dir: where SB3's training statistics go per update (``ppo.csv`` and
+            TensorBoard events, see :mod:`swr.policies.sb3_log`); None: nowhere.
 
     Returns:
         The trained model and the best selection seen, or ``None`` if no episode
@@ -155,6 +158,10 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
                             n_epochs=n_epochs, learning_rate=learning_rate, gamma=gamma,
                             ent_coef=ent_coef, seed=seed, device="cpu", verbose=0,
                             policy_kwargs={"net_arch": list(net_arch)})
+        if log_dir is not None:
+            from .sb3_log import sb3_logger
+
+            model.set_logger(sb3_logger(log_dir))
         model.learn(total_timesteps, callback=_EpisodeCallback(tally, total_timesteps, progress))
         if final_rollout:
             _deterministic_rollout(model, vec_env, tally)

@@ -51,7 +51,7 @@ def run_ppo(cfg, features: np.ndarray, costs: Sequence[int], budget: int, names:
     n_steps = max(len(names), 64 // n_envs)
     model, _ = ppo_select([factory] * n_envs, episodes * len(names), seed=cfg.seed,
                           n_steps=n_steps, batch_size=min(64, n_steps * n_envs),
-                          use_ray=use_ray, progress=cfg.progress, log=record)
+                          use_ray=use_ray, progress=cfg.progress, log=record, log_dir=str(out))
     path = Path(out) / "policy_ppo.zip"
     model.save(str(path))
     return path

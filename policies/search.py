@@ -31,6 +31,8 @@ from swr.errors import ClusterLostError, SwrError
 from swr.io import atomic_path, cache_dir, save_png, write_json, write_text
 from swr.pretrain import load_pretrained
 from swr.reparam import candidates
+from swr.runlog import RunLog
+from swr.runlog import reset as reset_runlog
 from swr.supernet import SupernetConfig, build_supernet, layer_statistics, train_supernet
 
 POLICIES = ("pg", "ppo", "random", "greedy", "knapsack")
@@ -162,7 +164,7 @@ class SearchRun:
 
 # -- stage 1 with a cache ---------------------------------------------------------------
 def _supernet_key(cfg: SearchConfig, task_id: str, base: str) -> str:
-    settings = {k: v for k, v in asdict(cfg.supernet).items() if k != "progress"}
+    settings = {k: v for k, v in asdict(cfg.supernet).items() if k not in ("progress", "log_dir")}
     blob = json.dumps({"task": task_id, "base": base, "supernet": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -263,6 +265,9 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     cfg.supernet.seed = cfg.seed
     cfg.supernet.device = cfg.device
     cfg.supernet.progress = cfg.progress
+    cfg.supernet.log_dir = str(out)
+    if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
+        reset_runlog(out, ("epochs",))
     t0 = time.perf_counter()
     supernet, meta, supernet_dir = prepare_supernet(cfg, task, base_model, backbone)
     t_supernet = time.perf_counter() - t0
@@ -287,9 +292,19 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
             from .pg import PGConfig, greedy_mask, train_pg
 
             pgc = PGConfig(samples_per_iteration=cfg.samples_per_iteration, seed=cfg.seed)
+            # a resumed search replays its iterations, so the log starts afresh either way
+            reset_runlog(out, ("search_iterations",))
+            iterations = RunLog(out, "search_iterations", tag="search")
+
+            def on_iteration(rec: dict) -> None:
+                values = {k: v for k, v in rec.items() if k != "iteration"}
+                iterations.record(rec["iteration"], {**values, "best": log.best[0],
+                                                     "evaluations": len(log.seen)})
+
             # one evaluation is kept for the trained policy's most likely selection
             policy = train_pg(features, np.asarray(costs), budget_params, run.score,
-                              lambda: run.evaluations_left() - 1, pgc)
+                              lambda: run.evaluations_left() - 1, pgc, on_iteration)
+            iterations.close()
             run.score([greedy_mask(policy, features, np.asarray(costs), budget_params)])
             policy_file = out / "policy.safetensors"
             with atomic_path(policy_file) as tmp:
@@ -347,19 +362,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_search(path: Path, rows: list[dict], title: str) -> None:
-    import matplotlib
+    """``search.png``: every evaluation's reward and the best so far (see :mod:`swr.plots`)."""
+    from swr.plots import search_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if rows:
-        x = [r["evaluation"] for r in rows]
-        ax.scatter(x, [r["reward"] for r in rows], s=8, alpha=0.5, label="reward")
-        ax.plot(x, [r["best_so_far"] for r in rows], color="C3", label="best so far")
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("validation score")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    save_png(fig, path)
+    save_png(search_figure(rows, title), path)

@@ -41,29 +41,10 @@ NATURAL = "natural"
 
 
 def expand_tasks(specs: list[str]) -> list[str]:
-    """Suites to their tasks: ``kws-synth:all``, ``glyphs:all``, ``imagenet-to-sketch:<root>``."""
-    out: list[str] = []
-    for spec in specs:
-        if spec == "kws-synth:all":
-            from .tasks.kws_synth import TARGET_LANGS
+    """Suites to their tasks (see :func:`swr.tasks.get_suite`)."""
+    from .tasks.suites import expand_tasks as expand
 
-            out += [f"kws-synth:{lang}" for lang in TARGET_LANGS]
-        elif spec == "glyphs:all":
-            from .tasks.glyphs import TARGETS
-
-            out += [f"glyphs:{t}" for t in TARGETS]
-        elif spec.startswith("imagenet-to-sketch:"):
-            root = Path(spec.split(":", 1)[1])
-            names = {"cub": "CUBS_Cropped", "cars": "Stanford_Cars_Cropped", "flowers": "Flowers",
-                     "wikiart": "WikiArt", "sketch": "Sketches"}
-            for key, folder in names.items():
-                found = [p for p in (root / folder, root / key) if p.is_dir()]
-                if not found:
-                    raise SwrError(f"imagenet-to-sketch: {root} has no {folder}/ (or {key}/) folder")
-                out.append(f"imagefolder:{found[0]}")
-        else:
-            out.append(spec)
-    return out
+    return expand(specs)
 
 
 @dataclass
@@ -146,7 +127,11 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
         if out_dir:
             knobs.setdefault("out", out_dir)
     tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
-                     device=cfg.device, progress=False, desc=method)
+                     device=cfg.device, progress=False, desc=method, log_dir=out_dir)
+    if out_dir:  # this cell starts afresh: its epochs.csv and TensorBoard events are new
+        from .runlog import reset
+
+        reset(out_dir)
     try:
         row = run_method(method, base, task, budget_params, tc, predictions=predictions, **knobs)
     except BudgetError as e:  # the method cannot be made this small: not a bench failure
@@ -372,31 +357,10 @@ def results_markdown(rows: list[dict]) -> str:
 
 
 def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
-    import matplotlib
+    """``pareto.png``: test accuracy against updated parameters (see :mod:`swr.plots`)."""
+    from .plots import pareto_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = summarize(rows)
-    tasks = sorted({s["task"] for s in summary})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        methods = sorted({s["method"] for s in summary if s["task"] == task})
-        for i, method in enumerate(methods):
-            pts = sorted((max(s["updated_params"], 1), s["test_acc"], s["test_std"])
-                         for s in summary if s["task"] == task and s["method"] == method)
-            xs, ys, es = zip(*pts)
-            marker = "*" if method.startswith("swr") else "o"
-            ax.errorbar(xs, ys, yerr=es, marker=marker, ms=10 if marker == "*" else 5,
-                        capsize=2, label=method, color=f"C{i % 10}")
-        ax.set_xscale("log")
-        ax.set_xlabel("updated backbone parameters (log)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(title or task, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    save_png(fig, path)
+    save_png(pareto_figure(summarize(rows), title), path)
 
 
 def _mean(values) -> Optional[float]:
@@ -469,40 +433,8 @@ def robustness_markdown(rows: list[dict], pairs: list[dict], top: int = 12) -> s
 
 def plot_robustness(path: Path, rows: list[dict], pairs: list[dict]) -> None:
     """Shift accuracy against test accuracy: methods, the WiSE-FT line, ensembles."""
-    import matplotlib
+    from .plots import robustness_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = [s for s in summarize(rows) if s["shift_acc"] is not None]
-    ens = [s for s in summarize_ensembles(pairs) if s["shift_acc"] is not None]
-    curves = wise_curves(rows)
-    tasks = sorted({s["task"] for s in summary})
-    if not tasks:
-        return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        methods = sorted({s["method"] for s in summary if s["task"] == task})
-        for i, method in enumerate(methods):
-            pts = [(s["test_acc"], s["shift_acc"]) for s in summary
-                   if s["task"] == task and s["method"] == method]
-            marker = "*" if method.startswith("swr") else "o"
-            ax.scatter(*zip(*pts), marker=marker, s=90 if marker == "*" else 30,
-                       label=method, color=f"C{i % 10}", zorder=3)
-        curve = [p for p in curves.get(task, []) if p["shift_acc"] is not None]
-        if curve:
-            ax.plot([p["test_acc"] for p in curve], [p["shift_acc"] for p in curve], "-",
-                    color="0.4", lw=1, label="WiSE-FT (alpha 0 to 1)", zorder=2)
-            for p in curve:
-                ax.annotate(f"{p['alpha']:g}", (p["test_acc"], p["shift_acc"]), fontsize=6)
-        mine = [s for s in ens if s["task"] == task]
-        if mine:
-            ax.scatter([s["test_acc"] for s in mine], [s["shift_acc"] for s in mine], marker="x",
-                       s=16, color="black", alpha=0.35, label="ensembles of two", zorder=1)
-        ax.set_xlabel("test accuracy")
-        ax.set_ylabel("shift_test accuracy")
-        ax.set_title(task, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    save_png(fig, path)
+    fig = robustness_figure(summarize(rows), summarize_ensembles(pairs), wise_curves(rows))
+    if fig is not None:
+        save_png(fig, path)

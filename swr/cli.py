@@ -128,7 +128,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True,
                    help="fraction (0.05), percentage (5%%) or parameter count (20000)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--policy", default="pg", help="pg | ppo | random | greedy | knapsack (default pg)")
+    from .policies.search import POLICIES
+
+    # the list is shown, and checked by SearchConfig (one line naming the value, exit 2)
+    p.add_argument("--policy", default="pg", metavar="{" + ",".join(POLICIES) + "}",
+                   help="policy network trained by policy gradient (pg), SB3 MaskablePPO (ppo), "
+                        "or a reference selector")
     p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
@@ -240,11 +245,12 @@ def _csv_list(text: str) -> list[str]:
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", required=True,
                    help="target task; repeat it, or name a suite: kws-synth:all, glyphs:all, "
-                        "imagenet-to-sketch:<root>")
+                        "imagenet-to-sketch:<root>, mswc:<root>:<lang1>,<lang2> (all names: "
+                        "swr list tasks)")
     p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
     p.add_argument("--methods", required=True, type=_csv_list,
-                   help="comma-separated: linear,full,bitfit,norm,ssf,lora,adapter-par,"
-                        "adapter-seq,taps,two-stage,vpt-shallow,vpt-deep,wise-ft,swr,swr-knapsack,...")
+                   help="comma-separated method names, e.g. linear,full,norm,lora,swr "
+                        "(all of them: swr list methods)")
     p.add_argument("--budgets", default="5%", type=_csv_list,
                    help="comma-separated budgets, e.g. 1%%,5%%,10%% (default 5%%)")
     p.add_argument("--out", required=True, help="output folder")
@@ -318,9 +324,35 @@ COMMANDS["demo"] = (_demo_args, run_demo_cmd,
                     "the main job: pretrain, then SWR vs baselines on several target tasks")
 
 
+# -- swr list -------------------------------------------------------------------------
+def _list_args(p: argparse.ArgumentParser) -> None:
+    from .catalog import KINDS
+
+    p.add_argument("kind", choices=list(KINDS), help="what to list")
+    p.add_argument("pattern", nargs="?",
+                   help="only names matching this shell pattern, e.g. 'mswc*'; for backbones "
+                        "'timm:resnet*' lists timm's architectures (default: all)")
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from .catalog import names
+
+    entries = names(args.kind, args.pattern)
+    if not entries:
+        raise SwrError(f"no {args.kind} match {args.pattern!r}; run swr list {args.kind}")
+    width = max(len(n) for n, _ in entries)
+    for name, what in entries:
+        print(f"{name:<{width}}  {what}".rstrip())
+    return 0
+
+
+COMMANDS["list"] = (_list_args, run_list,
+                    "print the backbones, tasks, methods or search policies you can name")
+
+
 # -- swr check ------------------------------------------------------------------------
 def _check_args(p: argparse.ArgumentParser) -> None:
-    p.epilog = "example: swr check"
+    """No options: the check needs none."""
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -337,6 +369,42 @@ def run_check(args: argparse.Namespace) -> int:
 
 COMMANDS["check"] = (_check_args, run_check,
                      "self-check of the install: torch, torchvision and torchaudio load together")
+
+
+#: One example per command, shown at the end of its --help.
+EXAMPLES = {
+    "inspect": "swr inspect --backbone timm:resnet18",
+    "pretrain": "swr pretrain --task kws-synth:en --backbone bcresnet-2 --out ckpt/en",
+    "search": "swr search --task kws-synth:de --checkpoint ckpt/en --budget 5% --out runs/de",
+    "finetune": "swr finetune --selection runs/de/selection.json --out runs/de/final",
+    "fold": "swr fold --checkpoint ckpt/en --delta runs/de/final/task_delta.safetensors "
+            "--out runs/de/model",
+    "bench": "swr bench --task kws-synth:all --checkpoint ckpt/en --methods linear,norm,swr "
+             "--budgets 1%,5% --out runs/bench",
+    "demo": "swr demo --quick --out runs/demo",
+    "list": "swr list methods",
+    "check": "swr check",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default and keeps the example's line as written.
+
+    Unlike ``ArgumentDefaultsHelpFormatter`` it does not repeat a default the help
+    already states, says "none" for an option that is off unless given, and leaves
+    flags (``store_true``) alone.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction,
+                                       argparse._VersionAction))
+                or "default" in text.lower()):
+            return text
+        if action.default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -358,9 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add_args, _, help) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
+        example = EXAMPLES.get(name)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter,
+                           epilog=f"example:\n  {example}" if example else None)
         add_args(p)
         p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        for action in p._actions:  # argparse prints nothing, not even the default, without help
+            if action.help is None and action.option_strings and not action.required:
+                action.help = "(default: %(default)s)"
     return parser
 
 

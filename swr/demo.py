@@ -50,8 +50,9 @@ def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: in
     rows = run_bench(cfg, log=log)
     table = (out / "bench" / "results.md").read_text()
     base, _ = load_pretrained(ckpt)
-    names = [c.name for c in candidates(base)]
-    selection_map = plot_selection_map(out / "selection_map.png", rows, names)
+    layers = candidates(base)
+    selection_map = plot_selection_map(out / "selection_map.png", rows, [c.name for c in layers],
+                                       {c.name: c.params for c in layers})
     seconds = time.perf_counter() - start
     report = [
         f"# swr demo ({suite}{', quick' if quick else ''})", "",
@@ -82,13 +83,11 @@ def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: in
     return summary
 
 
-def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str]) -> bool:
-    """A tasks x layers grid: filled where SWR reparametrized that layer (seed 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str],
+                       costs: dict[str, int] | None = None) -> bool:
+    """A tasks x layers grid: filled where SWR reparametrized that layer (seed 0), with
+    each layer's parameter cost (``costs``) above it."""
+    from .plots import selection_map_figure
 
     picks = {}
     for r in rows:
@@ -98,16 +97,8 @@ def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str]) -> 
         picks[r["task"]] = settings.get("selection", [])
     if not picks:
         return False
-    used = {n for sel in picks.values() for n in sel}
-    # candidate layers in network order; only those some target chose, to stay readable
-    layer_list = [n for n in layer_names if n in used]
-    grid = np.array([[1.0 if n in set(sel) else 0.0 for n in layer_list] for sel in picks.values()])
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layer_list)), 0.6 * len(picks) + 2.2))
-    ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1)
-    ax.set_yticks(range(len(picks)), list(picks))
-    ax.set_xticks(range(len(layer_list)), layer_list, rotation=90, fontsize=6)
-    ax.set_title("layers reparametrized by SWR (5% budget)", fontsize=9)
-    fig.tight_layout()
-    save_png(fig, path)
+    budgets = sorted({str(r["budget"]) for r in rows if r["method"] == "swr"})
+    save_png(selection_map_figure(picks, layer_names, costs or {},
+                                  f"layers reparametrized by SWR (budget {', '.join(budgets)}, "
+                                  f"seed 0)"), path)
     return True
-

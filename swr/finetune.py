@@ -23,12 +23,14 @@ from .fold import fold, same_architecture
 from .io import check_output, check_run_folder, read_json, staged_folder, write_json
 from .pretrain import load_pretrained
 from .reparam import reparam_layers, set_selection, set_trainable, unwrap
+from .runlog import TRAINING_LOGS
 from .supernet import build_supernet
 from .tasks import task_data_path
 from .train import TrainConfig, evaluate, resolve_device, train
 
 #: Every file ``finetune`` writes: the run folder it replaces may hold only these.
-OUTPUTS = {"task_delta.safetensors", "model.safetensors", "history.json", "metrics.json"}
+OUTPUTS = {"task_delta.safetensors", "model.safetensors", "history.json", "metrics.json",
+           *TRAINING_LOGS}
 
 
 def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: float = 3e-3,
@@ -39,6 +41,7 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
 
     ``on_bad_file`` defaults to the policy the search ran with.
     """
+    from .runlog import reset as reset_runlog
     from .tasks import get_task
     from .tasks.backbones import save_checkpoint
 
@@ -85,7 +88,8 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     # neither trained nor exported
     params = set_trainable(model, deltas=chosen, norms=True, head=True)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                      progress=progress, desc="finetune")
+                      progress=progress, desc="finetune", log_dir=str(out))
+    reset_runlog(out)
     start = time.perf_counter()
     result = train(model, task, params, cfg)
     dev = resolve_device(device)
@@ -98,7 +102,7 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
         fold_diff = float((model(x) - folded(x)).abs().max())
     shift_test_acc = evaluate(folded, task.shift_test) if task.shift_test is not None else None
     # every file goes to a staged folder that replaces ``out`` only once all are written
-    with staged_folder(out, OUTPUTS) as stage:
+    with staged_folder(out, OUTPUTS, carry=TRAINING_LOGS) as stage:
         delta_bytes = export_task_delta(model, stage / "task_delta.safetensors",
                                         backbone=meta["backbone"],
                                         budget_params=int(sel["budget_params"]), task=sel["task"])

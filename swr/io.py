@@ -90,7 +90,7 @@ def check_run_folder(out: str | os.PathLike, outputs: set[str], option: str = "-
 
 @contextlib.contextmanager
 def staged_folder(out: str | os.PathLike, outputs: set[str],
-                  option: str = "--out") -> Iterator[Path]:
+                  option: str = "--out", carry: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out``; on success it becomes ``out``.
 
     A run writes all its files there; only when every one is complete is the old
@@ -98,6 +98,8 @@ def staged_folder(out: str | os.PathLike, outputs: set[str],
     deleted. A failure on the way (a full disk, Ctrl-C) deletes the temporary folder
     and leaves ``out`` as it was, so a run folder never mixes files of two runs.
     ``outputs`` names every file the command may write (see :func:`check_run_folder`).
+    ``carry`` names entries the run wrote into ``out`` itself while it ran (live
+    training logs, so they can be watched): they move into the new folder at the swap.
     An ``OSError`` while writing is raised again naming ``out``.
     """
     given = out
@@ -114,6 +116,9 @@ def staged_folder(out: str | os.PathLike, outputs: set[str],
         umask = os.umask(0)  # mkdtemp makes the folder private (0700); give it mkdir's mode
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)
+        for name in carry:
+            if (out / name).exists() and not (stage / name).exists():
+                os.replace(out / name, stage / name)
         _swap_in(stage, out)
     finally:
         if stage.exists():
@@ -162,12 +167,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
+    """Write a matplotlib figure as PNG atomically; a pyplot figure is then closed.
 
+    A :class:`matplotlib.figure.Figure` made without pyplot (as :mod:`swr.plots`
+    makes them) needs no backend, so saving never changes a notebook's backend.
+    """
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # registered with pyplot
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

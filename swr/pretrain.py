@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import SwrError
 from .io import cache_dir, check_output, check_run_folder, read_json, staged_folder, write_json
+from .runlog import TRAINING_LOGS
 from .train import TrainConfig, evaluate, resolve_device, train
 
 #: The embedded defaults: source task, backbone, epochs, learning rate; the quick
@@ -30,7 +31,8 @@ QUICK_SOURCES = {
 }
 
 #: Every file of a checkpoint folder: the folder ``pretrain`` replaces may hold only these.
-OUTPUTS = {"model.safetensors", "history.json", "metrics.json"}
+OUTPUTS = {"model.safetensors", "history.json", "metrics.json",
+           *TRAINING_LOGS}
 
 
 def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
@@ -38,6 +40,7 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
              weights: Optional[str] = None, progress: bool = True,
              on_bad_file: str = "fail") -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""
+    from . import runlog
     from .tasks import get_task, task_data_path
     from .tasks.backbones import create_backbone, save_checkpoint
 
@@ -49,7 +52,9 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
     params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                       weight_decay=1e-3, warmup_epochs=min(2.0, epochs / 5), label_smoothing=0.05,
-                      progress=progress, desc=f"pretrain {backbone} on {task_spec}")
+                      progress=progress, desc=f"pretrain {backbone} on {task_spec}",
+                      log_dir=str(out))
+    runlog.reset(out)
     start = time.perf_counter()
     result = train(model, task, params, cfg)
     dev = resolve_device(device)
@@ -62,7 +67,8 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
         "params": sum(p.numel() for p in model.parameters()),
         "skipped_files": list(task.info.get("skipped", [])),
     }
-    with staged_folder(out, OUTPUTS) as stage:  # a checkpoint folder is all new or all old
+    # a checkpoint folder is all new or all old
+    with staged_folder(out, OUTPUTS, carry=TRAINING_LOGS) as stage:
         save_checkpoint(model.cpu(), stage / "model.safetensors", backbone=backbone,
                         task=task_spec, classes=task.class_names)
         write_json(stage / "history.json", result.history)

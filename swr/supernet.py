@@ -41,6 +41,8 @@ class SupernetConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    #: folder for the per-epoch log (:mod:`swr.runlog`); None writes nothing
+    log_dir: str | None = None
 
 
 def build_supernet(base_model: nn.Module, num_classes: int, bias_delta: bool = False) -> nn.Module:
@@ -67,7 +69,8 @@ def train_supernet(model: nn.Module, task, cfg: SupernetConfig) -> TrainResult:
             layer.gate = 1.0
 
     tc = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                     device=cfg.device, progress=cfg.progress, desc="supernet")
+                     device=cfg.device, progress=cfg.progress, desc="supernet",
+                     log_dir=cfg.log_dir)
     result = train(model, task, params, tc, before_batch=open_random_gates, before_eval=all_open)
     set_selection(model, [])
     return result

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import SwrError
+from .runlog import RunLog
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -116,6 +117,9 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     desc: str = "train"
+    #: folder for the per-epoch log (``epochs.csv`` and TensorBoard events, see
+    #: :mod:`swr.runlog`); None writes nothing
+    log_dir: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
         if self.epochs < 1:
@@ -183,6 +187,7 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
     history: list[dict] = []
     start = time.perf_counter()
     bar = _progress(total, cfg.desc, cfg.progress)
+    runlog = RunLog(cfg.log_dir, "epochs", tag=cfg.desc) if cfg.log_dir else None
     step = 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -214,11 +219,16 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
                   "seconds": time.perf_counter() - start}
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val_acc:.3f}")
+        if runlog is not None:
+            runlog.record(epoch + 1, {"phase": cfg.desc, "lr": cfg.lr * lr_at(step - 1),
+                                      **{k: v for k, v in record.items() if k != "epoch"}})
         if on_epoch is not None:
             on_epoch(record)
         if val_acc > best_acc:
             best_acc, best_epoch, best_state = val_acc, epoch + 1, _state_of(model)
     bar.close()
+    if runlog is not None:
+        runlog.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

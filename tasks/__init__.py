@@ -6,7 +6,14 @@
 * ``glyphs:<target>``: embedded image suite (rendered offline from bundled fonts),
 * ``imagefolder:<path>``: ``<path>/{train,test}/<class>/*`` (ImageNet-to-Sketch layout),
 * ``speechcommands:<path>``: Google Speech Commands v2, 12-class protocol,
-* ``mswc:<path>:<lang>``: Multilingual Spoken Words.
+* ``mswc:<path>:<lang>``: Multilingual Spoken Words,
+* ``cub:<path>``, ``stanford-cars:<path>``, ``flowers102:<path>``, ``wikiart:<path>``,
+  ``sketch:<path>``: the ImageNet-to-Sketch datasets in their own layouts
+  (:mod:`.imagenet_to_sketch`).
+
+Suites (``kws-synth:all``, ``glyphs:all``, ``imagenet-to-sketch:<root>``,
+``mswc:<path>:<lang1>,<lang2>``) name several tasks: ``get_suite`` in :mod:`.suites`
+expands them; ``get_task`` refuses them with a line naming their tasks.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from swr.errors import SwrError
 from .base import Task
 
 TASK_FORMS = ["kws-synth:<lang>", "glyphs:<target>", "imagefolder:<path>",
-              "speechcommands:<path>", "mswc:<path>:<lang>"]
+              "speechcommands:<path>", "mswc:<path>:<lang>", "cub:<path>",
+              "stanford-cars:<path>", "flowers102:<path>", "wikiart:<path>", "sketch:<path>"]
 
 
 def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail", **kwargs: Any) -> Task:
@@ -31,6 +39,9 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail", **kwargs: Any)
     """
     if on_bad_file not in ("fail", "skip"):
         raise SwrError(f"on_bad_file must be 'fail' or 'skip', got {on_bad_file!r}")
+    from .suites import check_single_task
+
+    check_single_task(spec)
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SwrError(f"task {spec!r} is not of a known form: {', '.join(TASK_FORMS)}")
@@ -57,21 +68,28 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail", **kwargs: Any)
         from .mswc import load_mswc
 
         return load_mswc(path, lang, seed=seed, on_bad_file=on_bad_file, **kwargs)
+    from .imagenet_to_sketch import LOADERS
+
+    if kind in LOADERS:
+        return LOADERS[kind](rest, seed=seed, on_bad_file=on_bad_file, **kwargs)
     raise SwrError(f"unknown task kind {kind!r} in {spec!r}; known: {', '.join(TASK_FORMS)}")
 
 
 def task_data_path(spec: str) -> Optional[str]:
-    """The dataset folder a task spec reads (imagefolder, speechcommands, mswc), else None.
+    """The dataset folder a task spec reads (real data, suites included), else None.
 
     Used to keep outputs out of the data a run reads; the embedded suites live in the
     cache and have none.
     """
     kind, _, rest = spec.partition(":")
-    if kind in ("imagefolder", "speechcommands"):
-        return rest or None
+    if kind in ("kws-synth", "glyphs"):
+        return None
     if kind == "mswc":
         return rest.rpartition(":")[0] or None
-    return None
+    return rest or None
 
 
-__all__ = ["Task", "TASK_FORMS", "get_task", "task_data_path"]
+from .suites import SUITE_FORMS, expand_tasks, get_suite  # noqa: E402
+
+__all__ = ["SUITE_FORMS", "Task", "TASK_FORMS", "expand_tasks", "get_suite", "get_task",
+           "task_data_path"]

@@ -1,0 +1,62 @@
+"""The CLI tells users what it will do: defaults, choices, an example, the names to type."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+import pytest
+
+from swr.cli import COMMANDS, EXAMPLES, build_parser, main
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_shows_every_default_and_a_working_example(name, capsys):
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    body = out[out.index("\noptions:"):]
+    # every optional value (not a flag, not required) says its default
+    for action in _subparsers()[name]._actions:
+        if (action.option_strings and not action.required and action.nargs != 0
+                and action.default is not argparse.SUPPRESS):
+            line = body[body.index("\n  " + action.option_strings[-1]) + 1:]
+            nxt = line.find("\n  -", 1)
+            assert "default" in line[:nxt if nxt > 0 else None], (name, action.option_strings)
+        if action.choices and action.option_strings:
+            assert "{" + ",".join(action.choices) + "}" in out
+    # one example, and it parses
+    example = out.split("example:\n", 1)[1].strip().splitlines()[0]
+    assert example == EXAMPLES[name]
+    argv = shlex.split(example)
+    assert argv[:2] == ["swr", name]
+    build_parser().parse_args(argv[1:])
+
+
+def test_list_prints_the_registries(capsys):
+    import swr.policies  # noqa: F401  (registers the swr* methods)
+    from swr.methods import METHODS
+    from swr.policies.search import POLICIES
+    from swr.tasks import SUITE_FORMS, TASK_FORMS
+    from swr.tasks.backbones import BACKBONE_FORMS
+
+    def listed(*argv) -> list[str]:
+        assert main(["list", *argv]) == 0
+        return [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+
+    assert listed("methods") == sorted(METHODS)
+    assert listed("policies") == list(POLICIES)
+    assert listed("backbones") == BACKBONE_FORMS
+    tasks = listed("tasks")
+    assert set(TASK_FORMS + SUITE_FORMS) <= set(tasks) and "glyphs:sketch" in tasks
+    assert listed("tasks", "mswc*") == ["mswc:<path>:<lang>", "mswc:<root>:<lang1>,<lang2>,..."]
+    timm_names = listed("backbones", "timm:resnet1*t")
+    assert "timm:resnet10t" in timm_names and all(n.startswith("timm:resnet1") for n in timm_names)
+    assert main(["list", "tasks", "nothing-like-this*"]) == 2
+    assert "swr list tasks" in capsys.readouterr().err
