@@ -7,6 +7,7 @@ and parameters, so a rebuilt task model can be shown to be the base model's twin
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -14,13 +15,19 @@ from torch import nn
 
 from .delta import apply_task_delta
 from .io import atomic_path
-from .pretrain import load_pretrained
+from .source import BaseSpec, load_base
 
 
-def rebuild(checkpoint: str | Path, delta: str | Path) -> tuple[nn.Module, nn.Module, dict]:
-    """(task model, base model, base metrics) from a ``swr pretrain`` folder and a delta."""
-    base, meta = load_pretrained(checkpoint)
-    task_model, _ = load_pretrained(checkpoint)
+def rebuild(checkpoint: "str | Path | BaseSpec", delta: str | Path
+            ) -> tuple[nn.Module, nn.Module, dict]:
+    """(task model, base model, base description) from a base and a task delta.
+
+    ``checkpoint`` is a ``swr pretrain`` folder or a :class:`~swr.source.BaseSpec`
+    (a backbone + weights file).
+    """
+    spec = checkpoint if isinstance(checkpoint, BaseSpec) else BaseSpec(checkpoint=str(checkpoint))
+    base, meta = load_base(spec)
+    task_model = copy.deepcopy(base)
     apply_task_delta(task_model, delta)
     return task_model.eval(), base.eval(), meta
 
