@@ -5,7 +5,10 @@ one CPU (or a GPU) is there, else one after another. Every finished job is
 appended to ``results.csv`` (rewritten atomically), so an interrupted bench
 continues with ``--resume`` and skips what is done. ``results.md`` holds mean ± std
 over seeds (plus a per-method average over tasks when there are several), and
-``pareto.png`` plots test accuracy against updated parameters.
+``pareto.png`` plots test accuracy against updated parameters. Every run of a method
+that folds keeps its task delta in ``runs/<task>-<method>-<budget>-s<seed>/
+task_delta.safetensors`` (deployable with ``swr fold`` or a task store). The base is a
+``swr pretrain`` folder or a backbone + weights file (:mod:`swr.source`).
 """
 
 from __future__ import annotations

@@ -355,7 +355,8 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
 
 
 COMMANDS["bench"] = (_bench_args, run_bench_cmd,
-                     "run SWR and the PETL baselines at the same budgets, seeds and epochs")
+                     "run SWR and the PETL baselines at the same budgets, seeds and epochs; "
+                     "every run that folds keeps its task delta under OUT/runs/")
 
 
 # -- swr store ------------------------------------------------------------------------

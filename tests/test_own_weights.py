@@ -156,3 +156,31 @@ def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch):
     # a checkpoint and weights together are refused in one line
     assert main(["search", "--task", "tiny", *base, "--checkpoint", str(tmp_path),
                  "--budget", "5%", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_pretrain_from_weights_records_the_data_config(tmp_path, monkeypatch):
+    from swr.pretrain import pretrain
+    from swr.tasks.base import Task, tensor_split
+
+    seen = {}
+
+    def fake_task(spec, **kw):
+        seen["data_config"] = kw.get("data_config")
+        g = torch.Generator().manual_seed(0)
+        split = tensor_split(torch.randn(4, 3, 16, 16, generator=g), torch.tensor([0, 1, 0, 1]))
+        return Task(id=spec, modality="image", class_names=["x", "y"], train=split, val=split,
+                    test=split, input_shape=(3, 16, 16))
+
+    monkeypatch.setattr(swr.tasks, "get_task", fake_task)
+    torch.manual_seed(0)
+    weights = save_weights(timm.create_model("resnet10t", num_classes=2), tmp_path / "w.safetensors")
+    pretrain("images", "timm:resnet10t", tmp_path / "ckpt", epochs=1, weights=str(weights),
+             device="cpu", progress=False)
+    assert seen["data_config"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    _, desc = load_base(BaseSpec(checkpoint=str(tmp_path / "ckpt")))
+    assert desc["data_config"] == seen["data_config"]  # the checkpoint's users prepare alike
+    # from scratch: no data config, the suite's own preprocessing
+    pretrain("images", "timm:resnet10t", tmp_path / "scratch", epochs=1, device="cpu",
+             progress=False)
+    assert seen["data_config"] is None
+    assert load_base(BaseSpec(checkpoint=str(tmp_path / "scratch")))[1]["data_config"] is None
