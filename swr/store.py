@@ -178,7 +178,8 @@ class MultiTaskModel(nn.Module):
         self.store = store
         self.active_task: Optional[str] = None
         self._head = head_prefix(model)
-        self._base_head = model.get_submodule(self._head) if self._head else None
+        # a plain dict: the base head must not register as a submodule of this wrapper
+        self._stash = {"head": model.get_submodule(self._head) if self._head else None}
         self._base_num_classes = getattr(model, "num_classes", None)
         self._saved: dict[str, torch.Tensor] = {}  # pristine copies of what the task changed
         self._deltas: dict[str, dict[str, torch.Tensor]] = {}
@@ -206,10 +207,12 @@ class MultiTaskModel(nn.Module):
         for key, t in self._saved.items():
             state[key].copy_(t)
         self._saved.clear()
-        if self._head is not None and self.model.get_submodule(self._head) is not self._base_head:
-            replace_module(self.model, self._head, self._base_head)
+        base_head = self._stash["head"]
+        if self._head is not None and self.model.get_submodule(self._head) is not base_head:
+            replace_module(self.model, self._head, base_head)
             if self._base_num_classes is not None:
                 self.model.num_classes = self._base_num_classes
+            self.model.train(self.model.training)  # the head back in the model's mode
         self.active_task = None
 
     @torch.no_grad()
@@ -227,14 +230,17 @@ class MultiTaskModel(nn.Module):
             if self._head is None or weight is None:
                 raise SwrError(f"task {name!r}: its head does not fit the store's base model")
             n = int(weight.shape[0])
-            like = getattr(self._base_head, "weight", None)
+            base_head = self._stash["head"]
+            like = getattr(base_head, "weight", None)
             if like is not None and like.shape[0] == n:
                 # as apply_task_delta keeps a head of the right size: same dtype, same results
-                replace_module(self.model, self._head, copy.deepcopy(self._base_head))
+                replace_module(self.model, self._head, copy.deepcopy(base_head))
             else:
                 self.model.reset_classifier(n)
                 if like is not None:
                     self.model.get_submodule(self._head).to(like.device)
+            # new modules start in training mode (dropout on): give them the model's mode
+            self.model.train(self.model.training)
         state = self.model.state_dict()
         for key, t in tensors.items():
             kind, _, target_key = key.partition("/")

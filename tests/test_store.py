@@ -196,6 +196,14 @@ def test_predict_on_image_files_uses_the_tasks_preprocessing(tmp_path, capsys):
         assert p["label"] == ["circle", "square", "star"][int(probs.argmax())]
         assert p["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
         assert len(p["top"]) == 2
+    # the new head is in the model's (eval) mode, and the base head comes back on unmerge
+    model = TaskStore(root).load()
+    base_fc = model.model.fc
+    model.set_task("shapes")
+    assert not any(m.training for m in model.model.modules())
+    assert model.model.fc.out_features == 3 and model.model.num_classes == 3
+    model.set_task(None)
+    assert model.model.fc is base_fc and model.model.num_classes == 10
 
 
 def test_finetune_method_cli_and_its_errors(tmp_path, monkeypatch, capsys):
