@@ -169,7 +169,15 @@ def main() -> None:
             f"(`create_backbone` + `apply_task_delta`), what a switch costs without a store. "
             f"`outputs identical`: the switched model's outputs equal the rebuilt task "
             f"model's bit for bit (`torch.equal`).\n\n"
-            + md_table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes))
+            + md_table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+            + "\n- A method's delta is stored in folded form, `W_task - W_base` for every tensor "
+            "it changed: LoRA at 5% adapts every convolution here, so its delta is as large as "
+            "the base (its own factors, `stored_bytes` in `swr bench`, are smaller but need the "
+            "LoRA modules at inference); SWR's, BitFit's, norm tuning's and the linear probe's "
+            "hold only what they changed.\n- Merge and unmerge touch only the tensors in the "
+            "delta, so their cost follows the delta's size; reloading costs the whole base "
+            "every time. The machine was shared with other jobs (load average in the stamp): "
+            "the ranges show the noise.")
     write_section("store", "Task store: delta size and switch time (`benchmarks/store.py`)",
                   body, info)
 
