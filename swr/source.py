@@ -110,7 +110,8 @@ def state_hash(model: nn.Module) -> str:
 
 def model_data_config(model: nn.Module) -> Optional[dict]:
     """The timm data config of ``model`` (None for a model without one, e.g. BC-ResNet)."""
-    if getattr(model, "pretrained_cfg", None) is None and getattr(model, "default_cfg", None) is None:
+    if getattr(model, "pretrained_cfg", None) is None and \
+            getattr(model, "default_cfg", None) is None:
         return None
     from timm.data import resolve_data_config
 
@@ -197,13 +198,6 @@ def task_preprocess(task) -> dict:
             "interpolation": "bilinear", "mean": info.get("mean"), "std": info.get("std")}
 
 
-def describe(desc: dict) -> str:
-    """One line naming the base (for progress messages)."""
-    base = desc.get("base", {})
-    where = base.get("checkpoint") or base.get("weights")
-    return f"{desc.get('backbone')} from {where}"
-
-
-__all__ = ["BaseSpec", "backbone_data_config", "base_spec", "checkpoint_backbone", "describe", "file_sha256",
+__all__ = ["BaseSpec", "backbone_data_config", "base_spec", "checkpoint_backbone", "file_sha256",
            "load_base", "load_task", "model_data_config", "state_hash", "task_preprocess"]
 

@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -270,23 +270,14 @@ class MultiTaskModel(nn.Module):
 
 # -- predicting on files ------------------------------------------------------------------
 def _image_input(path: Path, pre: dict) -> torch.Tensor:
-    from torchvision.transforms import v2
+    from .tasks.imagefolder import IMAGENET_MEAN, IMAGENET_STD, image_transforms, read_image
 
-    from .tasks.imagefolder import read_image
-
-    size = int(pre.get("image_size") or 224)
-    mode = v2.InterpolationMode(pre.get("interpolation") or "bilinear")
     crop = pre.get("crop_pct")
-    steps: list[Any] = [v2.ToImage()]
-    if crop:
-        steps += [v2.Resize(int(size / float(crop)), interpolation=mode), v2.CenterCrop(size)]
-    else:
-        steps += [v2.Resize((size, size), interpolation=mode, antialias=True)]
-    steps += [v2.ToDtype(torch.float32, scale=True)]
-    if pre.get("mean") and pre.get("std"):
-        steps += [v2.Normalize(list(pre["mean"]), list(pre["std"]))]
-    steps += [v2.ToPureTensor()]
-    return v2.Compose(steps)(read_image(path))
+    _, evaluate = image_transforms(
+        int(pre.get("image_size") or 224), cropped=not crop,
+        mean=tuple(pre.get("mean") or IMAGENET_MEAN), std=tuple(pre.get("std") or IMAGENET_STD),
+        interpolation=pre.get("interpolation") or "bilinear", crop_pct=float(crop or 1.0))
+    return evaluate(read_image(path))  # the task's own evaluation transform
 
 
 def _audio_input(path: Path) -> torch.Tensor:

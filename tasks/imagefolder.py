@@ -96,6 +96,7 @@ def data_config_kwargs(data_config: Optional[dict]) -> dict:
     """:func:`image_transforms` keywords from a timm data config (``resolve_data_config``).
 
     Empty for None: the defaults (ImageNet mean/std, bilinear, crop 0.875) then apply.
+    Images are square: the size is the config's last input dimension.
     """
     if not data_config:
         return {}

@@ -136,7 +136,8 @@ def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch):
     task = tiny_audio_task()
     monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
     torch.manual_seed(0)
-    weights = save_weights(create_backbone("bcresnet-1", num_classes=6), tmp_path / "kws.safetensors")
+    weights = save_weights(create_backbone("bcresnet-1", num_classes=6),
+                           tmp_path / "kws.safetensors")
     base = ["--backbone", "bcresnet-1", "--weights", str(weights)]
     search_out, final, folded = tmp_path / "s", tmp_path / "f", tmp_path / "m"
     assert main(["search", "--task", "tiny", *base, "--budget", "5%", "--policy", "knapsack",
@@ -173,7 +174,8 @@ def test_pretrain_from_weights_records_the_data_config(tmp_path, monkeypatch):
 
     monkeypatch.setattr(swr.tasks, "get_task", fake_task)
     torch.manual_seed(0)
-    weights = save_weights(timm.create_model("resnet10t", num_classes=2), tmp_path / "w.safetensors")
+    weights = save_weights(timm.create_model("resnet10t", num_classes=2),
+                           tmp_path / "w.safetensors")
     pretrain("images", "timm:resnet10t", tmp_path / "ckpt", epochs=1, weights=str(weights),
              device="cpu", progress=False)
     assert seen["data_config"]["mean"] == pytest.approx([0.485, 0.456, 0.406])

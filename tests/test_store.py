@@ -187,7 +187,8 @@ def test_predict_on_image_files_uses_the_tasks_preprocessing(tmp_path, capsys):
                  "--top", "2"]) == 0
     preds = json.loads(capsys.readouterr().out)["predictions"]
     rebuilt = apply_task_delta(create_backbone("timm:resnet10t", weights=weights), delta).eval()
-    tf = v2.Compose([v2.ToImage(), v2.Resize(int(40 / 0.875), interpolation=v2.InterpolationMode.BICUBIC),
+    bicubic = v2.InterpolationMode.BICUBIC
+    tf = v2.Compose([v2.ToImage(), v2.Resize(int(40 / 0.875), interpolation=bicubic),
                      v2.CenterCrop(40), v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize(pre["mean"], pre["std"]), v2.ToPureTensor()])
     for p, f in zip(preds, files):
