@@ -104,6 +104,14 @@ def test_load_base_forms_hashes_and_errors(tmp_path):
         base_spec()
     with pytest.raises(SwrError, match="do not fit backbone"):
         load_base(base_spec(backbone="timm:resnet18", weights=str(st)))
+    # feature-extractor weights (no head, as timm's num_classes=0 saves them) load too
+    headless = timm.create_model("resnet10t", num_classes=0)
+    headless.load_state_dict({k: v for k, v in m1.state_dict().items() if not k.startswith("fc.")})
+    m5, _ = load_base(base_spec(backbone="timm:resnet10t",
+                                weights=str(save_weights(headless, tmp_path / "h.safetensors"))))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m5.forward_features(x), m1.forward_features(x))
     assert BaseSpec.from_dict(d1["base"]) == BaseSpec(backbone="timm:resnet10t",
                                                        weights=str(st.resolve()))
 
