@@ -13,11 +13,11 @@ peft's ``set_adapter`` does: it restores the tensors the previous task changed
 from saved copies (unmerge) and writes the next task's ``W + dW``, norms and head
 into the loaded base (merge). No base weights are read again.
 
-Guarantee (tested): after ``set_task(name)`` the model's outputs are bit-identical
-to ``apply_task_delta(base, delta)``, the deployed task model that ``swr finetune``
-and ``swr fold`` write, in any dtype, because merge computes ``W + dW`` with the same
-operands as :func:`swr.delta.apply_task_delta` and unmerge restores exact copies;
-``set_task(None)`` gives back the base bit-exactly.
+Guarantee (tested in fp32): after ``set_task(name)`` the model's outputs are
+bit-identical to ``apply_task_delta(base, delta)``, the deployed task model that
+``swr finetune`` and ``swr fold`` write, because merge computes ``W + dW`` with the
+same operands, op and dtype as :func:`swr.delta.apply_task_delta` and unmerge restores
+saved copies (it never subtracts); ``set_task(None)`` gives back the base bit-exactly.
 """
 
 from __future__ import annotations
