@@ -133,7 +133,7 @@ def finetune_method(method: str, task_spec: str, base: "BaseSpec", out: str | os
 
     The run is :func:`swr.methods.runner.run_method`, the one ``swr bench`` makes.
     Writes, like ``swr finetune --selection``, ``task_delta.safetensors``,
-    ``model.safetensors`` (the deployed task model: base + delta) and
+    ``model.safetensors`` (the deployed task model: base + delta), ``history.json`` and
     ``metrics.json`` (the bench row plus task, backbone, base, lr and epochs) into
     ``out``; returns the metrics. ``lr`` defaults to the bench's default for the
     method and backbone family; ``budget`` is needed by the methods that size

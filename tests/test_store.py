@@ -217,7 +217,8 @@ def test_finetune_method_cli_and_its_errors(tmp_path, monkeypatch, capsys):
     assert main(["finetune", "--method", "bitfit", "--task", "tiny", *base, "--epochs", "1",
                  "--device", "cpu", "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} >= {"task_delta.safetensors", "metrics.json",
-                                               "model.safetensors"}
+                                               "model.safetensors", "history.json"}
+    assert len(json.loads((out / "history.json").read_text())) == 1  # one epoch
     assert "bitfit: test acc" in capsys.readouterr().out
     cases = [
         (["--method", "lora", "--task", "tiny", *base], "needs --budget|budget"),

@@ -69,7 +69,7 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
     to ``export/task_delta.safetensors`` (:func:`swr.export.export_method_delta`; its
     metadata names ``backbone``, the method, the task's classes and preprocessing) and,
     with ``export_model``, the deployed task model (base + delta) to
-    ``export/model.safetensors``; the row then also holds ``delta_file``,
+    ``export/model.safetensors`` and the training history to ``history.json``; the row then also holds ``delta_file``,
     ``delta_bytes`` and ``rebuild_max_abs_diff``.
 
     A fold that does not give the base architecture raises; a fold whose outputs
@@ -113,7 +113,7 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
     exported: dict = {}
     if export is not None and method.foldable:
         exported = _export(method, base_model, model, task_model, task, budget_params, backbone,
-                           Path(export), export_model, x)
+                           Path(export), export_model, x, result.history)
 
     updated = method.updated_params(model)
     return {
@@ -139,9 +139,11 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
 
 def _export(method, base_model: nn.Module, model: nn.Module, task_model: nn.Module, task,
             budget_params: Optional[int], backbone: str, out: Path, export_model: bool,
-            x: torch.Tensor) -> dict:
-    """Write a run's task delta (and deployed model); the row's export columns."""
+            x: torch.Tensor, history: list) -> dict:
+    """Write a run's task delta (and deployed model, training history); the row's export
+    columns."""
     from ..export import export_method_delta
+    from ..io import write_json
     from ..source import task_preprocess
     from ..tasks.backbones import save_checkpoint
 
@@ -154,4 +156,5 @@ def _export(method, base_model: nn.Module, model: nn.Module, task_model: nn.Modu
     if export_model:
         save_checkpoint(deployed, out / "model.safetensors", backbone=backbone, task=task.id,
                         classes=list(task.class_names))
+        write_json(out / "history.json", history)
     return {"delta_file": str(path), **report}
