@@ -257,6 +257,9 @@ class MultiTaskModel(nn.Module):
                 target.copy_(t)
             elif kind == "head":
                 target.copy_(t)
+            else:
+                self.unmerge()
+                raise SwrError(f"task {name!r} holds an unknown entry {key}; re-export it")
         self.active_task = name
         return self
 
