@@ -24,12 +24,11 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from swr.budget import backbone_params, resolve_budget, selection_cost
-from swr.delta import base_hash
 from swr.envs.evaluator import canonical
 from swr.envs.features import layer_features
 from swr.errors import ClusterLostError, SwrError
 from swr.io import atomic_path, cache_dir, save_png, write_json, write_text
-from swr.pretrain import load_pretrained
+from swr.source import base_spec, load_base, load_task, state_hash
 from swr.reparam import candidates
 from swr.runlog import RunLog
 from swr.runlog import reset as reset_runlog
@@ -56,6 +55,9 @@ class SearchConfig:
     bn_batches: int = 4
     progress: bool = True
     on_bad_file: str = "fail"  # real-data tasks: "skip" drops unreadable files
+    # the base as a backbone + weights file instead of a swr pretrain checkpoint
+    backbone: Optional[str] = None
+    weights: Optional[str] = None
 
     def validate(self) -> "SearchConfig":
         if self.policy not in POLICIES:
@@ -172,7 +174,9 @@ def _supernet_key(cfg: SearchConfig, task_id: str, base: str) -> str:
 def prepare_supernet(cfg: SearchConfig, task, base_model, backbone: str):
     """Train (or load the cached) supernet and its per-layer statistics."""
     model = build_supernet(base_model, task.num_classes, bias_delta=cfg.supernet.bias_delta)
-    key = _supernet_key(cfg, task.id, base_hash(base_model))
+    # keyed on all base tensors (norms too) and on how the task's inputs were prepared
+    key = _supernet_key(cfg, json.dumps([task.id, task.info.get("preprocess")]),
+                        state_hash(base_model))
     folder = cache_dir("supernets", key)
     weights, meta_path = folder / "supernet.safetensors", folder / "supernet.json"
     if weights.is_file() and meta_path.is_file():
@@ -231,14 +235,15 @@ def _cluster_lost(error: Exception, cfg: SearchConfig) -> bool:
 
 # -- the search ---------------------------------------------------------------------------
 def run_search(cfg: SearchConfig) -> dict:
-    """Load the checkpoint and task named in ``cfg``, search, write ``selection.json``."""
-    from swr.tasks import get_task
-
+    """Load the base (checkpoint or backbone + weights) and task named in ``cfg``, search,
+    write ``selection.json``."""
     cfg.validate()
-    base_model, ckpt_meta = load_pretrained(cfg.checkpoint)
-    task = get_task(cfg.task, on_bad_file=cfg.on_bad_file)
+    spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
+    base_model, ckpt_meta = load_base(spec)
+    task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
     result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
-    result["checkpoint"] = str(Path(cfg.checkpoint).resolve())
+    result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
+    result["base"] = spec.to_dict()
     result["task"] = cfg.task  # the spec, so swr finetune can load the same task
     result["on_bad_file"] = cfg.on_bad_file
     result["skipped_files"] = list(task.info.get("skipped", []))

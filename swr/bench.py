@@ -5,7 +5,10 @@ one CPU (or a GPU) is there, else one after another. Every finished job is
 appended to ``results.csv`` (rewritten atomically), so an interrupted bench
 continues with ``--resume`` and skips what is done. ``results.md`` holds mean ± std
 over seeds (plus a per-method average over tasks when there are several), and
-``pareto.png`` plots test accuracy against updated parameters.
+``pareto.png`` plots test accuracy against updated parameters. Every run of a method
+that folds keeps its task delta in ``runs/<task>-<method>-<budget>-s<seed>/
+task_delta.safetensors`` (deployable with ``swr fold`` or a task store). The base is a
+``swr pretrain`` folder or a backbone + weights file (:mod:`swr.source`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable, Optional
 from .budget import Budget, backbone_params
 from .errors import BudgetError, SwrError
 from .io import read_json, save_png, write_json, write_text
-from .pretrain import checkpoint_metrics
+from .source import base_spec, checkpoint_backbone
 from .robustness import cell_name, ensemble_rows
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
@@ -71,6 +74,9 @@ class BenchConfig:
     #: swr* methods); imported in every worker, so the core needs no knowledge of them
     plugins: list = field(default_factory=list)
     on_bad_file: str = "fail"
+    # the base as a backbone + weights file instead of a swr pretrain checkpoint
+    backbone: Optional[str] = None
+    weights: Optional[str] = None
 
 
 #: Learning rates used when not tuned (``--tune``), by backbone family and method
@@ -105,16 +111,15 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
     import torch
 
     from .methods import run_method
-    from .pretrain import load_pretrained
-    from .tasks import get_task
+    from .source import base_spec, load_base, load_task
     from .train import TrainConfig
 
     if threads:
         torch.set_num_threads(threads)
     for module in cfg.plugins:
         importlib.import_module(module)
-    base, meta = load_pretrained(cfg.checkpoint)
-    task = get_task(task_spec, on_bad_file=cfg.on_bad_file)
+    base, meta = load_base(base_spec(cfg.checkpoint, cfg.backbone, cfg.weights))
+    task = load_task(task_spec, meta, on_bad_file=cfg.on_bad_file)
     budget_params = None if budget == NATURAL else Budget.parse(budget).resolve(backbone_params(base))
     knobs = dict(knobs)
     if method == "wise-ft":  # its probe phase trains what the linear probe trains
@@ -133,7 +138,9 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
 
         reset(out_dir)
     try:
-        row = run_method(method, base, task, budget_params, tc, predictions=predictions, **knobs)
+        # every run that folds keeps its task delta in out_dir (deployable as is)
+        row = run_method(method, base, task, budget_params, tc, predictions=predictions,
+                         export=out_dir, backbone=meta["backbone"], **knobs)
     except BudgetError as e:  # the method cannot be made this small: not a bench failure
         return {"task": task_spec, "method": method, "budget": budget, "seed": seed,
                 "skipped": str(e), "skipped_files": list(task.info.get("skipped", []))}
@@ -204,7 +211,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         f"{len(cfg.tasks)} task(s), methods {', '.join(cfg.methods)}")
     workers = cfg.workers if cfg.workers is not None else (os.cpu_count() or 1)
 
-    backbone = checkpoint_metrics(cfg.checkpoint)["backbone"]
+    backbone = checkpoint_backbone(base_spec(cfg.checkpoint, cfg.backbone, cfg.weights))
 
     def job_args(cell):
         task, method, budget, seed = cell

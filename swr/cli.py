@@ -31,6 +31,22 @@ def _on_bad_file_arg(p: argparse.ArgumentParser, default: str | None = "fail") -
                         + (default or "the policy the search ran with"))
 
 
+def _base_args(p: argparse.ArgumentParser) -> None:
+    """The base model, in either form: a swr pretrain folder, or a backbone + weights file."""
+    p.add_argument("--checkpoint", help="base model: folder written by swr pretrain")
+    p.add_argument("--backbone", help="base model: timm:<model_name> or bcresnet-<tau>, with "
+                   "--weights (instead of --checkpoint)")
+    p.add_argument("--weights", help="the backbone's pre-trained weights: a local safetensors "
+                   "file or torch checkpoint (read with weights_only=True); image tasks then use "
+                   "the model's timm data config (size, mean, std, interpolation, crop)")
+
+
+def _base_spec(args: argparse.Namespace):
+    from .source import base_spec
+
+    return base_spec(args.checkpoint, args.backbone, args.weights)
+
+
 def _report_skipped(command: str, skipped: list[str], where: str) -> None:
     """One stderr line summarising the files ``--on-bad-file skip`` left out."""
     if skipped:
@@ -124,7 +140,7 @@ COMMANDS["pretrain"] = (_pretrain_args, run_pretrain,
 # -- swr search -----------------------------------------------------------------------
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="target task, e.g. kws-synth:de")
-    p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
+    _base_args(p)
     p.add_argument("--budget", required=True,
                    help="fraction (0.05), percentage (5%%) or parameter count (20000)")
     p.add_argument("--out", required=True, help="output folder")
@@ -157,10 +173,12 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     from .tasks import task_data_path
 
     # the search writes its own files into --out (kept for --resume), it never replaces it
-    check_output(args.out, {"--checkpoint": args.checkpoint, "--task": task_data_path(args.task)},
-                 replaced=False)
+    _base_spec(args)  # one of the two forms, before any work
+    check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
+                            "--task": task_data_path(args.task)}, replaced=False)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
-    cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint, budget=args.budget,
+    cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint or "", budget=args.budget,
+                       backbone=args.backbone, weights=args.weights,
                        out=args.out, policy=args.policy, seed=args.seed,
                        evaluations=args.evaluations, workers=workers, resume=args.resume,
                        device=args.device, ray_address=args.ray_address,
@@ -181,10 +199,19 @@ COMMANDS["search"] = (_search_args, run_search_cmd,
 
 # -- swr finetune ---------------------------------------------------------------------
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--selection", required=True, help="selection.json written by swr search")
+    p.add_argument("--selection", help="selection.json written by swr search (SWR's final "
+                   "training); or train another method with --method")
+    p.add_argument("--method", help="train this method instead (lora, bitfit, norm, ssf, full, "
+                   "linear, taps, two-stage, swr-knapsack, ...; any that folds) on --task from "
+                   "--checkpoint or --backbone/--weights")
+    p.add_argument("--task", help="with --method: the target task, e.g. glyphs:sketch")
+    _base_args(p)
+    p.add_argument("--budget", help="with --method: the budget of methods that size themselves "
+                   "to one (lora, swr*, ...), e.g. 5%%")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, help="learning rate (default 3e-3 with --selection; the "
+                   "bench's default for the method and backbone with --method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--from-scratch", action="store_true",
                    help="start from zero deltas and a new head instead of the supernet's")
@@ -193,9 +220,17 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    if args.method:
+        return _finetune_method(args)
+    if not args.selection:
+        raise SwrError("give --selection FILE (from swr search) or --method NAME")
+    if args.task or args.checkpoint or args.backbone or args.weights or args.budget:
+        raise SwrError("--task, --checkpoint, --backbone, --weights and --budget go with "
+                       "--method; a --selection file names its own")
     from .finetune import finetune
 
-    m = finetune(args.selection, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
+    lr = 3e-3 if args.lr is None else args.lr
+    m = finetune(args.selection, args.out, epochs=args.epochs, lr=lr, seed=args.seed,
                  device=args.device, from_scratch=args.from_scratch, on_bad_file=args.on_bad_file)
     print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} updated "
           f"params, task delta {m['delta_bytes']} bytes, fold error {m['fold_max_abs_diff']:.2g} "
@@ -204,13 +239,34 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_method(args: argparse.Namespace) -> int:
+    import swr.policies  # noqa: F401  (registers the swr* methods)
+
+    from .export import finetune_method
+
+    if args.selection or args.from_scratch:
+        raise SwrError("--method trains from the base; --selection and --from-scratch belong "
+                       "to SWR's final training")
+    if not args.task:
+        raise SwrError("--method needs --task, e.g. --task glyphs:sketch")
+    m = finetune_method(args.method, args.task, _base_spec(args), args.out, budget=args.budget,
+                        epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device,
+                        on_bad_file=args.on_bad_file or "fail")
+    print(f"{args.method}: test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), "
+          f"{m['updated_params']} updated params, task delta {m['delta_bytes']} bytes, fold "
+          f"error {m['fold_max_abs_diff']:.2g} -> {args.out}")
+    _report_skipped("finetune", m.get("skipped_files", []), f"{args.out}/metrics.json")
+    return 0
+
+
 COMMANDS["finetune"] = (_finetune_args, run_finetune,
-                        "train the selected deltas, fold them and export the task delta")
+                        "train the selected deltas (or any method that folds), fold them and "
+                        "export the task delta")
 
 
 # -- swr fold -------------------------------------------------------------------------
 def _fold_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="base checkpoint folder (swr pretrain)")
+    _base_args(p)
     p.add_argument("--delta", required=True, help="task_delta.safetensors (swr finetune)")
     p.add_argument("--out", required=True, help="output folder for the task model")
     p.add_argument("--onnx", action="store_true",
@@ -221,7 +277,7 @@ def _fold_args(p: argparse.ArgumentParser) -> None:
 def run_fold(args: argparse.Namespace) -> int:
     from .deploy import fold_task
 
-    report = fold_task(args.checkpoint, args.delta, args.out, onnx=args.onnx)
+    report = fold_task(_base_spec(args), args.delta, args.out, onnx=args.onnx)
     line = (f"task model {report['params']:,} params (base {report['base_params']:,}; "
             f"the head differs with the class count), delta {report['delta_bytes']:,} bytes")
     if args.onnx:
@@ -247,7 +303,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="target task; repeat it, or name a suite: kws-synth:all, glyphs:all, "
                         "imagenet-to-sketch:<root>, mswc:<root>:<lang1>,<lang2> (all names: "
                         "swr list tasks)")
-    p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
+    _base_args(p)
     p.add_argument("--methods", required=True, type=_csv_list,
                    help="comma-separated method names, e.g. linear,full,norm,lora,swr "
                         "(all of them: swr list methods)")
@@ -275,9 +331,11 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         suite, _, root = task.partition(":")
         return root if suite == "imagenet-to-sketch" else task_data_path(task)
 
-    check_output(args.out, {"--checkpoint": args.checkpoint,
+    _base_spec(args)  # one of the two forms, before any work
+    check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
                             **{f"--task {t}": data(t) for t in args.task}}, replaced=False)
-    cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint, methods=args.methods,
+    cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint or "", methods=args.methods,
+                      backbone=args.backbone, weights=args.weights,
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
                       swr_evaluations=args.swr_evaluations, resume=args.resume,
@@ -295,7 +353,93 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
 
 
 COMMANDS["bench"] = (_bench_args, run_bench_cmd,
-                     "run SWR and the PETL baselines at the same budgets, seeds and epochs")
+                     "run SWR and the PETL baselines at the same budgets, seeds and epochs; "
+                     "every run that folds keeps its task delta under OUT/runs/")
+
+
+# -- swr store ------------------------------------------------------------------------
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["add", "remove", "list"],
+                   help="add a task delta, remove a task, or list the tasks")
+    p.add_argument("store", help="task store folder (created by the first add)")
+    p.add_argument("--delta", help="add: task_delta.safetensors (swr finetune, or a swr bench run)")
+    p.add_argument("--name", help="add/remove: the task's name in the store (add: default the "
+                   "delta's task id, e.g. glyphs-sketch)")
+    p.add_argument("--classes", type=_csv_list,
+                   help="add: comma-separated class names (default: those in the delta)")
+    p.add_argument("--replace", action="store_true", help="add: replace a task of the same name")
+    _base_args(p)
+    p.add_argument("--json", action="store_true", help="list: print JSON")
+
+
+def run_store(args: argparse.Namespace) -> int:
+    from .store import TaskStore, create_or_open
+
+    if args.action == "add":
+        if not args.delta:
+            raise SwrError("swr store add needs --delta FILE")
+        given = args.checkpoint or args.backbone or args.weights
+        store = create_or_open(args.store, _base_spec(args) if given else None)
+        entry = store.add(args.delta, name=args.name, classes=args.classes, replace=args.replace)
+        name = next(n for n, e in store.index["tasks"].items() if e is entry)
+        print(f"added task {name!r} ({len(entry['classes'])} classes, {entry['bytes']:,} bytes) "
+              f"to {args.store}; it holds {len(store.index['tasks'])} task(s)")
+        return 0
+    store = TaskStore(args.store)
+    if args.action == "remove":
+        if not args.name:
+            raise SwrError("swr store remove needs --name NAME")
+        store.remove(args.name)
+        print(f"removed task {args.name!r} from {args.store}; {len(store.index['tasks'])} left")
+        return 0
+    rows = store.list()
+    if args.json:
+        print(json.dumps({"backbone": store.backbone, "base_hash": store.index["base_hash"],
+                          "tasks": rows}, indent=2))
+        return 0
+    print(f"{args.store}: base {store.backbone} ({store.index['base_hash']}), {len(rows)} task(s)")
+    for r in rows:
+        print(f"  {r['name']:<24} {str(r['method'] or ''):<14} {r['classes']:>4} classes "
+              f"{r['bytes']:>12,} bytes  {r['task'] or ''}")
+    return 0
+
+
+COMMANDS["store"] = (_store_args, run_store,
+                     "a task store: one base model and many task deltas (add, remove, list)")
+
+
+# -- swr predict ----------------------------------------------------------------------
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="wav/flac/ogg or image files")
+    p.add_argument("--store", required=True, help="task store folder (swr store add)")
+    p.add_argument("--task", required=True, help="the store's task to use (swr store list)")
+    p.add_argument("--top", type=int, default=3, help="classes listed per input (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _device_arg(p)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .store import TaskStore, predict_files
+    from .train import resolve_device
+
+    if args.top < 1:
+        raise SwrError(f"--top {args.top} must be at least 1")
+    store = TaskStore(args.store)
+    store.entry(args.task)  # an unknown task fails before the base is loaded
+    model = store.load(resolve_device(args.device))
+    rows = predict_files(model, args.task, args.inputs, top=args.top)
+    if args.json:
+        print(json.dumps({"task": args.task, "predictions": rows}, indent=2))
+        return 0
+    for r in rows:
+        others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
+        print(f"{r['file']}: {r['label']} ({r['probability']:.3f})"
+              + (f"; then {others}" if others else ""))
+    return 0
+
+
+COMMANDS["predict"] = (_predict_args, run_predict,
+                       "classify wav or image files with one task of a task store")
 
 
 # -- swr demo -------------------------------------------------------------------------
@@ -384,6 +528,9 @@ EXAMPLES = {
     "demo": "swr demo --quick --out runs/demo",
     "list": "swr list methods",
     "check": "swr check",
+    "store": "swr store add tasks --checkpoint ckpt/en --delta runs/de/final/task_delta.safetensors "
+             "--name de",
+    "predict": "swr predict --store tasks --task de clip1.wav clip2.wav --json",
 }
 
 

@@ -9,6 +9,7 @@ model computes.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .delta import apply_task_delta, read_task_delta
 from .errors import SwrError
 from .io import atomic_path, check_output, check_run_folder, staged_folder, write_json
-from .pretrain import load_pretrained
+from .source import BaseSpec, load_base
 
 #: Largest max-abs difference between onnxruntime's and PyTorch's fp32 outputs
 #: accepted by :func:`export_onnx` (both run the same weights; only kernels differ).
@@ -27,13 +28,17 @@ ONNX_TOLERANCE = 1e-4
 OUTPUTS = {"model.safetensors", "fold.json", "model.onnx", "base.onnx"}
 
 
-def rebuild(checkpoint: str | Path, delta: str | Path) -> tuple[nn.Module, nn.Module, dict]:
-    """(task model, base model, base metrics) from a ``swr pretrain`` folder and a delta.
+def rebuild(checkpoint: "str | Path | BaseSpec", delta: str | Path
+            ) -> tuple[nn.Module, nn.Module, dict]:
+    """(task model, base model, base description) from a base and a task delta.
 
-    The delta is checked against the checkpoint's backbone as well as its weights.
+    ``checkpoint`` is a ``swr pretrain`` folder or a :class:`~swr.source.BaseSpec`
+    (a backbone + weights file). The delta is checked against the base's backbone as
+    well as its weights.
     """
-    base, meta = load_pretrained(checkpoint)
-    task_model, _ = load_pretrained(checkpoint)
+    spec = checkpoint if isinstance(checkpoint, BaseSpec) else BaseSpec(checkpoint=str(checkpoint))
+    base, meta = load_base(spec)
+    task_model = copy.deepcopy(base)
     apply_task_delta(task_model, delta, backbone=meta["backbone"])
     return task_model.eval(), base.eval(), meta
 
@@ -69,7 +74,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
             "tolerance": tolerance, "matches": diff <= tolerance}
 
 
-def fold_task(checkpoint: str | Path, delta: str | Path, out: str | Path,
+def fold_task(checkpoint: "str | Path | BaseSpec", delta: str | Path, out: str | Path,
               onnx: bool = False) -> dict:
     """Rebuild a task model from a base checkpoint and its task delta into folder ``out``.
 
@@ -79,9 +84,11 @@ def fold_task(checkpoint: str | Path, delta: str | Path, out: str | Path,
     """
     from .tasks.backbones import input_shape, save_checkpoint
 
-    check_output(out, {"--checkpoint": checkpoint, "--delta": delta})
+    spec = checkpoint if isinstance(checkpoint, BaseSpec) else BaseSpec(checkpoint=str(checkpoint))
+    check_output(out, {"--checkpoint": spec.checkpoint, "--weights": spec.weights,
+                       "--delta": delta})
     check_run_folder(out, OUTPUTS)
-    task_model, base, meta = rebuild(checkpoint, delta)
+    task_model, base, meta = rebuild(spec, delta)
     _, delta_meta = read_task_delta(delta)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     report = {"backbone": meta["backbone"], "task": delta_meta.get("task"),
@@ -99,7 +106,7 @@ def fold_task(checkpoint: str | Path, delta: str | Path, out: str | Path,
                                      ("onnx_base", base, "base.onnx")):
                 report[key] = export_onnx(model, x, stage / name)
                 if not report[key]["matches"]:
-                    raise SwrError(f"the ONNX export {name} of {checkpoint} with {delta} differs "
+                    raise SwrError(f"the ONNX export {name} of {spec.checkpoint or spec.weights} with {delta} differs "
                                    f"from the PyTorch model by {report[key]['max_abs_diff']:.3g} "
                                    f"max abs (tolerance {ONNX_TOLERANCE:g}); {out} is left as "
                                    "it was")

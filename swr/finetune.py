@@ -21,7 +21,7 @@ from .delta import export_task_delta
 from .errors import SwrError
 from .fold import fold, same_architecture
 from .io import check_output, check_run_folder, read_json, staged_folder, write_json
-from .pretrain import load_pretrained
+from .source import BaseSpec, load_base, load_task, task_preprocess
 from .reparam import reparam_layers, set_selection, set_trainable, unwrap
 from .runlog import TRAINING_LOGS
 from .supernet import build_supernet
@@ -42,33 +42,42 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     ``on_bad_file`` defaults to the policy the search ran with.
     """
     from .runlog import reset as reset_runlog
-    from .tasks import get_task
     from .tasks.backbones import save_checkpoint
 
     sel = read_json(selection_file, "selection file")
     if not isinstance(sel, dict):
         raise SwrError(f"selection file {selection_file} is not a JSON object; write it with "
                        "swr search")
-    for key in ("layers", "task", "checkpoint", "budget_params"):
+    for key in ("layers", "task", "budget_params"):
         if key not in sel:
             raise SwrError(f"selection file {selection_file} lacks {key!r}; write it with swr search")
     budget = sel["budget_params"]
     if not (isinstance(sel["layers"], list) and all(isinstance(n, str) for n in sel["layers"])
-            and isinstance(sel["task"], str) and isinstance(sel["checkpoint"], str)
+            and isinstance(sel["task"], str) and isinstance(sel.get("checkpoint") or "", str)
             and isinstance(budget, int) and not isinstance(budget, bool)):
         raise SwrError(f"selection file {selection_file} is malformed: 'layers' must be a list of "
                        "layer names, 'task' and 'checkpoint' strings, 'budget_params' an integer; "
                        "write it with swr search")
+    # the base: a swr pretrain folder ('checkpoint') or a backbone + weights file ('base')
+    if sel.get("base") is not None:
+        spec = BaseSpec.from_dict(sel["base"], f"selection file {selection_file}")
+    elif sel.get("checkpoint"):
+        spec = BaseSpec(checkpoint=sel["checkpoint"])
+    else:
+        raise SwrError(f"selection file {selection_file} lacks 'checkpoint'; write it with "
+                       "swr search")
     chosen = list(sel["layers"]) if layers is None else layers
     # before any work: the run may not overwrite what it reads, nor a folder of other files
     check_output(out, {"--selection": selection_file,
-                       "the selection's checkpoint": sel["checkpoint"],
+                       "the selection's checkpoint": spec.checkpoint,
+                       "the selection's weights": spec.weights,
                        "the selection's supernet": sel.get("supernet")
                        if isinstance(sel.get("supernet"), str) else None,
                        "the selection's task data": task_data_path(sel["task"])})
     check_run_folder(out, OUTPUTS)
-    base, meta = load_pretrained(sel["checkpoint"])
-    task = get_task(sel["task"], on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
+    base, meta = load_base(spec)
+    task = load_task(sel["task"], meta,
+                     on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
     model = build_supernet(base, task.num_classes)
     supernet_weights = Path(str(sel.get("supernet") or "")) / "supernet.safetensors"
     if not from_scratch and supernet_weights.is_file():
@@ -105,7 +114,9 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     with staged_folder(out, OUTPUTS, carry=TRAINING_LOGS) as stage:
         delta_bytes = export_task_delta(model, stage / "task_delta.safetensors",
                                         backbone=meta["backbone"],
-                                        budget_params=int(sel["budget_params"]), task=sel["task"])
+                                        budget_params=int(sel["budget_params"]), task=sel["task"],
+                                        extra={"method": "swr", "classes": list(task.class_names),
+                                               "preprocess": task_preprocess(task)})
         save_checkpoint(folded, stage / "model.safetensors", backbone=meta["backbone"],
                         task=sel["task"], classes=task.class_names)
         report = cost_report(model, chosen)

@@ -39,14 +39,21 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
              lr: float = 1e-2, batch_size: int = 64, seed: int = 0, device: str = "auto",
              weights: Optional[str] = None, progress: bool = True,
              on_bad_file: str = "fail") -> dict:
-    """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""
+    """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``.
+
+    Started from ``weights`` (pre-trained elsewhere), image tasks are prepared with the
+    backbone's own timm data config, which ``metrics.json`` records for the commands
+    that use this checkpoint.
+    """
     from . import runlog
+    from .source import backbone_data_config
     from .tasks import get_task, task_data_path
     from .tasks.backbones import create_backbone, save_checkpoint
 
     check_output(out, {"--weights": weights, "--task": task_data_path(task_spec)})
     check_run_folder(out, OUTPUTS)
-    task = get_task(task_spec, on_bad_file=on_bad_file)
+    data_config = backbone_data_config(backbone) if weights is not None else None
+    task = get_task(task_spec, on_bad_file=on_bad_file, data_config=data_config)
     torch.manual_seed(seed)
     model = create_backbone(backbone, num_classes=task.num_classes, weights=weights)
     params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
@@ -65,7 +72,7 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
         "epochs": epochs, "best_epoch": result.best_epoch, "seed": seed, "lr": lr,
         "seconds": time.perf_counter() - start, "device": str(dev),
         "params": sum(p.numel() for p in model.parameters()),
-        "skipped_files": list(task.info.get("skipped", [])),
+        "skipped_files": list(task.info.get("skipped", [])), "data_config": data_config,
     }
     # a checkpoint folder is all new or all old
     with staged_folder(out, OUTPUTS, carry=TRAINING_LOGS) as stage:

@@ -29,13 +29,16 @@ TASK_FORMS = ["kws-synth:<lang>", "glyphs:<target>", "imagefolder:<path>",
               "stanford-cars:<path>", "flowers102:<path>", "wikiart:<path>", "sketch:<path>"]
 
 
-def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail", **kwargs: Any) -> Task:
+def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
+             data_config: dict | None = None, **kwargs: Any) -> Task:
     """Load the task named by ``spec`` (see the module docstring for the forms).
 
     ``on_bad_file`` ("fail" or "skip") is passed to the loaders of real data
     (imagefolder, speechcommands, mswc); the embedded suites generate their data
     and have no files a user could damage. Skipped files are listed in
-    ``task.info["skipped"]``.
+    ``task.info["skipped"]``. ``data_config`` (a backbone's timm data config, see
+    :func:`swr.source.load_base`) sets the image tasks' preprocessing; audio tasks
+    ignore it.
     """
     if on_bad_file not in ("fail", "skip"):
         raise SwrError(f"on_bad_file must be 'fail' or 'skip', got {on_bad_file!r}")
@@ -52,11 +55,12 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail", **kwargs: Any)
     if kind == "glyphs":
         from .glyphs import load_glyphs
 
-        return load_glyphs(rest, seed=seed, **kwargs)
+        return load_glyphs(rest, seed=seed, data_config=data_config, **kwargs)
     if kind == "imagefolder":
         from .imagefolder import load_imagefolder
 
-        return load_imagefolder(rest, seed=seed, on_bad_file=on_bad_file, **kwargs)
+        return load_imagefolder(rest, seed=seed, on_bad_file=on_bad_file,
+                                data_config=data_config, **kwargs)
     if kind == "speechcommands":
         from .speechcommands import load_speechcommands
 

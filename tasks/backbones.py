@@ -44,7 +44,8 @@ def create_backbone(name: str, num_classes: Optional[int] = None,
                     weights: Optional[str | os.PathLike] = None, **kwargs: Any) -> nn.Module:
     """Build backbone ``name`` with ``num_classes`` outputs, optionally loading ``weights``.
 
-    With ``weights`` and no ``num_classes``, the head is sized from the checkpoint.
+    With ``weights`` and no ``num_classes``, the head is sized from the checkpoint;
+    weights without a head (a feature extractor) get a new one.
     """
     if weights is not None and str(weights).lower() in ("hub", "imagenet", "pretrained", "true"):
         raise SwrError(f"--weights {weights}: weights are never downloaded; give the path "
@@ -55,6 +56,10 @@ def create_backbone(name: str, num_classes: Optional[int] = None,
     model = _build(name, num_classes or 1, **kwargs)
     if state is not None:
         head = head_prefix(model)
+        if head and not any(k.startswith(f"{head}.") for k in state):
+            # feature-extractor weights (timm's num_classes=0) hold no head: keep a new one
+            state = {**{k: v for k, v in model.state_dict().items() if k.startswith(f"{head}.")},
+                     **state}
         head_w = state.get(f"{head}.weight") if head else None
         ckpt_classes = int(head_w.shape[0]) if head_w is not None and head_w.dim() else None
         if ckpt_classes is not None and ckpt_classes != (num_classes or 1):

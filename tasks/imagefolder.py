@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -65,25 +65,52 @@ def read_image(path: Path) -> Image.Image:
         raise BadImageFile(path, _reason(e)) from None
 
 
-def image_transforms(image_size: int, cropped: bool = False
+def image_transforms(image_size: int, cropped: bool = False, mean: tuple = IMAGENET_MEAN,
+                     std: tuple = IMAGENET_STD, interpolation: str = "bilinear",
+                     crop_pct: float = EVAL_CROP_RATIO
                      ) -> tuple[Callable[[Image.Image], torch.Tensor],
                                 Callable[[Image.Image], torch.Tensor]]:
     """``(train, eval)`` transforms from a PIL image to a normalised ``(3, S, S)`` float tensor.
 
-    Train: RandomResizedCrop(S) + horizontal flip; eval: Resize(S/0.875) + CenterCrop(S).
+    Train: RandomResizedCrop(S) + horizontal flip; eval: Resize(S/crop_pct) + CenterCrop(S).
     ``cropped`` (CUB/Cars cropped to the object): a plain Resize((S, S)) for both, the
-    train side keeping the flip. Both normalise with the ImageNet mean/std.
+    train side keeping the flip. Both normalise with ``mean``/``std`` (ImageNet's by
+    default; a backbone's own data config supplies its values, see :func:`data_config_kwargs`).
     """
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    mode = v2.InterpolationMode(interpolation)
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
             v2.ToPureTensor()]
     if cropped:
-        train = [v2.ToImage(), v2.Resize((image_size, image_size)), v2.RandomHorizontalFlip()]
-        evaluate = [v2.ToImage(), v2.Resize((image_size, image_size))]
+        train = [v2.ToImage(), v2.Resize((image_size, image_size), interpolation=mode),
+                 v2.RandomHorizontalFlip()]
+        evaluate = [v2.ToImage(), v2.Resize((image_size, image_size), interpolation=mode)]
     else:
-        train = [v2.ToImage(), v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip()]
-        evaluate = [v2.ToImage(), v2.Resize(int(image_size / EVAL_CROP_RATIO)),
+        train = [v2.ToImage(), v2.RandomResizedCrop(image_size, interpolation=mode),
+                 v2.RandomHorizontalFlip()]
+        evaluate = [v2.ToImage(), v2.Resize(int(image_size / crop_pct), interpolation=mode),
                     v2.CenterCrop(image_size)]
     return v2.Compose(train + tail), v2.Compose(evaluate + tail)
+
+
+def data_config_kwargs(data_config: Optional[dict]) -> dict:
+    """:func:`image_transforms` keywords from a timm data config (``resolve_data_config``).
+
+    Empty for None: the defaults (ImageNet mean/std, bilinear, crop 0.875) then apply.
+    Images are square: the size is the config's last input dimension.
+    """
+    if not data_config:
+        return {}
+    out: dict = {}
+    if data_config.get("input_size"):
+        out["image_size"] = int(data_config["input_size"][-1])
+    for key in ("mean", "std"):
+        if data_config.get(key):
+            out[key] = tuple(float(v) for v in data_config[key])
+    if data_config.get("interpolation") in ("nearest", "bilinear", "bicubic"):
+        out["interpolation"] = data_config["interpolation"]
+    if data_config.get("crop_pct"):
+        out["crop_pct"] = float(data_config["crop_pct"])
+    return out
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -116,7 +143,8 @@ def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
 
 
 def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fraction: float = 0.1,
-                     seed: int = 0, cropped: bool = False, on_bad_file: OnBadFile = "fail") -> Task:
+                     seed: int = 0, cropped: bool = False, on_bad_file: OnBadFile = "fail",
+                     data_config: Optional[dict] = None) -> Task:
     """An image classification task from ``<path>/{train,test}/<class>/<images>``.
 
     Class names are the sorted folder names of ``train/``; ``test/`` must hold the
@@ -126,9 +154,15 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
     uses the eval transform. Every file's header is checked at load; an unreadable
     image raises :class:`SwrError` naming it, or with ``on_bad_file="skip"`` is dropped
     and listed in ``task.info["skipped"]`` (files that fail only on full decode are
-    found on access and added there). See :func:`image_transforms` for the transforms.
+    found on access and added there). See :func:`image_transforms` for the transforms;
+    ``data_config`` (a backbone's timm data config) sets their size, mean, std,
+    interpolation and crop pct in place of ``image_size`` and the ImageNet defaults.
     """
     root = Path(path)
+    tf_kwargs = {"image_size": image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                 "interpolation": "bilinear", "crop_pct": EVAL_CROP_RATIO,
+                 **data_config_kwargs(data_config)}
+    image_size = tf_kwargs["image_size"]
     policy = check_on_bad_file(on_bad_file)
     check_fraction("val_fraction", val_fraction, low_open=True)
     if image_size < 1:
@@ -168,7 +202,7 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
         if not split_items:
             raise SwrError(f"no readable images left in the {split} split of {root}")
 
-    train_tf, eval_tf = image_transforms(image_size, cropped)
+    train_tf, eval_tf = image_transforms(cropped=cropped, **tf_kwargs)
     splits = {
         "train": FileDataset(train_items, read_image, train_tf, policy, skipped),
         "val": FileDataset(val_items, read_image, eval_tf, policy, skipped),
@@ -179,6 +213,9 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
         input_shape=(3, image_size, image_size), **splits,
         info={"root": str(root), "skipped": skipped, "val_fraction": val_fraction, "seed": seed,
               "cropped": cropped, "image_size": image_size,
+              "preprocess": {**tf_kwargs, "mean": list(tf_kwargs["mean"]),
+                             "std": list(tf_kwargs["std"]),
+                             "crop_pct": None if cropped else tf_kwargs["crop_pct"]},
               "class_counts": {k: class_counts(ds.labels, class_names)
                                for k, ds in splits.items()}},
     )

@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -39,7 +40,9 @@ def fold_tolerance(dtype: torch.dtype, scale: float) -> float:
 
 
 def run_method(method_name: str, base_model: nn.Module, task, budget_params: Optional[int],
-               cfg: TrainConfig, predictions: Optional[str] = None, **knobs) -> dict:
+               cfg: TrainConfig, predictions: Optional[str] = None,
+               export: Optional[str] = None, export_model: bool = False, backbone: str = "",
+               **knobs) -> dict:
     """Transfer ``base_model`` to ``task`` with one method and measure the result.
 
     ``base_model`` is left untouched (the method adapts a deep copy, with a new head
@@ -61,6 +64,13 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
     With ``predictions`` (a path), the trained model's class probabilities on
     ``test`` and ``shift_test`` are stored there for ensembles
     (:func:`swr.robustness.save_predictions`).
+
+    With ``export`` (a folder) and a foldable method, the run's task delta is written
+    to ``export/task_delta.safetensors`` (:func:`swr.export.export_method_delta`; its
+    metadata names ``backbone``, the method, the task's classes and preprocessing) and,
+    with ``export_model``, the deployed task model (base + delta) to
+    ``export/model.safetensors`` and the training history to ``history.json``; the row then also holds ``delta_file``,
+    ``delta_bytes`` and ``rebuild_max_abs_diff``.
 
     A fold that does not give the base architecture raises; a fold whose outputs
     drift beyond :data:`FOLD_TOLERANCE` (relative to the output scale) warns.
@@ -100,6 +110,10 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
             warnings.warn(f"method {method.name!r}: folded outputs differ by {fold_diff:.3g}, "
                           f"above the tolerance {tol:.3g}", RuntimeWarning, stacklevel=2)
     extra_flops = count_flops(task_model, x[:1]) - count_flops(reference, x[:1])
+    exported: dict = {}
+    if export is not None and method.foldable:
+        exported = _export(method, base_model, model, task_model, task, budget_params, backbone,
+                           Path(export), export_model, x, result.history)
 
     updated = method.updated_params(model)
     return {
@@ -119,4 +133,28 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
         "foldable": method.foldable,
         "fold_max_abs_diff": fold_diff,
         "train_seconds": train_seconds,
+        **exported,
     }
+
+
+def _export(method, base_model: nn.Module, model: nn.Module, task_model: nn.Module, task,
+            budget_params: Optional[int], backbone: str, out: Path, export_model: bool,
+            x: torch.Tensor, history: list) -> dict:
+    """Write a run's task delta (and deployed model, training history); the row's export
+    columns."""
+    from ..export import export_method_delta
+    from ..io import write_json
+    from ..source import task_preprocess
+    from ..tasks.backbones import save_checkpoint
+
+    path = out / "task_delta.safetensors"
+    extra = {"method": method.name, "classes": list(task.class_names),
+             "preprocess": task_preprocess(task)}
+    deployed, report = export_method_delta(base_model, model, task_model, path,
+                                           backbone=backbone, task=task.id,
+                                           budget_params=budget_params, extra=extra, example=x)
+    if export_model:
+        save_checkpoint(deployed, out / "model.safetensors", backbone=backbone, task=task.id,
+                        classes=list(task.class_names))
+        write_json(out / "history.json", history)
+    return {"delta_file": str(path), **report}

@@ -1,0 +1,189 @@
+"""Task deltas for every method that folds, not only SWR.
+
+SWR's trained model is reparametrized: its task delta is ``g * dW`` of the open
+gates (:func:`swr.delta.task_delta_tensors`). Every other foldable method (LoRA,
+BitFit, SSF, norm tuning, full fine-tuning, ...) folds into a plain model of the base
+architecture; its task delta is the difference of that folded model from the base,
+restricted to what changed:
+
+* ``delta/<key>``: ``W_task - W_base`` for every changed backbone tensor,
+* ``norm/<key>``: every norm tensor (parameters and running statistics; a task delta
+  always carries the whole task norm state, as SWR's does),
+* ``head/<key>``: the task's head.
+
+Both kinds are the same file format (``swr-task-delta/1``) and are applied by
+:func:`swr.delta.apply_task_delta`. The *deployed* task model is always
+``apply_task_delta(base, delta)``: for SWR it is bit-identical to the folded model;
+for the others ``W_base + (W_task - W_base)`` can differ from ``W_task`` by one
+rounding step per weight, which :func:`export_method_delta` measures on the outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ._version import __version__
+from .delta import FORMAT, apply_task_delta, base_hash, frozen_base_state, task_delta_tensors
+from .errors import SwrError
+from .io import atomic_path, sort_safetensors_metadata
+from .reparam import head_prefix, norm_modules, reparam_layers
+
+if TYPE_CHECKING:
+    from .source import BaseSpec
+
+
+def delta_from_folded(base: nn.Module, folded: nn.Module) -> dict[str, torch.Tensor]:
+    """Task-delta tensors turning plain ``base`` into plain ``folded`` (same architecture).
+
+    Unchanged backbone tensors are left out; the norms and the head are always stored.
+    """
+    if reparam_layers(base) or reparam_layers(folded):
+        raise SwrError("delta_from_folded expects two plain models; fold the trained model first")
+    base_state, task_state = base.state_dict(), folded.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, w in frozen_base_state(base).items():
+        t = task_state.get(key)
+        if t is None or t.shape != w.shape:
+            raise SwrError(f"the folded model's {key} does not match the base model's; "
+                           "was it folded from another backbone?")
+        t = t.detach().cpu()
+        w = w.detach().cpu().to(t.dtype)
+        if not torch.equal(t, w):
+            out[f"delta/{key}"] = t - w
+    for name, m in norm_modules(folded).items():
+        for k, t in m.state_dict().items():
+            out[f"norm/{name}.{k}"] = t.detach()
+    head = head_prefix(folded)
+    if head is not None:
+        for k, t in folded.get_submodule(head).state_dict().items():
+            out[f"head/{head}.{k}"] = t.detach()
+    return {k: v.cpu().contiguous().clone() for k, v in out.items()}
+
+
+def write_task_delta(tensors: dict[str, torch.Tensor], path: str | os.PathLike, *,
+                     base: nn.Module, backbone: str, task: str = "",
+                     budget_params: Optional[int] = None, extra: Optional[dict] = None) -> int:
+    """Write task-delta ``tensors`` for plain model ``base`` (atomic); returns the size.
+
+    The metadata is that of :func:`swr.delta.export_task_delta` (format, backbone,
+    base hash, selection, budget, task, head, class count, version) plus ``extra``.
+    """
+    head = head_prefix(base)
+    head_w = tensors.get(f"head/{head}.weight") if head else None
+    layers = sorted({k.split("/", 1)[1].rsplit(".", 1)[0] for k in tensors
+                     if k.startswith("delta/")})
+    meta: dict[str, Any] = {
+        "format": FORMAT, "backbone": backbone, "base_hash": base_hash(base),
+        "selection": layers, "budget_params": budget_params, "task": task,
+        "num_classes": None if head_w is None else int(head_w.shape[0]), "head": head,
+        "swr_version": __version__, **(extra or {}),
+    }
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        sort_safetensors_metadata(tmp)  # same delta, same bytes
+    return Path(path).stat().st_size
+
+
+@torch.no_grad()
+def export_method_delta(base: nn.Module, trained: nn.Module, folded: nn.Module,
+                        path: str | os.PathLike, *, backbone: str, task: str = "",
+                        budget_params: Optional[int] = None, extra: Optional[dict] = None,
+                        example: Optional[torch.Tensor] = None) -> tuple[nn.Module, dict]:
+    """Export the task delta of a method's run and rebuild the deployed model from it.
+
+    ``base`` is the plain base model (left untouched), ``trained`` the method's trained
+    model and ``folded`` its fold. Returns ``(deployed, report)``: the deployed model is
+    ``apply_task_delta(base, path)`` (eval mode, on the CPU); the report holds
+    ``delta_bytes`` and, given ``example`` inputs, ``rebuild_max_abs_diff`` between the
+    deployed and the folded model's outputs (0 for SWR).
+    """
+    if reparam_layers(trained):
+        if any(layer.merged for layer in reparam_layers(trained).values()):
+            raise SwrError("unmerge the model before exporting its task delta")
+        tensors = task_delta_tensors(trained)
+    else:
+        tensors = delta_from_folded(base, folded)
+        # a folded method's dense W_task - W_base is not what its budget bounded (LoRA's
+        # rank factors, for one): the budget is kept as the method's, not the delta's
+        extra = {**(extra or {}), "method_budget_params": budget_params}
+        budget_params = None
+    nbytes = write_task_delta(tensors, path, base=base, backbone=backbone, task=task,
+                              budget_params=budget_params, extra=extra)
+    deployed = apply_task_delta(copy.deepcopy(base).cpu(), path).eval()
+    report: dict[str, Any] = {"delta_bytes": nbytes, "rebuild_max_abs_diff": None}
+    if example is not None:
+        device = next(folded.parameters()).device
+        y = folded.eval()(example.to(device)).cpu()
+        report["rebuild_max_abs_diff"] = float((deployed(example.cpu()) - y).abs().max())
+    return deployed, report
+
+
+def finetune_method(method: str, task_spec: str, base: "BaseSpec", out: str | os.PathLike,
+                    budget: Optional[str] = None, epochs: int = 20, lr: Optional[float] = None,
+                    batch_size: int = 64, seed: int = 0, device: str = "auto",
+                    progress: bool = True, on_bad_file: str = "fail",
+                    knobs: Optional[dict] = None) -> dict:
+    """Train any foldable method on ``task_spec`` from ``base`` and keep the result.
+
+    The run is :func:`swr.methods.runner.run_method`, the one ``swr bench`` makes.
+    Writes, like ``swr finetune --selection``, ``task_delta.safetensors``,
+    ``model.safetensors`` (the deployed task model: base + delta), ``history.json`` and
+    ``metrics.json`` (the bench row plus task, backbone, base, lr and epochs) into
+    ``out``; returns the metrics. ``lr`` defaults to the bench's default for the
+    method and backbone family; ``budget`` is needed by the methods that size
+    themselves to one (``lora``, ``swr``, ...), ignored by the others.
+    """
+    from .bench import DEFAULT_LR
+    from .budget import Budget, backbone_params
+    from .finetune import OUTPUTS
+    from .io import check_output, check_run_folder, staged_folder, write_json
+    from .methods import get_method, run_method
+    from .source import load_base, load_task
+    from .tasks import task_data_path
+    from .train import TrainConfig
+
+    # before any work: the run may not overwrite what it reads, nor a folder of other files
+    check_output(out, {"--checkpoint": base.checkpoint, "--weights": base.weights,
+                       "--task": task_data_path(task_spec)})
+    outputs = OUTPUTS | {"search"}
+    check_run_folder(out, outputs)
+    knobs = dict(knobs or {})
+    recipe = get_method(method, **knobs)  # unknown names and knobs fail before any loading
+    if not recipe.foldable:
+        raise SwrError(f"method {method!r} does not fold into the base architecture, so it has "
+                       "no task delta to keep; measure it with swr bench")
+    if recipe.respects_budget and budget is None:
+        raise SwrError(f"method {method!r} sizes itself to a budget: give --budget "
+                       "(e.g. 5% or 20000)")
+    base_model, desc = load_base(base)
+    task = load_task(task_spec, desc, on_bad_file=on_bad_file)
+    budget_params = (Budget.parse(budget).resolve(backbone_params(base_model))
+                     if recipe.respects_budget else None)
+    if lr is None:
+        table = DEFAULT_LR["bcresnet" if desc["backbone"].startswith("bcresnet") else "timm"]
+        lr = table.get(method, table["*"])
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                      progress=progress, desc=method)
+    # every file goes to a staged folder that replaces ``out`` only once all are written
+    with staged_folder(out, outputs) as stage:
+        if method.startswith("swr"):
+            knobs.setdefault("seed", seed)
+            knobs.setdefault("device", device)
+            knobs.setdefault("out", str(stage / "search"))
+        row = run_method(method, base_model, task, budget_params, cfg, export=str(stage),
+                         export_model=True, backbone=desc["backbone"], **knobs)
+        metrics = {**row, "task": task_spec, "backbone": desc["backbone"], "base": desc["base"],
+                   "weights_sha256": desc["weights_sha256"], "lr": lr, "epochs": epochs,
+                   "seed": seed, "classes": list(task.class_names),
+                   "skipped_files": list(task.info.get("skipped", []))}
+        write_json(stage / "metrics.json", metrics)
+    return metrics
