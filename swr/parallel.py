@@ -2,9 +2,10 @@
 
 ``init_ray()`` starts a quiet local instance (the default on a laptop or CI box) or
 joins a cluster (``--ray-address``); it does nothing when Ray is already running, so
-library code can call it unconditionally. ``worker_threads`` and ``limit_threads``
-keep N workers from each starting one PyTorch thread per core and oversubscribing
-the machine.
+library code can call it unconditionally. ``resolve_workers`` is the one rule for
+how many workers a command starts (never more than the CPUs it can use);
+``worker_threads`` and ``limit_threads`` keep N workers from each starting one
+PyTorch thread per core and oversubscribing the machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 import ray
 import torch
@@ -34,6 +36,47 @@ def local_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def available_cpus() -> int:
+    """CPUs that parallel workers can use: those of the Ray instance or cluster this
+    process runs on, else the cores this process may run on (:func:`local_cpus`, which
+    is what a local instance started by :func:`init_ray` gets)."""
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return local_cpus()
+
+
+def resolve_workers(requested: int | None, address: str | None = None,
+                    option: str = "--workers") -> int:
+    """How many parallel workers to start: the one rule every command uses.
+
+    ``None`` (the option's default) means one per available CPU; ``0`` or less is
+    returned unchanged (0: no Ray; callers refuse negatives). A request above the
+    CPUs available is reduced to them, with a one-line notice on stderr: each worker
+    reserves a CPU, so more would wait forever for one (or pile up processes and
+    memory). The CPUs are those of the cluster at ``address`` (joined here, so an
+    unreachable one fails now, before any training) or of a running Ray instance,
+    else the cores this process may run on (its CPU affinity, e.g. under
+    ``taskset`` or a container's CPU set, not the machine's count).
+
+    Raises:
+        SwrError: the cluster at ``address`` cannot be reached.
+    """
+    if requested is not None and requested <= 0:
+        return requested
+    if address is not None:
+        init_ray(address)
+    cap = available_cpus()
+    if requested is None:
+        return cap
+    if requested > cap:
+        where = ("of the Ray cluster" if ray.is_initialized() and not _started_here
+                 else "this process may use")
+        print(f"swr: {option} {requested} is more than the {cap} CPU(s) {where}; "
+              f"starting {cap} worker(s)", file=sys.stderr)
+        return cap
+    return requested
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
