@@ -126,7 +126,8 @@ def check_selection(model: nn.Module, selection: Iterable[str], budget_params: i
     cost = selection_cost(model, selection)
     if cost > budget_params:
         raise BudgetError(f"selection costs {cost} parameters, over the budget of "
-                          f"{budget_params}; drop layers or raise --budget")
+                          f"{budget_params}; drop layers from the selection, or run swr "
+                          "search again with a larger --budget")
     return cost
 
 

@@ -412,16 +412,32 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+#: Commands that may write the cache (supernets, generated datasets, source models).
+CACHE_WRITERS = ("pretrain", "search", "bench", "demo")
+
+
 def _check_common(args: argparse.Namespace) -> None:
     """Options many commands share, checked before any work: the seed every RNG must
-    accept and the device torch must be able to train on, so that a bad value ends the
-    command now instead of after training a model."""
+    accept, the device torch must be able to train on, an output folder and the cache
+    that can be written, so that a bad value ends the command now instead of after
+    training a model."""
+    from .io import cache_dir, unwritable_reason
     from .train import check_seed, resolve_device
 
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed)
     if getattr(args, "device", None) is not None:
         resolve_device(args.device)
+    if getattr(args, "out", None) is not None:
+        reason = unwritable_reason(args.out)
+        if reason is not None:
+            raise SwrError(f"cannot write --out {args.out}: {reason}; choose another folder")
+    if args.command in CACHE_WRITERS:
+        reason = unwritable_reason(cache_dir())
+        if reason is not None:
+            raise SwrError(f"cannot write the cache folder {cache_dir()} (SWR_CACHE): {reason}; "
+                           f"swr {args.command} stores supernets and generated datasets there: "
+                           f"set SWR_CACHE to a writable folder")
 
 
 def _report_broken_install(command: str) -> bool:

@@ -100,10 +100,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
              "logging_level": logging.WARNING}
     if address is not None:
         hint = "start it with `ray start --head` or drop --ray-address"
+        # Ray's C++ client writes a warning per retry straight to file descriptor 2
+        # (a refused token among them): held back, and read to tell why it failed
+        held = _stderr_held()
         try:
             _probe(address)
-            ray.init(address=address, **quiet)
-        except (OSError, ConnectionError, RuntimeError) as e:
+            with held:
+                ray.init(address=address, **quiet)
+        except Exception as e:
+            if _auth_refused(e, held.text):
+                raise SwrError(
+                    f"the Ray cluster at {address} refused this process: it uses token "
+                    "authentication; set RAY_AUTH_MODE=token (and its token: RAY_AUTH_TOKEN, "
+                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) here and rerun") from None
+            if not isinstance(e, (OSError, ConnectionError, RuntimeError)):
+                raise
             raise SwrError(f"cannot reach Ray cluster at {address}: {e}; {hint}") from None
         return
     # "local": a new instance even when `ray start` left one running on this machine
@@ -111,6 +122,49 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     ray.init(address="local", num_cpus=num_cpus or local_cpus(),
              object_store_memory=object_store_memory or LOCAL_OBJECT_STORE_BYTES, **quiet)
     _started_here = True
+
+
+class _stderr_held:
+    """Redirect file descriptor 2 (C and C++ code included) to a temporary file while
+    in the block; ``text`` holds what was written. Replayed to stderr when the block
+    succeeds, so nothing is lost on success."""
+
+    def __init__(self):
+        self.text = ""
+
+    def __enter__(self):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, kind, error, tb):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        if kind is None and self.text:
+            sys.stderr.write(self.text)
+        return False
+
+
+def _auth_refused(error: BaseException, stderr_text: str) -> bool:
+    """Whether joining a cluster failed because it wants an authentication token.
+
+    Ray raises ``AuthenticationError`` for some paths; for others it only retries
+    with "Unauthenticated ... InvalidAuthToken" warnings and then reports a plain
+    connection failure, so the held-back warnings are read too.
+    """
+    auth_error = getattr(ray.exceptions, "AuthenticationError", None)
+    if auth_error is not None and isinstance(error, auth_error):
+        return True
+    text = f"{error}\n{stderr_text}".lower()
+    return "unauthenticated" in text or "invalidauthtoken" in text
 
 
 def shutdown_ray() -> None:
