@@ -267,12 +267,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         return task, method, budget, seed, cfg, lr, knobs, 0, str(out / "runs" / name), str(preds)
 
     start = time.perf_counter()
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="bench", unit="run", dynamic_ncols=True)
-
     skipped: dict[tuple[str, str, str], str] = {}
     bad_files_json = out / "skipped_files.json"
     bad_files: dict[str, list[str]] = {}
@@ -288,6 +282,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
                            f"object of task: [file, ...]); remove it or start a new --out")
     elif bad_files_json.exists():
         bad_files_json.unlink()  # a fresh bench: the list belongs to the runs it replaces
+
+    # after the resumed state is checked: an error is then the only line printed
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="bench", unit="run", dynamic_ncols=True)
 
     def finished(row: dict) -> None:
         new_bad = [p for p in row.pop("skipped_files", []) if p not in bad_files.get(row["task"], [])]

@@ -180,7 +180,7 @@ def load_mswc(path: str | os.PathLike, lang: str, n_keywords: int = 10, min_coun
     if len(ranked) < n_keywords:
         raise SwrError(f"{table}: only {len(ranked)} words have at least {min_count} TRAIN clips; "
                        f"an MSWC task needs {n_keywords} such keywords: add TRAIN rows and clips "
-                       f"(from Python, load_mswc also takes a smaller n_keywords or min_count)")
+                       f"for more words")
     keywords = ranked[:n_keywords]
     class_names = [*sorted(keywords), UNKNOWN, SILENCE]
     label_of = {w: i for i, w in enumerate(class_names[:n_keywords])}
