@@ -190,19 +190,40 @@ def limit_threads(n_threads: int) -> None:
 
 
 def cluster_alive(timeout: float = 2.0) -> bool:
-    """Whether the Ray cluster this process joined still answers at its head (GCS).
+    """Whether the Ray cluster this process joined still answers at its head (GCS),
+    and the Ray node on this machine that it works through is still up.
 
-    A TCP connection to the head's GCS port, so it answers within ``timeout`` even
-    when Ray's own clients would keep retrying for a minute. True when the head's
-    address cannot be told (e.g. through Ray Client): unknown is not dead.
+    TCP connections to the head's GCS port and the local node's port, so it answers
+    within ``timeout`` even when Ray's own clients would keep retrying for a minute.
+    True when an address cannot be told (e.g. through Ray Client): unknown is not dead.
+    """
+    return lost_reason(timeout) is None
+
+
+def lost_reason(timeout: float = 2.0) -> str | None:
+    """Why this process can no longer use its Ray cluster (``None`` while it can).
+
+    A dead local node (its raylet killed, or out of memory) matters as much as a
+    dead head: Ray ends the driver with status 1 a few seconds later, so a caller
+    that checks this first can stop cleanly (and keep its work) instead.
     """
     if not ray.is_initialized():
-        return False
+        return "Ray is not running"
     try:
         _probe(cluster_address(), timeout)
     except OSError:
-        return False
-    return True
+        return "its head no longer answers"
+    try:
+        node = ray._private.worker.global_worker.node
+        host, port = node.node_ip_address, node.node_manager_port
+    except Exception:  # Ray Client, or Ray's internals moved: cannot tell
+        return None
+    if host and port:
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError:
+            return "the Ray node on this machine died"
+    return None
 
 
 def cluster_address() -> str:

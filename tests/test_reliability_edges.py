@@ -448,3 +448,93 @@ def test_devices_torch_cannot_use_are_refused(monkeypatch):
     for device in ("meta", "mps", "xpu", "cuda:99"):
         with pytest.raises(SwrError, match="--device"):
             resolve_device(device)
+
+
+# ------------------------------------------------------------------ Ray failures, told right
+
+AUTH_HEAD_SCRIPT = r"""
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 * 1024**2})
+print(cluster.address, flush=True)
+sys.stdin.readline()  # the test says when to stop
+cluster.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cluster_with_token_authentication_is_told_apart(world, tmp_path):
+    """A head under token authentication that this process has no token for: the line
+    says to set RAY_AUTH_MODE=token, not that the cluster is unreachable."""
+    token = "0123456789abcdef0123456789abcdef"
+    head_env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    head = subprocess.Popen([sys.executable, "-c", AUTH_HEAD_SCRIPT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=head_env)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the test cluster did not start"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env.update(SWR_TESTS_DIR=str(TESTS_DIR), SWR_CACHE=str(tmp_path / "cache"),
+                   RAY_AUTH_MODE="disabled")
+        args = with_option(search_args(world, "x"), "--out", tmp_path / "out")
+        proc = subprocess.run([sys.executable, "-c", SEARCH_SCRIPT, *with_option(
+            args, "--workers", 1), "--ray-address", address], capture_output=True, text=True,
+            env=env, timeout=300)
+    finally:
+        head.stdin.write("stop\n")
+        head.stdin.flush()
+        head.wait(timeout=60)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(err) == 1 and "RAY_AUTH_MODE=token" in err[0] and address in err[0], err
+    assert "cannot reach" not in err[0]
+    assert not (tmp_path / "cache" / "supernets").exists()  # refused before stage 1
+    print(f"BAD-INPUT | swr search ... --ray-address <head under token auth> | {err[0]}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dead_local_ray_node_ends_the_search_with_the_resume_hint(world, tmp_path):
+    """The Ray node this search started dies mid-search (raylet and workers killed):
+    exit 75 and one line with --resume, the evaluations so far kept; not exit 1 and
+    Ray's log lines."""
+    import psutil
+
+    from test_faults import SLOW_SEARCH_SCRIPT
+
+    env = dict(os.environ, SWR_TESTS_DIR=str(TESTS_DIR), SWR_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["search", "--task", "tiny", "--checkpoint", str(world.ckpt), "--budget", "10%",
+            "--out", str(out), "--policy", "random", "--evaluations", "12", "--seed", "3",
+            "--workers", "2", "--device", "cpu", "--supernet-epochs", "1",
+            "--samples-per-iteration", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SEARCH_SCRIPT, *args],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    log = out / "evaluations.jsonl"
+    ray_processes = []
+    try:
+        with deadline(240):
+            while proc.poll() is None and not (
+                    log.is_file() and len(log.read_text().splitlines()) >= 2):
+                subprocess.run(["sleep", "0.1"])
+        assert proc.poll() is None, "the search ended before its Ray node could die"
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)
+        for p in ray_processes:
+            if p.name() == "raylet" or p.name().startswith("ray::EvaluatorWorker"):
+                p.kill()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in ray_processes:  # the rest of the instance this search started
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("swr search")]
+    assert proc.returncode == 75, err[-3000:]
+    assert len(lines) == 1 and "the Ray node on this machine died" in lines[0] \
+        and "--resume" in lines[0], err
+    assert "Traceback" not in err and "core_worker" not in err, err
+    kept = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    assert 2 <= len(kept) < 12 and not (out / "selection.json").exists()
