@@ -28,7 +28,8 @@ MAX_SEED = 2**32 - 1
 
 
 def check_seed(seed: int, option: str = "--seed") -> int:
-    """``seed`` if every RNG of a run accepts it (an integer in [0, 2**32 - 1]), else :class:`SwrError`."""
+    """``seed`` if every RNG of a run accepts it (an integer in [0, 2**32 - 1]), else
+    :class:`SwrError`."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise SwrError(f"{option} {seed} must be an integer from 0 to {MAX_SEED}")
     return seed
