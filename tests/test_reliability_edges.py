@@ -129,7 +129,7 @@ def test_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["swr: --workers 1000 is more than the 1 CPU(s) this process may use; "
                    "starting 1 worker(s)"]
-    print(f"BAD-INPUT | swr search --workers 1000 (1 CPU) | {err[0]}")
+    print(f"BAD-INPUT | search ... --workers 1000 (this process may use 1 CPU) | {err[0]}")
 
 
 class RecordingPool:
@@ -233,13 +233,17 @@ def test_fifo_named_like_an_image_is_never_opened(world, capsys):
 def test_fifo_named_like_a_clip_is_never_opened(world, capsys):
     sc = make_speechcommands(world.d / "sc_fifo")
     fifo(sc / "yes" / "x.wav")
-    noise = make_speechcommands(world.d / "sc_fifo_noise")
-    fifo(noise / "_background_noise_" / "hum.wav")
     with deadline(120):
         line = one_line_error(capsys, pretrain_args(world, f"speechcommands:{sc}"))
         assert "x.wav" in line and "FIFO" in line, line
         task = swr.tasks.get_task(f"speechcommands:{sc}", on_bad_file="skip")
         assert [Path(p).name for p in task.info["skipped"]] == ["x.wav"]
+
+
+def test_fifo_among_noise_recordings_or_mswc_clips_is_never_opened(world, capsys):
+    noise = make_speechcommands(world.d / "sc_fifo_noise")
+    fifo(noise / "_background_noise_" / "hum.wav")
+    with deadline(120):
         line = one_line_error(capsys, pretrain_args(world, f"speechcommands:{noise}"))
         assert "hum.wav" in line and "FIFO" in line, line
         mswc = make_mswc_table(world.d / "mswc_fifo", {"hallo": 2, "welt": 2})
