@@ -132,6 +132,24 @@ def test_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch, capsys
     print(f"BAD-INPUT | search ... --workers 1000 (this process may use 1 CPU) | {err[0]}")
 
 
+def test_workers_are_capped_at_the_cpus_of_a_joined_cluster(monkeypatch, capsys):
+    """With --ray-address the cluster's CPUs are the cap (joined first, so an unreachable
+    one fails before any training), not this machine's."""
+    joined = []
+    monkeypatch.setattr(swr.parallel, "init_ray", lambda address=None, **k: joined.append(address))
+    monkeypatch.setattr(swr.parallel.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(swr.parallel.ray, "cluster_resources", lambda: {"CPU": 48.0})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert swr.parallel.resolve_workers(None, "10.0.0.1:6379") == 48
+    assert swr.parallel.resolve_workers(32, "10.0.0.1:6379") == 32
+    assert capsys.readouterr().err == ""
+    assert swr.parallel.resolve_workers(1000, "10.0.0.1:6379") == 48
+    assert capsys.readouterr().err.strip() == (
+        "swr: --workers 1000 is more than the 48 CPU(s) of the Ray cluster; starting 48 worker(s)")
+    assert joined == ["10.0.0.1:6379"] * 3
+    assert swr.parallel.resolve_workers(0, "10.0.0.1:6379") == 0 and len(joined) == 3  # no Ray
+
+
 class RecordingPool:
     """Stands in for the Ray pool: records how many workers it was asked for, scores in-process."""
 
