@@ -115,10 +115,15 @@ def no_training(monkeypatch):
 
 # ------------------------------------------------------------------ runaway resources
 
+def no_ray_running(monkeypatch) -> None:
+    """As if no Ray instance ran (another test module's may still): the cap is then this
+    process's CPUs."""
+    monkeypatch.setattr(swr.parallel.ray, "is_initialized", lambda: False)
+
+
 def test_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch, capsys):
     """One rule for every command: None = one per CPU; above the CPUs: reduced, one notice."""
-    if swr.parallel.ray.is_initialized():
-        pytest.skip("a Ray instance of another test is running: its CPUs would be the cap")
+    no_ray_running(monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert swr.parallel.local_cpus() == 1  # the affinity, not os.cpu_count()
     assert swr.parallel.resolve_workers(None) == 1
@@ -174,6 +179,7 @@ def test_search_with_1000_workers_starts_no_more_than_the_cpus(world, monkeypatc
 
     monkeypatch.setattr(swr.policies.pool, "RayPool", RecordingPool)
     monkeypatch.setattr(swr.parallel, "init_ray", lambda *a, **k: None)
+    no_ray_running(monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     RecordingPool.asked.clear()
     assert main(with_option(search_args(world, "many_workers"), "--workers", 1000)) == 0
@@ -190,15 +196,17 @@ def test_search_with_1000_workers_starts_no_more_than_the_cpus(world, monkeypatc
 
 def test_bench_workers_are_capped_too(world, monkeypatch, capsys):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    if swr.parallel.ray.is_initialized():
-        pytest.skip("a Ray instance of another test is running: its CPUs would be the cap")
+    no_ray_running(monkeypatch)
+    started = []
+    monkeypatch.setattr(swr.parallel, "init_ray", lambda *a, **k: started.append(a))
     assert main(["bench", "--task", "tiny", "--checkpoint", str(world.ckpt), "--methods",
                  "linear", "--seeds", "2", "--epochs", "1", "--workers", "64", "--device", "cpu",
                  "--out", str(world.d / "bench_capped")]) == 0
     err = capsys.readouterr().err
     assert "swr: --workers 64 is more than the 1 CPU(s) this process may use; " \
            "starting 1 worker(s)" in err, err
-    assert not swr.parallel.ray.is_initialized()  # one worker: no Ray started at all
+    assert started == []  # one worker: the runs go one after another, no Ray
+    assert len((world.d / "bench_capped" / "results.csv").read_text().splitlines()) == 3
 
 
 SEARCH_SCRIPT = r"""
