@@ -150,11 +150,11 @@ class RayPool:
         return [float(r) for r in results]
 
     def _lost(self) -> None:
-        from swr.parallel import cluster_address
+        from swr.parallel import cluster_address, lost_reason
 
         self.lost = True
         raise ClusterLostError(f"lost the Ray cluster at {cluster_address() or '(unknown)'}: "
-                               "its head no longer answers")
+                               f"{lost_reason() or 'its head no longer answers'}")
 
     def close(self) -> None:
         if not self.lost:  # with the cluster gone there is nothing left to stop

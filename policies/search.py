@@ -46,7 +46,9 @@ class SearchConfig:
     policy: str = "pg"
     seed: int = 0
     evaluations: int = 200
-    workers: int = 0  # 0: score in this process; N: N Ray workers
+    # 0: score in this process; N: N Ray workers (at most the CPUs available, see
+    # swr.parallel.resolve_workers); None: one per available CPU
+    workers: Optional[int] = 0
     resume: bool = False
     device: str = "auto"
     ray_address: Optional[str] = None
@@ -62,9 +64,12 @@ class SearchConfig:
     def validate(self) -> "SearchConfig":
         if self.policy not in POLICIES:
             raise SwrError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        from swr.train import check_seed
+
+        check_seed(self.seed)
         if self.evaluations < 1:
             raise SwrError(f"--evaluations {self.evaluations} must be at least 1")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
         return self
 
@@ -212,12 +217,12 @@ def make_pool(cfg: SearchConfig, factory, names):
     device = factory.device
     if cfg.workers <= 0:
         return LocalPool(factory())
-    from swr.parallel import init_ray, worker_threads
+    from swr.parallel import available_cpus, init_ray, worker_threads
 
     init_ray(cfg.ray_address)
     gpus = 1.0 / cfg.workers if device.startswith("cuda") else 0.0
     return RayPool(factory, names, cfg.workers, threads_per_worker=worker_threads(cfg.workers),
-                   cpus_per_worker=min(1.0, (os.cpu_count() or 1) / cfg.workers),
+                   cpus_per_worker=min(1.0, available_cpus() / cfg.workers),
                    gpus_per_worker=gpus)
 
 
@@ -261,10 +266,9 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     # Fail on a budget no layer fits in, or an unreachable cluster, before stage 1.
     resolve_budget(build_supernet(base_model, task.num_classes,
                                   bias_delta=cfg.supernet.bias_delta), cfg.budget)
-    if cfg.workers > 0 and cfg.ray_address:
-        from swr.parallel import init_ray
+    from swr.parallel import resolve_workers
 
-        init_ray(cfg.ray_address)
+    cfg.workers = resolve_workers(cfg.workers, cfg.ray_address)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.supernet.seed = cfg.seed

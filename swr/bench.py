@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from .budget import Budget, backbone_params
 from .errors import BudgetError, SwrError
-from .io import read_json, save_png, write_json, write_text
+from .io import save_png, write_json, write_text
 from .source import base_spec, checkpoint_backbone
 from .robustness import cell_name, ensemble_rows
 
@@ -170,11 +170,46 @@ def plan(cfg: BenchConfig) -> list[tuple[str, str, str, int]]:
     return cells
 
 
+#: Columns a results.csv row must hold as numbers to be summarised again on --resume.
+NUMERIC_COLUMNS = ("test_acc", "updated_params", "stored_bytes", "extra_flops", "train_seconds")
+
+
 def read_rows(path: Path) -> list[dict]:
+    """The rows of a bench's ``results.csv`` (none when it does not exist), each checked.
+
+    Raises:
+        SwrError: a wrong header or a row that is not a finished run (it could only be
+            a damaged or foreign file), naming the file and its line.
+    """
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    fix = "remove it (its runs are redone) or start a new --out"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SwrError(f"{path} is not a results table of swr bench (no column(s) "
+                               f"{', '.join(missing[:4])}); {fix}")
+            rows = []
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    raise SwrError(f"{path}:{reader.line_num}: the row does not have one value "
+                                   f"per column; {fix}")
+                try:
+                    int(row["seed"])
+                    _budget_order(row["budget"])
+                    if not (row["task"] and row["method"]):
+                        raise ValueError("empty task or method")
+                    for c in NUMERIC_COLUMNS:
+                        float(row[c])
+                except (ValueError, SwrError) as e:
+                    raise SwrError(f"{path}:{reader.line_num}: not a finished run ({e}); "
+                                   f"{fix}") from None
+                rows.append(row)
+            return rows
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SwrError(f"{path} is not a readable CSV table ({e}); {fix}") from None
 
 
 def write_rows(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
@@ -209,7 +244,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         tuned = {}
     log(f"bench: {len(cells)} runs ({len(cells) - len(todo)} done before), "
         f"{len(cfg.tasks)} task(s), methods {', '.join(cfg.methods)}")
-    workers = cfg.workers if cfg.workers is not None else (os.cpu_count() or 1)
+    from .parallel import resolve_workers
+
+    workers = resolve_workers(cfg.workers)
 
     backbone = checkpoint_backbone(base_spec(cfg.checkpoint, cfg.backbone, cfg.weights))
 
@@ -222,19 +259,28 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         return task, method, budget, seed, cfg, lr, knobs, 0, str(out / "runs" / name), str(preds)
 
     start = time.perf_counter()
+    skipped: dict[tuple[str, str, str], str] = {}
+    bad_files_json = out / "skipped_files.json"
+    bad_files: dict[str, list[str]] = {}
+    if cfg.resume and bad_files_json.is_file():
+        try:
+            bad_files = json.loads(bad_files_json.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            bad_files = None  # damaged: refused below like any other wrong content
+        if not (isinstance(bad_files, dict) and all(
+                isinstance(v, list) and all(isinstance(p, str) for p in v)
+                for v in bad_files.values())):
+            raise SwrError(f"{bad_files_json} is not the skipped-files list of swr bench (a JSON "
+                           f"object of task: [file, ...]); remove it or start a new --out")
+    elif bad_files_json.exists():
+        bad_files_json.unlink()  # a fresh bench: the list belongs to the runs it replaces
+
+    # after the resumed state is checked: an error is then the only line printed
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="bench", unit="run", dynamic_ncols=True)
-
-    skipped: dict[tuple[str, str, str], str] = {}
-    bad_files_json = out / "skipped_files.json"
-    bad_files: dict[str, list[str]] = {}
-    if cfg.resume and bad_files_json.is_file():
-        bad_files = {t: list(v) for t, v in read_json(bad_files_json, "skipped-files list").items()}
-    elif bad_files_json.exists():
-        bad_files_json.unlink()  # a fresh bench: the list belongs to the runs it replaces
 
     def finished(row: dict) -> None:
         new_bad = [p for p in row.pop("skipped_files", []) if p not in bad_files.get(row["task"], [])]
@@ -259,11 +305,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     if workers > 1 and len(todo) > 1:
         import ray
 
-        from .parallel import init_ray
+        from .parallel import init_ray, worker_threads
 
         init_ray()
         remote = ray.remote(num_cpus=1)(run_job)
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = worker_threads(workers)
         pending = {}
         queue = list(todo)
         while queue or pending:

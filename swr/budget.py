@@ -54,6 +54,12 @@ class Budget:
             raise BudgetError(f"cannot read budget {text!r}: give a fraction (0.05), a "
                               "percentage (5%) or a parameter count (20000, 20k, 1.5M)")
         value, unit = float(m.group(1)), m.group(2)
+        scaled = value * {"k": 1e3, "m": 1e6}.get(unit or "", 1.0)
+        if not math.isfinite(scaled):  # 400 digits, or 1e309: no budget is that large
+            shown = s if len(s) <= 24 else f"{s[:12]}...{s[-8:]} ({len(s)} characters)"
+            raise BudgetError(f"budget {shown!r} is too large to be a number of parameters; "
+                              "give a fraction (0.05), a percentage (5%) or a parameter count "
+                              "(20000, 20k, 1.5M)")
         if unit == "%":
             if value > 100:
                 raise BudgetError(f"budget {text!r} is above 100%")
@@ -120,7 +126,8 @@ def check_selection(model: nn.Module, selection: Iterable[str], budget_params: i
     cost = selection_cost(model, selection)
     if cost > budget_params:
         raise BudgetError(f"selection costs {cost} parameters, over the budget of "
-                          f"{budget_params}; drop layers or raise --budget")
+                          f"{budget_params}; drop layers from the selection, or run swr "
+                          "search again with a larger --budget")
     return cost
 
 

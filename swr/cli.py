@@ -153,7 +153,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
-                   help="Ray workers scoring in parallel (default: the machine's CPUs; 0 = no Ray)")
+                   help="Ray workers scoring in parallel (default: one per CPU this process may "
+                        "use, or per CPU of the --ray-address cluster; more are reduced to that "
+                        "with a notice; 0 = no Ray)")
     p.add_argument("--ray-address", help="join a Ray cluster (ray start --head) instead of a "
                    "local one; if its head goes away the search stops with exit status 75 and "
                    "continues with --resume")
@@ -165,8 +167,6 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
-    import os
-
     from .io import check_output
     from .supernet import SupernetConfig
     from .policies.search import SearchConfig, run_search
@@ -176,11 +176,11 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     _base_spec(args)  # one of the two forms, before any work
     check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
                             "--task": task_data_path(args.task)}, replaced=False)
-    workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+    # workers=None: one per available CPU, decided by swr.parallel.resolve_workers
     cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint or "", budget=args.budget,
                        backbone=args.backbone, weights=args.weights,
                        out=args.out, policy=args.policy, seed=args.seed,
-                       evaluations=args.evaluations, workers=workers, resume=args.resume,
+                       evaluations=args.evaluations, workers=args.workers, resume=args.resume,
                        device=args.device, ray_address=args.ray_address,
                        samples_per_iteration=args.samples_per_iteration,
                        supernet=SupernetConfig(epochs=args.supernet_epochs),
@@ -315,7 +315,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="one learning rate for all methods (default: per method)")
     p.add_argument("--tune", action="store_true",
                    help="first tune each method's lr and own knob on validation with Ray Tune")
-    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: CPUs)")
+    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: one per CPU "
+                   "this process may use; more are reduced to that with a notice)")
     p.add_argument("--swr-evaluations", type=int, default=100, help="search evaluations for swr*")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
     _on_bad_file_arg(p)
@@ -449,7 +450,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="embedded suite: multilingual spoken words (default) or glyph images")
     p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: CPUs)")
+    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: one per CPU "
+                   "this process may use; more are reduced to that with a notice)")
     _device_arg(p)
 
 
@@ -597,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, run, _ = COMMANDS[args.command]
     try:
+        _check_common(args)
         return int(run(args) or 0)
     except (SwrError, OSError) as e:
         if getattr(args, "debug", False):
@@ -625,6 +628,34 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "debug", False) and _report_broken_install(args.command):
             return 1
         raise
+
+
+#: Commands that may write the cache (supernets, generated datasets, source models).
+CACHE_WRITERS = ("pretrain", "search", "bench", "demo")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Options many commands share, checked before any work: the seed every RNG must
+    accept, the device torch must be able to train on, an output folder and the cache
+    that can be written, so that a bad value ends the command now instead of after
+    training a model."""
+    from .io import cache_dir, unwritable_reason
+    from .train import check_seed, resolve_device
+
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
+    if getattr(args, "device", None) is not None:
+        resolve_device(args.device)
+    if getattr(args, "out", None) is not None:
+        reason = unwritable_reason(args.out)
+        if reason is not None:
+            raise SwrError(f"cannot write --out {args.out}: {reason}; choose another folder")
+    if args.command in CACHE_WRITERS:
+        reason = unwritable_reason(cache_dir())
+        if reason is not None:
+            raise SwrError(f"cannot write the cache folder {cache_dir()} (SWR_CACHE): {reason}; "
+                           f"swr {args.command} stores supernets and generated datasets there: "
+                           f"set SWR_CACHE to a writable folder")
 
 
 def _report_broken_install(command: str) -> bool:

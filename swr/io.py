@@ -225,3 +225,23 @@ def cache_dir(*parts: str) -> Path:
     """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``."""
     root = Path(os.environ.get("SWR_CACHE") or Path.home() / ".cache" / "swr")
     return root.joinpath(*parts)
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files could not be written into ``folder`` (made if missing), or ``None``.
+
+    Checked without writing anything: the nearest existing folder on the way must be
+    a folder this process may write into. Lets a command refuse an unusable output
+    or cache folder before hours of training instead of at the final write.
+    """
+    path = Path(folder).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user (or is on a read-only file system)"
+    return None

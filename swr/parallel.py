@@ -2,9 +2,10 @@
 
 ``init_ray()`` starts a quiet local instance (the default on a laptop or CI box) or
 joins a cluster (``--ray-address``); it does nothing when Ray is already running, so
-library code can call it unconditionally. ``worker_threads`` and ``limit_threads``
-keep N workers from each starting one PyTorch thread per core and oversubscribing
-the machine.
+library code can call it unconditionally. ``resolve_workers`` is the one rule for
+how many workers a command starts (never more than the CPUs it can use);
+``worker_threads`` and ``limit_threads`` keep N workers from each starting one
+PyTorch thread per core and oversubscribing the machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 import ray
 import torch
@@ -36,6 +38,47 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def available_cpus() -> int:
+    """CPUs that parallel workers can use: those of the Ray instance or cluster this
+    process runs on, else the cores this process may run on (:func:`local_cpus`, which
+    is what a local instance started by :func:`init_ray` gets)."""
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return local_cpus()
+
+
+def resolve_workers(requested: int | None, address: str | None = None,
+                    option: str = "--workers") -> int:
+    """How many parallel workers to start: the one rule every command uses.
+
+    ``None`` (the option's default) means one per available CPU; ``0`` or less is
+    returned unchanged (0: no Ray; callers refuse negatives). A request above the
+    CPUs available is reduced to them, with a one-line notice on stderr: each worker
+    reserves a CPU, so more would wait forever for one (or pile up processes and
+    memory). The CPUs are those of the cluster at ``address`` (joined here, so an
+    unreachable one fails now, before any training) or of a running Ray instance,
+    else the cores this process may run on (its CPU affinity, e.g. under
+    ``taskset`` or a container's CPU set, not the machine's count).
+
+    Raises:
+        SwrError: the cluster at ``address`` cannot be reached.
+    """
+    if requested is not None and requested <= 0:
+        return requested
+    if address is not None:
+        init_ray(address)
+    cap = available_cpus()
+    if requested is None:
+        return cap
+    if requested > cap:
+        where = ("of the Ray cluster" if ray.is_initialized() and not _started_here
+                 else "this process may use")
+        print(f"swr: {option} {requested} is more than the {cap} CPU(s) {where}; "
+              f"starting {cap} worker(s)", file=sys.stderr)
+        return cap
+    return requested
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              object_store_memory: int | None = None) -> None:
     """Make sure Ray is running: join ``address`` or start a quiet local instance.
@@ -57,10 +100,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
              "logging_level": logging.WARNING}
     if address is not None:
         hint = "start it with `ray start --head` or drop --ray-address"
+        # Ray's C++ client writes a warning per retry straight to file descriptor 2
+        # (a refused token among them): held back, and read to tell why it failed
+        held = _stderr_held()
         try:
             _probe(address)
-            ray.init(address=address, **quiet)
-        except (OSError, ConnectionError, RuntimeError) as e:
+            with held:
+                ray.init(address=address, **quiet)
+        except Exception as e:
+            if _auth_refused(e, held.text):
+                raise SwrError(
+                    f"the Ray cluster at {address} refused this process: it uses token "
+                    "authentication; set RAY_AUTH_MODE=token (and its token: RAY_AUTH_TOKEN, "
+                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) here and rerun") from None
+            if not isinstance(e, (OSError, ConnectionError, RuntimeError)):
+                raise
             raise SwrError(f"cannot reach Ray cluster at {address}: {e}; {hint}") from None
         return
     # "local": a new instance even when `ray start` left one running on this machine
@@ -68,6 +122,49 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     ray.init(address="local", num_cpus=num_cpus or local_cpus(),
              object_store_memory=object_store_memory or LOCAL_OBJECT_STORE_BYTES, **quiet)
     _started_here = True
+
+
+class _stderr_held:
+    """Redirect file descriptor 2 (C and C++ code included) to a temporary file while
+    in the block; ``text`` holds what was written. Replayed to stderr when the block
+    succeeds, so nothing is lost on success."""
+
+    def __init__(self):
+        self.text = ""
+
+    def __enter__(self):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, kind, error, tb):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", "replace")
+        self._file.close()
+        if kind is None and self.text:
+            sys.stderr.write(self.text)
+        return False
+
+
+def _auth_refused(error: BaseException, stderr_text: str) -> bool:
+    """Whether joining a cluster failed because it wants an authentication token.
+
+    Ray raises ``AuthenticationError`` for some paths; for others it only retries
+    with "Unauthenticated ... InvalidAuthToken" warnings and then reports a plain
+    connection failure, so the held-back warnings are read too.
+    """
+    auth_error = getattr(ray.exceptions, "AuthenticationError", None)
+    if auth_error is not None and isinstance(error, auth_error):
+        return True
+    text = f"{error}\n{stderr_text}".lower()
+    return "unauthenticated" in text or "invalidauthtoken" in text
 
 
 def shutdown_ray() -> None:
@@ -93,19 +190,40 @@ def limit_threads(n_threads: int) -> None:
 
 
 def cluster_alive(timeout: float = 2.0) -> bool:
-    """Whether the Ray cluster this process joined still answers at its head (GCS).
+    """Whether the Ray cluster this process joined still answers at its head (GCS),
+    and the Ray node on this machine that it works through is still up.
 
-    A TCP connection to the head's GCS port, so it answers within ``timeout`` even
-    when Ray's own clients would keep retrying for a minute. True when the head's
-    address cannot be told (e.g. through Ray Client): unknown is not dead.
+    TCP connections to the head's GCS port and the local node's port, so it answers
+    within ``timeout`` even when Ray's own clients would keep retrying for a minute.
+    True when an address cannot be told (e.g. through Ray Client): unknown is not dead.
+    """
+    return lost_reason(timeout) is None
+
+
+def lost_reason(timeout: float = 2.0) -> str | None:
+    """Why this process can no longer use its Ray cluster (``None`` while it can).
+
+    A dead local node (its raylet killed, or out of memory) matters as much as a
+    dead head: Ray ends the driver with status 1 a few seconds later, so a caller
+    that checks this first can stop cleanly (and keep its work) instead.
     """
     if not ray.is_initialized():
-        return False
+        return "Ray is not running"
     try:
         _probe(cluster_address(), timeout)
     except OSError:
-        return False
-    return True
+        return "its head no longer answers"
+    try:
+        node = ray._private.worker.global_worker.node
+        host, port = node.node_ip_address, node.node_manager_port
+    except Exception:  # Ray Client, or Ray's internals moved: cannot tell
+        return None
+    if host and port:
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError:
+            return "the Ray node on this machine died"
+    return None
 
 
 def cluster_address() -> str:

@@ -23,8 +23,23 @@ from .errors import SwrError
 from .runlog import RunLog
 
 
+#: Seeds go to torch, numpy and Python's ``random`` alike; numpy's legacy seeding (and
+#: so every RNG a run uses) takes 32 bits.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """``seed`` if every RNG of a run accepts it (an integer in [0, 2**32 - 1]), else
+    :class:`SwrError`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SwrError(f"{option} {seed} must be an integer from 0 to {MAX_SEED}")
+    return seed
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA when available, else CPU; a device this machine cannot train on
+    (``cuda`` without a GPU, ``cuda:N`` past the last GPU, ``meta``, ``mps`` off a Mac...)
+    is an error."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -32,9 +47,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SwrError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise SwrError(f"--device {device!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SwrError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are "
+                       f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "cpu" or dev.type == "cuda" or (dev.type == "mps" and mps is not None
+                                                    and mps.is_available()):
+        return dev
+    raise SwrError(f"--device {device!r} cannot run training on this machine; use cpu, "
+                   f"cuda, cuda:N or auto")
 
 
 def batches(ds: Dataset, batch_size: int, shuffle: bool = False,

@@ -70,7 +70,12 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE,
     padded/cropped to ``length`` samples (``None`` keeps its length). A file that
     cannot be decoded raises :class:`BadAudioFile` naming it.
     """
+    from .base import not_a_regular_file
+
     path = Path(path)
+    reason = not_a_regular_file(path)
+    if reason is not None:  # never opened: a FIFO would block forever
+        raise BadAudioFile(path, reason)
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...

@@ -8,6 +8,8 @@ which makes evaluation a plain loop over pre-batched tensors.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -69,3 +71,27 @@ def materialize(ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a data file (``None`` when it is a regular file).
+
+    Uses ``stat`` (following symlinks) and never opens the path: opening a FIFO named
+    like a clip or image blocks until something writes to it, which would hang a load
+    forever; a device could be read without end.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as e:  # a symlink loop, a name too long, no permission...
+        return e.strerror or type(e).__name__
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"it is {kind}, not a regular file"

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, TensorDataset
 from swr.errors import SwrError
 
 from .audio import BadAudioFile, check_rate
-from .base import materialize, tensor_split
+from .base import materialize, not_a_regular_file, tensor_split
 from .features import LogMel
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,9 @@ def deterministic_subset(items: Sequence[Item], n: int, seed: int, *keys: object
 
 def probe_audio(path: Path) -> None:
     """Raise :class:`BadAudioFile` unless ``path`` has a readable audio header with samples."""
-    if not path.is_file():
-        raise BadAudioFile(path, "file not found")
+    reason = not_a_regular_file(path)
+    if reason is not None:  # never opened: a FIFO would block forever
+        raise BadAudioFile(path, reason)
     try:
         info = sf.info(str(path))
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...

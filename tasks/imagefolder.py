@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from swr.errors import SwrError
 
-from .base import Task
+from .base import Task, not_a_regular_file
 from .datasets import (FileDataset, Item, OnBadFile, check_fraction, check_on_bad_file,
                        class_counts, probe_items, stratified_holdout)
 
@@ -43,12 +43,20 @@ def _reason(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _check_regular(path: Path) -> None:
+    reason = not_a_regular_file(path)
+    if reason is not None:  # never opened: a FIFO would block forever
+        raise BadImageFile(path, reason)
+
+
 def probe_image(path: Path) -> None:
     """Raise :class:`BadImageFile` unless PIL recognises ``path`` and its structure verifies.
 
     ``verify()`` checks headers (and chunk CRCs for PNG) without decoding pixels; a
-    truncated JPEG can pass it and is caught by :func:`read_image` on access.
+    truncated JPEG can pass it and is caught by :func:`read_image` on access. A path
+    that is not a regular file (a FIFO named ``x.png``) is refused without opening it.
     """
+    _check_regular(path)
     try:
         with Image.open(path) as im:
             im.verify()
@@ -58,6 +66,7 @@ def probe_image(path: Path) -> None:
 
 def read_image(path: Path) -> Image.Image:
     """Decode ``path`` fully to an RGB PIL image (grey, palette, RGBA and CMYK converted)."""
+    _check_regular(path)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -114,10 +123,27 @@ def data_config_kwargs(data_config: Optional[dict]) -> dict:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder`` (hidden entries skipped), sorted."""
+    """Image files anywhere below ``folder`` (hidden entries skipped), sorted.
+
+    A symlinked subfolder is followed only when it leads to a folder inside
+    ``folder`` that is not walked already: a link such as ``loop -> ..`` would
+    otherwise walk the class folder again and again, and bring other classes' (or
+    splits') images into this class. ``folder`` itself may be a link.
+    """
+    top = os.path.realpath(folder)
+    walked = {top}
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        keep = []
+        for d in sorted(dirnames):  # sorted: which of two paths to one folder is kept
+            if d.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in walked or os.path.commonpath([top, real]) != top:
+                continue
+            walked.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         found.extend(Path(dirpath) / f for f in filenames
                      if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
     return sorted(found)

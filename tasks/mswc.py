@@ -5,7 +5,8 @@ On disk: ``<path>/<lang>/clips/<word>/<clip>.{opus,wav}`` and the split table
 TRAIN/DEV/TEST; LINK relative to ``clips/``, e.g. ``word/common_voice_xx_123.opus``).
 
 Classes: the ``n_keywords`` words with the most TRAIN clips (ties broken
-alphabetically; listed alphabetically), ``_unknown_`` (a seeded sample of the other
+alphabetically; listed alphabetically; spellings that differ only by case are one
+word, named in lower case), ``_unknown_`` (a seeded sample of the other
 words' clips) and ``_silence_`` (generated low-level noise, since MSWC ships no
 background recordings). As for Speech Commands, unknown and silence each hold
 ``ceil(fraction * keyword clips)`` items per split.
@@ -14,6 +15,7 @@ background recordings). As for Speech Commands, unknown and silence each hold
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from collections import Counter
@@ -31,6 +33,8 @@ from .datasets import (ClipLogMel, FileDataset, GeneratedDataset, Item, OnBadFil
                        check_fraction, check_on_bad_file, check_relative_path, class_counts,
                        probe_audio, probe_items, seeded_rng)
 from .features import SpecAugment
+
+log = logging.getLogger(__name__)
 
 UNKNOWN = "_unknown_"
 SILENCE = "_silence_"
@@ -76,7 +80,9 @@ def _rows(csv_path: Path, clips: Path) -> Iterator[tuple[str, str, str]]:
 
 
 def _parse_rows(csv_path: Path, clips: Path) -> Iterator[tuple[str, str, str]]:
-    with open(csv_path, encoding="utf-8", newline="") as fh:
+    # utf-8-sig: a table saved by a Windows editor starts with a BOM, which would
+    # otherwise become part of the first column's name
+    with open(csv_path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -155,14 +161,26 @@ def load_mswc(path: str | os.PathLike, lang: str, n_keywords: int = 10, min_coun
     # Two streaming passes keep memory small for languages with millions of rows:
     # the first validates every row and counts clips, the second collects the
     # selected ones.
-    counts: Counter[tuple[str, str]] = Counter(
-        (split, word) for split, word, _ in _rows(table, clips))
+    # Words that differ only by case ("Eins", "eins") are one keyword: MSWC words are
+    # lower-case, so a capitalised folder is a copy of the same word, and two classes
+    # would split its clips between two labels for the same sound. They are merged
+    # under the lower-case spelling and listed in task.info["merged_spellings"].
+    spellings: dict[str, set[str]] = {}
+    counts: Counter[tuple[str, str]] = Counter()
+    for split, word, _ in _rows(table, clips):
+        spellings.setdefault(word.lower(), set()).add(word)
+        counts[(split, word.lower())] += 1
+    merged = {w: sorted(v) for w, v in sorted(spellings.items()) if len(v) > 1}
+    if merged:
+        log.warning("MSWC %s: words differing only by case merged: %s", table,
+                    "; ".join(f"{' + '.join(v)} -> {w}" for w, v in list(merged.items())[:5]))
     train_counts = {w: c for (s, w), c in counts.items() if s == "train"}
     ranked = sorted((w for w, c in train_counts.items() if c >= min_count),
                     key=lambda w: (-train_counts[w], w))
     if len(ranked) < n_keywords:
-        raise SwrError(f"{table}: only {len(ranked)} words have at least {min_count} TRAIN clips, "
-                       f"fewer than n_keywords={n_keywords}; lower n_keywords or min_count")
+        raise SwrError(f"{table}: only {len(ranked)} words have at least {min_count} TRAIN clips; "
+                       f"an MSWC task needs {n_keywords} such keywords: add TRAIN rows and clips "
+                       f"for more words")
     keywords = ranked[:n_keywords]
     class_names = [*sorted(keywords), UNKNOWN, SILENCE]
     label_of = {w: i for i, w in enumerate(class_names[:n_keywords])}
@@ -183,6 +201,7 @@ def load_mswc(path: str | os.PathLike, lang: str, n_keywords: int = 10, min_coun
     seen = dict.fromkeys(n_known, 0)
     rngs = {s: seeded_rng(seed, "unknown", s) for s in n_known}
     for split, word, link in _rows(table, clips):
+        word = word.lower()
         if word in label_of:
             known[split].append((_clip_path(clips, link), label_of[word]))
             continue
@@ -211,6 +230,7 @@ def load_mswc(path: str | os.PathLike, lang: str, n_keywords: int = 10, min_coun
         train_transform=SpecAugment() if spec_augment else None,
         info={"root": str(root), "language_folder": str(lang_dir), "splits_csv": str(table),
               "keywords": {w: train_counts[w] for w in keywords}, "skipped": skipped,
+              "merged_spellings": merged,
               "seed": seed, "unknown_fraction": unknown_fraction,
               "silence_fraction": silence_fraction,
               "class_counts": {k: class_counts(ds.datasets[0].labels + ds.datasets[1].labels,

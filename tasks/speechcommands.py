@@ -133,7 +133,7 @@ def _read_list(root: Path, name: str, words: set[str]) -> list[str]:
         raise SwrError(f"Speech Commands split list {file} not found; the v0.02 archive "
                        f"ships {VALIDATION_LIST} and {TESTING_LIST} at its root")
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not a path
     except UnicodeDecodeError as e:
         raise SwrError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); restore it "
                        f"from the Speech Commands archive") from None

@@ -412,7 +412,7 @@ def test_mswc_corrupt_clip_fails_or_is_skipped(tmp_path):
 
 def test_mswc_table_errors(tmp_path):
     root = make_mswc(tmp_path / "mswc")
-    with pytest.raises(SwrError, match="min_count"):
+    with pytest.raises(SwrError, match="an MSWC task needs 4 such keywords"):
         load_mswc(root, "xx", n_keywords=4, min_count=4)
     table = root / "xx" / "xx_splits.csv"
     rows = read_splits(table)

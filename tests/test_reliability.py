@@ -286,7 +286,7 @@ BAD_INPUT = [
     ("speechcommands-empty", lambda w: pretrain_args(w, f"speechcommands:{w.sc_empty}"),
      ["no keyword clips"]),
     ("mswc-empty-table", lambda w: pretrain_args(w, f"mswc:{w.mswc_empty}:de"),
-     ["only 0 words", "n_keywords"]),
+     ["only 0 words", "needs 10 such keywords"]),
     # corrupt files
     ("corrupt-audio", lambda w: pretrain_args(w, f"speechcommands:{w.sc_bad}"),
      ["broken.wav", "--on-bad-file skip"]),

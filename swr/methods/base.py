@@ -48,7 +48,7 @@ class Method(ABC):
     :meth:`settings` reports what was actually used.
     """
 
-    #: The name users type (``--method``).
+    #: The name users type (in ``--methods``).
     name: ClassVar[str] = ""
     #: Whether the trained model folds back into the base architecture.
     foldable: ClassVar[bool] = False
