@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"  # --device cpu: the same measurements, printed only
     from swr.envs.evaluator import SupernetEvaluator
-    from swr.policies.search import SearchConfig, search
+    from swr.search import SearchConfig, search
     from swr.supernet import SupernetConfig, build_supernet, train_supernet
 
     info = machine()

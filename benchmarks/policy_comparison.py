@@ -42,7 +42,7 @@ def main() -> None:
     from swr.finetune import finetune
     from swr.io import write_json
     from swr.methods import run_method
-    from swr.policies.search import SearchConfig, run_search
+    from swr.search import SearchConfig, run_search
     from swr.pretrain import load_pretrained
     from swr.supernet import SupernetConfig
     from swr.tasks import get_task

@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from swr.methods import run_method
     from swr.parallel import shutdown_ray
-    from swr.policies.search import SearchConfig, search
+    from swr.search import SearchConfig, search
     from swr.supernet import SupernetConfig
     from swr.train import TrainConfig
 

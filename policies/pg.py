@@ -10,12 +10,15 @@ batch's spread so the step size does not depend on the reward scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from .network import PolicyNetwork
+from .registry import register_searcher
+from .search import PoolSearcher
 
 
 @dataclass
@@ -76,3 +79,32 @@ def greedy_mask(policy: PolicyNetwork, features: np.ndarray, costs: np.ndarray,
         roll = policy.rollout(torch.as_tensor(features, dtype=torch.float32),
                               torch.as_tensor(costs, dtype=torch.float64), budget, 1, greedy=True)
     return roll.masks[0].numpy()
+
+
+class PGSearcher(PoolSearcher):
+    """Searcher ``pg``: the policy network trained by policy gradient on the scores."""
+
+    name = "pg"
+
+    def propose(self, problem, run) -> Path:
+        from safetensors.torch import save_file
+
+        from swr.envs.features import layer_features
+        from swr.io import atomic_path
+
+        features = layer_features(problem.stats)
+        costs = np.asarray(problem.costs)
+        cfg = PGConfig(samples_per_iteration=self.settings.samples_per_iteration,
+                       seed=self.settings.seed)
+        # one evaluation is kept for the trained policy's most likely selection
+        policy = train_pg(features, costs, problem.budget_params, run.score,
+                          lambda: run.evaluations_left() - 1, cfg)
+        run.score([greedy_mask(policy, features, costs, problem.budget_params)])
+        path = problem.out / "policy.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp),
+                      metadata={"n_features": str(features.shape[1]), "hidden": str(cfg.hidden)})
+        return path
+
+
+register_searcher("pg", PGSearcher, "policy network trained by policy gradient (REINFORCE)")

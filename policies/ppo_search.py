@@ -1,4 +1,4 @@
-"""``swr search --policy ppo``: MaskablePPO on the layer-selection environment.
+"""Searcher ``ppo``: MaskablePPO on the layer-selection environment.
 
 Each environment (in a Ray actor with ``--workers N``, else in this process) builds
 its own supernet evaluator, pre-filled with the scores a resumed search already
@@ -14,6 +14,9 @@ import numpy as np
 
 from swr.envs.evaluator import CachedEvaluator
 from swr.envs.layer_select import LayerSelectEnv
+
+from .registry import register_searcher
+from .search import PoolSearcher
 
 
 class EnvFactory:
@@ -55,3 +58,20 @@ def run_ppo(cfg, features: np.ndarray, costs: Sequence[int], budget: int, names:
     path = Path(out) / "policy_ppo.zip"
     model.save(str(path))
     return path
+
+
+class PPOSearcher(PoolSearcher):
+    """Searcher ``ppo``: MaskablePPO (sb3-contrib) on the layer-selection environment."""
+
+    name = "ppo"
+    uses_pool = False
+
+    def propose(self, problem, run) -> Path:
+        from swr.envs.features import layer_features
+
+        return run_ppo(self.settings, layer_features(problem.stats), problem.costs,
+                       problem.budget_params, problem.names, self.factory, self.log, problem.out)
+
+
+register_searcher("ppo", PPOSearcher,
+                  "MaskablePPO on the Gymnasium environment swr/LayerSelect-v0")

@@ -18,6 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .registry import register_searcher
+from .search import PoolSearcher
+
 Score = Callable[[list[np.ndarray]], list[float]]
 
 
@@ -113,3 +116,25 @@ def run_selector(name: str, values: Sequence[float], costs: Sequence[int], budge
                          rng, score, batch)
     else:
         raise ValueError(f"unknown selector {name!r}")
+
+
+class SelectorSearcher(PoolSearcher):
+    """Searchers ``random``, ``greedy`` and ``knapsack`` (the reference selectors)."""
+
+    def __init__(self, settings, name: str):
+        super().__init__(settings)
+        self.name = name
+
+    def propose(self, problem, run) -> None:
+        s = self.settings
+        run_selector(self.name, problem.importance, problem.costs, problem.budget_params,
+                     s.evaluations, s.seed, run.score,
+                     batch=max(s.samples_per_iteration, s.workers or 1))
+
+
+register_searcher("random", lambda s: SelectorSearcher(s, "random"),
+                  "random feasible selections")
+register_searcher("greedy", lambda s: SelectorSearcher(s, "greedy"),
+                  "layers by stage-1 Taylor importance per parameter, then perturbed")
+register_searcher("knapsack", lambda s: SelectorSearcher(s, "knapsack"),
+                  "exact knapsack over stage-1 Taylor importance, then perturbed")

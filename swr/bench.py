@@ -11,7 +11,6 @@ over seeds (plus a per-method average over tasks when there are several), and
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import math
@@ -27,6 +26,10 @@ from .errors import BudgetError, SwrError
 from .io import read_json, save_png, write_json, write_text
 from .pretrain import checkpoint_metrics
 from .robustness import cell_name, ensemble_rows
+from .search import register_swr_methods
+
+# swr-ppo, swr-random, ...: SWR with each registered searcher, in every process that benches
+register_swr_methods()
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
            "updated_params", "budget_params", "within_budget", "norm_params", "head_params",
@@ -86,32 +89,38 @@ class BenchConfig:
     supernet_epochs: int = 8
     progress: bool = True
     method_lr: dict = field(default_factory=dict)
-    #: modules that register more methods when imported (e.g. ``swr.policies`` adds the
-    #: swr* methods); imported in every worker, so the core needs no knowledge of them
-    plugins: list = field(default_factory=list)
     on_bad_file: str = "fail"
 
 
-#: Learning rates used when not tuned (``--tune``), by backbone family and method
-#: (``*``: every other method). timm backbones pre-trained on large data take small
-#: steps, a head- or norm-only problem a larger one than a whole backbone. BC-ResNet
-#: (small, a BatchNorm after every convolution, pre-trained here from scratch at 1e-2)
-#: wants steps about ten times larger: these were chosen on kws-synth:de validation
-#: accuracy from 1e-3 / 5e-3, 2e-2 and 5e-2 (docs/BENCH.md, "Learning rates").
+#: Learning rates used when not tuned (``--tune``), by backbone family and the method's
+#: learning-rate family (:attr:`swr.methods.Method.lr_family`; ``default``: every other
+#: method). timm backbones pre-trained on large data take small steps, a head- or
+#: norm-only problem a larger one than a whole backbone. BC-ResNet (small, a BatchNorm
+#: after every convolution, pre-trained here from scratch at 1e-2) wants steps about ten
+#: times larger: these were chosen on kws-synth:de validation accuracy from 1e-3 / 5e-3,
+#: 2e-2 and 5e-2 (docs/BENCH.md, "Learning rates").
 DEFAULT_LR = {
-    "timm": {"full": 1e-3, "lora": 3e-3, "adapter-par": 3e-3, "adapter-seq": 3e-3, "*": 5e-3},
-    "bcresnet": {"linear": 5e-2, "norm": 5e-2, "lora": 5e-2, "*": 2e-2},
+    "timm": {"full": 1e-3, "low-rank": 3e-3, "adapter": 3e-3, "default": 5e-3},
+    "bcresnet": {"head": 5e-2, "norm": 5e-2, "low-rank": 5e-2, "default": 2e-2},
 }
+
+
+def family_lr(family: str, cfg: BenchConfig, backbone: str = "") -> float:
+    """The learning rate of a learning-rate family: ``--lr``, else the default table."""
+    if cfg.lr is not None:
+        return cfg.lr
+    table = DEFAULT_LR["bcresnet" if backbone.startswith("bcresnet") else "timm"]
+    return table.get(family, table["default"])
 
 
 def method_lr(method: str, cfg: BenchConfig, backbone: str = "") -> float:
     """The learning rate of ``method``: ``cfg.method_lr``, else ``--lr``, else the default."""
+    from .methods import METHODS
+
     if method in cfg.method_lr:
         return cfg.method_lr[method]
-    if cfg.lr is not None:
-        return cfg.lr
-    table = DEFAULT_LR["bcresnet" if backbone.startswith("bcresnet") else "timm"]
-    return table.get(method, table["*"])
+    factory = METHODS.get(method)
+    return family_lr(getattr(factory, "lr_family", "default"), cfg, backbone)
 
 
 def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfig,
@@ -123,32 +132,33 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
     evaluation splits (for the ensembles table)."""
     import torch
 
-    from .methods import run_method
+    from . import tasks
+    from .methods import METHODS, get_method, run_method
     from .pretrain import load_pretrained
-    from .tasks import get_task
+    from .search import attach_searcher
     from .train import TrainConfig
 
     if threads:
         torch.set_num_threads(threads)
-    for module in cfg.plugins:
-        importlib.import_module(module)
     base, meta = load_pretrained(cfg.checkpoint)
-    task = get_task(task_spec, on_bad_file=cfg.on_bad_file)
+    task = tasks.get_task(task_spec, on_bad_file=cfg.on_bad_file)
     budget_params = None if budget == NATURAL else Budget.parse(budget).resolve(backbone_params(base))
     knobs = dict(knobs)
-    if method == "wise-ft":  # its probe phase trains what the linear probe trains
-        knobs.setdefault("probe_lr", method_lr("linear", cfg, meta["backbone"]))
-    if method.startswith("swr"):
-        knobs.setdefault("evaluations", cfg.swr_evaluations)
-        knobs.setdefault("supernet_epochs", cfg.supernet_epochs)
-        knobs.setdefault("seed", seed)
-        knobs.setdefault("device", cfg.device)
-        if out_dir:
-            knobs.setdefault("out", out_dir)
+    factory = METHODS[method]
+    # what the method takes from the run, unless tuning or the caller set it
+    context = {"seed": seed, "device": cfg.device, "out": out_dir,
+               "evaluations": cfg.swr_evaluations, "supernet_epochs": cfg.supernet_epochs}
+    for name in getattr(factory, "context_knobs", ()):
+        if context.get(name) is not None:
+            knobs.setdefault(name, context[name])
+    for name, family in getattr(factory, "lr_knobs", {}).items():
+        knobs.setdefault(name, family_lr(family, cfg, meta["backbone"]))
     tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
                      device=cfg.device, progress=False, desc=method)
+    chosen = get_method(method, **knobs)
+    attach_searcher(chosen)
     try:
-        row = run_method(method, base, task, budget_params, tc, predictions=predictions, **knobs)
+        row = run_method(chosen, base, task, budget_params, tc, predictions=predictions)
     except BudgetError as e:  # the method cannot be made this small: not a bench failure
         return {"task": task_spec, "method": method, "budget": budget, "seed": seed,
                 "skipped": str(e), "skipped_files": list(task.info.get("skipped", []))}
@@ -199,8 +209,6 @@ def _key(row: dict) -> tuple:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run (or continue) the bench; returns all result rows."""
-    for module in cfg.plugins:
-        importlib.import_module(module)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.tasks = expand_tasks(cfg.tasks)
@@ -212,7 +220,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     if cfg.tune:
         from .tune import tune_methods
 
-        tuned = tune_methods(cfg, todo, log)
+        tuned = tune_methods(cfg, todo, run_job, log)
     else:
         tuned = {}
     log(f"bench: {len(cells)} runs ({len(cells) - len(todo)} done before), "
@@ -308,6 +316,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     return rows
 
 
+def _is_swr(method: str) -> bool:
+    """Whether ``method`` is SWR (with any searcher): the plots highlight it."""
+    from .methods import METHODS, SWR
+
+    factory = METHODS.get(method)
+    return isinstance(factory, type) and issubclass(factory, SWR)
+
+
 def _budget_order(b: str) -> float:
     if b == NATURAL:
         return math.inf
@@ -386,7 +402,7 @@ def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
             pts = sorted((max(s["updated_params"], 1), s["test_acc"], s["test_std"])
                          for s in summary if s["task"] == task and s["method"] == method)
             xs, ys, es = zip(*pts)
-            marker = "*" if method.startswith("swr") else "o"
+            marker = "*" if _is_swr(method) else "o"
             ax.errorbar(xs, ys, yerr=es, marker=marker, ms=10 if marker == "*" else 5,
                         capsize=2, label=method, color=f"C{i % 10}")
         ax.set_xscale("log")
@@ -486,7 +502,7 @@ def plot_robustness(path: Path, rows: list[dict], pairs: list[dict]) -> None:
         for i, method in enumerate(methods):
             pts = [(s["test_acc"], s["shift_acc"]) for s in summary
                    if s["task"] == task and s["method"] == method]
-            marker = "*" if method.startswith("swr") else "o"
+            marker = "*" if _is_swr(method) else "o"
             ax.scatter(*zip(*pts), marker=marker, s=90 if marker == "*" else 30,
                        label=method, color=f"C{i % 10}", zorder=3)
         curve = [p for p in curves.get(task, []) if p["shift_acc"] is not None]

@@ -128,7 +128,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True,
                    help="fraction (0.05), percentage (5%%) or parameter count (20000)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--policy", default="pg", help="pg | ppo | random | greedy | knapsack (default pg)")
+    from .policies import SEARCHERS
+
+    p.add_argument("--policy", default="pg", help="; ".join(
+        f"{name}: {summary}" for name, (_, summary) in SEARCHERS.items()) + " (default pg)")
     p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
@@ -146,8 +149,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 def run_search_cmd(args: argparse.Namespace) -> int:
     import os
 
+    from .search import SearchConfig, run_search
     from .supernet import SupernetConfig
-    from .policies.search import SearchConfig, run_search
 
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint, budget=args.budget,
@@ -250,14 +253,21 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _method_names() -> list[str]:
+    from .methods import METHODS
+    from .search import register_swr_methods
+
+    register_swr_methods()
+    return list(METHODS)
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", required=True,
                    help="target task; repeat it, or name a suite: kws-synth:all, glyphs:all, "
                         "imagenet-to-sketch:<root>")
     p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
     p.add_argument("--methods", required=True, type=_csv_list,
-                   help="comma-separated: linear,full,bitfit,norm,ssf,lora,adapter-par,"
-                        "adapter-seq,taps,two-stage,vpt-shallow,vpt-deep,wise-ft,swr,swr-knapsack,...")
+                   help="comma-separated, of: " + ",".join(_method_names()))
     p.add_argument("--budgets", default="5%", type=_csv_list,
                    help="comma-separated budgets, e.g. 1%%,5%%,10%% (default 5%%)")
     p.add_argument("--out", required=True, help="output folder")
@@ -280,7 +290,6 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
                       swr_evaluations=args.swr_evaluations, resume=args.resume,
-                      plugins=["swr.policies"],
                       on_bad_file=args.on_bad_file)
     if args.seeds < 1 or args.epochs < 1:
         raise SwrError("--seeds and --epochs must be at least 1")

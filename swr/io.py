@@ -7,6 +7,8 @@ any, stays intact until the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
@@ -46,6 +48,18 @@ def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Write ``rows`` as CSV atomically: ``columns`` (default: the first row's keys) in
+    order, other keys left out; no rows and no columns give an empty file."""
+    buf = io.StringIO()
+    columns = columns if columns is not None else (list(rows[0]) if rows else None)
+    if columns is not None:
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import swr.tasks
 from swr.errors import SwrError
-from swr.policies.search import SearchConfig, run_search
+from swr.search import SearchConfig, run_search
 from swr.policies.selectors import (greedy_selection, knapsack_selection, random_selection)
 from swr.supernet import SupernetConfig
 
