@@ -101,6 +101,17 @@ class LayerSelectEnv(gym.Env):
         return None
 
     # -- helpers --------------------------------------------------------------------
+    def steps_left(self) -> int:
+        """Decisions left in this episode."""
+        return self.n_layers - self._t
+
+    def final_mask(self, action: int) -> np.ndarray:
+        """The selection (boolean mask) the episode ends with if ``action`` is taken now,
+        at its last layer."""
+        mask = self._decisions > 0
+        mask[self._t] = int(action) == REPARAM and self.costs[self._t] <= self._left
+        return mask
+
     @property
     def selection(self) -> tuple[str, ...]:
         return tuple(n for n, d in zip(self.names, self._decisions) if d > 0)

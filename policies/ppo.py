@@ -94,9 +94,10 @@ class _Tally:
 class _EpisodeCallback(BaseCallback):
     """Feeds every step's infos to the tally and drives the progress bar."""
 
-    def __init__(self, tally: _Tally, total_timesteps: int, progress: bool):
+    def __init__(self, tally: _Tally, total_timesteps: int, progress: bool,
+                 stop: Callable[[], bool] | None = None):
         super().__init__()
-        self.tally = tally
+        self.tally, self.stop = tally, stop
         self.bar = tqdm(total=total_timesteps, desc="ppo", unit="step", leave=False,
                         dynamic_ncols=True, disable=not progress)
 
@@ -107,7 +108,7 @@ class _EpisodeCallback(BaseCallback):
         if self.tally.best is not None:
             self.bar.set_postfix(best=f"{self.tally.best['score']:.4f}",
                                  evals=self.tally.evaluations)
-        return True
+        return self.stop is None or not self.stop()
 
     def _on_training_end(self) -> None:
         self.bar.close()
@@ -118,7 +119,8 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
               use_ray: bool = True, progress: bool = True,
               log: Callable[[dict], None] | None = None, n_epochs: int = 4,
               gamma: float = 1.0, ent_coef: float = 0.01, net_arch: Sequence[int] = (64, 64),
-              final_rollout: bool = False) -> tuple[MaskablePPO, SearchResult | None]:
+              final_rollout: bool = False, stop: Callable[[int], bool] | None = None,
+              vec_env: VecEnv | None = None) -> tuple[MaskablePPO, SearchResult | None]:
     """Train MaskablePPO on the environments and return it with the best selection seen.
 
     Args:
@@ -134,6 +136,12 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
             less important.
         final_rollout: after training, also run the deterministic policy once (on
             environment 0, with action masks) and count it like any episode.
+        stop: ``stop(reserve)`` ends training early once it is true (checked after
+            every step); ``reserve`` is 1 while the final rollout is still to come. If
+            ``stop(0)`` is still false after the final rollout, training goes on until
+            it is (or ``total_timesteps`` more steps are taken).
+        vec_env: ready environments to train on instead of building them from
+            ``env_fns`` (they are closed at the end all the same).
 
     Returns:
         The trained model and the best selection seen, or ``None`` if no episode
@@ -142,7 +150,8 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
     if not env_fns:
         raise ValueError("need at least one environment factory")
     start = time.perf_counter()
-    vec_env = RayVecEnv(list(env_fns)) if use_ray else SyncVecEnv(list(env_fns))
+    if vec_env is None:
+        vec_env = RayVecEnv(list(env_fns)) if use_ray else SyncVecEnv(list(env_fns))
     tally = _Tally(log)
     caller_threads = torch.get_num_threads()
     if use_ray:
@@ -155,9 +164,16 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
                             n_epochs=n_epochs, learning_rate=learning_rate, gamma=gamma,
                             ent_coef=ent_coef, seed=seed, device="cpu", verbose=0,
                             policy_kwargs={"net_arch": list(net_arch)})
-        model.learn(total_timesteps, callback=_EpisodeCallback(tally, total_timesteps, progress))
+        reserve = 1 if final_rollout else 0
+        model.learn(total_timesteps, callback=_EpisodeCallback(
+            tally, total_timesteps, progress, None if stop is None else lambda: stop(reserve)))
         if final_rollout:
             _deterministic_rollout(model, vec_env, tally)
+            if stop is not None and not stop(0):
+                # the final rollout found nothing new: train on (from fresh episodes, as
+                # it left environment 0 at the end of one) until the last evaluation
+                model.learn(total_timesteps, reset_num_timesteps=True, callback=_EpisodeCallback(
+                    tally, total_timesteps, progress, lambda: stop(0)))
     finally:
         vec_env.close()
         torch.set_num_threads(caller_threads)

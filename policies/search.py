@@ -84,7 +84,14 @@ class EvaluationLog:
 
 
 class SearchRun:
-    """Glue between a searcher and the pool: masks in, rewards out, everything logged."""
+    """Glue between a searcher and the pool: masks in, rewards out, everything logged.
+
+    Every searcher scores through :meth:`score`, which is where evaluations are
+    counted, the same way for all: an evaluation is a *distinct* selection scored
+    (a repeat is served from the log and costs nothing). Once ``limit`` distinct
+    selections are scored, new ones are no longer scored: their reward is NaN and a
+    searcher must leave them out.
+    """
 
     def __init__(self, names, costs, budget, pool, log: EvaluationLog, limit: int, progress: bool):
         self.names, self.costs, self.budget = names, np.asarray(costs), budget
@@ -98,12 +105,21 @@ class SearchRun:
     def evaluations_left(self) -> int:
         return self.limit - len(self.log.seen)
 
+    def is_new(self, mask: np.ndarray) -> bool:
+        """Whether scoring ``mask`` would cost an evaluation."""
+        return self._canonical(mask) not in self.log.seen
+
+    def _canonical(self, mask) -> tuple[str, ...]:
+        return canonical([n for n, m in zip(self.names, mask) if m], self.names)
+
     def score(self, masks: list[np.ndarray]) -> list[float]:
-        sels = [canonical([n for n, m in zip(self.names, mask) if m], self.names) for mask in masks]
+        sels = [self._canonical(mask) for mask in masks]
         for sel in sels:
             if sum(self.costs[self.names.index(n)] for n in sel) > self.budget:
                 raise AssertionError(f"selector proposed {sel} over the budget")
-        todo = [s for s in dict.fromkeys(sels) if s not in self.log.seen and s not in self.log.saved]
+        new = [s for s in dict.fromkeys(sels) if s not in self.log.seen]
+        new = new[:max(self.evaluations_left(), 0)]  # the rest are over the limit
+        todo = [s for s in new if s not in self.log.saved]
         fresh = dict(zip(todo, self.pool.map(todo))) if todo else {}
         out = []
         for sel in sels:
@@ -112,9 +128,11 @@ class SearchRun:
             elif sel in fresh:
                 score = fresh[sel]
                 self.log.record(sel, score, fresh=True)
-            else:
+            elif sel in new:
                 score = self.log.saved[sel]
                 self.log.record(sel, score, fresh=False)
+            else:
+                score = float("nan")
             out.append(score)
         if self._bar is not None:
             self._bar.n = min(len(self.log.seen), self.limit)
@@ -155,7 +173,7 @@ def make_pool(cfg: SearchSettings, factory, names):
 
 def _cluster_lost(error: Exception, cfg: SearchSettings) -> bool:
     """Whether ``error`` ended the search because the Ray cluster went away (the pool
-    says so itself; PPO's Ray environments surface it as any Ray error)."""
+    says so itself; other Ray errors are checked against the cluster)."""
     if isinstance(error, ClusterLostError):
         return True
     if cfg.workers <= 0 or not type(error).__module__.startswith("ray"):
@@ -169,8 +187,6 @@ class PoolSearcher:
     """The driver every searcher shares; a subclass implements :meth:`propose`."""
 
     name = ""
-    #: Whether this searcher scores through the pool (else it scores on its own).
-    uses_pool = True
 
     def __init__(self, settings: SearchSettings):
         self.settings = settings
@@ -188,12 +204,8 @@ class PoolSearcher:
         names, costs = problem.names, problem.costs
         log = EvaluationLog(problem.out / "evaluations.jsonl", names, dict(zip(names, costs)),
                             s.resume)
-        factory = evaluator_factory(s, problem.supernet, problem.task)
-        self.factory = factory
-        pool = make_pool(s, factory, names) if self.uses_pool else None
-        run = SearchRun(names, costs, problem.budget_params, pool, log, s.evaluations,
-                        s.progress and self.uses_pool)  # PPO shows its own progress
-        self.log = log
+        pool = make_pool(s, evaluator_factory(s, problem.supernet, problem.task), names)
+        run = SearchRun(names, costs, problem.budget_params, pool, log, s.evaluations, s.progress)
         retries = 0
         try:
             weights = self.propose(problem, run)
@@ -208,9 +220,8 @@ class PoolSearcher:
         finally:
             run.close()
             log.close()
-            if pool is not None:
-                retries = pool.retries
-                pool.close()
+            retries = pool.retries
+            pool.close()
         best_score, best_sel = log.best
         write_csv(problem.out / "search.csv", log.rows)
         plot_search(problem.out / "search.png", log.rows, problem.title)

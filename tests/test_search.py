@@ -112,3 +112,33 @@ def test_finetune_folds_exactly_and_fold_cli_rebuilds(tiny, tmp_path, capsys):
     assert sum(p.numel() for p in base.parameters()) - base.get_classifier().weight.numel() \
         - base.get_classifier().bias.numel() == sum(p.numel() for p in rebuilt.parameters()) \
         - rebuilt.get_classifier().weight.numel() - rebuilt.get_classifier().bias.numel()
+
+
+@pytest.mark.parametrize("policy", ["pg", "ppo", "random", "greedy", "knapsack"])
+def test_every_searcher_scores_exactly_its_evaluations_distinct_selections(tiny, tmp_path, policy):
+    """--evaluations N: N distinct selections scored, whichever searcher (one count for all)."""
+    _, ckpt = tiny
+    r = run_search(search_cfg(tmp_path, ckpt, policy, evaluations=40))
+    out = tmp_path / "out"
+    rows = (out / "search.csv").read_text().splitlines()[1:]
+    logged = [tuple(json.loads(line)["selection"])
+              for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert r["evaluations"] == 40 == len(rows) == len(logged) == len(set(logged))
+    assert r["val_score"] == max(float(x.split(",")[1]) for x in rows)
+
+
+def test_searcher_stops_at_the_size_of_a_small_space(tiny, tmp_path):
+    """A budget that only the cheapest layers fit: fewer selections exist than asked for."""
+    from swr.pretrain import load_pretrained
+    from swr.reparam import candidates
+    from swr.supernet import build_supernet
+
+    task, ckpt = tiny
+    costs = [c.params for c in candidates(build_supernet(load_pretrained(ckpt)[0], task.num_classes))]
+    cfg = search_cfg(tmp_path, ckpt, "random", evaluations=40)
+    cfg.budget = str(min(costs))
+    r = run_search(cfg)
+    # the empty selection, or one layer at the cheapest cost (two never fit)
+    space = 1 + sum(c == min(costs) for c in costs)
+    assert space < 40
+    assert r["evaluations"] == space
