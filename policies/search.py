@@ -232,12 +232,10 @@ class PoolSearcher:
 
 def plot_search(path: Path, rows: list[dict], title: str) -> None:
     """Reward and best-so-far over evaluations, as PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     if rows:
         x = [r["evaluation"] for r in rows]
         ax.scatter(x, [r["reward"] for r in rows], s=8, alpha=0.5, label="reward")

@@ -84,11 +84,8 @@ def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: in
 
 def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str]) -> bool:
     """A tasks x layers grid: filled where SWR reparametrized that layer (seed 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     picks = {}
     for r in rows:
@@ -102,7 +99,8 @@ def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str]) -> 
     # candidate layers in network order; only those some target chose, to stay readable
     layer_list = [n for n in layer_names if n in used]
     grid = np.array([[1.0 if n in set(sel) else 0.0 for n in layer_list] for sel in picks.values()])
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layer_list)), 0.6 * len(picks) + 2.2))
+    fig = Figure(figsize=(max(6, 0.22 * len(layer_list)), 0.6 * len(picks) + 2.2))
+    ax = fig.subplots()
     ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1)
     ax.set_yticks(range(len(picks)), list(picks))
     ax.set_xticks(range(len(layer_list)), layer_list, rotation=90, fontsize=6)

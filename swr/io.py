@@ -42,12 +42,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
+    """Write a matplotlib figure as PNG atomically, then close it if pyplot holds it.
 
+    Library plots are :class:`matplotlib.figure.Figure` objects, which render to PNG
+    without pyplot or a backend choice, so the caller's backend (a notebook's) is left alone.
+    """
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot: free it there
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
