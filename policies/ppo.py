@@ -31,8 +31,9 @@ from .ray_vecenv import RayVecEnv, SyncVecEnv
 
 
 @dataclass
-class SearchResult:
-    """The best selection a search found and what it cost to find it."""
+class PPOResult:
+    """What one MaskablePPO training saw: its best episode and the counts that go with it
+    (the search's own result is :class:`swr.selection.SearchResult`)."""
 
     selection: tuple[str, ...]
     score: float
@@ -81,10 +82,10 @@ class _Tally:
     def evaluator_calls(self) -> int:
         return sum(self.calls_per_env.values())
 
-    def result(self, timesteps: int, seconds: float) -> SearchResult | None:
+    def result(self, timesteps: int, seconds: float) -> PPOResult | None:
         if self.best is None:
             return None
-        return SearchResult(selection=tuple(self.best["selection"]), score=self.best["score"],
+        return PPOResult(selection=tuple(self.best["selection"]), score=self.best["score"],
                             cost=self.best["cost"], evaluations=self.evaluations,
                             evaluator_calls=self.evaluator_calls, timesteps=timesteps,
                             masked_actions=self.masked_actions, seconds=seconds,
@@ -120,7 +121,7 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
               log: Callable[[dict], None] | None = None, n_epochs: int = 4,
               gamma: float = 1.0, ent_coef: float = 0.01, net_arch: Sequence[int] = (64, 64),
               final_rollout: bool = False, stop: Callable[[int], bool] | None = None,
-              vec_env: VecEnv | None = None) -> tuple[MaskablePPO, SearchResult | None]:
+              vec_env: VecEnv | None = None) -> tuple[MaskablePPO, PPOResult | None]:
     """Train MaskablePPO on the environments and return it with the best selection seen.
 
     Args:
@@ -181,7 +182,7 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
 
 
 def ppo_select(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int,
-               **kwargs: Any) -> tuple[MaskablePPO, SearchResult]:
+               **kwargs: Any) -> tuple[MaskablePPO, PPOResult]:
     """:func:`train_ppo` (same arguments) with the final deterministic rollout.
 
     Returns the model and the better of that rollout and the best episode seen

@@ -109,6 +109,8 @@ def sort_safetensors_metadata(path: str | os.PathLike) -> None:
 
 
 def cache_dir(*parts: str) -> Path:
-    """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``."""
-    root = Path(os.environ.get("SWR_CACHE") or Path.home() / ".cache" / "swr")
+    """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``: the one rule for
+    where generated suites, pretrained checkpoints and supernets are cached."""
+    env = os.environ.get("SWR_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "swr"
     return root.joinpath(*parts)
