@@ -7,8 +7,9 @@
 
 Greedy and knapsack each give one deterministic selection; with more evaluations
 allowed they spend the rest on the same rule over multiplicatively perturbed
-importances. Every selector proposes until it has scored its number of *distinct*
-selections (repeats cost nothing), so each gets the same number of scorings.
+importances (additive noise once multiplicative noise only repeats itself). Every
+selector proposes until it has scored its number of *distinct* selections (repeats
+cost nothing), so each gets the same number of scorings.
 """
 
 from __future__ import annotations
@@ -118,12 +119,22 @@ def propose_until_done(propose: Callable[[int], np.ndarray], run: Run, evaluatio
 def perturbed_search(rule: Callable[[np.ndarray], np.ndarray], values: np.ndarray,
                      evaluations: int, rng: np.random.Generator, run: Run,
                      batch: int = 8) -> None:
-    """Score ``rule(values)``, then ``rule`` on noisier and noisier copies of ``values``."""
+    """Score ``rule(values)``, then ``rule`` on noisier and noisier copies of ``values``.
+
+    The first ``evaluations`` proposals scale each value by log-normal noise. That never
+    changes a value's sign, so when it keeps proposing selections already scored (all
+    importances at or below zero give the empty selection every time), the proposals
+    after those add Gaussian noise on the values' own scale instead, which can.
+    """
+    scale = float(np.std(values)) or float(np.abs(values).max()) or 1.0
+
     def propose(i: int) -> np.ndarray:
         if i == 0:
             return rule(values)
         sigma = 0.2 + 0.8 * i / max(evaluations, 1)
-        return rule(values * rng.lognormal(0.0, sigma, size=len(values)))
+        if i < evaluations:
+            return rule(values * rng.lognormal(0.0, sigma, size=len(values)))
+        return rule(values + rng.normal(0.0, scale * sigma, size=len(values)))
 
     propose_until_done(propose, run, evaluations, batch)
 

@@ -142,3 +142,32 @@ def test_searcher_stops_at_the_size_of_a_small_space(tiny, tmp_path):
     space = 1 + sum(c == min(costs) for c in costs)
     assert space < 40
     assert r["evaluations"] == space
+
+
+@pytest.mark.parametrize("rule", ["greedy", "knapsack"])
+def test_perturbed_selectors_find_new_selections_when_no_importance_is_positive(rule):
+    """Multiplicative noise keeps every importance at or below zero, so the rule alone
+    gives the empty selection forever; the search must still reach its evaluations."""
+    from swr.policies.selectors import run_selector
+
+    class Run:  # scores the number of layers; counts distinct selections like SearchRun
+        def __init__(self, limit):
+            self.limit, self.seen = limit, set()
+
+        def evaluations_left(self):
+            return self.limit - len(self.seen)
+
+        def is_new(self, mask):
+            return tuple(mask) not in self.seen
+
+        def score(self, masks):
+            for m in masks:
+                if self.evaluations_left() > 0:
+                    self.seen.add(tuple(m))
+            return [float(m.sum()) for m in masks]
+
+    costs = np.array([10, 20, 30, 40, 50, 60])
+    run = Run(limit=15)
+    run_selector(rule, -np.linspace(0.1, 1.0, len(costs)), costs, 100, 15, 0, run)
+    assert len(run.seen) == 15
+    assert all(costs[np.array(m)].sum() <= 100 for m in run.seen)
