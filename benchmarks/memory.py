@@ -8,7 +8,7 @@ that sum is reported per part (driver, Ray workers, Ray's own services), togethe
 the sum of USS (memory unique to each process; RSS counts shared library pages once
 per process).
 
-* Peak: ``policies.search.search`` (policy gradient) with N = 0 (in-process), 1 and 2
+* Peak: ``swr.search.search`` (policy gradient) with N = 0 (in-process), 1 and 2
   Ray workers. The supernet is trained by the first run and served from its cache
   to the others, so those peaks are the search phase's.
 * Growth: RSS read after every scoring call of a long search with 2 workers, with
