@@ -128,10 +128,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True,
                    help="fraction (0.05), percentage (5%%) or parameter count (20000)")
     p.add_argument("--out", required=True, help="output folder")
-    from .policies import SEARCHERS
-
-    p.add_argument("--policy", default="pg", help="; ".join(
-        f"{name}: {summary}" for name, (_, summary) in SEARCHERS.items()) + " (default pg)")
+    p.add_argument("--policy", default="pg", help=_registered(
+        lambda: "; ".join(f"{name}: {summary}" for name, (_, summary) in _searchers().items()))
+        + " (default pg)")
     p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
@@ -253,6 +252,12 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _searchers() -> dict:
+    from .policies import SEARCHERS
+
+    return SEARCHERS
+
+
 def _method_names() -> list[str]:
     from .methods import METHODS
     from .search import register_swr_methods
@@ -261,13 +266,22 @@ def _method_names() -> list[str]:
     return list(METHODS)
 
 
+def _registered(names: Callable[[], str]) -> str:
+    """Help text listing registered names; the parser must build even on a broken install
+    (torch failing to load), so that ``swr check`` can report it in one line."""
+    try:
+        return names()
+    except (ImportError, OSError):
+        return "see the README"
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", required=True,
                    help="target task; repeat it, or name a suite: kws-synth:all, glyphs:all, "
                         "imagenet-to-sketch:<root>")
     p.add_argument("--checkpoint", required=True, help="folder written by swr pretrain")
     p.add_argument("--methods", required=True, type=_csv_list,
-                   help="comma-separated, of: " + ",".join(_method_names()))
+                   help="comma-separated, of: " + _registered(lambda: ",".join(_method_names())))
     p.add_argument("--budgets", default="5%", type=_csv_list,
                    help="comma-separated budgets, e.g. 1%%,5%%,10%% (default 5%%)")
     p.add_argument("--out", required=True, help="output folder")
