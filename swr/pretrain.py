@@ -14,8 +14,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import tasks
 from .errors import SwrError
 from .io import cache_dir, read_json, write_json
+from .tasks.backbones import create_backbone, save_checkpoint
 from .train import TrainConfig, evaluate, resolve_device, train
 
 #: The embedded defaults: source task, backbone, epochs, learning rate; the quick
@@ -35,10 +37,7 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
              weights: Optional[str] = None, progress: bool = True,
              on_bad_file: str = "fail") -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``."""
-    from .tasks import get_task
-    from .tasks.backbones import create_backbone, save_checkpoint
-
-    task = get_task(task_spec, on_bad_file=on_bad_file)
+    task = tasks.get_task(task_spec, on_bad_file=on_bad_file)
     torch.manual_seed(seed)
     model = create_backbone(backbone, num_classes=task.num_classes, weights=weights)
     params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
@@ -78,8 +77,6 @@ def checkpoint_metrics(checkpoint: str | Path) -> dict:
 
 def load_pretrained(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     """The pre-trained model and its metrics from a ``swr pretrain`` folder."""
-    from .tasks.backbones import create_backbone
-
     metrics = checkpoint_metrics(checkpoint)
     model = create_backbone(metrics["backbone"], weights=Path(checkpoint) / "model.safetensors")
     return model.eval(), metrics

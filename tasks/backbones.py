@@ -18,9 +18,9 @@ from torch import nn
 
 from swr.errors import SwrError
 from swr.io import atomic_path, sort_safetensors_metadata
-from swr.reparam import head_prefix
 
 from .bcresnet import BCRESNET_TAUS, create_bcresnet
+from .heads import head_prefix
 
 BACKBONE_FORMS = [f"bcresnet-{t:g}" for t in BCRESNET_TAUS] + ["timm:<model_name>"]
 
