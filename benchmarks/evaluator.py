@@ -93,7 +93,7 @@ def ideas(ev_plain, supernet, task, sel) -> list[list]:
     """Each idea against its alternative, timed side by side (median of repeats)."""
     from swr.fold import merge, unmerge
     from swr.reparam import set_selection
-    from swr.train import recalibrate_batchnorm
+    from swr.train import recalibrate_batchnorm, restore_batchnorm
 
     rows = []
     model = ev_plain.model
@@ -148,7 +148,7 @@ def ideas(ev_plain, supernet, task, sel) -> list[list]:
             m.running_var.copy_(b)
             m.num_batches_tracked.copy_(c)
     paired("restore BN stats by tensor copies (done, cached path)", copy_back,
-           lambda: model.load_state_dict(ev_plain._bn_state, strict=False),
+           lambda: restore_batchnorm(ev_plain._bn_state),
            "alternative: load_state_dict(strict=False) (plain path)")
     # 5. recalibration in the default 4 x 128 vs one batch of 512 (same clips)
     merge(model)
@@ -157,7 +157,7 @@ def ideas(ev_plain, supernet, task, sel) -> list[list]:
            lambda: recalibrate_batchnorm(model, task.train, 1, 512),
            "alternative: 1 x 512 (changes the statistics, see fidelity table)")
     unmerge(model)
-    model.load_state_dict(ev_plain._bn_state, strict=False)
+    restore_batchnorm(ev_plain._bn_state)
     set_selection(model, [])
     return rows
 
@@ -223,6 +223,7 @@ def main(argv=None) -> None:
     # -- where a plain scoring's time goes --------------------------------------------------
     from swr.fold import merge, unmerge
     from swr.reparam import set_selection
+    from swr.train import restore_batchnorm
 
     s0 = sels["random 5%"][0]
     model = ev_plain.model
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
     t_recal = [timed(lambda: recalibrate_batchnorm(model, task.train, ev_plain.bn_batches,
                                                    ev_plain.bn_batch_size)) for _ in range(3)]
     unmerge(model)
-    model.load_state_dict(ev_plain._bn_state, strict=False)
+    restore_batchnorm(ev_plain._bn_state)
     set_selection(model, [])
     t_total = [timed(lambda: ev_plain(s0)) for _ in range(3)]
     recal_clips = min(len(task.train), ev_plain.bn_batches * ev_plain.bn_batch_size)

@@ -8,7 +8,7 @@ that sum is reported per part (driver, Ray workers, Ray's own services), togethe
 the sum of USS (memory unique to each process; RSS counts shared library pages once
 per process).
 
-* Peak: ``policies.search.search`` (policy gradient) with N = 0 (in-process), 1 and 2
+* Peak: ``swr.search.search`` (policy gradient) with N = 0 (in-process), 1 and 2
   Ray workers. The supernet is trained by the first run and served from its cache
   to the others, so those peaks are the search phase's.
 * Growth: RSS read after every scoring call of a long search with 2 workers, with
@@ -124,9 +124,10 @@ def run_search(base, task, workers: int, evaluations: int, out: str, trace: list
                policy: str = "pg", prefix_cache_mb: float | None = None):
     from swr.parallel import shutdown_ray
     from swr.policies import search as search_mod
+    from swr.search import SearchConfig, search
     from swr.supernet import SupernetConfig
 
-    cfg = search_mod.SearchConfig(task=task.id, checkpoint="", budget=BUDGET, out=out,
+    cfg = SearchConfig(task=task.id, checkpoint="", budget=BUDGET, out=out,
                                   policy=policy, evaluations=evaluations, workers=workers,
                                   device="cpu", progress=False,
                                   supernet=SupernetConfig(epochs=2, progress=False))
@@ -142,7 +143,7 @@ def run_search(base, task, workers: int, evaluations: int, out: str, trace: list
     try:
         with Sampler() as s:
             t0 = time.perf_counter()
-            result, _ = search_mod.search(copy.deepcopy(base), task, cfg, backbone=BACKBONE)
+            result, _ = search(copy.deepcopy(base), task, cfg, backbone=BACKBONE)
             seconds = time.perf_counter() - t0
             shutdown_ray()
     finally:

@@ -34,22 +34,22 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--supernet-epochs", type=int, default=10)
     p.add_argument("--epochs", type=int, default=15, help="final training / baseline epochs")
-    p.add_argument("--policies", default="pg,ppo,random,greedy,knapsack")
+    p.add_argument("--policies", help="comma-separated searchers (default: every registered one)")
     p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"))
     args = p.parse_args()
 
-    import swr.policies  # noqa: F401
+    from swr.policies import searcher_names
     from swr.finetune import finetune
     from swr.io import write_json
     from swr.methods import run_method
-    from swr.policies.search import SearchConfig, run_search
+    from swr.search import SearchConfig, run_search
     from swr.pretrain import load_pretrained
     from swr.supernet import SupernetConfig
     from swr.tasks import get_task
     from swr.train import TrainConfig
 
     out = Path(args.out)
-    policies = args.policies.split(",")
+    policies = args.policies.split(",") if args.policies else searcher_names()
     results: dict = {"args": vars(args), "search": [], "final": []}
     start = time.perf_counter()
     for seed in range(args.seeds):

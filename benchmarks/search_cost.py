@@ -1,7 +1,7 @@
 """What the whole SWR pipeline costs next to a full fine-tune of the same model.
 
 SWR = supernet training (E epochs) + per-layer statistics + policy search (N
-evaluations, ``policies.search.search``) + final training of the chosen deltas, task
+evaluations, ``swr.search.search``) + final training of the chosen deltas, task
 norms and head (E epochs, ``swr.train.train``) + folding. The reference is
 ``swr.methods.run_method("full", ...)`` for the same E epochs on the same task and
 machine. Both start from the same base model; the supernet cache is pointed at a
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from swr.methods import run_method
     from swr.parallel import shutdown_ray
-    from swr.policies.search import SearchConfig, search
+    from swr.search import SearchConfig, search
     from swr.supernet import SupernetConfig
     from swr.train import TrainConfig
 

@@ -1,4 +1,9 @@
-"""Gymnasium environment and evaluators for budgeted layer selection.
+"""The layer-selection problem: its decision process, Gymnasium environment and evaluators.
+
+:mod:`.mdp` holds the mask, observation and step as plain functions (the policy
+network's rollout uses them too); :mod:`.layer_select` the environment over them;
+:mod:`.evaluator` the evaluators (a selection's validation score on the supernet)
+and :mod:`.prefix_cache` the cache that makes scoring cheaper.
 
 Registered ids: ``swr/LayerSelect-v0`` (pass ``features``, ``costs``, ``budget``,
 ``evaluator``) and ``swr/LayerSelectSynthetic-v0`` (a made-up network with a

@@ -11,7 +11,8 @@ Observation (a flat float32 vector, all entries in [-1, 1] or [0, 1]):
 Action: 0 = freeze, 1 = reparametrize. ``action_masks()`` forbids 1 when the layer
 no longer fits; a forbidden action taken anyway (an unmasked agent) is treated as
 freeze and flagged in ``info``. The reward is 0 until the last layer, then the
-evaluator's score of the selection.
+evaluator's score of the selection. The masking, observation and step rules are the
+plain functions of :mod:`swr.envs.mdp`, shared with the policy network's rollout.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from gymnasium import spaces
 
 from .evaluator import CachedEvaluator, Evaluator, SyntheticEvaluator
 from .features import layer_features
-
-FREEZE, REPARAM = 0, 1
+from .mdp import FREEZE, REPARAM, action_mask, apply_action, observation
 
 
 class LayerSelectEnv(gym.Env):
@@ -71,13 +71,10 @@ class LayerSelectEnv(gym.Env):
         if action not in (FREEZE, REPARAM):
             raise ValueError(f"action {action} is not 0 (freeze) or 1 (reparametrize)")
         info: dict[str, Any] = {}
-        cost = int(self.costs[self._t])
-        if action == REPARAM and cost > self._left:
-            action = FREEZE
+        taken, self._left, masked = apply_action(self.costs, self._t, self._left, action)
+        if masked:
             info["masked_action"] = True
-        if action == REPARAM:
-            self._left -= cost
-        self._decisions[self._t] = 1.0 if action == REPARAM else -1.0
+        self._decisions[self._t] = 1.0 if taken else -1.0
         self._t += 1
         terminated = self._t == self.n_layers
         reward = 0.0
@@ -90,9 +87,7 @@ class LayerSelectEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         """[freeze allowed, reparametrize allowed] for the current layer."""
-        if self._t >= self.n_layers:
-            return np.array([True, False])
-        return np.array([True, bool(self.costs[self._t] <= self._left)])
+        return action_mask(self.costs, self._t, self._left)
 
     def render(self):
         if self.render_mode == "ansi":
@@ -101,16 +96,24 @@ class LayerSelectEnv(gym.Env):
         return None
 
     # -- helpers --------------------------------------------------------------------
+    def steps_left(self) -> int:
+        """Decisions left in this episode."""
+        return self.n_layers - self._t
+
+    def final_mask(self, action: int) -> np.ndarray:
+        """The selection (boolean mask) the episode ends with if ``action`` is taken now,
+        at its last layer."""
+        mask = self._decisions > 0
+        mask[self._t] = apply_action(self.costs, self._t, self._left, action)[0]
+        return mask
+
     @property
     def selection(self) -> tuple[str, ...]:
         return tuple(n for n, d in zip(self.names, self._decisions) if d > 0)
 
     def _obs(self) -> np.ndarray:
-        t = min(self._t, self.n_layers - 1)
-        left = self._left / self.budget
-        rel_cost = min(1.0, float(self.costs[t]) / max(self._left, 1))
-        return np.concatenate([self.features[t], [left, rel_cost], self._decisions]
-                              ).astype(np.float32)
+        return observation(self.features, self.costs, self.budget, self._t, self._left,
+                           self._decisions)
 
 
 def make_synthetic_env(n_layers: int = 12, budget_fraction: float = 0.3, seed: int = 0,

@@ -1,7 +1,23 @@
-"""Policy networks, RL trainers, Ray workers, and SWR registered as a bench method.
+"""Searchers for stage 2, behind one protocol and one registry, and their scoring pool.
 
-Importing this package registers ``swr``, ``swr-ppo``, ``swr-random``,
-``swr-greedy`` and ``swr-knapsack`` with :func:`swr.methods.register_method`.
+* :mod:`.registry`: ``build_searcher(name, SearchSettings(...))`` and the names
+  (``pg``, ``ppo``, ``random``, ``greedy``, ``knapsack``), each registered where it
+  is defined;
+* :mod:`.search`: the driver every searcher shares (evaluation log, scoring run,
+  pool, ``search.csv``), :mod:`.pool`: scoring in this process or on Ray workers;
+* :mod:`.pg` / :mod:`.network`: the policy network and its policy-gradient trainer;
+  :mod:`.ppo_search` / :mod:`.ppo` / :mod:`.ray_vecenv`: MaskablePPO;
+  :mod:`.selectors`: random search, greedy and knapsack.
+
+To add a searcher: subclass :class:`~swr.policies.search.PoolSearcher` in a module
+here, implement ``propose(problem, run)`` (score through ``run.score``), call
+``register_searcher`` at its end and import the module below.
 """
 
-from . import swr_method  # noqa: F401  (registration)
+from swr.selection import Searcher
+
+from .registry import SEARCHERS, SearchSettings, build_searcher, register_searcher, searcher_names
+from . import pg, ppo_search, selectors  # noqa: E402,F401  (each registers its searchers)
+
+__all__ = ["SEARCHERS", "SearchSettings", "Searcher", "build_searcher", "register_searcher",
+           "searcher_names"]

@@ -4,7 +4,8 @@ Layer features are embedded and contextualised with a bidirectional GRU (a layer
 value depends on its neighbours); at step ``i`` a small head reads the layer's
 context plus how much budget is left and how much of it this layer would take,
 and emits the logit of "reparametrize". A layer that no longer fits is masked to
-"freeze" and contributes nothing to the log-probability.
+"freeze" and contributes nothing to the log-probability. Masking and the budget
+features are those of the environment (:mod:`swr.envs.mdp`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from swr.envs.mdp import budget_features, fits as fits_budget
 
 
 @dataclass
@@ -50,9 +53,10 @@ class PolicyNetwork(nn.Module):
         entropy = torch.zeros(k)
         for i in range(n):
             cost = float(costs[i])
-            fits = cost <= left
-            inp = torch.cat([ctx[i].expand(k, -1), (left / budget).unsqueeze(1),
-                             (cost / left.clamp(min=1.0)).clamp(max=1.0).unsqueeze(1)], dim=1)
+            fits = fits_budget(cost, left)
+            frac_left, rel_cost = budget_features(left, budget, cost)
+            inp = torch.cat([ctx[i].expand(k, -1), frac_left.unsqueeze(1),
+                             rel_cost.unsqueeze(1)], dim=1)
             logit = self.head(inp).squeeze(1)
             p = torch.sigmoid(logit)
             if greedy:

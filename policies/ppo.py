@@ -31,8 +31,9 @@ from .ray_vecenv import RayVecEnv, SyncVecEnv
 
 
 @dataclass
-class SearchResult:
-    """The best selection a search found and what it cost to find it."""
+class PPOResult:
+    """What one MaskablePPO training saw: its best episode and the counts that go with it
+    (the search's own result is :class:`swr.selection.SearchResult`)."""
 
     selection: tuple[str, ...]
     score: float
@@ -81,10 +82,10 @@ class _Tally:
     def evaluator_calls(self) -> int:
         return sum(self.calls_per_env.values())
 
-    def result(self, timesteps: int, seconds: float) -> SearchResult | None:
+    def result(self, timesteps: int, seconds: float) -> PPOResult | None:
         if self.best is None:
             return None
-        return SearchResult(selection=tuple(self.best["selection"]), score=self.best["score"],
+        return PPOResult(selection=tuple(self.best["selection"]), score=self.best["score"],
                             cost=self.best["cost"], evaluations=self.evaluations,
                             evaluator_calls=self.evaluator_calls, timesteps=timesteps,
                             masked_actions=self.masked_actions, seconds=seconds,
@@ -94,9 +95,10 @@ class _Tally:
 class _EpisodeCallback(BaseCallback):
     """Feeds every step's infos to the tally and drives the progress bar."""
 
-    def __init__(self, tally: _Tally, total_timesteps: int, progress: bool):
+    def __init__(self, tally: _Tally, total_timesteps: int, progress: bool,
+                 stop: Callable[[], bool] | None = None):
         super().__init__()
-        self.tally = tally
+        self.tally, self.stop = tally, stop
         self.bar = tqdm(total=total_timesteps, desc="ppo", unit="step", leave=False,
                         dynamic_ncols=True, disable=not progress)
 
@@ -107,7 +109,7 @@ class _EpisodeCallback(BaseCallback):
         if self.tally.best is not None:
             self.bar.set_postfix(best=f"{self.tally.best['score']:.4f}",
                                  evals=self.tally.evaluations)
-        return True
+        return self.stop is None or not self.stop()
 
     def _on_training_end(self) -> None:
         self.bar.close()
@@ -118,8 +120,9 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
               use_ray: bool = True, progress: bool = True,
               log: Callable[[dict], None] | None = None, n_epochs: int = 4,
               gamma: float = 1.0, ent_coef: float = 0.01, net_arch: Sequence[int] = (64, 64),
-              final_rollout: bool = False, log_dir: str | None = None
-              ) -> tuple[MaskablePPO, SearchResult | None]:
+              final_rollout: bool = False, stop: Callable[[int], bool] | None = None,
+              vec_env: VecEnv | None = None, log_dir: str | None = None
+              ) -> tuple[MaskablePPO, PPOResult | None]:
     """Train MaskablePPO on the environments and return it with the best selection seen.
 
     Args:
@@ -135,6 +138,12 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
             less important.
         final_rollout: after training, also run the deterministic policy once (on
             environment 0, with action masks) and count it like any episode.
+        stop: ``stop(reserve)`` ends training early once it is true (checked after
+            every step); ``reserve`` is 1 while the final rollout is still to come. If
+            ``stop(0)`` is still false after the final rollout, training goes on until
+            it is (or ``total_timesteps`` more steps are taken).
+        vec_env: ready environments to train on instead of building them from
+            ``env_fns`` (they are closed at the end all the same).
         log_dir: where SB3's training statistics go per update (``ppo.csv`` and
             TensorBoard events, see :mod:`swr.policies.sb3_log`); None: nowhere.
 
@@ -145,7 +154,8 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
     if not env_fns:
         raise ValueError("need at least one environment factory")
     start = time.perf_counter()
-    vec_env = RayVecEnv(list(env_fns)) if use_ray else SyncVecEnv(list(env_fns))
+    if vec_env is None:
+        vec_env = RayVecEnv(list(env_fns)) if use_ray else SyncVecEnv(list(env_fns))
     tally = _Tally(log)
     caller_threads = torch.get_num_threads()
     if use_ray:
@@ -162,9 +172,16 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
             from .sb3_log import sb3_logger
 
             model.set_logger(sb3_logger(log_dir))
-        model.learn(total_timesteps, callback=_EpisodeCallback(tally, total_timesteps, progress))
+        reserve = 1 if final_rollout else 0
+        model.learn(total_timesteps, callback=_EpisodeCallback(
+            tally, total_timesteps, progress, None if stop is None else lambda: stop(reserve)))
         if final_rollout:
             _deterministic_rollout(model, vec_env, tally)
+            if stop is not None and not stop(0):
+                # the final rollout found nothing new: train on (from fresh episodes, as
+                # it left environment 0 at the end of one) until the last evaluation
+                model.learn(total_timesteps, reset_num_timesteps=True, callback=_EpisodeCallback(
+                    tally, total_timesteps, progress, lambda: stop(0)))
     finally:
         vec_env.close()
         torch.set_num_threads(caller_threads)
@@ -172,7 +189,7 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
 
 
 def ppo_select(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int,
-               **kwargs: Any) -> tuple[MaskablePPO, SearchResult]:
+               **kwargs: Any) -> tuple[MaskablePPO, PPOResult]:
     """:func:`train_ppo` (same arguments) with the final deterministic rollout.
 
     Returns the model and the better of that rollout and the best episode seen

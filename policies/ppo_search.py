@@ -1,57 +1,98 @@
-"""``swr search --policy ppo``: MaskablePPO on the layer-selection environment.
+"""Searcher ``ppo``: MaskablePPO on the layer-selection environment.
 
-Each environment (in a Ray actor with ``--workers N``, else in this process) builds
-its own supernet evaluator, pre-filled with the scores a resumed search already
-has; every finished episode is recorded in the search's evaluation log.
+The environments run in this process (one per worker, at least one) and score
+through the search's :class:`~swr.policies.search.SearchRun`, like every other
+searcher: the episodes that end together are scored in one call to the pool (in
+this process, or on Ray workers), a selection seen before costs nothing, and PPO
+trains until the run has scored its number of distinct selections (keeping one for
+the final deterministic rollout).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+from stable_baselines3.common.vec_env import DummyVecEnv
 
-from swr.envs.evaluator import CachedEvaluator
 from swr.envs.layer_select import LayerSelectEnv
 
+from .registry import register_searcher
+from .search import PoolSearcher, SearchRun
 
-class EnvFactory:
-    """Picklable recipe for one :class:`LayerSelectEnv` over the supernet."""
-
-    def __init__(self, features: np.ndarray, costs: Sequence[int], budget: int,
-                 names: Sequence[str], evaluator_factory, saved: dict):
-        self.features, self.costs, self.budget = features, list(costs), budget
-        self.names, self.evaluator_factory, self.saved = list(names), evaluator_factory, dict(saved)
-
-    def __call__(self) -> LayerSelectEnv:
-        evaluator = CachedEvaluator(self.evaluator_factory())
-        evaluator.cache.update(self.saved)  # a resumed search does not rescore
-        return LayerSelectEnv(self.features, self.costs, self.budget, evaluator, self.names)
+#: Episodes per allowed evaluation before PPO gives up finding new selections.
+MAX_EPISODES_PER_EVALUATION = 50
 
 
-def run_ppo(cfg, features: np.ndarray, costs: Sequence[int], budget: int, names: Sequence[str],
-            evaluator_factory, log, out: Path) -> Path:
-    """Train MaskablePPO for ``cfg.evaluations`` episodes; record them in ``log``."""
+class RunEvaluator:
+    """An evaluator that scores through the search's run (its log and pool)."""
+
+    def __init__(self, run: SearchRun):
+        self.run, self.names = run, list(run.names)
+
+    def __call__(self, selection: Iterable[str]) -> float:
+        chosen = set(selection)
+        return self.run.score([np.array([n in chosen for n in self.names])])[0]
+
+
+class PooledVecEnv(DummyVecEnv):
+    """In-process environments whose episode-ending scorings go to the pool together.
+
+    Episodes all have one step per layer, so the environments finish together: before
+    a step, the selections it will finish are scored in one call (in parallel on Ray
+    workers); each environment's own scoring then finds them in the log.
+    """
+
+    def __init__(self, env_fns, run: SearchRun):
+        super().__init__(env_fns)
+        self.run = run
+
+    def step_async(self, actions: np.ndarray) -> None:
+        finishing = [env.final_mask(int(a)) for env, a in zip(self.envs, actions)
+                     if env.steps_left() == 1]
+        if len(finishing) > 1:
+            self.run.score(finishing)
+        super().step_async(actions)
+
+
+def run_ppo(settings, features: np.ndarray, costs: Sequence[int], budget: int,
+            names: Sequence[str], run: SearchRun, out: Path) -> Path:
+    """Train MaskablePPO until ``run`` has its evaluations; save the model in ``out``."""
     from .ppo import ppo_select
 
-    n_envs = max(1, cfg.workers)
-    use_ray = cfg.workers > 0
-    if use_ray:
-        from swr.parallel import init_ray
+    n_envs = max(1, settings.workers)
+    evaluator = RunEvaluator(run)
 
-        init_ray(cfg.ray_address)
-    factory = EnvFactory(features, costs, budget, names, evaluator_factory, log.saved)
+    def make_env() -> LayerSelectEnv:
+        return LayerSelectEnv(features, costs, budget, evaluator, names)
 
-    def record(rec: dict) -> None:
-        sel = tuple(rec["selection"])
-        log.record(sel, float(rec["score"]), fresh=sel not in log.saved)
+    def stop(reserve: int) -> bool:
+        return run.evaluations_left() <= reserve
 
-    episodes = max(1, cfg.evaluations - 1)  # one more for the final deterministic rollout
     n_steps = max(len(names), 64 // n_envs)
-    model, _ = ppo_select([factory] * n_envs, episodes * len(names), seed=cfg.seed,
+    episodes = MAX_EPISODES_PER_EVALUATION * settings.evaluations
+    vec_env = PooledVecEnv([make_env] * n_envs, run)
+    model, _ = ppo_select([make_env] * n_envs, episodes * len(names), seed=settings.seed,
                           n_steps=n_steps, batch_size=min(64, n_steps * n_envs),
-                          use_ray=use_ray, progress=cfg.progress, log=record, log_dir=str(out))
+                          use_ray=False, progress=False, stop=stop, vec_env=vec_env,
+                          log_dir=str(out))
     path = Path(out) / "policy_ppo.zip"
     model.save(str(path))
     return path
+
+
+class PPOSearcher(PoolSearcher):
+    """Searcher ``ppo``: MaskablePPO (sb3-contrib) on the layer-selection environment."""
+
+    name = "ppo"
+
+    def propose(self, problem, run) -> Path:
+        from swr.envs.features import layer_features
+
+        return run_ppo(self.settings, layer_features(problem.stats), problem.costs,
+                       problem.budget_params, problem.names, run, problem.out)
+
+
+register_searcher("ppo", PPOSearcher,
+                  "MaskablePPO on the Gymnasium environment swr/LayerSelect-v0")

@@ -1,77 +1,35 @@
-"""``swr search``: supernet (stage 1), then a policy or reference selector (stage 2).
+"""Scoring for every searcher: the evaluation log, the scoring run, the pool, the driver.
 
-Outputs in ``out``: ``selection.json``, ``search.csv`` (one row per evaluation),
-``search.png`` (reward over evaluations), the policy weights, and
-``evaluations.jsonl``, an append-only log of every scoring that makes the search
-resumable: ``--resume`` replays the search from its seed with the logged scores
-served from that log, so it reaches exactly the result of an uninterrupted run
-and only the scorings that were lost are made again.
+A :class:`PoolSearcher` (the base of every registered searcher) turns a
+:class:`~swr.selection.SearchProblem` into a :class:`~swr.selection.SearchResult`:
+it builds the supernet evaluator, the scoring pool (in this process, or Ray workers)
+and an :class:`EvaluationLog`, lets the subclass ``propose`` selections through a
+:class:`SearchRun`, and writes into the problem's folder:
+
+* ``evaluations.jsonl``, an append-only log of every scoring that makes the search
+  resumable: ``--resume`` replays the search from its seed with the logged scores
+  served from that log, so it reaches exactly the result of an uninterrupted run and
+  only the scorings that were lost are made again;
+* ``search.csv`` (one row per distinct selection scored) and ``search.png`` (reward
+  over evaluations).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from safetensors.torch import load_file, save_file
 
-from swr.budget import backbone_params, resolve_budget, selection_cost
 from swr.envs.evaluator import canonical
-from swr.envs.features import layer_features
-from swr.errors import ClusterLostError, SwrError
-from swr.io import atomic_path, cache_dir, save_png, write_json, write_text
-from swr.source import base_spec, load_base, load_task, state_hash
-from swr.reparam import candidates
-from swr.runlog import RunLog
-from swr.runlog import reset as reset_runlog
-from swr.supernet import SupernetConfig, build_supernet, layer_statistics, train_supernet
+from swr.errors import ClusterLostError
+from swr.io import save_png, write_csv
+from swr.selection import SearchProblem, SearchResult
 
-POLICIES = ("pg", "ppo", "random", "greedy", "knapsack")
-
-
-@dataclass
-class SearchConfig:
-    task: str
-    checkpoint: str
-    budget: str
-    out: str
-    policy: str = "pg"
-    seed: int = 0
-    evaluations: int = 200
-    # 0: score in this process; N: N Ray workers (at most the CPUs available, see
-    # swr.parallel.resolve_workers); None: one per available CPU
-    workers: Optional[int] = 0
-    resume: bool = False
-    device: str = "auto"
-    ray_address: Optional[str] = None
-    samples_per_iteration: int = 8
-    supernet: SupernetConfig = field(default_factory=SupernetConfig)
-    bn_batches: int = 4
-    progress: bool = True
-    on_bad_file: str = "fail"  # real-data tasks: "skip" drops unreadable files
-    # the base as a backbone + weights file instead of a swr pretrain checkpoint
-    backbone: Optional[str] = None
-    weights: Optional[str] = None
-
-    def validate(self) -> "SearchConfig":
-        if self.policy not in POLICIES:
-            raise SwrError(f"--policy {self.policy!r} is not one of {', '.join(POLICIES)}")
-        from swr.train import check_seed
-
-        check_seed(self.seed)
-        if self.evaluations < 1:
-            raise SwrError(f"--evaluations {self.evaluations} must be at least 1")
-        if self.workers is not None and self.workers < 0:
-            raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
-        return self
+from .registry import SearchSettings
 
 
 class EvaluationLog:
@@ -126,7 +84,14 @@ class EvaluationLog:
 
 
 class SearchRun:
-    """Glue between a selector and the pool: masks in, rewards out, everything logged."""
+    """Glue between a searcher and the pool: masks in, rewards out, everything logged.
+
+    Every searcher scores through :meth:`score`, which is where evaluations are
+    counted, the same way for all: an evaluation is a *distinct* selection scored
+    (a repeat is served from the log and costs nothing). Once ``limit`` distinct
+    selections are scored, new ones are no longer scored: their reward is NaN and a
+    searcher must leave them out.
+    """
 
     def __init__(self, names, costs, budget, pool, log: EvaluationLog, limit: int, progress: bool):
         self.names, self.costs, self.budget = names, np.asarray(costs), budget
@@ -140,12 +105,21 @@ class SearchRun:
     def evaluations_left(self) -> int:
         return self.limit - len(self.log.seen)
 
+    def is_new(self, mask: np.ndarray) -> bool:
+        """Whether scoring ``mask`` would cost an evaluation."""
+        return self._canonical(mask) not in self.log.seen
+
+    def _canonical(self, mask) -> tuple[str, ...]:
+        return canonical([n for n, m in zip(self.names, mask) if m], self.names)
+
     def score(self, masks: list[np.ndarray]) -> list[float]:
-        sels = [canonical([n for n, m in zip(self.names, mask) if m], self.names) for mask in masks]
+        sels = [self._canonical(mask) for mask in masks]
         for sel in sels:
             if sum(self.costs[self.names.index(n)] for n in sel) > self.budget:
                 raise AssertionError(f"selector proposed {sel} over the budget")
-        todo = [s for s in dict.fromkeys(sels) if s not in self.log.seen and s not in self.log.saved]
+        new = [s for s in dict.fromkeys(sels) if s not in self.log.seen]
+        new = new[:max(self.evaluations_left(), 0)]  # the rest are over the limit
+        todo = [s for s in new if s not in self.log.saved]
         fresh = dict(zip(todo, self.pool.map(todo))) if todo else {}
         out = []
         for sel in sels:
@@ -154,9 +128,11 @@ class SearchRun:
             elif sel in fresh:
                 score = fresh[sel]
                 self.log.record(sel, score, fresh=True)
-            else:
+            elif sel in new:
                 score = self.log.saved[sel]
                 self.log.record(sel, score, fresh=False)
+            else:
+                score = float("nan")
             out.append(score)
         if self._bar is not None:
             self._bar.n = min(len(self.log.seen), self.limit)
@@ -169,40 +145,8 @@ class SearchRun:
             self._bar.close()
 
 
-# -- stage 1 with a cache ---------------------------------------------------------------
-def _supernet_key(cfg: SearchConfig, task_id: str, base: str) -> str:
-    settings = {k: v for k, v in asdict(cfg.supernet).items() if k not in ("progress", "log_dir")}
-    blob = json.dumps({"task": task_id, "base": base, "supernet": settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def prepare_supernet(cfg: SearchConfig, task, base_model, backbone: str):
-    """Train (or load the cached) supernet and its per-layer statistics."""
-    model = build_supernet(base_model, task.num_classes, bias_delta=cfg.supernet.bias_delta)
-    # keyed on all base tensors (norms too) and on how the task's inputs were prepared
-    key = _supernet_key(cfg, json.dumps([task.id, task.info.get("preprocess")]),
-                        state_hash(base_model))
-    folder = cache_dir("supernets", key)
-    weights, meta_path = folder / "supernet.safetensors", folder / "supernet.json"
-    if weights.is_file() and meta_path.is_file():
-        model.load_state_dict(load_file(str(weights)))
-        meta = json.loads(meta_path.read_text())
-        return model, meta, folder
-    result = train_supernet(model, task, cfg.supernet)
-    stats = layer_statistics(model, task, cfg.supernet.stats_batches, device=cfg.supernet.device,
-                             seed=cfg.supernet.seed)
-    model.cpu()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp))
-    meta = {"task": task.id, "backbone": backbone, "val_acc_all_open": result.val_acc,
-            "seconds": result.seconds,
-            "config": asdict(cfg.supernet), "stats": stats}
-    write_json(meta_path, meta)
-    return model, meta, folder
-
-
-def evaluator_factory(cfg: SearchConfig, supernet, task):
+def evaluator_factory(cfg: SearchSettings, supernet, task):
+    """The picklable recipe of the supernet evaluator every scoring goes through."""
     from swr.train import resolve_device
 
     from .pool import SupernetEvaluatorFactory
@@ -211,7 +155,8 @@ def evaluator_factory(cfg: SearchConfig, supernet, task):
                                     bn_batches=cfg.bn_batches, seed=cfg.seed)
 
 
-def make_pool(cfg: SearchConfig, factory, names):
+def make_pool(cfg: SearchSettings, factory, names):
+    """A :class:`LocalPool` (``workers`` 0) or a :class:`RayPool` of ``workers`` actors."""
     from .pool import LocalPool, RayPool
 
     device = factory.device
@@ -226,9 +171,9 @@ def make_pool(cfg: SearchConfig, factory, names):
                    gpus_per_worker=gpus)
 
 
-def _cluster_lost(error: Exception, cfg: SearchConfig) -> bool:
+def _cluster_lost(error: Exception, cfg: SearchSettings) -> bool:
     """Whether ``error`` ended the search because the Ray cluster went away (the pool
-    says so itself; PPO's Ray environments surface it as any Ray error)."""
+    says so itself; other Ray errors are checked against the cluster)."""
     if isinstance(error, ClusterLostError):
         return True
     if cfg.workers <= 0 or not type(error).__module__.startswith("ray"):
@@ -238,136 +183,51 @@ def _cluster_lost(error: Exception, cfg: SearchConfig) -> bool:
     return not cluster_alive()
 
 
-# -- the search ---------------------------------------------------------------------------
-def run_search(cfg: SearchConfig) -> dict:
-    """Load the base (checkpoint or backbone + weights) and task named in ``cfg``, search,
-    write ``selection.json``."""
-    cfg.validate()
-    spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
-    base_model, ckpt_meta = load_base(spec)
-    task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
-    result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
-    result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
-    result["base"] = spec.to_dict()
-    result["task"] = cfg.task  # the spec, so swr finetune can load the same task
-    result["on_bad_file"] = cfg.on_bad_file
-    result["skipped_files"] = list(task.info.get("skipped", []))
-    write_json(Path(cfg.out) / "selection.json", result)
-    return result
+class PoolSearcher:
+    """The driver every searcher shares; a subclass implements :meth:`propose`."""
 
+    name = ""
 
-def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, object]:
-    """Stage 1 + stage 2 on an in-memory model and task; returns (result, supernet).
+    def __init__(self, settings: SearchSettings):
+        self.settings = settings
 
-    Writes ``search.csv``, ``search.png``, ``evaluations.jsonl`` and the policy
-    weights into ``cfg.out``.
-    """
-    cfg.validate()
-    # Fail on a budget no layer fits in, or an unreachable cluster, before stage 1.
-    resolve_budget(build_supernet(base_model, task.num_classes,
-                                  bias_delta=cfg.supernet.bias_delta), cfg.budget)
-    from swr.parallel import resolve_workers
+    def describe(self) -> dict:
+        return {"policy": self.name, "seed": self.settings.seed, "workers": self.settings.workers}
 
-    cfg.workers = resolve_workers(cfg.workers, cfg.ray_address)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.supernet.seed = cfg.seed
-    cfg.supernet.device = cfg.device
-    cfg.supernet.progress = cfg.progress
-    cfg.supernet.log_dir = str(out)
-    if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
-        reset_runlog(out, ("epochs",))
-    t0 = time.perf_counter()
-    supernet, meta, supernet_dir = prepare_supernet(cfg, task, base_model, backbone)
-    t_supernet = time.perf_counter() - t0
-    cands = candidates(supernet)
-    names = [c.name for c in cands]
-    costs = [c.params for c in cands]
-    budget_params = resolve_budget(supernet, cfg.budget)
-    stats = meta["stats"]
-    features = layer_features(stats)
-    importance = np.array([s["taylor"] for s in stats])
+    def propose(self, problem: SearchProblem, run: SearchRun) -> Optional[Path]:
+        """Score selections through ``run`` until it has none left; return the path of
+        the policy weights written into ``problem.out``, if any."""
+        raise NotImplementedError
 
-    log = EvaluationLog(out / "evaluations.jsonl", names, dict(zip(names, costs)), cfg.resume)
-    factory = evaluator_factory(cfg, supernet, task)
-    pool = make_pool(cfg, factory, names) if cfg.policy != "ppo" else None
-    run = SearchRun(names, costs, budget_params, pool, log, cfg.evaluations,
-                    cfg.progress and cfg.policy != "ppo")  # PPO shows its own progress
-    t1 = time.perf_counter()
-    policy_file = None
-    retries = 0
-    try:
-        if cfg.policy == "pg":
-            from .pg import PGConfig, greedy_mask, train_pg
-
-            pgc = PGConfig(samples_per_iteration=cfg.samples_per_iteration, seed=cfg.seed)
-            # a resumed search replays its iterations, so the log starts afresh either way
-            reset_runlog(out, ("search_iterations",))
-            iterations = RunLog(out, "search_iterations", tag="search")
-
-            def on_iteration(rec: dict) -> None:
-                values = {k: v for k, v in rec.items() if k != "iteration"}
-                iterations.record(rec["iteration"], {**values, "best": log.best[0],
-                                                     "evaluations": len(log.seen)})
-
-            # one evaluation is kept for the trained policy's most likely selection
-            policy = train_pg(features, np.asarray(costs), budget_params, run.score,
-                              lambda: run.evaluations_left() - 1, pgc, on_iteration)
-            iterations.close()
-            run.score([greedy_mask(policy, features, np.asarray(costs), budget_params)])
-            policy_file = out / "policy.safetensors"
-            with atomic_path(policy_file) as tmp:
-                save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp),
-                          metadata={"n_features": str(features.shape[1]), "hidden": str(pgc.hidden)})
-        elif cfg.policy == "ppo":
-            from .ppo_search import run_ppo
-
-            policy_file = run_ppo(cfg, features, costs, budget_params, names, factory, log, out)
-        else:
-            from .selectors import run_selector
-
-            run_selector(cfg.policy, importance, costs, budget_params, cfg.evaluations, cfg.seed,
-                         run.score, batch=max(cfg.samples_per_iteration, cfg.workers or 1))
-    except Exception as e:
-        if not _cluster_lost(e, cfg):
-            raise
-        raise ClusterLostError(
-            f"{e if isinstance(e, ClusterLostError) else 'lost the Ray cluster'} after "
-            f"{len(log.seen)} of {cfg.evaluations} evaluations; they are saved in "
-            f"{log.path}: rerun the same command with --resume (on a restarted cluster, or "
-            "without --ray-address to finish on this machine)") from None
-    finally:
-        run.close()
-        log.close()
-        if pool is not None:
+    def __call__(self, problem: SearchProblem) -> SearchResult:
+        s = self.settings
+        names, costs = problem.names, problem.costs
+        log = EvaluationLog(problem.out / "evaluations.jsonl", names, dict(zip(names, costs)),
+                            s.resume)
+        pool = make_pool(s, evaluator_factory(s, problem.supernet, problem.task), names)
+        run = SearchRun(names, costs, problem.budget_params, pool, log, s.evaluations, s.progress)
+        retries = 0
+        try:
+            weights = self.propose(problem, run)
+        except Exception as e:
+            if not _cluster_lost(e, s):
+                raise
+            raise ClusterLostError(
+                f"{e if isinstance(e, ClusterLostError) else 'lost the Ray cluster'} after "
+                f"{len(log.seen)} of {s.evaluations} evaluations; they are saved in "
+                f"{log.path}: rerun the same command with --resume (on a restarted cluster, or "
+                "without --ray-address to finish on this machine)") from None
+        finally:
+            run.close()
+            log.close()
             retries = pool.retries
             pool.close()
-    t_search = time.perf_counter() - t1
-    best_score, best_sel = log.best
-    result = {
-        "layers": list(best_sel), "cost": selection_cost(supernet, best_sel),
-        "budget_params": budget_params, "budget": str(cfg.budget),
-        "backbone_params": backbone_params(supernet), "val_score": best_score,
-        "policy": cfg.policy, "seed": cfg.seed, "evaluations": len(log.seen),
-        "replayed_evaluations": log.replayed, "worker_retries": retries,
-        "task": task.id, "backbone": backbone,
-        "supernet": str(supernet_dir), "supernet_val_acc_all_open": meta["val_acc_all_open"],
-        "seconds": {"supernet": t_supernet, "search": t_search},
-        "policy_weights": str(policy_file) if policy_file else None,
-        "workers": cfg.workers,
-    }
-    write_csv(out / "search.csv", log.rows)
-    plot_search(out / "search.png", log.rows, f"{cfg.policy} on {task.id}, budget {cfg.budget}")
-    return result, supernet
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    write_text(path, buf.getvalue())
+        best_score, best_sel = log.best
+        write_csv(problem.out / "search.csv", log.rows)
+        plot_search(problem.out / "search.png", log.rows, problem.title)
+        return SearchResult(layers=best_sel, score=best_score, evaluations=len(log.seen),
+                            replayed=log.replayed, retries=retries,
+                            policy_weights=str(weights) if weights else None, rows=log.rows)
 
 
 def plot_search(path: Path, rows: list[dict], title: str) -> None:

@@ -7,19 +7,21 @@
 
 Greedy and knapsack each give one deterministic selection; with more evaluations
 allowed they spend the rest on the same rule over multiplicatively perturbed
-importances, so every selector gets the same number of scorings.
+importances (additive noise once multiplicative noise only repeats itself). Every
+selector proposes until it has scored its number of *distinct* selections (repeats
+cost nothing), so each gets the same number of scorings.
 """
 
 from __future__ import annotations
 
 from functools import reduce
 from math import gcd
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-Score = Callable[[list[np.ndarray]], list[float]]
-
+from .registry import register_searcher
+from .search import PoolSearcher
 
 def random_selection(costs: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
     """A random feasible selection: layers in random order, each kept with a random
@@ -78,38 +80,101 @@ def knapsack_selection(values: np.ndarray, costs: np.ndarray, budget: int) -> np
     return mask
 
 
-def perturbed_search(rule: Callable[[np.ndarray], np.ndarray], values: np.ndarray,
-                     evaluations: int, rng: np.random.Generator, score: Score,
-                     batch: int = 8) -> None:
-    """Score ``rule(values)``, then ``rule`` on noisier and noisier copies of ``values``."""
-    pending = [rule(values)]
-    done = 1
-    while done < evaluations:
-        sigma = 0.2 + 0.8 * done / max(evaluations, 1)
-        pending.append(rule(values * rng.lognormal(0.0, sigma, size=len(values))))
-        done += 1
-        if len(pending) >= batch:
-            score(pending)
-            pending = []
+class Run(Protocol):
+    """What a selector scores through (:class:`~swr.policies.search.SearchRun`)."""
+
+    def score(self, masks: list[np.ndarray]) -> list[float]: ...
+
+    def evaluations_left(self) -> int: ...
+
+    def is_new(self, mask: np.ndarray) -> bool: ...
+
+
+#: Proposals per allowed evaluation before a selector gives up finding new selections
+#: (a space smaller than the evaluations asked for, or a rule that keeps repeating).
+MAX_PROPOSALS_PER_EVALUATION = 50
+
+
+def propose_until_done(propose: Callable[[int], np.ndarray], run: Run, evaluations: int,
+                       batch: int = 8) -> None:
+    """Score ``propose(i)`` for i = 0, 1, ... until ``run`` has scored ``evaluations``
+    distinct selections (or proposals run out), ``batch`` new ones per scoring call."""
+    pending: list[np.ndarray] = []
+    new: set[bytes] = set()
+    for i in range(MAX_PROPOSALS_PER_EVALUATION * max(evaluations, 1)):
+        left = run.evaluations_left()
+        if left - len(new) <= 0:
+            break
+        mask = propose(i)
+        pending.append(mask)
+        if run.is_new(mask):
+            new.add(np.packbits(mask).tobytes())
+        if len(pending) >= batch or len(new) >= left:
+            run.score(pending)
+            pending, new = [], set()
     if pending:
-        score(pending)
+        run.score(pending)
+
+
+def perturbed_search(rule: Callable[[np.ndarray], np.ndarray], values: np.ndarray,
+                     evaluations: int, rng: np.random.Generator, run: Run,
+                     batch: int = 8) -> None:
+    """Score ``rule(values)``, then ``rule`` on noisier and noisier copies of ``values``.
+
+    The first ``evaluations`` proposals scale each value by log-normal noise. That never
+    changes a value's sign, so when it keeps proposing selections already scored (all
+    importances at or below zero give the empty selection every time), the proposals
+    after those add Gaussian noise on the values' own scale instead, which can.
+    """
+    scale = float(np.std(values)) or float(np.abs(values).max()) or 1.0
+
+    def propose(i: int) -> np.ndarray:
+        if i == 0:
+            return rule(values)
+        sigma = 0.2 + 0.8 * i / max(evaluations, 1)
+        if i < evaluations:
+            return rule(values * rng.lognormal(0.0, sigma, size=len(values)))
+        return rule(values + rng.normal(0.0, scale * sigma, size=len(values)))
+
+    propose_until_done(propose, run, evaluations, batch)
 
 
 def run_selector(name: str, values: Sequence[float], costs: Sequence[int], budget: int,
-                 evaluations: int, seed: int, score: Score, batch: int = 8) -> None:
-    """Run reference selector ``name`` (random | greedy | knapsack), scoring via ``score``."""
+                 evaluations: int, seed: int, run: Run, batch: int = 8) -> None:
+    """Run reference selector ``name`` (random | greedy | knapsack), scoring through
+    ``run`` until it has scored ``evaluations`` distinct selections."""
     rng = np.random.default_rng(seed)
     values = np.asarray(values, dtype=np.float64)
     costs = np.asarray(costs, dtype=np.int64)
     if name == "random":
-        for start in range(0, evaluations, batch):
-            score([random_selection(costs, budget, rng)
-                   for _ in range(min(batch, evaluations - start))])
+        propose_until_done(lambda i: random_selection(costs, budget, rng), run, evaluations, batch)
     elif name == "greedy":
         perturbed_search(lambda v: greedy_selection(v, costs, budget), values, evaluations,
-                         rng, score, batch)
+                         rng, run, batch)
     elif name == "knapsack":
         perturbed_search(lambda v: knapsack_selection(v, costs, budget), values, evaluations,
-                         rng, score, batch)
+                         rng, run, batch)
     else:
         raise ValueError(f"unknown selector {name!r}")
+
+
+class SelectorSearcher(PoolSearcher):
+    """Searchers ``random``, ``greedy`` and ``knapsack`` (the reference selectors)."""
+
+    def __init__(self, settings, name: str):
+        super().__init__(settings)
+        self.name = name
+
+    def propose(self, problem, run) -> None:
+        s = self.settings
+        run_selector(self.name, problem.importance, problem.costs, problem.budget_params,
+                     s.evaluations, s.seed, run,
+                     batch=max(s.samples_per_iteration, s.workers or 1))
+
+
+register_searcher("random", lambda s: SelectorSearcher(s, "random"),
+                  "random feasible selections")
+register_searcher("greedy", lambda s: SelectorSearcher(s, "greedy"),
+                  "layers by stage-1 Taylor importance per parameter, then perturbed")
+register_searcher("knapsack", lambda s: SelectorSearcher(s, "knapsack"),
+                  "exact knapsack over stage-1 Taylor importance, then perturbed")

@@ -10,6 +10,11 @@ The core, in the order a user meets it::
     ... train ...
     task_model = swr.fold(model)                # plain base architecture
     swr.export_task_delta(model, "task.safetensors", backbone="bcresnet-2")
+
+The whole method: ``swr.methods.run_method("swr", ...)`` with a searcher from
+``swr.policies.build_searcher`` (``swr.methods.SWR``); stage 1 alone:
+``swr.supernet.prepare_supernet``; stages 1 and 2: ``swr.selection.search_selection``.
+The README's "Layout" says which module holds what.
 """
 
 from ._version import __version__

@@ -3,14 +3,14 @@
 Nothing here keeps its own copy of a list: backbones come from
 ``swr.tasks.backbones.BACKBONE_FORMS`` (and timm's own registry), tasks from
 ``swr.tasks.TASK_FORMS`` / ``SUITE_FORMS`` and the embedded suites' target lists,
-methods from ``swr.methods.METHODS`` (after the plugins that register more are
-imported), policies from ``swr.policies.search.POLICIES``.
+methods from ``swr.methods.METHODS`` (with SWR under every registered searcher),
+policies from the searcher registry ``swr.policies.SEARCHERS``. Part of the
+application layer: it names things of every layer.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import re
 
 KINDS = ("backbones", "tasks", "methods", "policies")
@@ -58,12 +58,12 @@ def tasks() -> list[tuple[str, str]]:
     return out
 
 
-def methods(plugins: tuple[str, ...] = ("swr.policies",)) -> list[tuple[str, str]]:
-    """``(name, description)`` per registered method, after importing ``plugins``."""
-    for module in plugins:
-        importlib.import_module(module)
+def methods() -> list[tuple[str, str]]:
+    """``(name, description)`` per registered method (SWR with each searcher included)."""
     from .methods import METHODS
+    from .search import register_swr_methods
 
+    register_swr_methods()
     out = []
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -74,10 +74,10 @@ def methods(plugins: tuple[str, ...] = ("swr.policies",)) -> list[tuple[str, str
 
 
 def policies() -> list[tuple[str, str]]:
-    """``(name, '')`` per search policy ``swr search --policy`` accepts."""
-    from .policies.search import POLICIES
+    """``(name, summary)`` per search policy ``swr search --policy`` accepts."""
+    from .policies import SEARCHERS
 
-    return [(p, "") for p in POLICIES]
+    return [(name, summary) for name, (_, summary) in SEARCHERS.items()]
 
 
 def names(kind: str, pattern: str | None = None) -> list[tuple[str, str]]:

@@ -144,12 +144,11 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True,
                    help="fraction (0.05), percentage (5%%) or parameter count (20000)")
     p.add_argument("--out", required=True, help="output folder")
-    from .policies.search import POLICIES
-
     # the list is shown, and checked by SearchConfig (one line naming the value, exit 2)
-    p.add_argument("--policy", default="pg", metavar="{" + ",".join(POLICIES) + "}",
-                   help="policy network trained by policy gradient (pg), SB3 MaskablePPO (ppo), "
-                        "or a reference selector")
+    p.add_argument("--policy", default="pg",
+                   metavar=_registered(lambda: "{" + ",".join(_searchers()) + "}", "POLICY"),
+                   help=_registered(lambda: "; ".join(
+                       f"{name}: {summary}" for name, (_, summary) in _searchers().items())))
     p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
@@ -168,8 +167,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 def run_search_cmd(args: argparse.Namespace) -> int:
     from .io import check_output
+    from .search import SearchConfig, run_search
     from .supernet import SupernetConfig
-    from .policies.search import SearchConfig, run_search
     from .tasks import task_data_path
 
     # the search writes its own files into --out (kept for --resume), it never replaces it
@@ -240,9 +239,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _finetune_method(args: argparse.Namespace) -> int:
-    import swr.policies  # noqa: F401  (registers the swr* methods)
-
-    from .export import finetune_method
+    from .bench import finetune_method
 
     if args.selection or args.from_scratch:
         raise SwrError("--method trains from the base; --selection and --from-scratch belong "
@@ -298,6 +295,29 @@ def _csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _searchers() -> dict:
+    from .policies import SEARCHERS
+
+    return SEARCHERS
+
+
+def _method_names() -> list[str]:
+    from .methods import METHODS
+    from .search import register_swr_methods
+
+    register_swr_methods()
+    return list(METHODS)
+
+
+def _registered(names: Callable[[], str], fallback: str = "see the README") -> str:
+    """Help text listing registered names; the parser must build even on a broken install
+    (torch failing to load), so that ``swr check`` can report it in one line."""
+    try:
+        return names()
+    except (ImportError, OSError):
+        return fallback
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", action="append", required=True,
                    help="target task; repeat it, or name a suite: kws-synth:all, glyphs:all, "
@@ -305,8 +325,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                         "swr list tasks)")
     _base_args(p)
     p.add_argument("--methods", required=True, type=_csv_list,
-                   help="comma-separated method names, e.g. linear,full,norm,lora,swr "
-                        "(all of them: swr list methods)")
+                   help="comma-separated method names, e.g. linear,full,norm,lora,swr; all: "
+                        + _registered(lambda: ",".join(_method_names())))
     p.add_argument("--budgets", default="5%", type=_csv_list,
                    help="comma-separated budgets, e.g. 1%%,5%%,10%% (default 5%%)")
     p.add_argument("--out", required=True, help="output folder")
@@ -340,7 +360,6 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
                       swr_evaluations=args.swr_evaluations, resume=args.resume,
-                      plugins=["swr.policies"],
                       on_bad_file=args.on_bad_file)
     if args.seeds < 1 or args.epochs < 1:
         raise SwrError("--seeds and --epochs must be at least 1")

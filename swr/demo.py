@@ -46,7 +46,7 @@ def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: in
     cfg = BenchConfig(tasks=targets, checkpoint=str(ckpt), methods=methods, budgets=["5%"],
                       out=str(out / "bench"), seeds=seeds, epochs=4 if quick else 12,
                       device=device, workers=workers, swr_evaluations=24 if quick else 120,
-                      supernet_epochs=3 if quick else 10, plugins=["swr.policies"])
+                      supernet_epochs=3 if quick else 10)
     rows = run_bench(cfg, log=log)
     table = (out / "bench" / "results.md").read_text()
     base, _ = load_pretrained(ckpt)

@@ -24,7 +24,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -35,10 +35,6 @@ from .delta import FORMAT, apply_task_delta, base_hash, frozen_base_state, task_
 from .errors import SwrError
 from .io import atomic_path, sort_safetensors_metadata
 from .reparam import head_prefix, norm_modules, reparam_layers
-
-if TYPE_CHECKING:
-    from .source import BaseSpec
-
 
 def delta_from_folded(base: nn.Module, folded: nn.Module) -> dict[str, torch.Tensor]:
     """Task-delta tensors turning plain ``base`` into plain ``folded`` (same architecture).
@@ -125,65 +121,3 @@ def export_method_delta(base: nn.Module, trained: nn.Module, folded: nn.Module,
         y = folded.eval()(example.to(device)).cpu()
         report["rebuild_max_abs_diff"] = float((deployed(example.cpu()) - y).abs().max())
     return deployed, report
-
-
-def finetune_method(method: str, task_spec: str, base: "BaseSpec", out: str | os.PathLike,
-                    budget: Optional[str] = None, epochs: int = 20, lr: Optional[float] = None,
-                    batch_size: int = 64, seed: int = 0, device: str = "auto",
-                    progress: bool = True, on_bad_file: str = "fail",
-                    knobs: Optional[dict] = None) -> dict:
-    """Train any foldable method on ``task_spec`` from ``base`` and keep the result.
-
-    The run is :func:`swr.methods.runner.run_method`, the one ``swr bench`` makes.
-    Writes, like ``swr finetune --selection``, ``task_delta.safetensors``,
-    ``model.safetensors`` (the deployed task model: base + delta), ``history.json`` and
-    ``metrics.json`` (the bench row plus task, backbone, base, lr and epochs) into
-    ``out``; returns the metrics. ``lr`` defaults to the bench's default for the
-    method and backbone family; ``budget`` is needed by the methods that size
-    themselves to one (``lora``, ``swr``, ...), ignored by the others.
-    """
-    from .bench import DEFAULT_LR
-    from .budget import Budget, backbone_params
-    from .finetune import OUTPUTS
-    from .io import check_output, check_run_folder, staged_folder, write_json
-    from .methods import get_method, run_method
-    from .source import load_base, load_task
-    from .tasks import task_data_path
-    from .train import TrainConfig
-
-    # before any work: the run may not overwrite what it reads, nor a folder of other files
-    check_output(out, {"--checkpoint": base.checkpoint, "--weights": base.weights,
-                       "--task": task_data_path(task_spec)})
-    outputs = OUTPUTS | {"search"}
-    check_run_folder(out, outputs)
-    knobs = dict(knobs or {})
-    recipe = get_method(method, **knobs)  # unknown names and knobs fail before any loading
-    if not recipe.foldable:
-        raise SwrError(f"method {method!r} does not fold into the base architecture, so it has "
-                       "no task delta to keep; measure it with swr bench")
-    if recipe.respects_budget and budget is None:
-        raise SwrError(f"method {method!r} sizes itself to a budget: give --budget "
-                       "(e.g. 5% or 20000)")
-    base_model, desc = load_base(base)
-    task = load_task(task_spec, desc, on_bad_file=on_bad_file)
-    budget_params = (Budget.parse(budget).resolve(backbone_params(base_model))
-                     if recipe.respects_budget else None)
-    if lr is None:
-        table = DEFAULT_LR["bcresnet" if desc["backbone"].startswith("bcresnet") else "timm"]
-        lr = table.get(method, table["*"])
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                      progress=progress, desc=method)
-    # every file goes to a staged folder that replaces ``out`` only once all are written
-    with staged_folder(out, outputs) as stage:
-        if method.startswith("swr"):
-            knobs.setdefault("seed", seed)
-            knobs.setdefault("device", device)
-            knobs.setdefault("out", str(stage / "search"))
-        row = run_method(method, base_model, task, budget_params, cfg, export=str(stage),
-                         export_model=True, backbone=desc["backbone"], **knobs)
-        metrics = {**row, "task": task_spec, "backbone": desc["backbone"], "base": desc["base"],
-                   "weights_sha256": desc["weights_sha256"], "lr": lr, "epochs": epochs,
-                   "seed": seed, "classes": list(task.class_names),
-                   "skipped_files": list(task.info.get("skipped", []))}
-        write_json(stage / "metrics.json", metrics)
-    return metrics

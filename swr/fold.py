@@ -87,12 +87,14 @@ def _conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, s
     output (SubSpectralNorm) is not a pair: its statistics are not per conv channel.
     """
     produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # ids are only unique while the tensors live
     pairs: list[tuple[str, str]] = []
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
     def conv_hook(mod, inp, out):
         produced[id(out)] = names[mod]
+        alive.append(out)
 
     def bn_pre_hook(mod, inp):
         src = produced.get(id(inp[0]))

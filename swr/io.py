@@ -10,7 +10,9 @@ output that is, lies inside or holds one of its inputs (:func:`check_output`).
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import json
 import os
 import shutil
@@ -167,17 +169,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_png(fig, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Write a matplotlib figure as PNG atomically; a pyplot figure is then closed.
+    """Write a matplotlib figure as PNG atomically, then close it if pyplot holds it.
 
-    A :class:`matplotlib.figure.Figure` made without pyplot (as :mod:`swr.plots`
-    makes them) needs no backend, so saving never changes a notebook's backend.
+    Library plots are :class:`matplotlib.figure.Figure` objects, which render to PNG
+    without pyplot or a backend choice, so the caller's backend (a notebook's) is left alone.
     """
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-    if getattr(fig.canvas, "manager", None) is not None:  # registered with pyplot
+    if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot: free it there
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Write ``rows`` as CSV atomically: ``columns`` (default: the first row's keys) in
+    order, other keys left out; no rows and no columns give an empty file."""
+    buf = io.StringIO()
+    columns = columns if columns is not None else (list(rows[0]) if rows else None)
+    if columns is not None:
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -222,8 +236,10 @@ def sort_safetensors_metadata(path: str | os.PathLike) -> None:
 
 
 def cache_dir(*parts: str) -> Path:
-    """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``."""
-    root = Path(os.environ.get("SWR_CACHE") or Path.home() / ".cache" / "swr")
+    """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``: the one rule for
+    where generated suites, pretrained checkpoints and supernets are cached."""
+    env = os.environ.get("SWR_CACHE")
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "swr"
     return root.joinpath(*parts)
 
 

@@ -47,8 +47,11 @@ def method_colour(method: str) -> str:
 
 
 def method_marker(method: str) -> str:
-    """Stars for SWR and its variants, circles for the baselines."""
-    return "*" if method.startswith("swr") else "o"
+    """Stars for SWR (with any searcher), circles for the baselines."""
+    from .methods import METHODS, SWR
+
+    factory = METHODS.get(method)
+    return "*" if isinstance(factory, type) and issubclass(factory, SWR) else "o"
 
 
 def _axes_row(n: int, width: float, height: float) -> tuple[Figure, list]:

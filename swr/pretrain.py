@@ -14,9 +14,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import tasks
 from .errors import SwrError
 from .io import cache_dir, check_output, check_run_folder, read_json, staged_folder, write_json
 from .runlog import TRAINING_LOGS
+from .tasks.backbones import backbone_data_config, create_backbone, save_checkpoint
 from .train import TrainConfig, evaluate, resolve_device, train
 
 #: The embedded defaults: source task, backbone, epochs, learning rate; the quick
@@ -46,14 +48,11 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
     that use this checkpoint.
     """
     from . import runlog
-    from .source import backbone_data_config
-    from .tasks import get_task, task_data_path
-    from .tasks.backbones import create_backbone, save_checkpoint
 
-    check_output(out, {"--weights": weights, "--task": task_data_path(task_spec)})
+    check_output(out, {"--weights": weights, "--task": tasks.task_data_path(task_spec)})
     check_run_folder(out, OUTPUTS)
     data_config = backbone_data_config(backbone) if weights is not None else None
-    task = get_task(task_spec, on_bad_file=on_bad_file, data_config=data_config)
+    task = tasks.get_task(task_spec, on_bad_file=on_bad_file, data_config=data_config)
     torch.manual_seed(seed)
     model = create_backbone(backbone, num_classes=task.num_classes, weights=weights)
     params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
@@ -96,8 +95,6 @@ def checkpoint_metrics(checkpoint: str | Path) -> dict:
 
 def load_pretrained(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     """The pre-trained model and its metrics from a ``swr pretrain`` folder."""
-    from .tasks.backbones import create_backbone
-
     metrics = checkpoint_metrics(checkpoint)
     model = create_backbone(metrics["backbone"], weights=Path(checkpoint) / "model.safetensors")
     return model.eval(), metrics

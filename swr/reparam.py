@@ -16,6 +16,8 @@ from torch import nn
 
 from .errors import SwrError
 from .layers import ReparamLayer, is_candidate, layer_kind
+# the head convention belongs to the backbones; the core uses it everywhere
+from .tasks.heads import head_module, head_names, head_prefix
 
 # Norm layers whose affine parameters (and running statistics) are task state.
 # SubSpectralNorm and timm's norm layers are found through their inner / parent
@@ -50,36 +52,6 @@ class Candidate:
     def as_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape),
                 "params": self.params}
-
-
-# -- the head -------------------------------------------------------------------------
-def head_module(model: nn.Module) -> Optional[nn.Module]:
-    """The classifier head (timm's ``get_classifier()`` convention), or None."""
-    get = getattr(model, "get_classifier", None)
-    if get is None:
-        return None
-    head = get()
-    return head if isinstance(head, nn.Module) else None
-
-
-def head_names(model: nn.Module) -> set[str]:
-    """Module paths of the head and everything inside it."""
-    head = head_module(model)
-    if head is None:
-        return set()
-    inside = {id(m) for m in head.modules()}
-    return {name for name, m in model.named_modules() if id(m) in inside}
-
-
-def head_prefix(model: nn.Module) -> Optional[str]:
-    """Module path of the head itself (e.g. ``fc``, ``head.fc``)."""
-    head = head_module(model)
-    if head is None:
-        return None
-    for name, m in model.named_modules():
-        if m is head:
-            return name
-    return None
 
 
 # -- enumeration ----------------------------------------------------------------------

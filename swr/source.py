@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from .errors import SwrError
-
-#: The keys of a data config, as ``timm.data.resolve_data_config`` returns them.
-DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# the data-config helpers live with the backbones; re-exported as part of this module's API
+from .tasks.backbones import backbone_data_config, model_data_config  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -106,35 +105,6 @@ def state_hash(model: nn.Module) -> str:
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def model_data_config(model: nn.Module) -> Optional[dict]:
-    """The timm data config of ``model`` (None for a model without one, e.g. BC-ResNet)."""
-    if getattr(model, "pretrained_cfg", None) is None and \
-            getattr(model, "default_cfg", None) is None:
-        return None
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config({}, model=model)
-    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k])
-            for k in DATA_CONFIG_KEYS if k in cfg}
-
-
-def backbone_data_config(name: str) -> Optional[dict]:
-    """The timm data config of backbone ``name`` without building it (None if not timm)."""
-    if not name.startswith("timm:"):
-        return None
-    from timm.data import resolve_data_config
-    from timm.models import get_pretrained_cfg
-
-    from .tasks.backbones import _timm_name
-
-    cfg = get_pretrained_cfg(_timm_name(name))
-    if cfg is None:
-        return None
-    resolved = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
-    return {k: (list(resolved[k]) if isinstance(resolved[k], tuple) else resolved[k])
-            for k in DATA_CONFIG_KEYS if k in resolved}
 
 
 def checkpoint_backbone(spec: BaseSpec) -> str:

@@ -4,7 +4,8 @@ All candidate layers get a delta; the deltas, the task norms and a new head trai
 together on the target task while every batch opens a random subset of gates
 (each gate independently with a probability drawn per batch from
 ``[p_min, p_max]``), so each delta learns to help under many different subsets of
-the others. Afterwards, per-layer statistics give the policy (and the greedy and
+the others. :func:`prepare_supernet` trains it once per (task, base weights,
+settings) and keeps it in the cache. Afterwards, per-layer statistics give the policy (and the greedy and
 knapsack baselines) something to go on:
 
 * ``cost``: delta parameters,
@@ -17,13 +18,20 @@ knapsack baselines) something to go on:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import SwrError
+from .io import atomic_path, cache_dir, write_json
 from .reparam import candidates, reparam_layers, reparametrize, set_selection, set_trainable
+from .source import state_hash
 from .train import TrainConfig, TrainResult, batches, resolve_device, train
 
 
@@ -43,6 +51,15 @@ class SupernetConfig:
     progress: bool = True
     #: folder for the per-epoch log (:mod:`swr.runlog`); None writes nothing
     log_dir: str | None = None
+
+    def validate(self) -> "SupernetConfig":
+        """Raise :class:`SwrError` on settings stage 1 cannot run with."""
+        if self.epochs < 1:
+            raise SwrError(f"--supernet-epochs {self.epochs} must be at least 1")
+        if not 0.0 <= self.p_min <= self.p_max <= 1.0:
+            raise SwrError(f"supernet gate probabilities {self.p_min}..{self.p_max} must satisfy "
+                           "0 <= p_min <= p_max <= 1")
+        return self
 
 
 def build_supernet(base_model: nn.Module, num_classes: int, bias_delta: bool = False) -> nn.Module:
@@ -115,3 +132,40 @@ def layer_statistics(model: nn.Module, task, n_batches: int = 8, batch_size: int
     model.zero_grad(set_to_none=True)
     return stats
 
+
+# -- stage 1 with a cache -------------------------------------------------------------------
+def supernet_key(cfg: SupernetConfig, task_id: str, base: str) -> str:
+    """The cache key of a trained supernet: task, base weights and every setting but
+    progress and logging."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "log_dir")}
+    blob = json.dumps({"task": task_id, "base": base, "supernet": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_supernet(base_model: nn.Module, task, cfg: SupernetConfig,
+                     backbone: str) -> tuple[nn.Module, dict, Path]:
+    """Train (or load the cached) supernet for ``task``; returns (supernet, meta, folder).
+
+    ``meta`` holds the per-layer statistics (``meta["stats"]``, see
+    :func:`layer_statistics`) and the all-gates-open validation accuracy. The cache
+    folder is ``$SWR_CACHE/supernets/<key>`` (:func:`supernet_key`).
+    """
+    model = build_supernet(base_model, task.num_classes, bias_delta=cfg.bias_delta)
+    # keyed on all base tensors (norms too) and on how the task's inputs were prepared
+    key = supernet_key(cfg, json.dumps([task.id, task.info.get("preprocess")]),
+                       state_hash(base_model))
+    folder = cache_dir("supernets", key)
+    weights, meta_path = folder / "supernet.safetensors", folder / "supernet.json"
+    if weights.is_file() and meta_path.is_file():
+        model.load_state_dict(load_file(str(weights)))
+        return model, json.loads(meta_path.read_text()), folder
+    result = train_supernet(model, task, cfg)
+    stats = layer_statistics(model, task, cfg.stats_batches, device=cfg.device, seed=cfg.seed)
+    model.cpu()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    meta = {"task": task.id, "backbone": backbone, "val_acc_all_open": result.val_acc,
+            "seconds": result.seconds, "config": asdict(cfg), "stats": stats}
+    write_json(meta_path, meta)
+    return model, meta, folder

@@ -94,6 +94,24 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device | str = "cpu",
     return correct / max(total, 1)
 
 
+def batchnorm_snapshot(modules) -> list[tuple]:
+    """The running statistics and momentum of every BatchNorm among ``modules`` that
+    tracks them (copies), for :func:`restore_batchnorm`."""
+    return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
+             m.momentum) for m in modules
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def restore_batchnorm(snapshot: list[tuple]) -> None:
+    """Put back the statistics and momentum :func:`batchnorm_snapshot` took (in place)."""
+    for m, mean, var, count, momentum in snapshot:
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(count)
+        m.momentum = momentum
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, ds: Dataset, n_batches: int = 4,
                           batch_size: int = 128, device: torch.device | str = "cpu",

@@ -11,23 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-#: The knob each method exposes to tuning, and the values tried.
-KNOBS: dict[str, tuple[str, list]] = {
-    "lora": ("rank", [None, 1, 2, 4]),
-    "adapter-par": ("width", [None, 2, 4, 8]),
-    "adapter-seq": ("width", [None, 2, 4, 8]),
-    "taps": ("penalty", [0.1, 1.0, 10.0]),
-    "vpt-shallow": ("length", [None, 2, 8]),
-    "vpt-deep": ("length", [None, 2, 8]),
-}
 
-
-def tune_methods(cfg, cells: list[tuple[str, str, str, int]],
+def tune_methods(cfg, cells: list[tuple[str, str, str, int]], run_job: Callable[..., dict],
                  log: Callable[[str], None] = print) -> dict[tuple[str, str, str], tuple[float, dict]]:
-    """Best (lr, knobs) per (task, method, budget) among ``cells``, by validation accuracy."""
+    """Best (lr, knobs) per (task, method, budget) among ``cells``, by validation accuracy.
+
+    ``run_job(task, method, budget, seed, cfg, lr, knobs, threads=1)`` runs one trial and
+    returns its result row; each method's own knobs and values come from its
+    :attr:`~swr.methods.Method.tunables`.
+    """
     from ray import tune
 
-    from .bench import run_job
+    from .methods import METHODS
     from .parallel import init_ray
 
     init_ray()
@@ -35,8 +30,7 @@ def tune_methods(cfg, cells: list[tuple[str, str, str, int]],
     groups = sorted({(t, m, b) for t, m, b, _ in cells})
     for task, method, budget in groups:
         space = {"lr": tune.loguniform(3e-4, 1e-1)}
-        if method in KNOBS:
-            knob, values = KNOBS[method]
+        for knob, values in getattr(METHODS.get(method), "tunables", {}).items():
             space[knob] = tune.choice(values)
 
         def trainable(config, task=task, method=method, budget=budget):

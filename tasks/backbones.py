@@ -18,9 +18,9 @@ from torch import nn
 
 from swr.errors import SwrError
 from swr.io import atomic_path, safetensors_os_error, sort_safetensors_metadata
-from swr.reparam import head_prefix
 
 from .bcresnet import BCRESNET_TAUS, create_bcresnet
+from .heads import head_prefix
 
 BACKBONE_FORMS = [f"bcresnet-{t:g}" for t in BCRESNET_TAUS] + ["timm:<model_name>"]
 
@@ -185,3 +185,34 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
             raise safetensors_os_error(e, path) from None
         sort_safetensors_metadata(tmp)  # same model, same bytes
     return Path(path).stat().st_size
+
+
+#: The parts of a timm data config that decide how images are prepared for a model.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def model_data_config(model: nn.Module) -> Optional[dict]:
+    """The timm data config of ``model`` (None for a model without one, e.g. BC-ResNet)."""
+    if getattr(model, "pretrained_cfg", None) is None and \
+            getattr(model, "default_cfg", None) is None:
+        return None
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k])
+            for k in DATA_CONFIG_KEYS if k in cfg}
+
+
+def backbone_data_config(name: str) -> Optional[dict]:
+    """The timm data config of backbone ``name`` without building it (None if not timm)."""
+    if not name.startswith("timm:"):
+        return None
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(_timm_name(name))
+    if cfg is None:
+        return None
+    resolved = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    return {k: (list(resolved[k]) if isinstance(resolved[k], tuple) else resolved[k])
+            for k in DATA_CONFIG_KEYS if k in resolved}

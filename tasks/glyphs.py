@@ -67,6 +67,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from swr.errors import SwrError
+from swr.io import cache_dir
 
 from .base import Task, tensor_split
 
@@ -623,8 +624,7 @@ def cache_root(root: str | os.PathLike | None = None) -> Path:
     """Where glyph caches live: ``root``, else ``$SWR_CACHE/glyphs``, else ``~/.cache/swr/glyphs``."""
     if root is not None:
         return Path(root).expanduser()
-    env = os.environ.get("SWR_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "swr") / "glyphs"
+    return cache_dir("glyphs")
 
 
 def normalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:

@@ -60,7 +60,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from swr.errors import SwrError
-from swr.io import write_json
+from swr.io import cache_dir, write_json
 
 from .audio import CLIP_SAMPLES, SAMPLE_RATE, fix_length, write_wav
 from .base import Task, tensor_split
@@ -572,8 +572,7 @@ def _worker_main(job_path: str) -> None:
 def _cache_root(root: str | os.PathLike | None) -> Path:
     if root is not None:
         return Path(root).expanduser()
-    base = os.environ.get("SWR_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "swr") / "kws-synth"
+    return cache_dir("kws-synth")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import swr.policies  # noqa: F401  (registers swr* methods)
+import swr.bench  # noqa: F401  (registers the swr-<searcher> methods)
 import swr.tasks
 from swr import demo as demo_mod
 from swr.bench import COLUMNS, BenchConfig, run_bench
@@ -101,7 +101,7 @@ def test_bench_tune_picks_lr_and_knob_on_validation_then_runs_seeds(tmp_path):
     import ray
 
     from swr.parallel import shutdown_ray
-    from swr.tune import KNOBS
+    from swr.methods import METHODS
 
     data = _imagefolder(tmp_path / "img")
     ckpt = tiny_checkpoint(tmp_path / "ckpt", backbone="timm:resnet10t", n_classes=3)
@@ -128,7 +128,7 @@ def test_bench_tune_picks_lr_and_knob_on_validation_then_runs_seeds(tmp_path):
         assert f"{lr:.2g}" == f"{tuned[r['method']][0]:.2g}"  # the final run used the tuned lr
     lora = next(r for r in rows if r["method"] == "lora")
     knobs = tuned["lora"][1]
-    assert set(knobs) <= {KNOBS["lora"][0]}
+    assert set(knobs) <= set(METHODS["lora"].tunables)
     if knobs:  # a rank was tried and won; None (the largest rank that fits) leaves it out
         assert json.loads(lora["settings"])["rank"] == knobs["rank"]
     trials = list((tmp_path / "t" / "tune").glob("tune-*"))

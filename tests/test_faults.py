@@ -21,7 +21,7 @@ import swr.tasks
 from swr.cli import main
 from swr.envs.evaluator import SyntheticEvaluator
 from swr.policies.pool import RayPool
-from swr.policies.search import SearchConfig, run_search
+from swr.search import SearchConfig, run_search
 from swr.supernet import SupernetConfig
 
 from fixtures import tiny_audio_task, tiny_checkpoint

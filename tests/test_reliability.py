@@ -651,12 +651,12 @@ def bench_rows(out: Path) -> list[dict]:
 
 
 def test_interrupted_bench_resumes_skipping_done_runs(world, capsys, monkeypatch):
-    import swr.bench
+    import swr.bench.run
 
     ref = world.d / "bench_ref"
     assert main(bench_args(world, ref)) == 0
     out = world.d / "bench_int"
-    real_run_job = swr.bench.run_job
+    real_run_job = swr.bench.run.run_job
     calls = []
 
     def run_job(*args, **kwargs):
@@ -665,7 +665,7 @@ def test_interrupted_bench_resumes_skipping_done_runs(world, capsys, monkeypatch
             raise KeyboardInterrupt
         return real_run_job(*args, **kwargs)
 
-    monkeypatch.setattr(swr.bench, "run_job", run_job)
+    monkeypatch.setattr(swr.bench.run, "run_job", run_job)
     assert main(bench_args(world, out)) == 130
     assert len(bench_rows(out)) == 2  # the finished runs are on disk
     calls.clear()

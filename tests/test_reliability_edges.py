@@ -108,9 +108,6 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr(swr.supernet, "train_supernet", trained)
     monkeypatch.setattr(swr.pretrain, "train", trained)
-    import swr.policies.search as search_mod
-
-    monkeypatch.setattr(search_mod, "train_supernet", trained)
 
 
 # ------------------------------------------------------------------ runaway resources
@@ -464,7 +461,7 @@ def test_unwritable_cache_fails_before_training(world, capsys, monkeypatch, no_t
 
 
 def test_seed_range_is_checked_from_python_too(world):
-    from swr.policies.search import SearchConfig
+    from swr.search import SearchConfig
 
     with pytest.raises(SwrError, match="--seed -1 must be an integer from 0 to 4294967295"):
         SearchConfig(task="tiny", checkpoint=str(world.ckpt), budget="10%", out="x",

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import swr.tasks
 from swr.errors import SwrError
-from swr.policies.search import SearchConfig, run_search
+from swr.search import SearchConfig, run_search
 from swr.policies.selectors import (greedy_selection, knapsack_selection, random_selection)
 from swr.supernet import SupernetConfig
 
@@ -112,3 +112,62 @@ def test_finetune_folds_exactly_and_fold_cli_rebuilds(tiny, tmp_path, capsys):
     assert sum(p.numel() for p in base.parameters()) - base.get_classifier().weight.numel() \
         - base.get_classifier().bias.numel() == sum(p.numel() for p in rebuilt.parameters()) \
         - rebuilt.get_classifier().weight.numel() - rebuilt.get_classifier().bias.numel()
+
+
+@pytest.mark.parametrize("policy", ["pg", "ppo", "random", "greedy", "knapsack"])
+def test_every_searcher_scores_exactly_its_evaluations_distinct_selections(tiny, tmp_path, policy):
+    """--evaluations N: N distinct selections scored, whichever searcher (one count for all)."""
+    _, ckpt = tiny
+    r = run_search(search_cfg(tmp_path, ckpt, policy, evaluations=40))
+    out = tmp_path / "out"
+    rows = (out / "search.csv").read_text().splitlines()[1:]
+    logged = [tuple(json.loads(line)["selection"])
+              for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert r["evaluations"] == 40 == len(rows) == len(logged) == len(set(logged))
+    assert r["val_score"] == max(float(x.split(",")[1]) for x in rows)
+
+
+def test_searcher_stops_at_the_size_of_a_small_space(tiny, tmp_path):
+    """A budget that only the cheapest layers fit: fewer selections exist than asked for."""
+    from swr.pretrain import load_pretrained
+    from swr.reparam import candidates
+    from swr.supernet import build_supernet
+
+    task, ckpt = tiny
+    costs = [c.params for c in candidates(build_supernet(load_pretrained(ckpt)[0], task.num_classes))]
+    cfg = search_cfg(tmp_path, ckpt, "random", evaluations=40)
+    cfg.budget = str(min(costs))
+    r = run_search(cfg)
+    # the empty selection, or one layer at the cheapest cost (two never fit)
+    space = 1 + sum(c == min(costs) for c in costs)
+    assert space < 40
+    assert r["evaluations"] == space
+
+
+@pytest.mark.parametrize("rule", ["greedy", "knapsack"])
+def test_perturbed_selectors_find_new_selections_when_no_importance_is_positive(rule):
+    """Multiplicative noise keeps every importance at or below zero, so the rule alone
+    gives the empty selection forever; the search must still reach its evaluations."""
+    from swr.policies.selectors import run_selector
+
+    class Run:  # scores the number of layers; counts distinct selections like SearchRun
+        def __init__(self, limit):
+            self.limit, self.seen = limit, set()
+
+        def evaluations_left(self):
+            return self.limit - len(self.seen)
+
+        def is_new(self, mask):
+            return tuple(mask) not in self.seen
+
+        def score(self, masks):
+            for m in masks:
+                if self.evaluations_left() > 0:
+                    self.seen.add(tuple(m))
+            return [float(m.sum()) for m in masks]
+
+    costs = np.array([10, 20, 30, 40, 50, 60])
+    run = Run(limit=15)
+    run_selector(rule, -np.linspace(0.1, 1.0, len(costs)), costs, 100, 15, 0, run)
+    assert len(run.seen) == 15
+    assert all(costs[np.array(m)].sum() <= 100 for m in run.seen)

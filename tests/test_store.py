@@ -16,7 +16,8 @@ import swr.tasks
 from swr.cli import main
 from swr.delta import apply_task_delta, read_task_delta
 from swr.errors import ForeignDeltaError, SwrError
-from swr.export import delta_from_folded, finetune_method, write_task_delta
+from swr.bench import finetune_method
+from swr.export import delta_from_folded, write_task_delta
 from swr.source import BaseSpec
 from swr.store import TaskStore, create_or_open
 from swr.tasks.backbones import create_backbone

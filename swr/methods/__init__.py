@@ -3,8 +3,13 @@
 ``get_method(name, **knobs)`` builds a :class:`Method`; ``run_method`` prepares,
 trains, evaluates, folds and measures any of them the same way. Built-in names:
 ``linear``, ``full``, ``bitfit``, ``norm``, ``ssf``, ``lora``, ``adapter-par``,
-``adapter-seq``, ``taps``, ``two-stage``, ``vpt-shallow``, ``vpt-deep``, ``wise-ft``; other
-packages add theirs with ``register_method``.
+``adapter-seq``, ``taps``, ``two-stage``, ``vpt-shallow``, ``vpt-deep``, ``wise-ft``, and
+``swr`` itself (:class:`SWR`, handed a searcher by the application); other packages add
+theirs with ``register_method``.
+
+To add a method: a dataclass subclass of :class:`Method` in its own module here (its
+fields are its knobs; ``lr_family`` and ``tunables`` say how the bench picks its
+learning rate and what ``--tune`` tries), registered in the loop below.
 """
 
 from .adapter import Adapter, SequentialAdapter
@@ -16,6 +21,7 @@ from .lora import LoRA
 from .norm import NormTuning
 from .runner import run_method
 from .ssf import SSF
+from .swr import SWR, swr_variant
 from .taps import TAPS
 from .two_stage import TwoStage
 from .vpt import VPTDeep, VPTShallow
@@ -23,10 +29,10 @@ from .wise import WiSEFT
 
 # One place lists the built-in methods, by the names users type.
 for _cls in (LinearProbe, FullFineTune, BitFit, NormTuning, SSF, LoRA, Adapter,
-             SequentialAdapter, TAPS, TwoStage, VPTShallow, VPTDeep, WiSEFT):
+             SequentialAdapter, TAPS, TwoStage, VPTShallow, VPTDeep, WiSEFT, SWR):
     register_method(_cls.name, _cls)
 del _cls
 
 __all__ = ["METHODS", "Adapter", "BitFit", "FullFineTune", "LinearProbe", "LoRA", "Method",
-           "NormTuning", "SSF", "SequentialAdapter", "TAPS", "TwoStage", "VPTDeep",
-           "VPTShallow", "WiSEFT", "get_method", "register_method", "run_method"]
+           "NormTuning", "SSF", "SWR", "SequentialAdapter", "TAPS", "TwoStage", "VPTDeep",
+           "VPTShallow", "WiSEFT", "get_method", "register_method", "run_method", "swr_variant"]

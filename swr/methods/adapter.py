@@ -165,6 +165,8 @@ class Adapter(Method):
     """
 
     name = "adapter-par"
+    lr_family = "adapter"
+    tunables = {"width": [None, 2, 4, 8]}
     #: Parallel (``block(x) + A(x)``) or sequential (``block(x) + A(block(x))``).
     parallel: ClassVar[bool] = True
 

@@ -56,6 +56,18 @@ class Method(ABC):
     #: fixed natural size (linear probe, full fine-tuning, BitFit, norm tuning)
     #: ignore the budget and report their natural count.
     respects_budget: ClassVar[bool] = True
+    #: The learning-rate family the application's default table is indexed by
+    #: (``head``, ``norm``, ``full``, ``low-rank``, ``adapter``; ``default`` otherwise).
+    lr_family: ClassVar[str] = "default"
+    #: Knobs that are learning rates of another family, filled in when not given
+    #: (``{"probe_lr": "head"}``: WiSE-FT's probe trains what the linear probe trains).
+    lr_knobs: ClassVar[dict[str, str]] = {}
+    #: The method's own knobs worth tuning, with the values tried (``swr bench --tune``).
+    tunables: ClassVar[dict[str, list]] = {}
+    #: Knobs the running application fills from the run when not given: any of
+    #: ``seed``, ``device``, ``out`` (a folder for the method's files), ``evaluations``,
+    #: ``supernet_epochs``.
+    context_knobs: ClassVar[tuple[str, ...]] = ()
 
     # -- what the method applies to ---------------------------------------------------
     def unsupported_reason(self, model: nn.Module) -> Optional[str]:
@@ -71,6 +83,11 @@ class Method(ABC):
         reason = self.unsupported_reason(model)
         if reason is not None:
             raise SwrError(f"method {self.name!r} cannot adapt this backbone: {reason}")
+
+    def search_settings(self) -> Optional[dict]:
+        """For a method that is handed a layer-selection searcher (SWR): the searcher's
+        name (``policy``) and settings, from which the application builds one; else None."""
+        return None
 
     # -- adapting and training --------------------------------------------------------
     @abstractmethod

@@ -21,6 +21,7 @@ class FullFineTune(Method):
     """
 
     name = "full"
+    lr_family = "full"
     foldable = True
     respects_budget = False
 

@@ -21,6 +21,7 @@ class LinearProbe(Method):
     """
 
     name = "linear"
+    lr_family = "head"
     foldable = True
     respects_budget = False
 

@@ -68,6 +68,8 @@ class LoRA(Method):
     """
 
     name = "lora"
+    lr_family = "low-rank"
+    tunables = {"rank": [None, 1, 2, 4]}
     foldable = True
 
     rank: Optional[int] = None

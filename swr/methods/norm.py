@@ -22,6 +22,7 @@ class NormTuning(Method):
     """
 
     name = "norm"
+    lr_family = "norm"
     foldable = True
     respects_budget = False
 

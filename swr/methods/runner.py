@@ -18,7 +18,7 @@ from ..flops import count_flops
 from ..fold import same_architecture
 from ..robustness import save_predictions
 from ..train import TrainConfig, batches, evaluate, resolve_device
-from .base import get_method
+from .base import Method, get_method
 
 #: Largest fold error accepted in fp32, relative to the outputs' scale (at least 1).
 FOLD_TOLERANCE = 1e-5
@@ -39,8 +39,8 @@ def fold_tolerance(dtype: torch.dtype, scale: float) -> float:
     return eps * max(1.0, scale)
 
 
-def run_method(method_name: str, base_model: nn.Module, task, budget_params: Optional[int],
-               cfg: TrainConfig, predictions: Optional[str] = None,
+def run_method(method_name: str | Method, base_model: nn.Module, task,
+               budget_params: Optional[int], cfg: TrainConfig, predictions: Optional[str] = None,
                export: Optional[str] = None, export_model: bool = False, backbone: str = "",
                **knobs) -> dict:
     """Transfer ``base_model`` to ``task`` with one method and measure the result.
@@ -74,8 +74,9 @@ def run_method(method_name: str, base_model: nn.Module, task, budget_params: Opt
 
     A fold that does not give the base architecture raises; a fold whose outputs
     drift beyond :data:`FOLD_TOLERANCE` (relative to the output scale) warns.
+    ``method_name`` may also be a ready :class:`Method` (``knobs`` must then be empty).
     """
-    method = get_method(method_name, **knobs)
+    method = get_method(method_name, **knobs) if isinstance(method_name, str) else method_name
     method.check_supported(base_model)
     device = resolve_device(cfg.device)
     reference = copy.deepcopy(base_model)

@@ -94,6 +94,7 @@ class TAPS(Method):
     """
 
     name = "taps"
+    tunables = {"penalty": [0.1, 1.0, 10.0]}
     foldable = True
 
     penalty: float = 1.0

@@ -81,6 +81,7 @@ class VPTShallow(Method):
     """
 
     name = "vpt-shallow"
+    tunables = {"length": [None, 2, 8]}
     #: One prompt set per block (deep) or one at the input (shallow).
     deep: ClassVar[bool] = False
 

@@ -37,6 +37,8 @@ class WiSEFT(FullFineTune):
     """
 
     name = "wise-ft"
+    lr_family = "default"  # not full fine-tuning's: it starts from a probe
+    lr_knobs = {"probe_lr": "head"}  # its probe phase trains what the linear probe trains
 
     alphas: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     probe_epochs: Optional[int] = None

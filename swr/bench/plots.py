@@ -1,0 +1,21 @@
+"""``swr bench`` plots: ``pareto.png`` and ``robustness.png`` (figures from :mod:`swr.plots`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import save_png
+from ..plots import pareto_figure, robustness_figure
+from .report import summarize, summarize_ensembles, wise_curves
+
+
+def plot_pareto(path: Path, rows: list[dict], title: str = "") -> None:
+    """``pareto.png``: test accuracy against updated parameters."""
+    save_png(pareto_figure(summarize(rows), title), path)
+
+
+def plot_robustness(path: Path, rows: list[dict], pairs: list[dict]) -> None:
+    """Shift accuracy against test accuracy: methods, the WiSE-FT line, ensembles."""
+    fig = robustness_figure(summarize(rows), summarize_ensembles(pairs), wise_curves(rows))
+    if fig is not None:
+        save_png(fig, path)

@@ -1,0 +1,135 @@
+"""``swr bench`` reports: mean ± std over seeds, the markdown tables, WiSE-FT curves and
+ensembles (``results.md``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Optional
+
+from .config import ENSEMBLE_COLUMNS, budget_order
+
+def _f(v) -> Optional[float]:
+    if v in (None, "", "None"):
+        return None
+    return float(v)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds per (task, method, budget)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], str(r["budget"])), []).append(r)
+    out = []
+    for (task, method, budget), rs in groups.items():
+        acc = [_f(r["test_acc"]) for r in rs]
+        shift = [_f(r["shift_acc"]) for r in rs if _f(r["shift_acc"]) is not None]
+        out.append({
+            "task": task, "method": method, "budget": budget, "n": len(rs),
+            "test_acc": statistics.mean(acc), "test_std": statistics.pstdev(acc) if len(acc) > 1 else 0.0,
+            "shift_acc": statistics.mean(shift) if shift else None,
+            "updated_params": statistics.mean(_f(r["updated_params"]) for r in rs),
+            "stored_bytes": statistics.mean(_f(r["stored_bytes"]) for r in rs),
+            "extra_flops": statistics.mean(_f(r["extra_flops"]) for r in rs),
+            "foldable": str(rs[0]["foldable"]) in ("True", "true", "1"),
+            "train_seconds": statistics.mean(_f(r["train_seconds"]) for r in rs),
+        })
+    return out
+
+
+def results_markdown(rows: list[dict]) -> str:
+    summary = summarize(rows)
+    tasks = sorted({s["task"] for s in summary})
+    lines = ["| task | method | budget | test acc (mean ± std) | shift acc | updated params | "
+             "stored bytes | extra FLOPs | foldable | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in sorted(summary, key=lambda s: (s["task"], budget_order(s["budget"]), -s["test_acc"])):
+        shift = "" if s["shift_acc"] is None else f"{s['shift_acc']:.4f}"
+        lines.append(f"| {s['task']} | {s['method']} | {s['budget']} | "
+                     f"{s['test_acc']:.4f} ± {s['test_std']:.4f} (n={s['n']}) | {shift} | "
+                     f"{s['updated_params']:,.0f} | {s['stored_bytes']:,.0f} | "
+                     f"{s['extra_flops']:,.0f} | {'yes' if s['foldable'] else 'no'} | "
+                     f"{s['train_seconds']:.1f} |")
+    if len(tasks) > 1:
+        lines += ["", "Average over tasks (test accuracy):", "",
+                  "| method | budget | " + " | ".join(tasks) + " | average |",
+                  "|---|---|" + "---|" * len(tasks) + "---|"]
+        by = {(s["method"], s["budget"], s["task"]): s["test_acc"] for s in summary}
+        for method, budget in sorted({(s["method"], s["budget"]) for s in summary},
+                                     key=lambda mb: (mb[0], budget_order(mb[1]))):
+            accs = [by.get((method, budget, t)) for t in tasks]
+            known = [a for a in accs if a is not None]
+            cells = " | ".join("" if a is None else f"{a:.4f}" for a in accs)
+            avg = f"{statistics.mean(known):.4f}" if len(known) == len(tasks) else "(incomplete)"
+            lines.append(f"| {method} | {budget} | {cells} | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def summarize_ensembles(pairs: list[dict]) -> list[dict]:
+    """Mean over seeds per (task, members, budget)."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in pairs:
+        groups.setdefault((p["task"], p["members"], p["budget"]), []).append(p)
+    return [{"task": t, "members": m, "budget": b, "n": len(ps),
+             **{k: _mean(_f(p[k]) for p in ps) for k in ENSEMBLE_COLUMNS[4:]}}
+            for (t, m, b), ps in groups.items()]
+
+
+def wise_curves(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per task, the WiSE-FT curve (accuracies per mixing weight, mean over seeds)."""
+    points: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "wise-ft":
+            continue
+        settings = json.loads(r["settings"]) if isinstance(r["settings"], str) else r["settings"]
+        for pt in settings.get("curve", []):
+            points.setdefault((r["task"], float(pt["alpha"])), []).append(pt)
+    curves: dict[str, list[dict]] = {}
+    for (task, alpha), pts in sorted(points.items()):
+        curves.setdefault(task, []).append(
+            {"alpha": alpha, **{k: _mean(_f(p.get(k)) for p in pts)
+                                for k in ("val_acc", "test_acc", "shift_acc")}})
+    return curves
+
+
+def robustness_markdown(rows: list[dict], pairs: list[dict], top: int = 12) -> str:
+    """The WiSE-FT curve and the best pairwise ensembles, per task ('' when neither ran)."""
+    lines: list[str] = []
+    for task, curve in wise_curves(rows).items():
+        lines += ["", f"WiSE-FT on `{task}`: weights (1 - alpha) x linear probe + alpha x "
+                  "fully fine-tuned (from the probe); alpha chosen on validation.", "",
+                  "| alpha | val acc | test acc | shift acc |", "|---|---|---|---|"]
+        lines += [f"| {p['alpha']:g} | {_fmt(p['val_acc'])} | {_fmt(p['test_acc'])} | "
+                  f"{_fmt(p['shift_acc'])} |" for p in curve]
+    summary = summarize_ensembles(pairs)
+    for task in sorted({s["task"] for s in summary}):
+        mine = sorted((s for s in summary if s["task"] == task), key=lambda s: -s["test_acc"])
+        shown = mine[:top]
+        lines += ["", f"Prediction ensembles on `{task}` (softmax average of two runs with the "
+                  f"same seed; {len(shown)} best of {len(mine)} pairs by test accuracy, all in "
+                  "ensembles.csv):", "",
+                  "| members | budget | test acc | shift acc | best member test | "
+                  "best member shift | test gain | shift gain |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in shown:
+            gain = [None if a is None or b is None else a - b for a, b in
+                    ((s["test_acc"], s["best_member_test_acc"]),
+                     (s["shift_acc"], s["best_member_shift_acc"]))]
+            lines.append(f"| {s['members']} | {s['budget']} | {_fmt(s['test_acc'])} | "
+                         f"{_fmt(s['shift_acc'])} | {_fmt(s['best_member_test_acc'])} | "
+                         f"{_fmt(s['best_member_shift_acc'])} | "
+                         + " | ".join("" if g is None else f"{g:+.4f}" for g in gain) + " |")
+    if not lines:
+        return ""
+    return "\n## Ensembles and robustness\n" + "\n".join(lines) + "\n"
+
+

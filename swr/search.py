@@ -1,0 +1,128 @@
+"""``swr search`` (application layer): names to objects, then stage 1 and stage 2.
+
+:func:`run_search` loads the checkpoint and task a :class:`SearchConfig` names,
+builds the searcher by name from the registry in ``swr.policies``, and runs
+:func:`swr.selection.search_selection` (stage 1 with its cache, then the search).
+Outputs in ``out``: ``selection.json`` and what the searcher writes
+(``search.csv``, ``search.png``, ``evaluations.jsonl``, the policy weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from . import tasks
+from .errors import SwrError
+from .io import write_json
+from .methods import METHODS, SWR, register_method, swr_variant
+from .selection import Searcher, search_selection, supernet_settings
+from .source import base_spec, load_base, load_task
+from .supernet import SupernetConfig
+
+
+@dataclass
+class SearchConfig:
+    task: str
+    checkpoint: str
+    budget: str
+    out: str
+    policy: str = "pg"
+    seed: int = 0
+    evaluations: int = 200
+    # 0: score in this process; N: N Ray workers (at most the CPUs available, see
+    # swr.parallel.resolve_workers); None: one per available CPU
+    workers: Optional[int] = 0
+    resume: bool = False
+    device: str = "auto"
+    ray_address: Optional[str] = None
+    samples_per_iteration: int = 8
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    bn_batches: int = 4
+    progress: bool = True
+    on_bad_file: str = "fail"  # real-data tasks: "skip" drops unreadable files
+    # the base as a backbone + weights file instead of a swr pretrain checkpoint
+    backbone: Optional[str] = None
+    weights: Optional[str] = None
+
+    def validate(self) -> "SearchConfig":
+        from .policies import searcher_names
+
+        if self.policy not in searcher_names():
+            raise SwrError(f"--policy {self.policy!r} is not one of {', '.join(searcher_names())}")
+        from .train import check_seed
+
+        check_seed(self.seed)
+        if self.evaluations < 1:
+            raise SwrError(f"--evaluations {self.evaluations} must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
+        self.supernet.validate()
+        return self
+
+    def searcher(self) -> Searcher:
+        """The searcher this configuration names, with its settings."""
+        from .policies import SearchSettings, build_searcher
+
+        return build_searcher(self.policy, SearchSettings(
+            evaluations=self.evaluations, workers=self.workers, seed=self.seed,
+            device=self.device, ray_address=self.ray_address,
+            samples_per_iteration=self.samples_per_iteration, bn_batches=self.bn_batches,
+            resume=self.resume, progress=self.progress))
+
+
+def run_search(cfg: SearchConfig) -> dict:
+    """Load the base (checkpoint or backbone + weights) and task named in ``cfg``, search,
+    write ``selection.json``."""
+    cfg.validate()
+    spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
+    base_model, ckpt_meta = load_base(spec)
+    task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
+    result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
+    result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
+    result["base"] = spec.to_dict()
+    result["task"] = cfg.task  # the spec, so swr finetune can load the same task
+    result["on_bad_file"] = cfg.on_bad_file
+    result["skipped_files"] = list(task.info.get("skipped", []))
+    write_json(Path(cfg.out) / "selection.json", result)
+    return result
+
+
+def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, object]:
+    """Stage 1 + stage 2 on an in-memory model and task; returns (result, supernet)."""
+    from .parallel import resolve_workers
+    from .runlog import reset as reset_runlog
+
+    cfg.validate()
+    # at most the CPUs there are; joining a cluster here fails before stage 1
+    cfg.workers = resolve_workers(cfg.workers, cfg.ray_address)
+    searcher = cfg.searcher()
+    supernet = replace(supernet_settings(cfg.supernet, cfg.seed, cfg.device, cfg.progress),
+                       log_dir=str(cfg.out))
+    if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
+        reset_runlog(cfg.out, ("epochs",))
+    return search_selection(base_model, task, cfg.budget, searcher, supernet, cfg.out, backbone)
+
+
+def register_swr_methods() -> None:
+    """Register SWR with every other searcher as method ``swr-<searcher>``
+    (``swr`` itself uses the default, ``pg``)."""
+    from .policies import searcher_names
+
+    for name in searcher_names():
+        if name != SWR.selector and f"swr-{name}" not in METHODS:
+            register_method(f"swr-{name}", swr_variant(f"swr-{name}", name))
+
+
+def attach_searcher(method, progress: bool = False) -> None:
+    """Give ``method`` the searcher its :meth:`~swr.methods.Method.search_settings`
+    name, when it asks for one."""
+    wanted = method.search_settings()
+    if wanted is None:
+        return
+    from .policies import SearchSettings, build_searcher
+
+    wanted = dict(wanted)
+    policy = wanted.pop("policy")
+    method.searcher = build_searcher(policy, SearchSettings(progress=progress, **wanted))

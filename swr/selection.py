@@ -1,0 +1,130 @@
+"""Stage 2 as the core sees it: a search problem, a searcher, and what it returns.
+
+The core trains the supernet (stage 1, :func:`swr.supernet.prepare_supernet`), hands
+a :class:`SearchProblem` to a :class:`Searcher` and gets back a :class:`SearchResult`.
+It never knows which searcher it holds: the learned policies and the reference
+selectors live in ``swr.policies`` (``swr.policies.build_searcher(name, settings)``),
+and the application passes one in. Any object with a ``name``, ``describe()`` and
+``__call__(problem)`` is a searcher, so a notebook can search with a function of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Protocol, runtime_checkable
+
+import numpy as np
+from torch import nn
+
+from .budget import backbone_params, resolve_budget, selection_cost
+from .reparam import candidates
+from .supernet import SupernetConfig, build_supernet, prepare_supernet
+
+Selection = tuple[str, ...]
+
+
+@dataclass
+class SearchProblem:
+    """What a searcher searches: the trained supernet's candidate layers under a budget.
+
+    ``names``/``costs`` are the candidate layers in network order, ``stats`` their
+    stage-1 statistics (:func:`swr.supernet.layer_statistics`), ``out`` the folder
+    for the searcher's own files (its log, ``search.csv``, policy weights).
+    """
+
+    supernet: nn.Module
+    task: object
+    names: list[str]
+    costs: list[int]
+    budget_params: int
+    stats: list[dict]
+    out: Path
+    title: str = ""
+
+    @property
+    def importance(self) -> np.ndarray:
+        """Stage-1 Taylor importance per layer (what greedy and knapsack rank by)."""
+        return np.array([s["taylor"] for s in self.stats])
+
+
+@dataclass
+class SearchResult:
+    """The best selection a search scored, and how the search went.
+
+    ``evaluations``: distinct selections scored (``replayed`` of them served from a
+    resumed search's log); ``retries``: scorings redone after a worker died;
+    ``rows``: one record per distinct selection, in the order they were scored.
+    """
+
+    layers: Selection
+    score: float
+    evaluations: int
+    replayed: int = 0
+    retries: int = 0
+    policy_weights: Optional[str] = None
+    rows: list[dict] = field(default_factory=list)
+
+
+@runtime_checkable
+class Searcher(Protocol):
+    """A stage-2 search: ``searcher(problem) -> SearchResult``."""
+
+    name: str
+
+    def describe(self) -> dict:
+        """What to report about this searcher (``policy``, ``seed``, ``workers``, ...)."""
+
+    def __call__(self, problem: SearchProblem) -> SearchResult: ...
+
+
+def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
+                     supernet: SupernetConfig, out: str | Path, backbone: str,
+                     ) -> tuple[dict, nn.Module]:
+    """Stage 1 (cached) and stage 2 with ``searcher``; returns (result, trained supernet).
+
+    ``budget`` is anything :func:`swr.budget.resolve_budget` takes (``"5%"``, a
+    fraction, a parameter count). A budget no layer fits in fails before stage 1.
+    The supernet is returned with every gate closed.
+    """
+    supernet.validate()
+    resolve_budget(build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta),
+                   budget)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, meta, folder = prepare_supernet(base_model, task, supernet, backbone)
+    t_supernet = time.perf_counter() - t0
+    cands = candidates(model)
+    budget_params = resolve_budget(model, budget)
+    problem = SearchProblem(model, task, [c.name for c in cands], [c.params for c in cands],
+                            budget_params, meta["stats"], out,
+                            title=f"{searcher.name} on {task.id}, budget {budget}")
+    t1 = time.perf_counter()
+    found = searcher(problem)
+    t_search = time.perf_counter() - t1
+    info = searcher.describe()
+    result = {
+        "layers": list(found.layers), "cost": selection_cost(model, found.layers),
+        "budget_params": budget_params, "budget": str(budget),
+        "backbone_params": backbone_params(model), "val_score": found.score,
+        "policy": info.get("policy", searcher.name), "seed": info.get("seed"),
+        "evaluations": found.evaluations,
+        "replayed_evaluations": found.replayed, "worker_retries": found.retries,
+        "task": task.id, "backbone": backbone,
+        "supernet": str(folder), "supernet_val_acc_all_open": meta["val_acc_all_open"],
+        "seconds": {"supernet": t_supernet, "search": t_search},
+        "policy_weights": found.policy_weights,
+        "workers": info.get("workers", 0),
+    }
+    return result, model
+
+
+def supernet_settings(cfg: SupernetConfig, seed: int, device: str, progress: bool) -> SupernetConfig:
+    """``cfg`` with the run's seed, device and progress (a copy; ``cfg`` is left alone)."""
+    return replace(cfg, seed=seed, device=device, progress=progress)
+
+
+__all__ = ["SearchProblem", "SearchResult", "Searcher", "Selection", "search_selection",
+           "supernet_settings"]
