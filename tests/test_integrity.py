@@ -40,6 +40,7 @@ from swr.reparam import set_selection
 from swr.supernet import build_supernet
 
 from fixtures import tiny_audio_task, tiny_checkpoint
+from test_reliability import one_line_error
 
 README = Path(__file__).parent.parent / "README.md"
 TINY = tiny_audio_task()
@@ -241,21 +242,6 @@ BAD_INPUT = [
                                         "--out", str(w.d / "pre"), "--epochs", "1", "--device",
                                         "cpu"], ["NaN"]),
 ]
-
-
-def one_line_error(capsys, args: list[str]) -> str:
-    """Run ``swr args``: exit 2, one stderr line, no traceback; ``--debug`` raises instead."""
-    code = main(args)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
-    assert lines[0].startswith(f"swr {args[0]}: error: ")
-    with pytest.raises((SwrError, OSError)):
-        main([*args, "--debug"])
-    capsys.readouterr()
-    print(f"BAD-INPUT | {' '.join(args)} | {lines[0]}")
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

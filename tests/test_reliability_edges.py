@@ -32,29 +32,10 @@ import swr.tasks
 from swr.cli import main
 from swr.errors import SwrError
 
-from fixtures import tiny_audio_task, tiny_checkpoint, write_clip
-from test_reliability import make_imagefolder, make_speechcommands, one_line_error
-
-TESTS_DIR = Path(__file__).parent
-TINY = tiny_audio_task()
-REAL_GET_TASK = swr.tasks.get_task
-
-
-def get_task(spec: str, **kwargs):
-    """The in-memory tiny task for ``tiny``; every other name goes to the real loaders."""
-    return TINY if spec == "tiny" else REAL_GET_TASK(spec, **kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_world(tmp_path_factory):
-    """One thread (2 shared cores), the tiny task behind ``--task tiny``, the session cache."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(swr.tasks, "get_task", get_task)
-        mp.setenv("SWR_CACHE", str(tmp_path_factory.getbasetemp() / "swr-cache"))
-        yield
-    torch.set_num_threads(threads)
+from fixtures import tiny_checkpoint, write_clip
+# the tiny task behind ``--task tiny`` and the module's set-up (tiny_world, autouse)
+from test_reliability import (TESTS_DIR, get_task, make_imagefolder,  # noqa: F401
+                              make_speechcommands, one_line_error, tiny_world)
 
 
 @contextlib.contextmanager
