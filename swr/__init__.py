@@ -7,7 +7,9 @@ The core, in the order a user meets it::
     swr.candidates(model)                       # names, kinds, shapes, costs
     budget = swr.resolve_budget(model, "5%")    # parameters
     swr.set_selection(model, ["stages.0.0.f2.conv", ...])
-    ... train ...
+    swr.train(model, (train_loader, val_loader), swr.set_trainable(model, deltas=True),
+              swr.TrainConfig(epochs=5))       # or a swr.tasks Task
+
     task_model = swr.fold(model)                # plain base architecture
     swr.export_task_delta(model, "task.safetensors", backbone="bcresnet-2")
 
@@ -27,10 +29,11 @@ from .layers import ReparamLayer
 from .reparam import (Candidate, candidates, get_selection, norm_parameters, reparam_layers,
                       reparametrize, sample_gates, set_selection, set_trainable, unwrap)
 from .tasks.backbones import create_backbone, save_checkpoint
+from .train import TrainConfig, evaluate, train
 
 __all__ = [
     "__version__", "Budget", "BudgetError", "Candidate", "ForeignDeltaError", "ReparamLayer",
-    "SwrError", "apply_task_delta", "backbone_params", "base_hash", "candidates",
+    "SwrError", "TrainConfig", "evaluate", "train", "apply_task_delta", "backbone_params", "base_hash", "candidates",
     "check_selection", "cost_report", "create_backbone", "export_task_delta", "fold",
     "fold_batchnorm", "fold_check", "get_selection", "merge", "norm_parameters",
     "read_task_delta", "reparam_layers", "reparametrize", "resolve_budget", "same_architecture",

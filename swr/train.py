@@ -63,7 +63,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def batches(ds: Dataset, batch_size: int, shuffle: bool = False,
             generator: Optional[torch.Generator] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` batches; tensors are sliced directly for in-memory splits."""
+    """Yield ``(x, y)`` batches; tensors are sliced directly for in-memory splits.
+
+    A :class:`~torch.utils.data.DataLoader` is iterated as it is (its own batch size,
+    order and workers)."""
+    if isinstance(ds, DataLoader):
+        yield from ds
+        return
     if isinstance(ds, TensorDataset):
         x, y = ds.tensors[0], ds.tensors[1]
         n = len(x)
@@ -188,6 +194,18 @@ def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _as_task(task):
+    """``task`` itself, or a ``(train, val)`` pair as the little of a Task training reads."""
+    if isinstance(task, (tuple, list)):
+        if len(task) != 2:
+            raise SwrError(f"train takes a Task or a (train, val) pair of DataLoaders, got "
+                           f"{len(task)} items")
+        from types import SimpleNamespace
+
+        return SimpleNamespace(train=task[0], val=task[1], train_transform=None)
+    return task
+
+
 def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConfig, *,
           before_batch: Optional[Callable[[int], None]] = None,
           regularizer: Optional[Callable[[], torch.Tensor]] = None,
@@ -204,8 +222,12 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
         before_eval: called before each validation (e.g. fix the gates to a selection).
         on_epoch: called with each epoch's record (for logging / checkpoints).
 
+    ``task`` is a :class:`~swr.tasks.base.Task` or a plain ``(train, val)`` pair of
+    DataLoaders (or Datasets) yielding ``(x, y)`` batches.
+
     The model ends in the best validation state, in eval mode.
     """
+    task = _as_task(task)
     cfg.validate()
     device = resolve_device(cfg.device)
     model.to(device)
@@ -213,7 +235,8 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
     if not params:
         raise SwrError("nothing to train: no parameter requires a gradient")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(task.train) / cfg.batch_size))
+    steps_per_epoch = max(1, len(task.train) if isinstance(task.train, DataLoader)
+                          else math.ceil(len(task.train) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 
