@@ -472,10 +472,12 @@ def comparable(out: Path, cache: Path) -> str:
         sel.pop(key)
     assert sel["supernet"].startswith(str(cache))
     sel["supernet"] = os.path.relpath(sel["supernet"], cache)
+    # the policy's weights lie in each run's own --out (compared by content below)
+    assert sel["policy_weights"].startswith(str(out))
+    sel["policy_weights"] = os.path.relpath(sel["policy_weights"], out)
     return json.dumps(sel, sort_keys=True)
 
 
-@pytest.mark.slow
 def test_two_fresh_processes_with_empty_caches_give_the_same_selection(world, tmp_path):
     results = []
     for run, draws in (("a", 0), ("b", 1000)):
@@ -489,8 +491,10 @@ def test_two_fresh_processes_with_empty_caches_give_the_same_selection(world, tm
         assert proc.returncode == 0, proc.stderr[-2000:]
         sel = json.loads((out / "selection.json").read_text())
         results.append((comparable(out, cache), (out / "evaluations.jsonl").read_bytes(),
-                        (Path(sel["supernet"]) / "supernet.safetensors").read_bytes()))
-    (sel_a, log_a, net_a), (sel_b, log_b, net_b) = results
+                        (Path(sel["supernet"]) / "supernet.safetensors").read_bytes(),
+                        Path(sel["policy_weights"]).read_bytes()))
+    (sel_a, log_a, net_a, pol_a), (sel_b, log_b, net_b, pol_b) = results
+    assert pol_a == pol_b  # the same trained policy
     assert net_a == net_b  # the same supernet, byte for byte
     assert log_a == log_b  # the same scores in the same order
     assert sel_a == sel_b
