@@ -92,6 +92,12 @@ def one_line(capsys, code: int, expected: int = 2) -> str:
     return lines[0]
 
 
+def report(capsys, text: str) -> None:
+    """Print a ``BAD-INPUT`` line past the capture the test reads its stderr from."""
+    with capsys.disabled():
+        print(f"BAD-INPUT | {text}")
+
+
 def shown(args: list[str], world) -> str:
     return " ".join(args).replace(str(world.d), "…")
 
@@ -126,7 +132,7 @@ def test_search_resume_with_other_settings_is_refused(world, searched, capsys, n
     assert line.startswith("swr search: error: --resume: ") and needle in line, line
     assert "rerun without --resume" in line
     assert snapshot(searched) == before  # nothing replayed, nothing written
-    print(f"BAD-INPUT | {shown(args, world)} | {line.replace(str(world.d), '…')}")
+    report(capsys, f"{shown(args, world)} | {line.replace(str(world.d), '…')}")
 
 
 def test_search_resume_with_other_base_weights_or_task_data_is_refused(world, searched, capsys,
@@ -135,7 +141,7 @@ def test_search_resume_with_other_base_weights_or_task_data_is_refused(world, se
     args = search_args(searched, world.ckpt_b, "--resume")
     line = one_line(capsys, main(args))
     assert "base weights (--checkpoint / --weights, by content hash)" in line, line
-    print(f"BAD-INPUT | {shown(args, world)} (other base weights) | "
+    report(capsys, f"{shown(args, world)} (other base weights) | "
           f"{line.replace(str(world.d), '…')}")
     # the same task name over replaced data, then with an added class
     for what, task, needle in (("replaced data", tiny_audio_task(seed=1), "task data"),
@@ -144,7 +150,7 @@ def test_search_resume_with_other_base_weights_or_task_data_is_refused(world, se
         args = search_args(searched, world.ckpt, "--resume")
         line = one_line(capsys, main(args))
         assert line.startswith("swr search: error: --resume: ") and needle in line, line
-        print(f"BAD-INPUT | {shown(args, world)} (the task with {what}) | "
+        report(capsys, f"{shown(args, world)} (the task with {what}) | "
               f"{line.replace(str(world.d), '…')}")
     assert snapshot(searched) == before
 
@@ -171,7 +177,7 @@ def test_search_resume_without_a_readable_fingerprint_is_refused(world, searched
     assert line.startswith("swr search: error: --resume: "), line
     assert ("no fingerprint.json" if damage == "missing" else "is damaged") in line, line
     assert snapshot(out) == before
-    print(f"BAD-INPUT | {shown(args, world)} (fingerprint.json {damage}) | "
+    report(capsys, f"{shown(args, world)} (fingerprint.json {damage}) | "
           f"{line.replace(str(world.d), '…')}")
 
 
@@ -217,7 +223,7 @@ def test_a_second_writer_of_one_out_is_refused(world, capsys):
             assert line.startswith(f"swr {command}: error: --out ") and \
                 f"in use by another running swr {command}" in line, line
             assert "4242" in line and "choose another --out" in line, line
-            print(f"BAD-INPUT | {shown(args, world)} (while another process writes it) | "
+            report(capsys, f"{shown(args, world)} (while another process writes it) | "
                   f"{line.replace(str(world.d), '…')}")
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
     finally:
@@ -284,7 +290,7 @@ def test_bench_resume_with_other_settings_is_refused(world, benched, capsys, nam
     line = one_line(capsys, main(args))
     assert line.startswith("swr bench: error: --resume: ") and needle in line, line
     assert snapshot(benched) == before  # no row rerun, none kept under other settings
-    print(f"BAD-INPUT | {shown(args, world)} | {line.replace(str(world.d), '…')}")
+    report(capsys, f"{shown(args, world)} | {line.replace(str(world.d), '…')}")
 
 
 def test_bench_resume_adds_cells_under_the_same_settings(world, benched, capsys):
@@ -301,7 +307,7 @@ def test_bench_resume_without_a_fingerprint_is_refused(world, benched, capsys):
     args = [*bench_args(world, out), "--resume"]
     line = one_line(capsys, main(args))
     assert "holds results.csv but no fingerprint.json" in line, line
-    print(f"BAD-INPUT | {shown(args, world)} (fingerprint.json removed) | "
+    report(capsys, f"{shown(args, world)} (fingerprint.json removed) | "
           f"{line.replace(str(world.d), '…')}")
 
 
@@ -425,7 +431,7 @@ def test_damaged_supernet_cache_is_rebuilt_with_one_line(base, clean_supernet, t
     assert again == damaged
     assert len(err) == 1 and err[0].startswith("swr: the cached supernet in ") and \
         "is damaged" in err[0] and needle in err[0] and err[0].endswith("training it again"), err
-    print(f"BAD-INPUT | a cached supernet: {name} | {err[0].replace(str(copy), '$SWR_CACHE')}")
+    report(capsys, f"a cached supernet: {name} | {err[0].replace(str(copy), '$SWR_CACHE')}")
     # rebuilt from the seed: the same bytes as the clean entry, and trusted from now on
     assert (damaged / "supernet.safetensors").read_bytes() == weights
     assert len(meta["stats"]) == len(json.loads((damaged / "supernet.json").read_text())["stats"])
@@ -512,13 +518,13 @@ def test_finetune_refuses_a_selection_whose_supernet_is_gone(world, searched, tm
     line = one_line(capsys, main(args))
     assert "is gone" in line and "re-run swr search or pass --from-scratch" in line, line
     assert not (tmp_path / "ft").exists()
-    print(f"BAD-INPUT | swr finetune --selection …/selection.json --out …/ft (its supernet "
+    report(capsys, f"swr finetune --selection …/selection.json --out …/ft (its supernet "
           f"deleted from the cache) | {line.replace(str(tmp_path), '…')}")
     unnamed = tmp_path / "unnamed.json"
     unnamed.write_text(json.dumps({k: v for k, v in sel.items() if k != "supernet"}))
     line = one_line(capsys, main([*args[:2], str(unnamed), *args[3:]]))
     assert "names no supernet" in line and "--from-scratch" in line, line
-    print(f"BAD-INPUT | swr finetune --selection …/selection.json --out …/ft (no 'supernet' "
+    report(capsys, f"swr finetune --selection …/selection.json --out …/ft (no 'supernet' "
           f"entry) | {line.replace(str(tmp_path), '…')}")
 
 
