@@ -232,6 +232,11 @@ def test_a_second_writer_of_one_out_is_refused(world, capsys):
     # the other process is gone: its lock went with it
     assert main(search_args(out, world.ckpt)) == 0
     assert (out / "selection.json").is_file()
+    assert not (out / ".lock").exists()  # removed when the search ended
+    # a command refused before writing anything leaves no folder behind
+    fresh = world.d / "never_made"
+    assert main(search_args(fresh, world.ckpt, budget="150%")) == 2
+    assert not fresh.exists()
 
 
 def test_lock_is_released_after_an_error_and_reentrant_in_one_process(tmp_path):
@@ -248,7 +253,8 @@ def test_lock_is_released_after_an_error_and_reentrant_in_one_process(tmp_path):
         with open(tmp_path / ".lock") as other:  # another open file: as another process
             with pytest.raises(OSError):
                 fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    with open(tmp_path / ".lock") as other:
+    assert not (tmp_path / ".lock").exists()  # removed on release
+    with open(tmp_path / ".lock", "a+") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SwrError, match="in use by another running swr bench"):
             with out_lock(tmp_path, "bench"):
