@@ -24,7 +24,7 @@ from .io import check_output, check_run_folder, read_json, staged_folder, write_
 from .source import BaseSpec, load_base, load_task, task_preprocess
 from .reparam import reparam_layers, set_selection, set_trainable, unwrap
 from .runlog import TRAINING_LOGS
-from .supernet import build_supernet
+from .supernet import SupernetConfig, build_supernet, new_supernet
 from .tasks import task_data_path
 from .train import TrainConfig, evaluate, resolve_device, train
 
@@ -78,16 +78,26 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     base, meta = load_base(spec)
     task = load_task(sel["task"], meta,
                      on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
-    model = build_supernet(base, task.num_classes)
-    supernet_weights = Path(str(sel.get("supernet") or "")) / "supernet.safetensors"
-    if not from_scratch and supernet_weights.is_file():
+    # the new head is drawn from the seed: --from-scratch runs are reproducible too
+    model = new_supernet(base, task.num_classes, SupernetConfig(seed=seed))
+    cost = check_selection(model, chosen, int(sel["budget_params"]))
+    if not from_scratch:
+        # never a silent fallback to zero deltas and a new head: that is --from-scratch
+        named = sel.get("supernet")
+        if not isinstance(named, str) or not named:
+            raise SwrError(f"selection file {selection_file} names no supernet to start from; "
+                           "re-run swr search or pass --from-scratch")
+        supernet_weights = Path(named) / "supernet.safetensors"
+        if not supernet_weights.is_file():
+            raise SwrError(f"the supernet {supernet_weights} named in {selection_file} is gone "
+                           "(a cleared or moved cache?); re-run swr search or pass "
+                           "--from-scratch")
         try:
             model.load_state_dict(load_file(str(supernet_weights)))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise SwrError(f"supernet {supernet_weights} named in {selection_file} does not load "
                            f"({str(e).splitlines()[0][:200]}); re-run swr search or pass "
                            "--from-scratch") from None
-    cost = check_selection(model, chosen, int(sel["budget_params"]))
     set_selection(model, chosen)
     if from_scratch:
         with torch.no_grad():

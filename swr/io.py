@@ -261,3 +261,74 @@ def unwritable_reason(folder: str | os.PathLike) -> str | None:
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{probe} is not writable by this user (or is on a read-only file system)"
     return None
+
+
+_HELD_LOCKS: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def out_lock(out: str | os.PathLike, command: str, option: str = "--out") -> Iterator[Path]:
+    """Hold an exclusive lock on folder ``out`` (``out/.lock``) while a command writes it.
+
+    A second process that tries to write the same folder is refused at once with one
+    line (two searches appending to one log would lose one of them). The lock is an
+    ``fcntl.flock`` on ``.lock``, so the system releases it when the process ends,
+    even when killed. On a normal exit ``.lock`` is removed again, and ``out`` too if
+    this call made it and nothing else was written (a command refused early leaves
+    nothing behind). Re-entrant within one process (a command's library call nested
+    in the command). Raises :class:`SwrError` when another process holds it.
+    """
+    import fcntl
+
+    from .errors import SwrError
+
+    folder = Path(out).resolve()
+    if folder in _HELD_LOCKS:
+        _HELD_LOCKS[folder] += 1
+        try:
+            yield folder
+        finally:
+            _HELD_LOCKS[folder] -= 1
+        return
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    while True:
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()[:40] or "unknown"
+            f.close()
+            if made:  # made for nothing: leave no trace
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise SwrError(f"{option} {out} is in use by another running swr {command} (process "
+                           f"{holder}, holding {path}); wait for it to finish or choose another "
+                           f"{option}") from None
+        # the holder before us may have removed the file between our open and our lock:
+        # then we hold a lock on a file no one else will find; take the one at ``path``
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD_LOCKS[folder] = 1
+        try:
+            yield folder
+        finally:
+            del _HELD_LOCKS[folder]
+            with contextlib.suppress(OSError):
+                path.unlink()  # still held, so no one can take the removed file meanwhile
+                if made and not any(folder.iterdir()):
+                    folder.rmdir()
+    finally:
+        f.close()  # releases the lock

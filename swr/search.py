@@ -4,18 +4,24 @@
 builds the searcher by name from the registry in ``swr.policies``, and runs
 :func:`swr.selection.search_selection` (stage 1 with its cache, then the search).
 Outputs in ``out``: ``selection.json`` and what the searcher writes
-(``search.csv``, ``search.png``, ``evaluations.jsonl``, the policy weights).
+(``search.csv``, ``search.png``, ``evaluations.jsonl``, the policy weights), and
+``fingerprint.json``: what the search was made with (base weights and task data by
+content hash, budget, policy, seed, evaluations, supernet settings), checked by
+``--resume`` so that logged scores are only ever replayed into the same search. While
+a search runs it holds ``out/.lock``: a second process writing the same ``out`` is
+refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 from . import tasks
 from .errors import SwrError
-from .io import write_json
+from .io import out_lock, write_json
 from .methods import METHODS, SWR, register_method, swr_variant
 from .selection import Searcher, search_selection, supernet_settings
 from .source import base_spec, load_base, load_task
@@ -77,15 +83,16 @@ def run_search(cfg: SearchConfig) -> dict:
     write ``selection.json``."""
     cfg.validate()
     spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
-    base_model, ckpt_meta = load_base(spec)
-    task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
-    result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
-    result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
-    result["base"] = spec.to_dict()
-    result["task"] = cfg.task  # the spec, so swr finetune can load the same task
-    result["on_bad_file"] = cfg.on_bad_file
-    result["skipped_files"] = list(task.info.get("skipped", []))
-    write_json(Path(cfg.out) / "selection.json", result)
+    with out_lock(cfg.out, "search"):  # before any work: another search there is refused now
+        base_model, ckpt_meta = load_base(spec)
+        task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
+        result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
+        result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
+        result["base"] = spec.to_dict()
+        result["task"] = cfg.task  # the spec, so swr finetune can load the same task
+        result["on_bad_file"] = cfg.on_bad_file
+        result["skipped_files"] = list(task.info.get("skipped", []))
+        write_json(Path(cfg.out) / "selection.json", result)
     return result
 
 
@@ -100,9 +107,84 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     searcher = cfg.searcher()
     supernet = replace(supernet_settings(cfg.supernet, cfg.seed, cfg.device, cfg.progress),
                        log_dir=str(cfg.out))
-    if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
-        reset_runlog(cfg.out, ("epochs",))
-    return search_selection(base_model, task, cfg.budget, searcher, supernet, cfg.out, backbone)
+    with out_lock(cfg.out, "search"):
+        # before stage 1: a resume of another search is refused at once
+        check_fingerprint(Path(cfg.out), search_fingerprint(base_model, task, cfg), cfg.resume)
+        if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
+            reset_runlog(cfg.out, ("epochs",))
+        return search_selection(base_model, task, cfg.budget, searcher, supernet, cfg.out,
+                                backbone)
+
+
+#: How each fingerprint entry is named to the user, in the order differences are listed.
+FINGERPRINT_LABELS = {
+    "base": "base weights (--checkpoint / --weights, by content hash)",
+    "task": "--task", "task_data": "task data (by content hash)", "classes": "task classes",
+    "budget_params": "--budget (in parameters)", "policy": "--policy", "seed": "--seed",
+    "evaluations": "--evaluations", "samples_per_iteration": "--samples-per-iteration",
+    "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs",
+}
+
+
+def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
+    """What a search's result depends on: the base weights and the task's data by content
+    hash, the budget in parameters, the searcher and its settings, the supernet settings.
+    Not the device, workers or Ray address: a resumed search may finish elsewhere."""
+    from .budget import Budget, backbone_params
+    from .source import state_hash
+
+    supernet = {f"supernet_{k}": v for k, v in asdict(cfg.supernet).items()
+                if k not in ("seed", "device", "progress", "log_dir")}
+    return {"base": state_hash(base_model), "task": task.id, "task_data": task.data_hash(),
+            "classes": list(task.class_names),
+            "budget_params": Budget.parse(cfg.budget).resolve(backbone_params(base_model)),
+            "policy": cfg.policy, "seed": cfg.seed, "evaluations": cfg.evaluations,
+            "samples_per_iteration": cfg.samples_per_iteration, "bn_batches": cfg.bn_batches,
+            **supernet}
+
+
+def check_fingerprint(out: Path, fingerprint: dict, resume: bool, command: str = "search",
+                      state: str = "evaluations.jsonl",
+                      labels: dict[str, str] = FINGERPRINT_LABELS) -> None:
+    """Record ``fingerprint`` in ``out/fingerprint.json``, or on ``resume`` check it.
+
+    A fresh run removes the resumable ``state`` file of an earlier run first, so that
+    an interruption before its first record cannot leave old records under the new
+    fingerprint. A resume refuses (:class:`SwrError`, one line saying what differs) a
+    fingerprint that differs from the recorded one, and ``state`` without a readable
+    fingerprint beside it.
+    """
+    path = out / "fingerprint.json"
+    fix = "rerun without --resume to start afresh, or choose another --out"
+    if resume and path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            old = None
+        if not isinstance(old, dict):
+            raise SwrError(f"--resume: {path} is damaged, so it cannot be checked that {out} "
+                           f"holds this {command}; {fix}")
+        differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        differ += [k for k in old if k not in fingerprint]
+        if differ:
+            said = ", ".join(f"{labels.get(k, k.replace('_', ' '))}: {_shown(old.get(k))} there, "
+                             f"{_shown(fingerprint.get(k))} now" for k in differ[:3])
+            more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+            raise SwrError(f"--resume: {out} holds a {command} made with other settings ({said}"
+                           f"{more}); {fix}")
+        return
+    if resume and (out / state).exists():
+        raise SwrError(f"--resume: {out} holds {state} but no fingerprint.json (the settings "
+                       f"it was made with), so it cannot be checked that it is this {command}; "
+                       f"{fix}")
+    if not resume and (out / state).exists():
+        (out / state).unlink()
+    write_json(path, fingerprint)
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def register_swr_methods() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,17 +149,25 @@ def prepare_supernet(base_model: nn.Module, task, cfg: SupernetConfig,
 
     ``meta`` holds the per-layer statistics (``meta["stats"]``, see
     :func:`layer_statistics`) and the all-gates-open validation accuracy. The cache
-    folder is ``$SWR_CACHE/supernets/<key>`` (:func:`supernet_key`).
+    folder is ``$SWR_CACHE/supernets/<key>`` (:func:`supernet_key`), keyed on the task's
+    data (:meth:`swr.tasks.base.Task.data_hash`), not only its name. A cached supernet
+    that does not load or does not fit (a truncated file, damaged JSON, other shapes)
+    is trained again, with one line on stderr saying why.
     """
-    model = build_supernet(base_model, task.num_classes, bias_delta=cfg.bias_delta)
-    # keyed on all base tensors (norms too) and on how the task's inputs were prepared
-    key = supernet_key(cfg, json.dumps([task.id, task.info.get("preprocess")]),
-                       state_hash(base_model))
+    model = new_supernet(base_model, task.num_classes, cfg)
+    # keyed on all base tensors (norms too), how the task's inputs were prepared and
+    # the task's data itself (replaced files or an added class train a new supernet)
+    key = supernet_key(cfg, json.dumps([task.id, task.info.get("preprocess"),
+                                        task.data_hash()]), state_hash(base_model))
     folder = cache_dir("supernets", key)
     weights, meta_path = folder / "supernet.safetensors", folder / "supernet.json"
-    if weights.is_file() and meta_path.is_file():
-        model.load_state_dict(load_file(str(weights)))
-        return model, json.loads(meta_path.read_text()), folder
+    if weights.exists() or meta_path.exists():
+        cached = _load_cached(model, weights, meta_path)
+        if isinstance(cached, dict):
+            return model, cached, folder
+        print(f"swr: the cached supernet in {folder} is damaged ({cached}); training it again",
+              file=sys.stderr)
+        model = new_supernet(base_model, task.num_classes, cfg)  # a load may have half-filled it
     result = train_supernet(model, task, cfg)
     stats = layer_statistics(model, task, cfg.stats_batches, device=cfg.device, seed=cfg.seed)
     model.cpu()
@@ -169,3 +178,47 @@ def prepare_supernet(base_model: nn.Module, task, cfg: SupernetConfig,
             "seconds": result.seconds, "config": asdict(cfg), "stats": stats}
     write_json(meta_path, meta)
     return model, meta, folder
+
+
+def new_supernet(base_model: nn.Module, num_classes: int, cfg: SupernetConfig) -> nn.Module:
+    """:func:`build_supernet` with its new head drawn from ``cfg.seed``, so that two
+    processes with the same seed start (and train) the same supernet. The global RNG
+    is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_supernet(base_model, num_classes, bias_delta=cfg.bias_delta)
+
+
+_STAT_KEYS = {"name": str, "kind": str, "cost": int, "delta_rel_norm": float, "taylor": float}
+
+
+def _load_cached(model: nn.Module, weights: Path, meta_path: Path) -> dict | str:
+    """The cached supernet's metadata, its weights loaded into ``model``; or why they
+    cannot be used (a string)."""
+    if not weights.is_file() or not meta_path.is_file():
+        return f"{(meta_path if weights.is_file() else weights).name} is missing"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        return f"{meta_path.name}: {' '.join(str(e).split())[:120] or type(e).__name__}"
+    names = [c.name for c in candidates(model)]
+    if not (isinstance(meta, dict) and isinstance(meta.get("stats"), list)
+            and isinstance(meta.get("val_acc_all_open"), (int, float, type(None)))
+            and [s.get("name") if isinstance(s, dict) else None for s in meta["stats"]] == names
+            and all(isinstance(s.get(k), t if t is not float else (int, float))
+                    for s in meta["stats"] for k, t in _STAT_KEYS.items())):
+        return f"{meta_path.name} lacks the layer statistics of this model"
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        return f"{weights.name}: {' '.join(str(e).split())[:120] or type(e).__name__}"
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        differ = sorted(set(state) ^ set(expected))
+        return f"{weights.name} holds other tensors (e.g. {differ[0]})"
+    for k, v in expected.items():
+        if state[k].shape != v.shape or state[k].dtype != v.dtype:
+            return (f"{weights.name}: {k} is {state[k].dtype} {tuple(state[k].shape)}, the "
+                    f"model's {v.dtype} {tuple(v.shape)}")
+    model.load_state_dict(state)
+    return meta

@@ -8,6 +8,7 @@ which makes evaluation a plain loop over pre-batched tensors.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -42,6 +43,21 @@ class Task:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def data_hash(self) -> str:
+        """SHA-256 (hex, first 16 chars) of what training reads: the class names and the
+        train and validation splits (see :func:`dataset_hash`); computed once per task.
+
+        Caches and resumable runs key on it, so replaced or added data never reuses
+        results made from the old data.
+        """
+        cached = self.__dict__.get("_data_hash")
+        if cached is None:
+            h = hashlib.sha256(repr(list(self.class_names)).encode())
+            for split in (self.train, self.val):
+                dataset_hash(split, h)
+            cached = self.__dict__["_data_hash"] = h.hexdigest()[:16]
+        return cached
+
     def loader(self, split: str, batch_size: int = 64, shuffle: bool | None = None,
                seed: int = 0, num_workers: int = 0) -> DataLoader:
         """A DataLoader over ``split`` ("train", "val", "test", "shift_test")."""
@@ -60,6 +76,60 @@ def tensor_split(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
     if len(x) != len(y):
         raise ValueError(f"inputs ({len(x)}) and labels ({len(y)}) differ in length")
     return TensorDataset(x.float().contiguous(), y.long())
+
+
+def _hash_tensor(t: torch.Tensor, h) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def dataset_hash(ds: Dataset, h=None):
+    """Feed the content of split ``ds`` into hash ``h`` (a new SHA-256 when None); return ``h``.
+
+    In-memory splits hash their tensors' bytes. Splits of files decoded on access
+    (``items`` of ``(path, label)``) hash each file's path, label, size and
+    modification time instead of decoding them all, so a replaced file changes the
+    hash without reading the dataset. Concatenations, subsets and wrappers hash what
+    they are made of; generated items (the ``_silence_`` class) hash their count,
+    label and the recordings they crop. Any other dataset is decoded item by item.
+    """
+    from torch.utils.data import ConcatDataset, Subset
+
+    h = h if h is not None else hashlib.sha256()
+    h.update(type(ds).__name__.encode())
+    if isinstance(ds, TensorDataset):
+        for t in ds.tensors:
+            _hash_tensor(t, h)
+    elif isinstance(ds, ConcatDataset):
+        for part in ds.datasets:
+            dataset_hash(part, h)
+    elif isinstance(ds, Subset):
+        h.update(repr(list(ds.indices)).encode())
+        dataset_hash(ds.dataset, h)
+    elif isinstance(getattr(ds, "items", None), list):
+        for path, label in ds.items:
+            try:
+                st = os.stat(path)
+                sig = f"{st.st_size}|{st.st_mtime_ns}"
+            except OSError as e:  # reading it will fail (or skip it) the same way
+                sig = type(e).__name__
+            h.update(f"{path}|{label}|{sig}\n".encode())
+    elif hasattr(ds, "make") and hasattr(ds, "label") and hasattr(ds, "n"):
+        h.update(f"{ds.n}|{ds.label}|".encode())
+        make = ds.make
+        for t in getattr(make, "bank", []) or []:
+            _hash_tensor(torch.as_tensor(t), h)
+        settings = getattr(make, "__dict__", {})  # crops, gains, seeds: what it draws
+        h.update(repr(sorted((k, v) for k, v in settings.items() if k != "bank")).encode())
+    elif hasattr(ds, "base") and isinstance(ds.base, Dataset):
+        dataset_hash(ds.base, h)
+    else:
+        for x, y in DataLoader(ds, batch_size=256, shuffle=False):
+            _hash_tensor(torch.as_tensor(x), h)
+            _hash_tensor(torch.as_tensor(y), h)
+    return h
 
 
 def materialize(ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

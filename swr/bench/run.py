@@ -21,10 +21,10 @@ from typing import Callable, Optional
 
 from ..budget import Budget, backbone_params
 from ..errors import BudgetError, SwrError
-from ..io import write_csv, write_json, write_text
+from ..io import out_lock, write_csv, write_json, write_text
 from ..source import base_spec, checkpoint_backbone
 from ..robustness import cell_name, ensemble_rows
-from ..search import register_swr_methods
+from ..search import check_fingerprint, register_swr_methods
 from .config import (COLUMNS, ENSEMBLE_COLUMNS, NATURAL, BenchConfig, budget_order, expand_tasks,
                      family_lr, method_lr)
 from .plots import plot_pareto, plot_robustness
@@ -166,8 +166,43 @@ def _key(row: dict) -> tuple:
     return (row["task"], row["method"], str(row["budget"]), int(row["seed"]))
 
 
+#: How each entry of a bench's ``fingerprint.json`` is named to the user.
+BENCH_FINGERPRINT_LABELS = {
+    "base": "base weights (--checkpoint / --weights, by content hash)", "backbone": "backbone",
+    "epochs": "--epochs", "lr": "--lr", "method_lr": "per-method learning rates",
+    "batch_size": "batch size", "seeds": "--seeds", "swr_evaluations": "--swr-evaluations",
+    "supernet_epochs": "supernet epochs", "tune": "--tune", "tune_trials": "tune trials",
+    "on_bad_file": "--on-bad-file",
+}
+
+
+def bench_fingerprint(cfg: BenchConfig, backbone: str) -> dict:
+    """What every row of a bench depends on beyond its (task, method, budget, seed) key:
+    the base weights by content hash and the training settings shared by all runs.
+    Tasks, methods and budgets are left out: a resumed bench may add cells."""
+    from ..source import file_sha256
+
+    spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
+    weights = Path(spec.checkpoint) / "model.safetensors" if spec.checkpoint else Path(str(spec.weights))
+    return {"base": file_sha256(weights) if weights.is_file() else None, "backbone": backbone,
+            "epochs": cfg.epochs, "lr": cfg.lr, "method_lr": dict(sorted(cfg.method_lr.items())),
+            "batch_size": cfg.batch_size, "seeds": cfg.seeds,
+            "swr_evaluations": cfg.swr_evaluations, "supernet_epochs": cfg.supernet_epochs,
+            "tune": cfg.tune, "tune_trials": cfg.tune_trials, "on_bad_file": cfg.on_bad_file}
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """Run (or continue) the bench; returns all result rows."""
+    """Run (or continue) the bench; returns all result rows.
+
+    Holds ``out/.lock`` while it runs (a second bench writing the same ``--out`` is
+    refused) and records :func:`bench_fingerprint` in ``out/fingerprint.json``; a
+    ``--resume`` with other settings is refused with one line saying what differs.
+    """
+    with out_lock(cfg.out, "bench"):
+        return _run_bench(cfg, log)
+
+
+def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.tasks = expand_tasks(cfg.tasks)
@@ -176,12 +211,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     rows = read_rows(results_csv) if cfg.resume else []
     done = {_key(r) for r in rows}
     todo = [c for c in cells if c not in done]
-    if cfg.tune:
-        from ..tune import tune_methods
-
-        tuned = tune_methods(cfg, todo, run_job, log)
-    else:
-        tuned = {}
     log(f"bench: {len(cells)} runs ({len(cells) - len(todo)} done before), "
         f"{len(cfg.tasks)} task(s), methods {', '.join(cfg.methods)}")
     from ..parallel import resolve_workers
@@ -214,6 +243,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
                            f"object of task: [file, ...]); remove it or start a new --out")
     elif bad_files_json.exists():
         bad_files_json.unlink()  # a fresh bench: the list belongs to the runs it replaces
+    # before any run (and any tuning): results of other settings are never resumed
+    check_fingerprint(out, bench_fingerprint(cfg, backbone), cfg.resume, command="bench",
+                      state="results.csv", labels=BENCH_FINGERPRINT_LABELS)
+    if cfg.tune:
+        from ..tune import tune_methods
+
+        tuned = tune_methods(cfg, todo, run_job, log)
+    else:
+        tuned = {}
 
     # after the resumed state is checked: an error is then the only line printed
     bar = None
