@@ -92,10 +92,21 @@ def one_line(capsys, code: int, expected: int = 2) -> str:
     return lines[0]
 
 
+SHOW_LINES = False  # set under ``pytest -s`` by the fixture below
+
+
+@pytest.fixture(autouse=True)
+def _show_lines_under_s(request):
+    global SHOW_LINES
+    SHOW_LINES = request.config.getoption("capture") == "no"
+
+
 def report(capsys, text: str) -> None:
-    """Print a ``BAD-INPUT`` line past the capture the test reads its stderr from."""
-    with capsys.disabled():
-        print(f"BAD-INPUT | {text}")
+    """Under ``pytest -s``, print a ``BAD-INPUT`` line past the capture the test reads
+    its stderr from (a plain run stays quiet)."""
+    if SHOW_LINES:
+        with capsys.disabled():
+            print(f"BAD-INPUT | {text}")
 
 
 def shown(args: list[str], world) -> str:
