@@ -85,6 +85,14 @@ def task_delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         tensors[f"delta/{name}.weight"] = (layer.gate * layer.delta).detach()
         if layer.delta_bias is not None:
             tensors[f"delta/{name}.bias"] = (layer.gate * layer.delta_bias).detach()
+    tensors.update(task_state_tensors(model))
+    return {k: v.cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def task_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``norm/`` and ``head/`` entries every task delta carries: the task's whole norm
+    state (parameters and running statistics) and its head."""
+    tensors: dict[str, torch.Tensor] = {}
     for name, m in norm_modules(model).items():
         for key, t in m.state_dict().items():
             tensors[f"norm/{name}.{key}"] = t.detach()
@@ -92,7 +100,7 @@ def task_delta_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     if head is not None:
         for key, t in model.get_submodule(head).state_dict().items():
             tensors[f"head/{head}.{key}"] = t.detach()
-    return {k: v.cpu().contiguous().clone() for k, v in tensors.items()}
+    return tensors
 
 
 def export_task_delta(model: nn.Module, path: str | os.PathLike, *, backbone: str,

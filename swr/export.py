@@ -31,10 +31,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from .delta import FORMAT, apply_task_delta, base_hash, frozen_base_state, task_delta_tensors
+from .delta import (FORMAT, apply_task_delta, base_hash, frozen_base_state, task_delta_tensors,
+                    task_state_tensors)
 from .errors import SwrError
 from .io import atomic_path, sort_safetensors_metadata
-from .reparam import head_prefix, norm_modules, reparam_layers
+from .reparam import head_prefix, reparam_layers
 
 def delta_from_folded(base: nn.Module, folded: nn.Module) -> dict[str, torch.Tensor]:
     """Task-delta tensors turning plain ``base`` into plain ``folded`` (same architecture).
@@ -43,7 +44,7 @@ def delta_from_folded(base: nn.Module, folded: nn.Module) -> dict[str, torch.Ten
     """
     if reparam_layers(base) or reparam_layers(folded):
         raise SwrError("delta_from_folded expects two plain models; fold the trained model first")
-    base_state, task_state = base.state_dict(), folded.state_dict()
+    task_state = folded.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, w in frozen_base_state(base).items():
         t = task_state.get(key)
@@ -54,13 +55,7 @@ def delta_from_folded(base: nn.Module, folded: nn.Module) -> dict[str, torch.Ten
         w = w.detach().cpu().to(t.dtype)
         if not torch.equal(t, w):
             out[f"delta/{key}"] = t - w
-    for name, m in norm_modules(folded).items():
-        for k, t in m.state_dict().items():
-            out[f"norm/{name}.{k}"] = t.detach()
-    head = head_prefix(folded)
-    if head is not None:
-        for k, t in folded.get_submodule(head).state_dict().items():
-            out[f"head/{head}.{k}"] = t.detach()
+    out.update(task_state_tensors(folded))
     return {k: v.cpu().contiguous().clone() for k, v in out.items()}
 
 
