@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
+import swr.tasks
 from swr.io import write_json
 from swr.tasks.backbones import create_backbone, save_checkpoint
 from swr.tasks.base import Task, tensor_split
@@ -49,3 +51,29 @@ def write_clip(path: Path, i: int, sr: int = 16000, channels: int = 1,
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), data.astype(np.float32), sr, subtype="PCM_16")
     return path
+
+
+def in_memory_tasks(tasks: dict[str, Task]):
+    """``(get_task, fixture)`` for a test module whose ``--task NAME`` may name ``tasks``.
+
+    ``get_task`` serves the tasks of ``tasks`` by name (the dict is read at each call,
+    so a module may add to it) and passes every other name to the real loaders. The
+    fixture (module-scoped, autouse once bound to a module name) installs it, runs on
+    one thread (2 shared cores) and gives the module the session's cache.
+    """
+    real_get_task = swr.tasks.get_task
+
+    def get_task(spec: str, **kwargs):
+        return tasks[spec] if spec in tasks else real_get_task(spec, **kwargs)
+
+    @pytest.fixture(scope="module", autouse=True)
+    def world(tmp_path_factory):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(swr.tasks, "get_task", get_task)
+            mp.setenv("SWR_CACHE", str(tmp_path_factory.getbasetemp() / "swr-cache"))
+            yield
+        torch.set_num_threads(threads)
+
+    return get_task, world

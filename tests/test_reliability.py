@@ -39,28 +39,12 @@ from swr.supernet import build_supernet
 from swr.tasks.audio import read_audio
 from swr.tasks.speechcommands import KEYWORDS
 
-from fixtures import tiny_audio_task, tiny_checkpoint, write_clip
+from fixtures import in_memory_tasks, tiny_audio_task, tiny_checkpoint, write_clip
 
 TESTS_DIR = Path(__file__).parent
 TINY = tiny_audio_task()
-REAL_GET_TASK = swr.tasks.get_task
-
-
-def get_task(spec: str, **kwargs):
-    """The in-memory tiny task for ``tiny``; every other name goes to the real loaders."""
-    return TINY if spec == "tiny" else REAL_GET_TASK(spec, **kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_world(tmp_path_factory):
-    """One thread (2 shared cores), the tiny task behind ``--task tiny``, the session cache."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(swr.tasks, "get_task", get_task)
-        mp.setenv("SWR_CACHE", str(tmp_path_factory.getbasetemp() / "swr-cache"))
-        yield
-    torch.set_num_threads(threads)
+# ``--task tiny`` is TINY; the module runs on one thread with the session cache
+get_task, tiny_world = in_memory_tasks({"tiny": TINY})
 
 
 # -------------------------------------------------------------------- on-disk fixtures

@@ -35,27 +35,12 @@ from swr.cli import main
 from swr.pretrain import load_pretrained
 from swr.supernet import SupernetConfig, new_supernet, prepare_supernet
 
-from fixtures import tiny_audio_task, tiny_checkpoint
+from fixtures import in_memory_tasks, tiny_audio_task, tiny_checkpoint
 
 TESTS_DIR = Path(__file__).parent
 TASKS = {"tiny": tiny_audio_task()}
-REAL_GET_TASK = swr.tasks.get_task
-
-
-def get_task(spec: str, **kwargs):
-    """The in-memory tasks of ``TASKS`` by name; every other name goes to the real loaders."""
-    return TASKS[spec] if spec in TASKS else REAL_GET_TASK(spec, **kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_world(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(swr.tasks, "get_task", get_task)
-        mp.setenv("SWR_CACHE", str(tmp_path_factory.getbasetemp() / "swr-cache"))
-        yield
-    torch.set_num_threads(threads)
+# ``--task NAME`` for the tasks of TASKS; one thread, the session cache
+get_task, tiny_world = in_memory_tasks(TASKS)
 
 
 @pytest.fixture(scope="module")
