@@ -128,13 +128,17 @@ def export_task_delta(model: nn.Module, path: str | os.PathLike, *, backbone: st
     if head is not None:
         w = model.get_submodule(head).state_dict().get("weight")
         num_classes = None if w is None else int(w.shape[0])
-    meta: dict[str, Any] = {
-        "format": FORMAT, "backbone": backbone, "base_hash": base or base_hash(model),
-        "selection": selection, "budget_params": budget_params, "task": task,
-        "num_classes": num_classes, "head": head, "swr_version": __version__,
-    }
-    if extra:
-        meta.update(extra)
+    return save_task_delta(tensors, path, {
+        "backbone": backbone, "base_hash": base or base_hash(model), "selection": selection,
+        "budget_params": budget_params, "task": task, "num_classes": num_classes, "head": head,
+        **(extra or {})})
+
+
+def save_task_delta(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                    meta: dict[str, Any]) -> int:
+    """Write task-delta ``tensors`` with ``meta`` (plus format and version) to ``path``,
+    atomically and byte-reproducibly; returns the file size. A full disk is an OSError."""
+    meta = {"format": FORMAT, **meta, "swr_version": __version__}
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     with atomic_path(path) as tmp:
         try:

@@ -21,21 +21,17 @@ rounding step per weight, which :func:`export_method_delta` measures on the outp
 from __future__ import annotations
 
 import copy
-import json
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ._version import __version__
-from .delta import (FORMAT, apply_task_delta, base_hash, frozen_base_state, task_delta_tensors,
-                    task_state_tensors)
+from .delta import (apply_task_delta, base_hash, frozen_base_state, save_task_delta,
+                    task_delta_tensors, task_state_tensors)
 from .errors import SwrError
-from .io import atomic_path, sort_safetensors_metadata
 from .reparam import head_prefix, reparam_layers
+
 
 def delta_from_folded(base: nn.Module, folded: nn.Module) -> dict[str, torch.Tensor]:
     """Task-delta tensors turning plain ``base`` into plain ``folded`` (same architecture).
@@ -71,17 +67,11 @@ def write_task_delta(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     head_w = tensors.get(f"head/{head}.weight") if head else None
     layers = sorted({k.split("/", 1)[1].rsplit(".", 1)[0] for k in tensors
                      if k.startswith("delta/")})
-    meta: dict[str, Any] = {
-        "format": FORMAT, "backbone": backbone, "base_hash": base_hash(base),
-        "selection": layers, "budget_params": budget_params, "task": task,
+    return save_task_delta(tensors, path, {
+        "backbone": backbone, "base_hash": base_hash(base), "selection": layers,
+        "budget_params": budget_params, "task": task,
         "num_classes": None if head_w is None else int(head_w.shape[0]), "head": head,
-        "swr_version": __version__, **(extra or {}),
-    }
-    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-        sort_safetensors_metadata(tmp)  # same delta, same bytes
-    return Path(path).stat().st_size
+        **(extra or {})})
 
 
 @torch.no_grad()
