@@ -114,10 +114,8 @@ class PGSearcher(PoolSearcher):
     name = "pg"
 
     def propose(self, problem, run) -> Path:
-        from safetensors.torch import save_file
-
         from swr.envs.features import layer_features
-        from swr.io import atomic_path
+        from swr.io import save_safetensors
         from swr.runlog import RunLog
         from swr.runlog import reset as reset_runlog
 
@@ -144,9 +142,8 @@ class PGSearcher(PoolSearcher):
         _train_while(trainer, run.score, run.evaluations_left)
         iterations.close()
         path = problem.out / "policy.safetensors"
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp),
-                      metadata={"n_features": str(features.shape[1]), "hidden": str(cfg.hidden)})
+        save_safetensors({k: v.contiguous() for k, v in policy.state_dict().items()}, path,
+                         {"n_features": str(features.shape[1]), "hidden": str(cfg.hidden)})
         return path
 
 

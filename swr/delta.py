@@ -22,13 +22,13 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ._version import __version__
 from .budget import check_selection
 from .errors import ForeignDeltaError, SwrError
-from .io import atomic_path, safetensors_os_error, sort_safetensors_metadata
+from .io import save_safetensors
 from .reparam import (candidates, head_names, head_prefix, norm_modules, reparam_layers,
                       replace_module)
 
@@ -140,13 +140,7 @@ def save_task_delta(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     atomically and byte-reproducibly; returns the file size. A full disk is an OSError."""
     meta = {"format": FORMAT, **meta, "swr_version": __version__}
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as e:  # a full disk, reported as text
-            raise safetensors_os_error(e, path) from None
-        sort_safetensors_metadata(tmp)  # same delta, same bytes
-    return Path(path).stat().st_size
+    return save_safetensors(tensors, path, metadata)
 
 
 def read_task_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

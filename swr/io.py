@@ -235,6 +235,25 @@ def sort_safetensors_metadata(path: str | os.PathLike) -> None:
             f.write(text.ljust(n))  # padded with spaces, as safetensors pads
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> int:
+    """Write ``tensors`` (and string ``metadata``) to safetensors file ``path``: atomically,
+    byte-reproducibly (metadata keys sorted), a full disk raised as an OSError naming
+    ``path``. Returns the file's size in bytes. The one writer for every safetensors
+    file swr keeps, so the same content always gives the same bytes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # a full disk, reported as text
+            raise safetensors_os_error(e, path) from None
+        if metadata:
+            sort_safetensors_metadata(tmp)
+    return Path(path).stat().st_size
+
+
 def cache_dir(*parts: str) -> Path:
     """``$SWR_CACHE`` (default ``~/.cache/swr``) joined with ``parts``: the one rule for
     where generated suites, pretrained checkpoints and supernets are cached."""

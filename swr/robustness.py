@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import SwrError
 from .fold import same_architecture
-from .io import atomic_path
+from .io import save_safetensors
 from .train import batches, resolve_device
 
 #: The evaluation splits predictions are stored for.
@@ -72,8 +72,7 @@ def save_predictions(path: str | os.PathLike, model: nn.Module, task,
         probs, labels = predict(model, ds, device)
         tensors[f"{split}.probs"] = probs.contiguous()
         tensors[f"{split}.labels"] = labels.to(torch.int64).contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+    save_safetensors(tensors, path)
 
 
 def load_predictions(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

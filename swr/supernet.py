@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import SwrError
-from .io import atomic_path, cache_dir, write_json
+from .io import cache_dir, save_safetensors, write_json
 from .reparam import candidates, reparam_layers, reparametrize, set_selection, set_trainable
 from .source import state_hash
 from .train import TrainConfig, TrainResult, batches, resolve_device, train
@@ -172,8 +172,7 @@ def prepare_supernet(base_model: nn.Module, task, cfg: SupernetConfig,
     stats = layer_statistics(model, task, cfg.stats_batches, device=cfg.device, seed=cfg.seed)
     model.cpu()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp))
+    save_safetensors(state, weights)
     meta = {"task": task.id, "backbone": backbone, "val_acc_all_open": result.val_acc,
             "seconds": result.seconds, "config": asdict(cfg), "stats": stats}
     write_json(meta_path, meta)

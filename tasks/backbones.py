@@ -13,11 +13,11 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from swr.errors import SwrError
-from swr.io import atomic_path, safetensors_os_error, sort_safetensors_metadata
+from swr.io import save_safetensors
 
 from .bcresnet import BCRESNET_TAUS, create_bcresnet
 from .heads import head_prefix
@@ -178,13 +178,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **metadata: Any) 
     """Write ``model``'s state dict to safetensors (atomic); returns the size in bytes."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    with atomic_path(path) as tmp:
-        try:
-            save_file(state, str(tmp), metadata=meta)
-        except SafetensorError as e:  # a full disk, reported as text
-            raise safetensors_os_error(e, path) from None
-        sort_safetensors_metadata(tmp)  # same model, same bytes
-    return Path(path).stat().st_size
+    return save_safetensors(state, path, meta)
 
 
 #: The parts of a timm data config that decide how images are prepared for a model.
