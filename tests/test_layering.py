@@ -65,6 +65,10 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
 def test_no_import_cycle_between_modules():
     mods = _modules()
     graph = {m: _imports(m, p, mods) for m, p in mods.items()}
+    # the one exception: the package's lazy ``swr.select`` (its module __getattr__) loads
+    # the application's swr.api on first use; ``import swr`` itself does not (checked above)
+    assert "swr.api" in graph["swr"]
+    graph["swr"].discard("swr.api")
     assert "swr.bench" not in graph["swr.tune"]  # tune is handed bench's run_job
     state: dict[str, int] = {}
     cycles = []
@@ -91,7 +95,8 @@ def test_no_import_cycle_between_modules():
     assert graph["swr.errors"] == set() and graph["swr.io"] <= {"swr.errors"}
     # a layer never imports one above it
     order = {"swr.envs": 2, "swr.policies": 3}
-    app = {"swr.cli", "swr.bench", "swr.tune", "swr.demo", "swr.search", "swr.catalog"}
+    app = {"swr.cli", "swr.bench", "swr.tune", "swr.demo", "swr.search", "swr.catalog",
+           "swr.api"}
     for m, deps in graph.items():
         if m in app or m.startswith("swr.bench."):
             continue

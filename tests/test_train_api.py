@@ -40,3 +40,25 @@ def test_train_refuses_a_pair_that_is_not_a_pair():
     model = swr.create_backbone("bcresnet-1", num_classes=2)
     with pytest.raises(swr.SwrError, match="pair"):
         swr.train(model, (ds, ds, ds), list(model.parameters()), swr.TrainConfig(epochs=1))
+
+
+def test_select_from_import_swr_chooses_layers_within_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWR_CACHE", str(tmp_path / "cache"))
+    task = tiny_audio_task()
+    torch.manual_seed(0)
+    model = swr.create_backbone("bcresnet-1", num_classes=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = swr.select(model, task, "10%", policy="knapsack", evaluations=3, supernet_epochs=1,
+                        device="cpu", out=tmp_path / "sel")
+    budget = swr.resolve_budget(swr.reparametrize(swr.create_backbone("bcresnet-1")), "10%")
+    assert result["budget_params"] == budget and 0 < result["cost"] <= budget
+    names = {c.name for c in swr.candidates(swr.reparametrize(swr.create_backbone("bcresnet-1")))}
+    assert result["layers"] and set(result["layers"]) <= names
+    assert result["evaluations"] == 3 and (tmp_path / "sel" / "search.csv").is_file()
+    # the base model is left as it was
+    assert not swr.reparam_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(swr.SwrError, match="not one of"):
+        swr.select(model, task, "10%", policy="magic")
+    with pytest.raises(swr.SwrError, match="already reparametrized"):
+        swr.select(swr.reparametrize(model), task, "10%")
