@@ -9,7 +9,9 @@ which is many times faster than a DataLoader's per-sample path on small inputs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
@@ -62,11 +64,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def batches(ds: Dataset, batch_size: int, shuffle: bool = False,
-            generator: Optional[torch.Generator] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            generator: Optional[torch.Generator] = None, workers: int = 0,
+            pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches; tensors are sliced directly for in-memory splits.
 
     A :class:`~torch.utils.data.DataLoader` is iterated as it is (its own batch size,
-    order and workers)."""
+    order and workers). Other datasets (files decoded per sample) are loaded by
+    ``workers`` processes, into pinned memory with ``pin_memory`` (for a GPU); the
+    order depends only on ``generator``, not on the number of workers."""
     if isinstance(ds, DataLoader):
         yield from ds
         return
@@ -81,7 +86,53 @@ def batches(ds: Dataset, batch_size: int, shuffle: bool = False,
                 idx = order[i:i + batch_size]
                 yield x[idx], y[idx]
         return
-    yield from DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    yield from DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=workers, pin_memory=pin_memory)
+
+
+#: ``precision`` values: ``auto`` is bf16 autocast on a CUDA GPU that supports it, fp16
+#: (with loss scaling) on other CUDA GPUs, fp32 elsewhere; ``$SWR_PRECISION`` overrides
+#: ``auto`` (e.g. ``SWR_PRECISION=fp32`` for a GPU run in full precision).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run trains in on ``device`` (``fp32``, ``bf16`` or ``fp16``)."""
+    if precision == "auto":
+        precision = os.environ.get("SWR_PRECISION", "auto")
+    if precision not in PRECISIONS:
+        raise SwrError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} "
+                       f"(check $SWR_PRECISION)")
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and device.type != "cuda":
+        raise SwrError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a resolved ``precision`` (nothing for fp32): matmuls and
+    convolutions in half precision, reductions, norms and the loss in fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loader_workers(requested: Optional[int], ds, device: torch.device) -> int:
+    """DataLoader processes for ``ds``: ``requested``, or by default up to 8 for a dataset
+    decoded from files on a GPU run (in-memory splits and CPU runs: 0, the CPU cores
+    are busy training)."""
+    if requested is not None:
+        if requested < 0:
+            raise SwrError(f"loader workers {requested} must be 0 or more")
+        return requested
+    if device.type != "cuda" or isinstance(ds, (TensorDataset, DataLoader)):
+        return 0
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
 
 
 @torch.inference_mode()
@@ -165,6 +216,10 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     desc: str = "train"
+    #: ``auto`` (mixed precision on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``
+    precision: str = "auto"
+    #: DataLoader processes for file-backed datasets (None: see :func:`loader_workers`)
+    loader_workers: Optional[int] = None
     #: folder for the per-epoch log (``epochs.csv`` and TensorBoard events, see
     #: :mod:`swr.runlog`); None writes nothing
     log_dir: Optional[str] = None
@@ -176,6 +231,8 @@ class TrainConfig:
             raise SwrError(f"learning rate {self.lr} must be positive")
         if self.batch_size < 1:
             raise SwrError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise SwrError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         return self
 
 
@@ -185,6 +242,8 @@ class TrainResult:
     best_epoch: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    #: what the run trained in (see :func:`resolve_precision`)
+    precision: str = "fp32"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -231,6 +290,11 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
     cfg.validate()
     device = resolve_device(cfg.device)
     model.to(device)
+    precision = resolve_precision(cfg.precision, device)
+    workers = loader_workers(cfg.loader_workers, task.train, device)
+    pin = device.type == "cuda"
+    # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     params = [p for p in params if p.requires_grad]
     if not params:
         raise SwrError("nothing to train: no parameter requires a gradient")
@@ -257,19 +321,26 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
     for epoch in range(cfg.epochs):
         model.train()
         loss_sum = correct = seen = 0
-        for x, y in batches(task.train, cfg.batch_size, shuffle=True, generator=g):
+        for x, y in batches(task.train, cfg.batch_size, shuffle=True, generator=g,
+                            workers=workers, pin_memory=pin):
             if before_batch is not None:
                 before_batch(step)
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
             if task.train_transform is not None:
                 x = task.train_transform(x)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if regularizer is not None:
-                loss = loss + regularizer()
+            with autocast(device, precision):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if regularizer is not None:
+                    loss = loss + regularizer()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             step += 1
             loss_sum += float(loss.detach()) * len(y)
@@ -298,7 +369,7 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(val_acc=best_acc, best_epoch=best_epoch,
-                       seconds=time.perf_counter() - start, history=history)
+                       seconds=time.perf_counter() - start, history=history, precision=precision)
 
 
 class _NoBar:

@@ -62,3 +62,59 @@ def test_select_from_import_swr_chooses_layers_within_the_budget(tmp_path, monke
         swr.select(model, task, "10%", policy="magic")
     with pytest.raises(swr.SwrError, match="already reparametrized"):
         swr.select(swr.reparametrize(model), task, "10%")
+
+
+class _FileLike(torch.utils.data.Dataset):
+    """A dataset read sample by sample (as image/audio files are), not a TensorDataset."""
+
+    def __init__(self, ds):
+        self.x, self.y = ds.tensors[0], ds.tensors[1]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _train_tiny(task, n_classes=4, **cfg):
+    torch.manual_seed(0)
+    model = swr.create_backbone("bcresnet-1", num_classes=n_classes)
+    params = [p for p in model.parameters()]
+    config = swr.TrainConfig(epochs=1, lr=1e-2, batch_size=16, seed=0, device="cpu",
+                             progress=False, **cfg)
+    return model, swr.train(model, task, params, config)
+
+
+def test_loader_workers_load_file_backed_data_in_the_same_order():
+    task = tiny_audio_task()
+    files = (_FileLike(task.train), _FileLike(task.val))
+    a, ra = _train_tiny(files, loader_workers=0)
+    b, rb = _train_tiny(files, loader_workers=2)
+    assert ra.history[0]["train_loss"] == rb.history[0]["train_loss"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(swr.SwrError, match="loader workers"):
+        _train_tiny(files, loader_workers=-1)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_trains(monkeypatch):
+    from swr.train import resolve_precision
+
+    task = tiny_audio_task()
+    _, fp32 = _train_tiny(task)
+    assert fp32.precision == "fp32"
+    model, bf16 = _train_tiny(task, precision="bf16")
+    assert bf16.precision == "bf16" and all(p.dtype == torch.float32 for p in model.parameters())
+    # half-precision matmuls: the same run, not the same bits
+    assert bf16.history[0]["train_loss"] != fp32.history[0]["train_loss"]
+    assert abs(bf16.history[0]["train_loss"] - fp32.history[0]["train_loss"]) < 0.1
+    cpu = torch.device("cpu")
+    with pytest.raises(swr.SwrError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    monkeypatch.setenv("SWR_PRECISION", "bf16")
+    assert resolve_precision("auto", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setenv("SWR_PRECISION", "half")
+    with pytest.raises(swr.SwrError, match="SWR_PRECISION"):
+        resolve_precision("auto", cpu)
+    with pytest.raises(swr.SwrError, match="precision"):
+        swr.TrainConfig(precision="fp8").validate()

@@ -286,7 +286,11 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
         from ..parallel import init_ray, worker_threads
 
         init_ray()
-        remote = ray.remote(num_cpus=1)(run_job)
+        # on a GPU the workers share it: each asks Ray for its share, so none waits for one
+        from ..train import resolve_device
+
+        gpus = 1.0 / workers if resolve_device(cfg.device).type == "cuda" else 0.0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus)(run_job)
         threads = worker_threads(workers)
         pending = {}
         queue = list(todo)
