@@ -1,137 +1,258 @@
-"""Policy network vs reference selectors at equal evaluation counts (issue: the search).
+"""The learned policy against the reference selectors: final test accuracy, paired.
 
-On a target task from the pre-trained source model: for each seed, one supernet,
-then every policy (pg, ppo, random, greedy, knapsack) with the same number of
-evaluations; the best selection found (by validation score) gets the final
-training, reported next to linear probe and full fine-tuning.
+For every task, budget and seed: one supernet (cached, shared by all searchers of
+that task and seed), then each searcher (``pg``, ``knapsack``, ``random`` by default)
+searches with the same number of *distinct* evaluations (``swr search``), and each
+searcher's selection gets the same final training (``swr finetune``: same epochs,
+learning rate and seed). The comparison is on final **test** accuracy, paired by
+(task, budget, seed): the mean difference ``pg - knapsack`` and ``pg - random`` with
+a 95% t interval, per task and budget and pooled over all cells. Search seconds
+(stage 2 only; the supernet is shared) are reported per searcher.
 
-    python benchmarks/policy_comparison.py --checkpoint CKPT [--task kws-synth:de]
-        [--budget 5%] [--seeds 3] [--evaluations 80] [--workers 2]
+    python benchmarks/policy_comparison.py \\
+        --task kws-synth:de=CKPT_EN --task kws-synth:fr=CKPT_EN \\
+        --task glyphs:sketch=CKPT_GLYPHS --task glyphs:painting=CKPT_GLYPHS \\
+        --budgets 1%,5% --seeds 3 --evaluations 32
 
-Writes docs/SEARCH.md (between markers) and runs/policy_comparison/results.json.
+Each ``--task SPEC=CHECKPOINT`` names a task and the ``swr pretrain`` folder of its base
+model. Every finished cell is appended to ``OUT/cells.jsonl`` at once, so an interrupted
+run continues where it stopped (same command). Writes ``OUT/results.json``,
+``OUT/cells.csv``, ``docs/policy-comparison.png`` and docs/SEARCH.md between the
+``bench:policy_comparison`` markers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, md_table, write_section  # noqa: E402
+
+#: two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+       17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069,
+       24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--task", default="kws-synth:de")
-    p.add_argument("--budget", default="5%")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--evaluations", type=int, default=80)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--supernet-epochs", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=15, help="final training / baseline epochs")
-    p.add_argument("--policies", help="comma-separated searchers (default: every registered one)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"))
-    args = p.parse_args()
+def mean_ci95(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95% t interval of the mean (NaN bounds for fewer than 2 values)."""
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return m, math.nan, math.nan
+    half = T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
 
-    from swr.policies import searcher_names
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", action="append", required=True, metavar="SPEC=CHECKPOINT",
+                   help="a task and the swr pretrain folder of its base (repeat)")
+    p.add_argument("--budgets", default="1%,5%", help="comma-separated budgets")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per task and budget")
+    p.add_argument("--policies", default="pg,knapsack,random",
+                   help="searchers; the first is compared with each of the others")
+    p.add_argument("--evaluations", type=int, default=32,
+                   help="distinct selections each searcher scores")
+    p.add_argument("--supernet-epochs", type=int, default=10, help="stage-1 epochs")
+    p.add_argument("--epochs", type=int, default=15, help="final training epochs (all searchers)")
+    p.add_argument("--workers", type=int, default=0, help="Ray workers per search (0: none)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"),
+                   help="folder for the runs and cells.jsonl (resumable)")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
+    args = p.parse_args(argv)
+    args.pairs = []
+    for item in args.task:
+        spec, sep, ckpt = item.rpartition("=")
+        if not sep or not spec or not Path(ckpt, "metrics.json").is_file():
+            p.error(f"--task {item!r}: expected SPEC=CHECKPOINT with a swr pretrain folder")
+        args.pairs.append((spec, ckpt))
+    args.budget_list = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    args.policy_list = [x.strip() for x in args.policies.split(",") if x.strip()]
+    return args
+
+
+def cell_key(task: str, budget: str, seed: int, policy: str) -> str:
+    return f"{task}|{budget}|{seed}|{policy}"
+
+
+def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) -> dict:
+    """One search and its final training; the row that goes into cells.jsonl."""
     from swr.finetune import finetune
-    from swr.io import write_json
-    from swr.methods import run_method
     from swr.search import SearchConfig, run_search
-    from swr.pretrain import load_pretrained
     from swr.supernet import SupernetConfig
-    from swr.tasks import get_task
-    from swr.train import TrainConfig
+
+    folder = Path(args.out) / task.replace(":", "_") / f"b{budget.rstrip('%')}" / f"s{seed}"
+    search_out = folder / policy
+    cfg = SearchConfig(task=task, checkpoint=ckpt, budget=budget, out=str(search_out),
+                       policy=policy, seed=seed, evaluations=args.evaluations,
+                       workers=args.workers, device="cpu", progress=False,
+                       supernet=SupernetConfig(epochs=args.supernet_epochs))
+    t0 = time.perf_counter()
+    sel = run_search(cfg)
+    wall = time.perf_counter() - t0
+    metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
+                       epochs=args.epochs, seed=seed, device="cpu", progress=False)
+    return {"task": task, "budget": budget, "seed": seed, "policy": policy,
+            "val_score": sel["val_score"], "evaluations": sel["evaluations"],
+            "cost": sel["cost"], "budget_params": sel["budget_params"],
+            "trained_params": metrics.get("trained_params", metrics.get("updated_params")),
+            "layers": len(sel["layers"]), "search_s": sel["seconds"]["search"],
+            "supernet_s": sel["seconds"]["supernet"], "search_wall_s": wall,
+            "final_val_acc": metrics["val_acc"], "final_test_acc": metrics["test_acc"],
+            "final_s": metrics.get("seconds")}
+
+
+def paired(cells: list[dict], first: str, other: str, where=lambda c: True) -> list[float]:
+    """Test-accuracy differences ``first - other`` (points) over matching cells."""
+    by = {(c["task"], c["budget"], c["seed"], c["policy"]): c for c in cells if where(c)}
+    out = []
+    for (t, b, s, p), c in sorted(by.items()):
+        if p == first and (t, b, s, other) in by:
+            out.append(100 * (c["final_test_acc"] - by[(t, b, s, other)]["final_test_acc"]))
+    return out
+
+
+def fmt_ci(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m, lo, hi = mean_ci95(xs)
+    if math.isnan(lo):
+        return f"{m:+.2f} (n=1)"
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
+
+
+def render(cells: list[dict], args, minutes: float) -> str:
+    first, others = args.policy_list[0], args.policy_list[1:]
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    lines = [
+        f"Tasks {', '.join(f'`{t}`' for t in tasks)}; budgets {', '.join(args.budget_list)}; "
+        f"{args.seeds} seeds; {args.evaluations} distinct evaluations per searcher; supernet "
+        f"{args.supernet_epochs} epochs (one per task and seed, shared by the searchers); the "
+        f"same final training for every selection ({args.epochs} epochs, `swr finetune`). "
+        f"{len(cells)} cells; this run took {minutes:.1f} min.", "",
+        "Final test accuracy (%), mean over seeds (each seed's value in brackets), and the "
+        f"paired difference {first} - other in points with its 95% t interval over seeds "
+        "(`*`: the interval excludes zero):", ""]
+    headers = ["task", "budget", *[f"{p} test %" for p in args.policy_list],
+               *[f"{first} - {o}" for o in others]]
+    rows = []
+    for t in tasks:
+        for b in args.budget_list:
+            sub = [c for c in cells if c["task"] == t and c["budget"] == b]
+            if not sub:
+                continue
+            row = [t, b]
+            for p in args.policy_list:
+                accs = [100 * c["final_test_acc"] for c in sorted(sub, key=lambda c: c["seed"])
+                        if c["policy"] == p]
+                row.append(f"{statistics.mean(accs):.1f} ({', '.join(f'{a:.1f}' for a in accs)})"
+                           if accs else "-")
+            for o in others:
+                row.append(fmt_ci(paired(sub, first, o)))
+            rows.append(row)
+    pooled = ["all", "all", *["" for _ in args.policy_list],
+              *[fmt_ci(paired(cells, first, o)) for o in others]]
+    rows.append(pooled)
+    lines += [md_table(headers, rows), ""]
+    lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
+              "supernet score it found (mean):", ""]
+    srows = []
+    for p in args.policy_list:
+        sub = [c for c in cells if c["policy"] == p]
+        if sub:
+            srows.append([p, f"{statistics.median(c['search_s'] for c in sub):.1f}",
+                          f"{statistics.mean(c['evaluations'] for c in sub):.1f}",
+                          f"{statistics.mean(c['val_score'] for c in sub):.4f}",
+                          f"{statistics.mean(c['trained_params'] or 0 for c in sub):,.0f}"])
+    lines += [md_table(["searcher", "search s (median)", "distinct evaluations (mean)",
+                        "best supernet score (mean)", "trained params excl. head (mean)"], srows),
+              "", "![paired differences](policy-comparison.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(cells: list[dict], args, path: Path) -> None:
+    """Paired differences per (task, budget) with their 95% intervals, one colour per rival."""
+    from matplotlib.figure import Figure
+
+    from swr.io import save_png
+
+    first, others = args.policy_list[0], args.policy_list[1:]
+    groups = [(t, b) for t in dict.fromkeys(c["task"] for c in cells) for b in args.budget_list]
+    fig = Figure(figsize=(max(6, 1.3 * len(groups)), 4))
+    ax = fig.subplots()
+    width = 0.8 / max(len(others), 1)
+    for j, o in enumerate(others):
+        xs, ms, errs = [], [], [[], []]
+        for i, (t, b) in enumerate(groups):
+            d = paired([c for c in cells if c["task"] == t and c["budget"] == b], first, o)
+            if not d:
+                continue
+            m, lo, hi = mean_ci95(d)
+            xs.append(i + (j - (len(others) - 1) / 2) * width)
+            ms.append(m)
+            errs[0].append(0 if math.isnan(lo) else m - lo)
+            errs[1].append(0 if math.isnan(hi) else hi - m)
+        ax.bar(xs, ms, width, yerr=errs, capsize=3, label=f"{first} - {o}", color=f"C{j}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)), [f"{t}\n{b}" for t, b in groups], fontsize=8)
+    ax.set_ylabel("test accuracy difference (points)")
+    ax.set_title("Paired final test accuracy differences (bars: mean; whiskers: 95% t interval "
+                 "over seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from swr.io import write_csv, write_json
 
     out = Path(args.out)
-    policies = args.policies.split(",") if args.policies else searcher_names()
-    results: dict = {"args": vars(args), "search": [], "final": []}
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "cells.jsonl"
+    cells = []
+    if log_path.exists():
+        cells = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    done = {cell_key(c["task"], c["budget"], c["seed"], c["policy"]) for c in cells}
+    todo = [(t, ck, b, s, p) for t, ck in args.pairs for s in range(args.seeds)
+            for b in args.budget_list for p in args.policy_list
+            if cell_key(t, b, s, p) not in done]
+    info = machine()
     start = time.perf_counter()
-    for seed in range(args.seeds):
-        best = None
-        for policy in policies:
-            cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint, budget=args.budget,
-                               out=str(out / f"s{seed}-{policy}"), policy=policy, seed=seed,
-                               evaluations=args.evaluations, workers=args.workers, device="cpu",
-                               supernet=SupernetConfig(epochs=args.supernet_epochs), progress=False)
-            t = time.perf_counter()
-            r = run_search(cfg)
-            row = {"seed": seed, "policy": policy, "val_score": r["val_score"],
-                   "evaluations": r["evaluations"], "cost": r["cost"],
-                   "budget_params": r["budget_params"], "layers": len(r["layers"]),
-                   "seconds": time.perf_counter() - t}
-            results["search"].append(row)
-            print(json.dumps(row), flush=True)
-            if best is None or r["val_score"] > best[1]:
-                best = (policy, r["val_score"])
-        m = finetune(out / f"s{seed}-{best[0]}" / "selection.json", out / f"s{seed}-final",
-                     epochs=args.epochs, seed=seed, device="cpu", progress=False)
-        results["final"].append({"seed": seed, "method": f"swr ({best[0]})", "test_acc": m["test_acc"],
-                                 "updated_params": m["updated_params"]})
-        base, _ = load_pretrained(args.checkpoint)
-        task = get_task(args.task)
-        for method in ("linear", "full"):
-            row = run_method(method, base, task, None,
-                             TrainConfig(epochs=args.epochs, lr=5e-3 if method == "linear" else 1e-3,
-                                         seed=seed, device="cpu", progress=False))
-            results["final"].append({"seed": seed, "method": method, "test_acc": row["test_acc"],
-                                     "updated_params": row["updated_params"]})
-        print(json.dumps(results["final"][-3:]), flush=True)
-        write_json(out / "results.json", results)
-    results["minutes"] = (time.perf_counter() - start) / 60
-    write_json(out / "results.json", results)
-    section = render(results, args)
-    update_doc(ROOT / "docs" / "SEARCH.md", "policy_comparison", section)
+    with tqdm(total=len(todo), desc="policy comparison", unit="cell", file=sys.stderr) as bar:
+        for t, ck, b, s, p in todo:
+            row = run_cell(args, t, ck, b, s, p)
+            cells.append(row)
+            with open(log_path, "a") as f:  # one whole line per finished cell
+                f.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix(last=f"{t} {b} s{s} {p} {row['final_test_acc']:.3f}")
+    minutes = (time.perf_counter() - start) / 60
+    write_csv(out / "cells.csv", cells)
+    write_json(out / "results.json", {"args": {k: v for k, v in vars(args).items()
+                                               if k != "pairs"}, "cells": cells,
+                                      "minutes_this_run": minutes, "machine": info})
+    plot(cells, args, ROOT / "docs" / "policy-comparison.png")
+    section = render(cells, args, minutes)
     print(section)
-
-
-def render(results: dict, args) -> str:
-    lines = [f"Task `{args.task}`, budget {args.budget}, {args.evaluations} evaluations per "
-             f"policy, {args.seeds} seeds, {args.workers} Ray workers; supernet "
-             f"{args.supernet_epochs} epochs, final training and baselines {args.epochs} epochs. "
-             f"Machine: {platform.processor() or platform.machine()}, Python {sys.version.split()[0]}. "
-             f"Total {results.get('minutes', 0):.1f} min.", "",
-             "Command: `python benchmarks/policy_comparison.py --checkpoint CKPT "
-             f"--task {args.task} --budget {args.budget} --seeds {args.seeds} "
-             f"--evaluations {args.evaluations} --workers {args.workers}`", "",
-             "| policy | best validation score per seed | mean | evaluations |", "|---|---|---|---|"]
-    by: dict = {}
-    for r in results["search"]:
-        by.setdefault(r["policy"], []).append(r)
-    for policy, rs in by.items():
-        vals = [r["val_score"] for r in rs]
-        lines.append(f"| {policy} | {', '.join(f'{v:.4f}' for v in vals)} | "
-                     f"{statistics.mean(vals):.4f} | {rs[0]['evaluations']} |")
-    lines += ["", "| final method | test accuracy per seed | mean | updated params |", "|---|---|---|---|"]
-    fin: dict = {}
-    for r in results["final"]:
-        fin.setdefault(r["method"].split(" ")[0], []).append(r)
-    for method, rs in fin.items():
-        accs = [r["test_acc"] for r in rs]
-        label = method if method != "swr" else \
-            "swr, best policy per seed: " + ", ".join(r["method"][5:-1] for r in rs)
-        lines.append(f"| {label} | "
-                     f"{', '.join(f'{a:.4f}' for a in accs)} | {statistics.mean(accs):.4f} | "
-                     f"{rs[0]['updated_params']:,} |")
-    return "\n".join(lines) + "\n"
-
-
-def update_doc(path: Path, key: str, section: str) -> None:
-    from swr.io import write_text
-
-    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    text = path.read_text() if path.exists() else "# Search: policy vs reference selectors\n\n"
-    block = f"{start}\n{section}{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    write_text(path, text)
+    if not args.no_doc:
+        write_section("policy_comparison", "The learned policy against the reference selectors "
+                      "(`benchmarks/policy_comparison.py`)", section, info,
+                      doc=ROOT / "docs" / "SEARCH.md")
 
 
 if __name__ == "__main__":
