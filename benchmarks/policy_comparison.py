@@ -246,10 +246,11 @@ def main(argv=None) -> None:
     write_json(out / "results.json", {"args": {k: v for k, v in vars(args).items()
                                                if k != "pairs"}, "cells": cells,
                                       "minutes_this_run": minutes, "machine": info})
-    plot(cells, args, ROOT / "docs" / "policy-comparison.png")
+    plot(cells, args, out / "policy-comparison.png")
     section = render(cells, args, minutes)
     print(section)
     if not args.no_doc:
+        plot(cells, args, ROOT / "docs" / "policy-comparison.png")
         write_section("policy_comparison", "The learned policy against the reference selectors "
                       "(`benchmarks/policy_comparison.py`)", section, info,
                       doc=ROOT / "docs" / "SEARCH.md")
