@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -241,9 +244,6 @@ def save_safetensors(tensors: dict, path: str | os.PathLike,
     byte-reproducibly (metadata keys sorted), a full disk raised as an OSError naming
     ``path``. Returns the file's size in bytes. The one writer for every safetensors
     file swr keeps, so the same content always gives the same bytes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)

@@ -494,8 +494,7 @@ def test_interrupted_writes_keep_the_previous_file(world, tmp_path, monkeypatch)
     delta_file = tmp_path / "task_delta.safetensors"
     delta_file.write_bytes(world.delta.read_bytes())
     before = {p: p.read_bytes() for p in (ckpt_file, delta_file)}
-    monkeypatch.setattr(backbones, "save_file", half_then_crash)
-    monkeypatch.setattr(swr.delta, "save_file", half_then_crash)
+    monkeypatch.setattr(swr.io, "save_file", half_then_crash)  # the one safetensors writer
     with pytest.raises(OSError, match="disk full"):
         backbones.save_checkpoint(base, ckpt_file, backbone="bcresnet-1")
     model = build_supernet(base, 4)
