@@ -238,9 +238,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     lr = 3e-3 if args.lr is None else args.lr
     m = finetune(args.selection, args.out, epochs=args.epochs, lr=lr, seed=args.seed,
                  device=args.device, from_scratch=args.from_scratch, on_bad_file=args.on_bad_file)
-    print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} updated "
-          f"params, task delta {m['delta_bytes']} bytes, fold error {m['fold_max_abs_diff']:.2g} "
-          f"-> {args.out}")
+    print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} trained "
+          f"params (excl. head), task delta {m['delta_bytes']} bytes, fold error "
+          f"{m['fold_max_abs_diff']:.2g} -> {args.out}")
     _report_skipped("finetune", m.get("skipped_files", []), f"{args.out}/metrics.json")
     return 0
 
@@ -257,8 +257,8 @@ def _finetune_method(args: argparse.Namespace) -> int:
                         epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device,
                         on_bad_file=args.on_bad_file or "fail")
     print(f"{args.method}: test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), "
-          f"{m['updated_params']} updated params, task delta {m['delta_bytes']} bytes, fold "
-          f"error {m['fold_max_abs_diff']:.2g} -> {args.out}")
+          f"{m['updated_params']} trained params (excl. head), task delta {m['delta_bytes']} "
+          f"bytes, fold error {m['fold_max_abs_diff']:.2g} -> {args.out}")
     _report_skipped("finetune", m.get("skipped_files", []), f"{args.out}/metrics.json")
     return 0
 
