@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .budget import check_selection, cost_report
+from .budget import NORM_MODES, check_selection, cost_report
 from .delta import export_task_delta
 from .errors import BudgetError, SwrError
 from .fold import fold, same_architecture
@@ -74,9 +74,10 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     # files from before norms were counted lack these keys: norms trained, outside the budget
     norms_mode = sel.get("norms", "free")
     norms_trained = sel.get("norms_trained", True)
-    if not isinstance(norms_trained, bool) or not isinstance(norms_mode, str):
+    if not isinstance(norms_trained, bool) or norms_mode not in NORM_MODES:
         raise SwrError(f"selection file {selection_file} is malformed: 'norms_trained' must be "
-                       "true or false and 'norms' a string; write it with swr search")
+                       f"true or false and 'norms' one of {', '.join(NORM_MODES)}; write it with "
+                       "swr search")
     chosen = list(sel["layers"]) if layers is None else layers
     # before any work: the run may not overwrite what it reads, nor a folder of other files
     check_output(out, {"--selection": selection_file,
