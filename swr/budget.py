@@ -1,9 +1,10 @@
 """Budget accounting: how many parameters a task may update.
 
-The budget counts delta parameters of the gated layers. Task norm parameters and
-the head are reported separately and counted only when the user asks
-(``count_norms`` / ``count_head``): every method trains a head, so counting it
-would only shift all methods alike.
+The budget bounds the parameters a task trains outside the head: for SWR the
+deltas of the gated layers and, by default, the task norms it trains beside them
+(:func:`split_budget` says how a budget is shared between the two). The head is
+never counted: every method trains a new one, so counting it would only shift all
+methods alike (``cost_report`` still reports it, and counts it when asked).
 """
 
 from __future__ import annotations
@@ -84,6 +85,39 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.fraction:.4g}" if self.fraction is not None else str(self.params)
+
+
+#: How SWR's task norms relate to the budget (``swr search --norms``, SWR's ``norms`` knob):
+#: ``auto`` trains and counts them when they fit, else trains deltas only; ``budget``
+#: trains and counts them or refuses; ``none`` trains deltas only; ``free`` trains them
+#: without counting them (the accounting before norms were counted).
+NORM_MODES = ("auto", "budget", "none", "free")
+
+
+def split_budget(budget_params: int, norm_params: int, mode: str = "auto",
+                 min_delta: int = 1) -> tuple[int, bool, bool]:
+    """Share ``budget_params`` between task norms and deltas under norm ``mode``.
+
+    Returns ``(delta_budget, norms_trained, norms_counted)``: the budget left to the
+    deltas (what a searcher is handed) and whether the ``norm_params`` task norm
+    parameters train and count against the budget. Norms "fit" when at least
+    ``min_delta`` parameters (the cheapest layer's delta) remain for the deltas beside
+    them. ``auto`` without such room trains deltas only; ``budget`` raises
+    :class:`BudgetError` naming the budget and the norm count.
+    """
+    if mode not in NORM_MODES:
+        raise SwrError(f"norms mode {mode!r} is not one of {', '.join(NORM_MODES)}")
+    if mode == "none":
+        return budget_params, False, False
+    if mode == "free":
+        return budget_params, True, False
+    if budget_params - norm_params >= min_delta:
+        return budget_params - norm_params, True, True
+    if mode == "auto":
+        return budget_params, False, False
+    raise BudgetError(f"budget of {budget_params} parameters cannot hold the {norm_params} task "
+                      f"norm parameters and a delta of at least {min_delta}; raise the budget, or "
+                      "use norms=none (deltas only) or norms=free (norms not counted)")
 
 
 def backbone_params(model: nn.Module) -> int:

@@ -161,6 +161,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--supernet-epochs", type=int, default=10)
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
+    p.add_argument("--norms", choices=["auto", "budget", "none", "free"], default="auto",
+                   help="the task norms SWR trains beside the deltas: auto (default) counts them "
+                        "in --budget when they fit, leaving the rest to deltas, else trains "
+                        "deltas only; budget counts them or stops; none trains deltas only; "
+                        "free trains them outside the budget (the accounting of earlier "
+                        "releases)")
     _on_bad_file_arg(p)
     _device_arg(p)
 
@@ -183,11 +189,12 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        device=args.device, ray_address=args.ray_address,
                        samples_per_iteration=args.samples_per_iteration,
                        supernet=SupernetConfig(epochs=args.supernet_epochs),
-                       on_bad_file=args.on_bad_file)
+                       on_bad_file=args.on_bad_file, norms=args.norms)
     r = run_search(cfg)
+    norms = (f" + {r['norm_params']} norm" if r["norms_trained"] else " (norms not trained)")
     print(f"{r['policy']}: val score {r['val_score']:.4f} with {len(r['layers'])} layers, "
-          f"cost {r['cost']}/{r['budget_params']} params, {r['evaluations']} evaluations "
-          f"-> {args.out}/selection.json")
+          f"trained {r['cost']} delta{norms} = {r['trained_params']}/{r['budget_params']} params "
+          f"(--norms {r['norms']}), {r['evaluations']} evaluations -> {args.out}/selection.json")
     _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")
     return 0
 
@@ -231,9 +238,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     lr = 3e-3 if args.lr is None else args.lr
     m = finetune(args.selection, args.out, epochs=args.epochs, lr=lr, seed=args.seed,
                  device=args.device, from_scratch=args.from_scratch, on_bad_file=args.on_bad_file)
-    print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} updated "
-          f"params, task delta {m['delta_bytes']} bytes, fold error {m['fold_max_abs_diff']:.2g} "
-          f"-> {args.out}")
+    print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} trained "
+          f"params (excl. head), task delta {m['delta_bytes']} bytes, fold error "
+          f"{m['fold_max_abs_diff']:.2g} -> {args.out}")
     _report_skipped("finetune", m.get("skipped_files", []), f"{args.out}/metrics.json")
     return 0
 
@@ -250,8 +257,8 @@ def _finetune_method(args: argparse.Namespace) -> int:
                         epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device,
                         on_bad_file=args.on_bad_file or "fail")
     print(f"{args.method}: test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), "
-          f"{m['updated_params']} updated params, task delta {m['delta_bytes']} bytes, fold "
-          f"error {m['fold_max_abs_diff']:.2g} -> {args.out}")
+          f"{m['updated_params']} trained params (excl. head), task delta {m['delta_bytes']} "
+          f"bytes, fold error {m['fold_max_abs_diff']:.2g} -> {args.out}")
     _report_skipped("finetune", m.get("skipped_files", []), f"{args.out}/metrics.json")
     return 0
 

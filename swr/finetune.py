@@ -4,6 +4,10 @@ Starts from the supernet's trained deltas, norms and head (they already fit the
 task; ``from_scratch=True`` starts from zero deltas and a fresh head instead),
 keeps the best state on validation, reports test accuracy, folds, checks the fold
 against the trained model, and writes the task delta and the folded model.
+
+The task norms train when the selection says so (``norms_trained``, decided by
+``swr search --norms``; selection files written before it train them). When they do
+not, the model keeps the base's norms and BatchNorm statistics, not the supernet's.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .budget import check_selection, cost_report
+from .budget import NORM_MODES, check_selection, cost_report
 from .delta import export_task_delta
-from .errors import SwrError
+from .errors import BudgetError, SwrError
 from .fold import fold, same_architecture
 from .io import check_output, check_run_folder, read_json, staged_folder, write_json
 from .source import BaseSpec, load_base, load_task, task_preprocess
-from .reparam import reparam_layers, set_selection, set_trainable, unwrap
+from .methods.base import freeze_batchnorm
+from .reparam import reparam_layers, restore_norms, set_selection, set_trainable, unwrap
 from .runlog import TRAINING_LOGS
 from .supernet import SupernetConfig, build_supernet, new_supernet
 from .tasks import task_data_path
@@ -66,6 +71,13 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
     else:
         raise SwrError(f"selection file {selection_file} lacks 'checkpoint'; write it with "
                        "swr search")
+    # files from before norms were counted lack these keys: norms trained, outside the budget
+    norms_mode = sel.get("norms", "free")
+    norms_trained = sel.get("norms_trained", True)
+    if not isinstance(norms_trained, bool) or norms_mode not in NORM_MODES:
+        raise SwrError(f"selection file {selection_file} is malformed: 'norms_trained' must be "
+                       f"true or false and 'norms' one of {', '.join(NORM_MODES)}; write it with "
+                       "swr search")
     chosen = list(sel["layers"]) if layers is None else layers
     # before any work: the run may not overwrite what it reads, nor a folder of other files
     check_output(out, {"--selection": selection_file,
@@ -80,7 +92,15 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
                      on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
     # the new head is drawn from the seed: --from-scratch runs are reproducible too
     model = new_supernet(base, task.num_classes, SupernetConfig(seed=seed))
-    cost = check_selection(model, chosen, int(sel["budget_params"]))
+    report = cost_report(model, chosen)
+    counted = report["norms"] if norms_trained and norms_mode in ("auto", "budget") else 0
+    try:
+        cost = check_selection(model, chosen, int(sel["budget_params"]) - counted)
+    except BudgetError as e:
+        if not counted:
+            raise
+        raise BudgetError(f"{e} (the budget of {sel['budget_params']} less the {counted} task "
+                          "norm parameters it counts)") from None
     if not from_scratch:
         # never a silent fallback to zero deltas and a new head: that is --from-scratch
         named = sel.get("supernet")
@@ -98,6 +118,8 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
             raise SwrError(f"supernet {supernet_weights} named in {selection_file} does not load "
                            f"({str(e).splitlines()[0][:200]}); re-run swr search or pass "
                            "--from-scratch") from None
+    if not norms_trained:  # the supernet's norms were trained in stage 1: keep the base's
+        restore_norms(model, base)
     set_selection(model, chosen)
     if from_scratch:
         with torch.no_grad():
@@ -105,12 +127,14 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
                 layer.delta.zero_()
     # deltas of unselected layers stay in the model with closed gates: they are
     # neither trained nor exported
-    params = set_trainable(model, deltas=chosen, norms=True, head=True)
+    params = set_trainable(model, deltas=chosen, norms=norms_trained, head=True)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                       progress=progress, desc="finetune", log_dir=str(out))
     reset_runlog(out)
     start = time.perf_counter()
-    result = train(model, task, params, cfg)
+    # untrained norms keep the base's BatchNorm statistics too, as every method's do
+    result = train(model, task, params, cfg,
+                   before_batch=None if norms_trained else lambda step: freeze_batchnorm(model))
     dev = resolve_device(device)
     test_acc = evaluate(model, task.test, dev)
     model.cpu()
@@ -129,11 +153,14 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
                                                "preprocess": task_preprocess(task)})
         save_checkpoint(folded, stage / "model.safetensors", backbone=meta["backbone"],
                         task=sel["task"], classes=task.class_names)
-        report = cost_report(model, chosen)
+        trained = cost + (report["norms"] if norms_trained else 0)
         metrics = {
             "test_acc": test_acc, "val_acc": result.val_acc, "shift_test_acc": shift_test_acc,
-            "updated_params": cost, "budget_params": int(sel["budget_params"]),
-            "norm_params": report["norms"], "head_params": report["head"],
+            # one quantity with the bench: every parameter trained outside the head
+            "updated_params": trained, "trained_params": trained, "delta_params": cost,
+            "budget_params": int(sel["budget_params"]),
+            "norm_params": report["norms"] if norms_trained else 0, "norms": norms_mode,
+            "norms_trained": norms_trained, "head_params": report["head"],
             "delta_bytes": delta_bytes, "seconds": time.perf_counter() - start,
             "fold_max_abs_diff": fold_diff, "same_architecture": same_architecture(folded, plain),
             "layers": chosen, "task": sel["task"], "backbone": meta["backbone"],

@@ -103,7 +103,7 @@ def pareto_figure(summary: Sequence[dict], title: str = "") -> Figure:
                     ax.annotate(str(s["budget"]), (x, y), textcoords="offset points",
                                 xytext=(4, 4), fontsize=7, color=colour)
         ax.set_xscale("log")
-        ax.set_xlabel("updated backbone parameters (log scale)")
+        ax.set_xlabel("trained parameters, excl. head (log scale)")
         ax.set_ylabel("test accuracy")
         ax.set_title(title or task, fontsize=9)
         ax.grid(alpha=0.3, which="both")

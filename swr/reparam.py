@@ -179,6 +179,18 @@ def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             for k, p in m.named_parameters()}
 
 
+@torch.no_grad()
+def restore_norms(model: nn.Module, base: nn.Module) -> None:
+    """Give ``model``'s norm layers the state (affines and running statistics) of the same
+    norm layers in ``base``: a model that does not train its task norms keeps the base's,
+    even when it starts from a supernet whose norms stage 1 trained."""
+    source = norm_modules(base)
+    for name, m in norm_modules(model).items():
+        if name not in source:
+            raise ValueError(f"norm layer {name!r} is not in the base model")
+        m.load_state_dict(source[name].state_dict())
+
+
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     head = head_module(model)
     prefix = head_prefix(model)

@@ -51,6 +51,8 @@ class SearchConfig:
     # the base as a backbone + weights file instead of a swr pretrain checkpoint
     backbone: Optional[str] = None
     weights: Optional[str] = None
+    # how the task norms meet the budget (swr.budget.NORM_MODES, split_budget)
+    norms: str = "auto"
 
     def validate(self) -> "SearchConfig":
         from .policies import searcher_names
@@ -64,6 +66,10 @@ class SearchConfig:
             raise SwrError(f"--evaluations {self.evaluations} must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
+        from .budget import NORM_MODES
+
+        if self.norms not in NORM_MODES:
+            raise SwrError(f"--norms {self.norms!r} is not one of {', '.join(NORM_MODES)}")
         self.supernet.validate()
         return self
 
@@ -113,7 +119,7 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
         if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
             reset_runlog(cfg.out, ("epochs",))
         return search_selection(base_model, task, cfg.budget, searcher, supernet, cfg.out,
-                                backbone)
+                                backbone, norms=cfg.norms)
 
 
 #: How each fingerprint entry is named to the user, in the order differences are listed.
@@ -122,13 +128,14 @@ FINGERPRINT_LABELS = {
     "task": "--task", "task_data": "task data (by content hash)", "classes": "task classes",
     "budget_params": "--budget (in parameters)", "policy": "--policy", "seed": "--seed",
     "evaluations": "--evaluations", "samples_per_iteration": "--samples-per-iteration",
-    "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs",
+    "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs", "norms": "--norms",
 }
 
 
 def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
     """What a search's result depends on: the base weights and the task's data by content
-    hash, the budget in parameters, the searcher and its settings, the supernet settings.
+    hash, the budget in parameters and how task norms count in it, the searcher and its
+    settings, the supernet settings.
     Not the device, workers or Ray address: a resumed search may finish elsewhere."""
     from .budget import Budget, backbone_params
     from .source import state_hash
@@ -138,6 +145,7 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
     return {"base": state_hash(base_model), "task": task.id, "task_data": task.data_hash(),
             "classes": list(task.class_names),
             "budget_params": Budget.parse(cfg.budget).resolve(backbone_params(base_model)),
+            "norms": cfg.norms,
             "policy": cfg.policy, "seed": cfg.seed, "evaluations": cfg.evaluations,
             "samples_per_iteration": cfg.samples_per_iteration, "bn_batches": cfg.bn_batches,
             **supernet}

@@ -18,8 +18,8 @@ from typing import Optional, Protocol, runtime_checkable
 import numpy as np
 from torch import nn
 
-from .budget import backbone_params, resolve_budget, selection_cost
-from .reparam import candidates
+from .budget import backbone_params, resolve_budget, selection_cost, split_budget
+from .reparam import candidates, norm_parameters
 from .supernet import SupernetConfig, build_supernet, prepare_supernet
 
 Selection = tuple[str, ...]
@@ -81,16 +81,21 @@ class Searcher(Protocol):
 
 def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
                      supernet: SupernetConfig, out: str | Path, backbone: str,
-                     ) -> tuple[dict, nn.Module]:
+                     norms: str = "auto") -> tuple[dict, nn.Module]:
     """Stage 1 (cached) and stage 2 with ``searcher``; returns (result, trained supernet).
 
     ``budget`` is anything :func:`swr.budget.resolve_budget` takes (``"5%"``, a
-    fraction, a parameter count). A budget no layer fits in fails before stage 1.
-    The supernet is returned with every gate closed.
+    fraction, a parameter count). ``norms`` (one of :data:`swr.budget.NORM_MODES`) says
+    whether the task norms train and count against it (:func:`swr.budget.split_budget`);
+    the searcher is handed what is left for the deltas. A budget no layer fits in, or
+    ``norms="budget"`` with norms that do not fit, fails before stage 1. The result
+    records ``norms``, ``norms_trained``, ``norm_params`` (the task norms' size),
+    ``delta_budget_params`` and ``trained_params`` (deltas + trained norms). The supernet
+    is returned with every gate closed.
     """
     supernet.validate()
-    resolve_budget(build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta),
-                   budget)
+    plain = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
+    delta_budget, norms_trained, _ = norm_split(plain, resolve_budget(plain, budget), norms)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -99,15 +104,20 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     cands = candidates(model)
     budget_params = resolve_budget(model, budget)
     problem = SearchProblem(model, task, [c.name for c in cands], [c.params for c in cands],
-                            budget_params, meta["stats"], out,
+                            delta_budget, meta["stats"], out,
                             title=f"{searcher.name} on {task.id}, budget {budget}")
     t1 = time.perf_counter()
     found = searcher(problem)
     t_search = time.perf_counter() - t1
     info = searcher.describe()
+    cost = selection_cost(model, found.layers)
+    norm_count = sum(p.numel() for p in norm_parameters(model).values())
     result = {
-        "layers": list(found.layers), "cost": selection_cost(model, found.layers),
+        "layers": list(found.layers), "cost": cost,
         "budget_params": budget_params, "budget": str(budget),
+        "norms": norms, "norms_trained": norms_trained, "norm_params": norm_count,
+        "delta_budget_params": delta_budget,
+        "trained_params": cost + (norm_count if norms_trained else 0),
         "backbone_params": backbone_params(model), "val_score": found.score,
         "policy": info.get("policy", searcher.name), "seed": info.get("seed"),
         "evaluations": found.evaluations,
@@ -121,10 +131,18 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     return result, model
 
 
+def norm_split(model: nn.Module, budget_params: int, norms: str) -> tuple[int, bool, bool]:
+    """:func:`swr.budget.split_budget` for ``model`` (a supernet): its task norms' size, and
+    its cheapest layer as the least the deltas must be left."""
+    norm_count = sum(p.numel() for p in norm_parameters(model).values())
+    cheapest = min((c.params for c in candidates(model)), default=1)
+    return split_budget(budget_params, norm_count, norms, min_delta=cheapest)
+
+
 def supernet_settings(cfg: SupernetConfig, seed: int, device: str, progress: bool) -> SupernetConfig:
     """``cfg`` with the run's seed, device and progress (a copy; ``cfg`` is left alone)."""
     return replace(cfg, seed=seed, device=device, progress=progress)
 
 
-__all__ = ["SearchProblem", "SearchResult", "Searcher", "Selection", "search_selection",
-           "supernet_settings"]
+__all__ = ["SearchProblem", "SearchResult", "Searcher", "Selection", "norm_split",
+           "search_selection", "supernet_settings"]

@@ -38,14 +38,33 @@ def test_bench_outputs_and_resume(tiny, tmp_path):
     assert all(int(r["updated_params"]) <= int(r["budget_params"]) for r in swr_rows)
     assert all(r["foldable"] == "True" for r in swr_rows)
     assert all(float(r["fold_max_abs_diff"]) <= 1e-5 for r in swr_rows)
+    # at 5% and 10% the task norms (2416 parameters) do not fit: SWR trains deltas only
+    assert {r["norms"] for r in swr_rows} == {"auto:none"}
+    assert {r["norms"] for r in table if r["method"] != "swr-knapsack"} == {"-"}
     md = (tmp_path / "b" / "results.md").read_text()
     assert "± " in md and "swr-knapsack" in md
+    assert "| trained params (excl. head) | norms |" in md and "| auto:none |" in md
     assert (tmp_path / "b" / "pareto.png").stat().st_size > 1000
     # resume: nothing left to do, the same rows come back
     before = (tmp_path / "b" / "results.csv").read_text()
     again = run_bench(bench_cfg(tiny, tmp_path / "b", resume=True), log=lambda s: None)
     assert len(again) == len(rows)
     assert (tmp_path / "b" / "results.csv").read_text() == before
+
+
+def test_bench_rows_count_norms_alike_and_swr_deltas_trains_none(tiny, tmp_path):
+    """norm, swr and swr-deltas at a budget the task norms fit in: the norm baseline and SWR
+    report the same norm parameters among their trained ones; swr-deltas none of them."""
+    cfg = bench_cfg(tiny, tmp_path / "d")
+    cfg.methods, cfg.budgets, cfg.seeds = ["norm", "swr-knapsack", "swr-deltas"], ["40%"], 1
+    rows = {r["method"]: r for r in run_bench(cfg, log=lambda s: None)}
+    norms = int(rows["norm"]["updated_params"])
+    swr, deltas = rows["swr-knapsack"], rows["swr-deltas"]
+    assert swr["norms"] == "auto" and int(swr["norm_params"]) == norms
+    assert norms < int(swr["updated_params"]) <= int(swr["budget_params"])
+    assert deltas["norms"] == "none" and int(deltas["norm_params"]) == 0
+    assert 0 < int(deltas["updated_params"]) <= int(deltas["budget_params"])
+    assert rows["norm"]["norms"] == "-"
 
 
 def test_bench_rejects_unknown_method_and_budget(tiny, tmp_path, capsys):

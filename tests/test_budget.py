@@ -3,9 +3,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swr.budget import (Budget, backbone_params, check_selection, cost_report, resolve_budget,
-                        selection_cost)
-from swr.errors import BudgetError
+from swr.budget import (NORM_MODES, Budget, backbone_params, check_selection, cost_report,
+                        resolve_budget, selection_cost, split_budget)
+from swr.errors import BudgetError, SwrError
 from swr.reparam import candidates, reparametrize
 
 from models import make
@@ -70,3 +70,32 @@ def test_bias_delta_counts_bias():
     with_bias = {c.name: c.params for c in candidates(model, bias_delta=True)}
     # resnet convs have no bias; the stem conv's cost is unchanged either way
     assert plain["conv1"] == with_bias["conv1"] == torch.Size([64, 3, 7, 7]).numel()
+
+
+@pytest.mark.parametrize("mode,budget,norms,expected", [
+    # norms fit with room for the cheapest delta (10): trained and counted, unless told not
+    ("auto", 1000, 400, (600, True, True)),
+    ("budget", 1000, 400, (600, True, True)),
+    ("none", 1000, 400, (1000, False, False)),
+    ("free", 1000, 400, (1000, True, False)),
+    # norms larger than the budget: auto falls back to deltas only; none and free do not care
+    ("auto", 300, 400, (300, False, False)),
+    ("none", 300, 400, (300, False, False)),
+    ("free", 300, 400, (300, True, False)),
+    # norms that fit but leave less than the cheapest delta do not fit
+    ("auto", 405, 400, (405, False, False)),
+    ("auto", 410, 400, (10, True, True)),
+])
+def test_split_budget_shares_the_budget_between_norms_and_deltas(mode, budget, norms, expected):
+    assert split_budget(budget, norms, mode, min_delta=10) == expected
+
+
+def test_split_budget_refuses_norms_that_do_not_fit_in_budget_mode():
+    with pytest.raises(BudgetError) as e:
+        split_budget(300, 400, "budget", min_delta=10)
+    line = str(e.value)
+    assert "\n" not in line and "300" in line and "400" in line
+    assert "norms=none" in line and "norms=free" in line
+    with pytest.raises(SwrError, match="sometimes"):
+        split_budget(1000, 400, "sometimes")
+    assert NORM_MODES == ("auto", "budget", "none", "free")

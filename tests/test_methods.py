@@ -163,8 +163,15 @@ def test_method_trains_counts_and_folds(families, name, family, budget, knobs):
             weight_changes = {k: m for k, m in changes.items() if not k.startswith(norms)}
             assert {_module_of(k) for k in weight_changes} <= open_layers
             assert sum(int(m.sum()) for m in weight_changes.values()) <= updated
-            assert updated == sum(m.cost for n, m in scored_layers(model).items()
-                                  if n in open_layers)
+            # the open deltas and the task norms when they fit (on the BC-ResNet; the ViT's
+            # 9600 leave less than its cheapest layer of 40000): both count in it
+            norm_count = sum(p.numel() for n in norm_modules(model)
+                             for p in model.get_submodule(n).parameters())
+            assert method.norms_trained is (family == "bc")
+            norm_count *= method.norms_trained
+            assert method.norm_params(model) == norm_count
+            assert updated == norm_count + sum(m.cost for n, m in scored_layers(model).items()
+                                               if n in open_layers)
         if name == "two-stage":
             masked = channel_layers(model)
             norm_count = sum(p.numel() for n in norm_modules(model)
@@ -319,3 +326,107 @@ def test_count_flops_counts_multiply_accumulates_twice():
     assert count_flops(nn.Linear(10, 5), torch.randn(1, 10)) == 2 * 10 * 5
     conv = nn.Conv2d(3, 4, 3, padding=1)
     assert count_flops(conv, torch.randn(1, 3, 8, 8)) == 2 * 3 * 9 * 4 * 64
+
+
+class _CheapestFirst:
+    """A searcher for accounting tests: the cheapest layers that fit, no scoring."""
+
+    name = "cheapest"
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "seed": 0}
+
+    def __call__(self, problem):
+        from swr.selection import SearchResult
+
+        chosen, left = [], problem.budget_params
+        for cost, name in sorted(zip(problem.costs, problem.names)):
+            if cost <= left:
+                chosen.append(name)
+                left -= cost
+        return SearchResult(layers=tuple(chosen), score=0.0, evaluations=1)
+
+
+def _trained_outside_head(model) -> int:
+    """Elements of the parameters that train (requires_grad) outside the head; a two-stage
+    channel delta counts its chosen rows only (the others are masked out of the forward)."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    rows = {id(m.delta): m.tuned_params for m in channel_layers(model).values()}
+    return sum(rows.get(id(p), p.numel()) for p in model.parameters()
+               if p.requires_grad and id(p) not in head)
+
+
+# (family, budget, knobs) per registered method for the accounting test; the SWR family
+# (any swr* name another test module registered too) runs on the BC-ResNet with its norms
+# (2416 parameters) fitting 3000 and not 1000. TAPS retrains once after its budget cut, so
+# that what trains last is what it keeps.
+ACCOUNTING = {
+    "linear": ("bc", None, {}), "full": ("bc", None, {}), "bitfit": ("bc", None, {}),
+    "norm": ("bc", None, {}), "ssf": ("bc", 3000, {}), "lora": ("bc", 3000, {}),
+    "adapter-par": ("bc", 3000, {}), "adapter-seq": ("bc", 3000, {}),
+    "taps": ("bc", 3000, {"retrain_epochs": 1}), "two-stage": ("bc", 3000, {}),
+    "wise-ft": ("bc", None, {"alphas": [0.5]}), "vpt-shallow": ("vit", 5000, {}),
+    "vpt-deep": ("vit", 5000, {}),
+}
+#: Methods whose trained set is final after ``prepare`` (the others change it in ``fit``).
+PHASED = ("taps", "two-stage", "wise-ft")
+
+
+def _accounting_cases():
+    cases = []
+    for name in sorted(METHODS):
+        if name.startswith("swr"):
+            cases += [(name, "bc", 3000, {}), (name, "bc", 1000, {})]
+        else:
+            cases.append((name, *ACCOUNTING.get(name, ("bc", 3000, {}))))
+    return cases
+
+
+@pytest.mark.parametrize("name,family,budget,knobs", _accounting_cases(),
+                         ids=[f"{c[0]}-{c[2]}" for c in _accounting_cases()])
+def test_every_method_reports_what_it_trains_outside_the_head(families, tmp_path, name, family,
+                                                              budget, knobs):
+    """updated_params is one quantity for every method: the parameters that train, less the
+    head; a method that respects the budget keeps that quantity within it."""
+    assert name in ACCOUNTING or name.startswith("swr"), f"add {name!r} to ACCOUNTING"
+    base, task = families[family]
+    method = get_method(name, **knobs)
+    if method.search_settings() is not None:  # SWR and its variants: a searcher, stage 1 short
+        method.searcher, method.supernet_epochs, method.device = _CheapestFirst(), 1, "cpu"
+        method.out = str(tmp_path)
+    torch.manual_seed(0)
+    model = method.prepare(copy.deepcopy(base), task, budget)
+    if name not in PHASED:
+        assert method.updated_params(model) == _trained_outside_head(model)
+    method.fit(model, task, CFG)
+    updated = method.updated_params(model)
+    assert updated == _trained_outside_head(model)
+    assert method.norm_params(model) <= updated
+    if method.respects_budget and getattr(method, "norms", "auto") != "free":
+        assert updated <= budget
+    if name.startswith("swr"):
+        norm_count = sum(p.numel() for m in norm_modules(model).values() for p in m.parameters())
+        trains = name != "swr-deltas" and budget >= norm_count
+        assert method.norms_trained is trains and (method.norm_params(model) > 0) is trains
+        assert method.norms_accounting() == ("none" if name == "swr-deltas"
+                                             else "auto" if trains else "auto:none")
+
+
+def test_swr_deltas_only_keeps_the_base_norms(families, tmp_path):
+    """Without task norms, SWR's model keeps the base's norm affines and BatchNorm
+    statistics (not the ones stage 1 trained), and only the selected deltas move."""
+    base, task = families["bc"]
+    method = get_method("swr-deltas", supernet_epochs=1, device="cpu", out=str(tmp_path))
+    method.searcher = _CheapestFirst()
+    model = method.prepare(copy.deepcopy(base), task, 3000)
+    method.fit(model, task, CFG)
+    base_norms, norms = norm_modules(base), norm_modules(model)
+    assert set(base_norms) == set(norms)
+    for name, m in norms.items():
+        for key, t in m.state_dict().items():
+            assert torch.equal(t, base_norms[name].state_dict()[key]), f"{name}.{key}"
+    assert method.norm_params(model) == 0 and method.norms_accounting() == "none"
+    with pytest.raises(SwrError, match="norms=none"):
+        get_method("swr-deltas", norms="free")
+    with pytest.raises(SwrError, match="norms"):
+        get_method("swr", norms="sometimes")

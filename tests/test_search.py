@@ -22,7 +22,8 @@ def tiny(monkeypatch, tmp_path):
 
 
 def search_cfg(tmp_path, ckpt, policy, out="out", **kw):
-    return SearchConfig(task="tiny", checkpoint=str(ckpt), budget="10%", out=str(tmp_path / out),
+    return SearchConfig(task="tiny", checkpoint=str(ckpt), budget=kw.pop("budget", "10%"),
+                        out=str(tmp_path / out),
                         policy=policy, evaluations=kw.pop("evaluations", 12), workers=0,
                         progress=False, device="cpu",
                         supernet=SupernetConfig(epochs=1, progress=False), **kw)
@@ -171,3 +172,82 @@ def test_perturbed_selectors_find_new_selections_when_no_importance_is_positive(
     run_selector(rule, -np.linspace(0.1, 1.0, len(costs)), costs, 100, 15, 0, run)
     assert len(run.seen) == 15
     assert all(costs[np.array(m)].sum() <= 100 for m in run.seen)
+
+
+def _norm_count(ckpt):
+    from swr.pretrain import load_pretrained
+    from swr.reparam import norm_parameters
+
+    base, _ = load_pretrained(ckpt)
+    return base, sum(p.numel() for p in norm_parameters(base).values())
+
+
+def test_search_counts_task_norms_in_the_budget_when_they_fit(tiny, tmp_path):
+    """--norms auto: at 40% the BC-ResNet's 2416 norm parameters fit and are counted, the
+    searcher gets the rest; at 10% (883) they do not, and the search trains deltas only."""
+    _, ckpt = tiny
+    _, norms = _norm_count(ckpt)
+    big = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="big", budget="40%",
+                                evaluations=4))
+    sel = json.loads((tmp_path / "big" / "selection.json").read_text())
+    assert sel["norms"] == "auto" and sel["norms_trained"] is True
+    assert sel["norm_params"] == norms == big["norm_params"]
+    assert sel["delta_budget_params"] == sel["budget_params"] - norms
+    assert sel["layers"] and sel["cost"] <= sel["delta_budget_params"]
+    assert sel["trained_params"] == sel["cost"] + norms <= sel["budget_params"]
+    small = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=4))
+    assert small["norms_trained"] is False and small["budget_params"] < norms
+    assert small["delta_budget_params"] == small["budget_params"]
+    assert small["trained_params"] == small["cost"] <= small["budget_params"]
+    # the mode is part of what a search is: a resume with another one is refused
+    with pytest.raises(SwrError, match="--norms: auto there, free now"):
+        run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=4,
+                              norms="free", resume=True))
+
+
+def test_search_norms_budget_that_cannot_hold_the_norms_is_one_line(tiny, tmp_path, capsys):
+    from swr.cli import main
+
+    _, ckpt = tiny
+    code = main(["search", "--task", "tiny", "--checkpoint", str(ckpt), "--budget", "10%",
+                 "--norms", "budget", "--policy", "knapsack", "--out", str(tmp_path / "n"),
+                 "--device", "cpu", "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "883" in err and "2416" in err and "norms=none" in err and "norms=free" in err
+    with pytest.raises(SwrError, match="--norms 'some'"):
+        run_search(search_cfg(tmp_path, ckpt, "knapsack", norms="some"))
+
+
+def test_finetune_trains_norms_only_when_the_selection_says_so(tiny, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from swr.finetune import finetune
+    from swr.reparam import norm_modules
+
+    _, ckpt = tiny
+    base, norms = _norm_count(ckpt)
+    run_search(search_cfg(tmp_path, ckpt, "knapsack", evaluations=4))  # 10%: deltas only
+    sel_file = tmp_path / "out" / "selection.json"
+    m = finetune(sel_file, tmp_path / "deltas", epochs=1, device="cpu", progress=False)
+    assert m["norms_trained"] is False and m["norm_params"] == 0
+    assert m["trained_params"] == m["updated_params"] == m["delta_params"] <= m["budget_params"]
+    # the task delta carries the base's norms (affines and BatchNorm statistics) unchanged
+    delta = load_file(str(tmp_path / "deltas" / "task_delta.safetensors"))
+    for name, module in norm_modules(base).items():
+        for key, t in module.state_dict().items():
+            assert torch.equal(delta[f"norm/{name}.{key}"], t), f"{name}.{key}"
+    # a selection file from before --norms: norms trained, as then (outside the budget)
+    old = json.loads(sel_file.read_text())
+    for key in ("norms", "norms_trained", "norm_params", "delta_budget_params",
+                "trained_params"):
+        del old[key]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    m = finetune(tmp_path / "old.json", tmp_path / "old", epochs=1, device="cpu",
+                 progress=False)
+    assert m["norms_trained"] is True and m["norms"] == "free" and m["norm_params"] == norms
+    assert m["trained_params"] == m["delta_params"] + norms
+    delta = load_file(str(tmp_path / "old" / "task_delta.safetensors"))
+    assert any(not torch.equal(delta[f"norm/{name}.weight"], module.weight)
+               for name, module in norm_modules(base).items() if module.weight is not None)

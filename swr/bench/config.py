@@ -14,7 +14,8 @@ from typing import Optional
 from ..budget import Budget
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
-           "updated_params", "budget_params", "within_budget", "norm_params", "head_params",
+           "updated_params", "budget_params", "within_budget", "norm_params", "norms",
+           "head_params",
            "stored_bytes", "extra_flops", "foldable", "fold_max_abs_diff", "train_seconds",
            "lr", "settings"]
 

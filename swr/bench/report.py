@@ -29,6 +29,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             "test_acc": statistics.mean(acc), "test_std": statistics.pstdev(acc) if len(acc) > 1 else 0.0,
             "shift_acc": statistics.mean(shift) if shift else None,
             "updated_params": statistics.mean(_f(r["updated_params"]) for r in rs),
+            # auto may train norms at one seed's budget and not another's: list each way
+            "norms": "/".join(sorted({str(r.get("norms") or "-") for r in rs})),
             "stored_bytes": statistics.mean(_f(r["stored_bytes"]) for r in rs),
             "extra_flops": statistics.mean(_f(r["extra_flops"]) for r in rs),
             "foldable": str(rs[0]["foldable"]) in ("True", "true", "1"),
@@ -40,14 +42,15 @@ def summarize(rows: list[dict]) -> list[dict]:
 def results_markdown(rows: list[dict]) -> str:
     summary = summarize(rows)
     tasks = sorted({s["task"] for s in summary})
-    lines = ["| task | method | budget | test acc (mean ± std) | shift acc | updated params | "
-             "stored bytes | extra FLOPs | foldable | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | budget | test acc (mean ± std) | shift acc | "
+             "trained params (excl. head) | norms | stored bytes | extra FLOPs | foldable | "
+             "train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: (s["task"], budget_order(s["budget"]), -s["test_acc"])):
         shift = "" if s["shift_acc"] is None else f"{s['shift_acc']:.4f}"
         lines.append(f"| {s['task']} | {s['method']} | {s['budget']} | "
                      f"{s['test_acc']:.4f} ± {s['test_std']:.4f} (n={s['n']}) | {shift} | "
-                     f"{s['updated_params']:,.0f} | {s['stored_bytes']:,.0f} | "
+                     f"{s['updated_params']:,.0f} | {s['norms']} | {s['stored_bytes']:,.0f} | "
                      f"{s['extra_flops']:,.0f} | {'yes' if s['foldable'] else 'no'} | "
                      f"{s['train_seconds']:.1f} |")
     if len(tasks) > 1:

@@ -3,9 +3,10 @@
 ``get_method(name, **knobs)`` builds a :class:`Method`; ``run_method`` prepares,
 trains, evaluates, folds and measures any of them the same way. Built-in names:
 ``linear``, ``full``, ``bitfit``, ``norm``, ``ssf``, ``lora``, ``adapter-par``,
-``adapter-seq``, ``taps``, ``two-stage``, ``vpt-shallow``, ``vpt-deep``, ``wise-ft``, and
-``swr`` itself (:class:`SWR`, handed a searcher by the application); other packages add
-theirs with ``register_method``.
+``adapter-seq``, ``taps``, ``two-stage``, ``vpt-shallow``, ``vpt-deep``, ``wise-ft``,
+``swr`` itself (:class:`SWR`, handed a searcher by the application) and ``swr-deltas``
+(SWR training its deltas only, ``norms="none"``: the deltas' own gain over norm
+tuning); other packages add theirs with ``register_method``.
 
 To add a method: a dataclass subclass of :class:`Method` in its own module here (its
 fields are its knobs; ``lr_family`` and ``tunables`` say how the bench picks its
@@ -32,6 +33,7 @@ for _cls in (LinearProbe, FullFineTune, BitFit, NormTuning, SSF, LoRA, Adapter,
              SequentialAdapter, TAPS, TwoStage, VPTShallow, VPTDeep, WiSEFT, SWR):
     register_method(_cls.name, _cls)
 del _cls
+register_method("swr-deltas", swr_variant("swr-deltas", norms="none"))
 
 __all__ = ["METHODS", "Adapter", "BitFit", "FullFineTune", "LinearProbe", "LoRA", "Method",
            "NormTuning", "SSF", "SWR", "SequentialAdapter", "TAPS", "TwoStage", "VPTDeep",

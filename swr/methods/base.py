@@ -11,12 +11,14 @@ Conventions shared by all methods:
 * ``prepare`` resizes the head itself (``model.reset_classifier(task.num_classes)``);
   every method trains that fresh head, which is reported separately
   (``head_params``), never counted against the budget.
-* ``updated_params`` counts the *backbone* parameters the method changes as its
-  mechanism (its deltas, adapters, prompts, biases, norm affines, ...). This is the
-  number a hard budget bounds.
-* ``norm_params`` counts norm affine parameters trained *beside* the mechanism, as
-  SWR trains its task norms; like :func:`swr.budget.cost_report`, they are reported
-  separately and not charged to the budget. Zero for most methods.
+* ``updated_params`` counts every parameter the method trains outside the head: its
+  mechanism (deltas, adapters, prompts, biases, norm affines, ...) and any task norms
+  trained beside it. It is the one quantity every method's row reports, and the number
+  a hard budget bounds (SWR with ``norms="free"`` is the exception that says so).
+* ``norm_params`` is the part of ``updated_params`` that is norm affines trained
+  *beside* the mechanism, as SWR and TAPS train their task norms; zero for most
+  methods. ``norms_accounting`` says how they relate to the budget (``-`` for a
+  method without such norms; see :data:`swr.budget.NORM_MODES`).
 * BatchNorm running statistics follow the norm affines: a method that trains norms
   (``trains_norms``) runs its BatchNorms in training mode and stores their
   statistics; every other method keeps the base statistics (BatchNorms in eval
@@ -136,11 +138,17 @@ class Method(ABC):
     # -- accounting ---------------------------------------------------------------------
     @abstractmethod
     def updated_params(self, model: nn.Module) -> int:
-        """Backbone parameters the method updates as its mechanism (head excluded)."""
+        """Parameters the method trains outside the head (task norms beside it included)."""
 
     def norm_params(self, model: nn.Module) -> int:
-        """Norm affine parameters trained beside the mechanism (outside the budget)."""
+        """Of ``updated_params``, the norm affine parameters trained beside the mechanism."""
         return 0
+
+    def norms_accounting(self) -> str:
+        """How norms trained beside the mechanism meet the budget (after ``prepare``):
+        ``auto``, ``auto:none`` (auto, but they did not fit: not trained), ``budget``,
+        ``none``, ``free``; ``-`` for a method that trains none beside its mechanism."""
+        return "-"
 
     def head_params(self, model: nn.Module) -> int:
         """Parameters of the task head (always trained, reported separately)."""

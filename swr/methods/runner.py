@@ -52,8 +52,10 @@ def run_method(method_name: str | Method, base_model: nn.Module, task,
       ``respects_budget``, ``within_budget`` (None without a budget),
     * ``test_acc``, ``val_acc`` (best validation), ``shift_acc`` (None when the
       task has no ``shift_test``),
-    * ``updated_params`` (backbone parameters the method updates), ``norm_params``
-      (norms trained beside it, outside the budget), ``head_params``,
+    * ``updated_params`` (every parameter the method trains outside the head, the
+      quantity the budget bounds), ``norm_params`` (the part of it that is task norms
+      trained beside the mechanism), ``norms`` (how those meet the budget:
+      :meth:`~swr.methods.Method.norms_accounting`), ``head_params``,
     * ``stored_bytes``: safetensors size of what the method stores per task,
     * ``extra_flops``: per-sample inference FLOPs of the task model (the folded one
       when foldable) minus the base model's with the same head,
@@ -128,6 +130,7 @@ def run_method(method_name: str | Method, base_model: nn.Module, task,
         "shift_acc": shift_acc,
         "updated_params": updated,
         "norm_params": method.norm_params(model),
+        "norms": method.norms_accounting(),
         "head_params": method.head_params(model),
         "stored_bytes": stored_bytes(method.stored_tensors(model)),
         "extra_flops": extra_flops,

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..budget import split_budget
 from ..errors import SwrError
 from ..fold import fold
 from ..layers import ReparamLayer
@@ -84,13 +85,15 @@ class TAPS(Method):
     """Learned per-layer gates with a cost-weighted sparsity penalty, then a budget cut.
 
     Knobs: ``penalty`` (lambda), ``threshold`` (tau), ``init_score`` (all layers
-    start open), ``norms`` (train task norms beside the deltas, as SWR does;
-    reported as ``norm_params``, outside the budget) and ``retrain_epochs``
+    start open), ``norms`` (train task norms beside the deltas, as SWR does; they
+    are charged to the budget first, as SWR's ``norms="auto"``: when they leave no
+    room for a layer's delta, they are not trained) and ``retrain_epochs``
     (after the budget cut; default ``max(1, epochs // 4)`` when the cut closed a
     gate that training left open, else 0).
 
-    ``updated_params`` is the delta size of the open layers. Foldable with
-    :func:`swr.fold.fold`, bit-for-bit the arithmetic of the forward.
+    ``updated_params`` is the delta size of the open layers plus the trained norms
+    (``norm_params``). Foldable with :func:`swr.fold.fold`, bit-for-bit the
+    arithmetic of the forward.
     """
 
     name = "taps"
@@ -103,6 +106,8 @@ class TAPS(Method):
     norms: bool = True
     retrain_epochs: Optional[int] = None
     budget_params: Optional[int] = dataclasses.field(default=None, init=False)
+    #: filled by ``prepare``: whether the task norms train (they may not fit the budget)
+    norms_trained: Optional[bool] = dataclasses.field(default=None, init=False)
 
     def __post_init__(self):
         if not self.penalty >= 0:
@@ -112,13 +117,23 @@ class TAPS(Method):
 
     @property
     def trains_norms(self) -> bool:
-        return self.norms
+        return self.norms if self.norms_trained is None else self.norms_trained
+
+    def norms_accounting(self) -> str:
+        if not self.norms:
+            return "none"
+        return "auto:none" if self.norms_trained is False else "auto"
 
     def prepare(self, model: nn.Module, task, budget_params: Optional[int]) -> nn.Module:
         if not candidates(model):
             raise SwrError("method 'taps' found no Linear/Conv layer outside the head to adapt")
         new_head(model, task)
         self.budget_params = budget_params
+        self.norms_trained = self.norms
+        if self.norms and budget_params is not None:
+            _, self.norms_trained, _ = split_budget(
+                budget_params, numel(norm_parameters(model).values()), "auto",
+                min_delta=min(c.params for c in candidates(model)))
         for c in candidates(model):
             replace_module(model, c.name, ScoredReparamLayer(model.get_submodule(c.name),
                                                              self.threshold, self.init_score))
@@ -133,7 +148,7 @@ class TAPS(Method):
         else:
             params = list(delta_parameters(model, [n for n, m in layers.items() if m.is_open])
                           .values())
-        if self.norms:
+        if self.trains_norms:
             params += list(norm_parameters(model).values())
         return params + list(head_parameters(model).values())
 
@@ -173,6 +188,8 @@ class TAPS(Method):
         layers = scored_layers(model)
         by_score = sorted(layers.items(), key=lambda item: float(item[1].score.detach()), reverse=True)
         left = self.budget_params
+        if left is not None:  # the trained norms were charged first
+            left -= self.norm_params(model)
         keep = set()
         for name, layer in by_score:
             if not layer.is_open:
@@ -187,15 +204,16 @@ class TAPS(Method):
         return closed_open_gate
 
     def updated_params(self, model: nn.Module) -> int:
-        return sum(layer.cost for layer in scored_layers(model).values() if layer.is_open)
+        deltas = sum(layer.cost for layer in scored_layers(model).values() if layer.is_open)
+        return deltas + self.norm_params(model)
 
     def norm_params(self, model: nn.Module) -> int:
-        return numel(norm_parameters(model).values()) if self.norms else 0
+        return numel(norm_parameters(model).values()) if self.trains_norms else 0
 
     def stored_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         deltas = {f"delta/{name}.weight": layer.delta
                   for name, layer in scored_layers(model).items() if layer.is_open}
-        norms = norm_state(model) if self.norms else {}
+        norms = norm_state(model) if self.trains_norms else {}
         return {**deltas, **norms, **head_state(model)}
 
     def fold(self, model: nn.Module) -> nn.Module:
