@@ -22,6 +22,8 @@ class SearchSettings:
     ``evaluations``: distinct selections to score; ``workers``: 0 scores in this
     process, N on N Ray workers (``ray_address``: a cluster to join); ``resume``:
     serve the scores already in the output folder's log instead of recomputing them.
+    ``reward``: what a selection scores on the supernet (``"accuracy"`` or
+    ``"loglik"``, see :class:`~swr.envs.evaluator.SupernetEvaluator`).
     """
 
     evaluations: int = 200
@@ -33,6 +35,7 @@ class SearchSettings:
     bn_batches: int = 4
     resume: bool = False
     progress: bool = True
+    reward: str = "accuracy"
 
 
 SearcherFactory = Callable[[SearchSettings], Searcher]

@@ -160,6 +160,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "continues with --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--supernet-epochs", type=int, default=10)
+    p.add_argument("--supernet-gates", default="bernoulli", help="how stage 1 opens gates per "
+                   "batch: bernoulli (each gate independently) or budget (a random selection "
+                   "within --budget, the kind the search scores)")
+    p.add_argument("--reward", default="accuracy", help="what a selection scores on the "
+                   "supernet: accuracy (validation accuracy) or loglik (mean log-probability of "
+                   "the true class)")
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
     _on_bad_file_arg(p)
     _device_arg(p)
@@ -182,8 +188,9 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        evaluations=args.evaluations, workers=args.workers, resume=args.resume,
                        device=args.device, ray_address=args.ray_address,
                        samples_per_iteration=args.samples_per_iteration,
-                       supernet=SupernetConfig(epochs=args.supernet_epochs),
-                       on_bad_file=args.on_bad_file)
+                       supernet=SupernetConfig(epochs=args.supernet_epochs,
+                                               gates=args.supernet_gates),
+                       reward=args.reward, on_bad_file=args.on_bad_file)
     r = run_search(cfg)
     print(f"{r['policy']}: val score {r['val_score']:.4f} with {len(r['layers'])} layers, "
           f"cost {r['cost']}/{r['budget_params']} params, {r['evaluations']} evaluations "
