@@ -171,3 +171,44 @@ def test_perturbed_selectors_find_new_selections_when_no_importance_is_positive(
     run_selector(rule, -np.linspace(0.1, 1.0, len(costs)), costs, 100, 15, 0, run)
     assert len(run.seen) == 15
     assert all(costs[np.array(m)].sum() <= 100 for m in run.seen)
+
+
+def test_loglik_reward_is_searched_on_and_both_metrics_are_logged(tiny, tmp_path):
+    _, ckpt = tiny
+    r = run_search(search_cfg(tmp_path, ckpt, "random", out="ll", evaluations=6, reward="loglik"))
+    recs = [json.loads(line) for line in
+            (tmp_path / "ll" / "evaluations.jsonl").read_text().splitlines()]
+    assert len(recs) == r["evaluations"] and r["val_score"] < 0  # a mean log-probability
+    for rec in recs:
+        assert rec["score"] == rec["loglik"] and 0.0 <= rec["accuracy"] <= 1.0
+    assert r["val_score"] == max(rec["loglik"] for rec in recs)
+    fp = json.loads((tmp_path / "ll" / "fingerprint.json").read_text())
+    assert fp["reward"] == "loglik"
+    with pytest.raises(SwrError, match="--reward"):  # the same folder with another reward
+        run_search(search_cfg(tmp_path, ckpt, "random", out="ll", evaluations=6, resume=True))
+    with pytest.raises(SwrError, match="--reward 'f1'"):
+        run_search(search_cfg(tmp_path, ckpt, "random", out="bad", reward="f1"))
+
+
+def test_budget_gated_supernet_is_its_own_cache_entry(tiny, tmp_path):
+    from swr.supernet import supernet_key
+
+    _, ckpt = tiny
+    cfg = search_cfg(tmp_path, ckpt, "knapsack", out="bg", evaluations=4)
+    cfg.supernet = SupernetConfig(epochs=1, progress=False, gates="budget")
+    r = run_search(cfg)
+    plain = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="bn", evaluations=4))
+    assert r["supernet"] != plain["supernet"]  # another supernet, trained on budget gate sets
+    assert json.loads((tmp_path / "bg" / "fingerprint.json").read_text())["supernet_gates"] == "budget"
+    a = SupernetConfig(gates="budget", gate_budget_params=100)
+    assert supernet_key(a, "t", "b") != supernet_key(SupernetConfig(gates="budget", gate_budget_params=200), "t", "b")
+    # the default gates keep the key they had before the option existed
+    import hashlib
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(SupernetConfig()).items()
+           if k not in ("progress", "log_dir", "gates", "gate_budget_params")}
+    blob = json.dumps({"task": "t", "base": "b", "supernet": old}, sort_keys=True)
+    assert supernet_key(SupernetConfig(), "t", "b") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    with pytest.raises(SwrError, match="--supernet-gates"):
+        SupernetConfig(gates="coin").validate()
