@@ -212,3 +212,20 @@ def test_budget_gated_supernet_is_its_own_cache_entry(tiny, tmp_path):
     assert supernet_key(SupernetConfig(), "t", "b") == hashlib.sha256(blob.encode()).hexdigest()[:16]
     with pytest.raises(SwrError, match="--supernet-gates"):
         SupernetConfig(gates="coin").validate()
+
+
+def test_cli_reward_and_supernet_gates(tiny, tmp_path, capsys):
+    from swr.cli import main
+
+    _, ckpt = tiny
+    common = ["search", "--task", "tiny", "--checkpoint", str(ckpt), "--budget", "10%",
+              "--policy", "random", "--evaluations", "3", "--workers", "0",
+              "--supernet-epochs", "1", "--device", "cpu"]
+    assert main([*common, "--reward", "f1", "--out", str(tmp_path / "a")]) == 2
+    assert "--reward 'f1'" in capsys.readouterr().err
+    assert main([*common, "--supernet-gates", "coin", "--out", str(tmp_path / "b")]) == 2
+    assert "--supernet-gates 'coin'" in capsys.readouterr().err
+    assert main([*common, "--reward", "loglik", "--supernet-gates", "budget",
+                 "--out", str(tmp_path / "c")]) == 0
+    fp = json.loads((tmp_path / "c" / "fingerprint.json").read_text())
+    assert fp["reward"] == "loglik" and fp["supernet_gates"] == "budget"
