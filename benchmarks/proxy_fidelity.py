@@ -314,9 +314,10 @@ def main() -> None:
 
     out = Path(args.out)
     store = out / "results.json"
+    r = None if args.render_only else run(args)
+    # read after the run: another run into the same OUT may have finished meanwhile
     results = json.loads(store.read_text()) if store.is_file() else {}
-    if not args.render_only:
-        r = run(args)
+    if r is not None:
         results[r["name"]] = r
         write_json(store, results)
         print(json.dumps({k: v for k, v in r.items() if k != "rows"}, indent=1), flush=True)
