@@ -163,9 +163,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supernet-gates", default="bernoulli", help="how stage 1 opens gates per "
                    "batch: bernoulli (each gate independently) or budget (a random selection "
                    "within --budget, the kind the search scores)")
-    p.add_argument("--reward", default="accuracy", help="what a selection scores on the "
-                   "supernet: accuracy (validation accuracy) or loglik (mean log-probability of "
-                   "the true class)")
+    p.add_argument("--reward", default="loglik", help="what a selection scores on the "
+                   "supernet: loglik (mean log-probability of the true class on validation; "
+                   "the default, it ranks final accuracy better) or accuracy")
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
     _on_bad_file_arg(p)
     _device_arg(p)
@@ -192,7 +192,7 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                                                gates=args.supernet_gates),
                        reward=args.reward, on_bad_file=args.on_bad_file)
     r = run_search(cfg)
-    print(f"{r['policy']}: val score {r['val_score']:.4f} with {len(r['layers'])} layers, "
+    print(f"{r['policy']}: val {r['reward']} {r['val_score']:.4f} with {len(r['layers'])} layers, "
           f"cost {r['cost']}/{r['budget_params']} params, {r['evaluations']} evaluations "
           f"-> {args.out}/selection.json")
     _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")

@@ -48,8 +48,9 @@ class SearchConfig:
     bn_batches: int = 4
     progress: bool = True
     #: what a selection scores on the supernet: "loglik" or "accuracy" (see
-    #: swr.envs.evaluator.SupernetEvaluator)
-    reward: str = "accuracy"
+    #: swr.envs.evaluator.SupernetEvaluator); loglik ranked final accuracy better
+    #: (docs/SEARCH.md, "Does the evaluator predict the final accuracy?")
+    reward: str = "loglik"
     on_bad_file: str = "fail"  # real-data tasks: "skip" drops unreadable files
     # the base as a backbone + weights file instead of a swr pretrain checkpoint
     backbone: Optional[str] = None
@@ -100,6 +101,7 @@ def run_search(cfg: SearchConfig) -> dict:
         result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
         result["base"] = spec.to_dict()
         result["task"] = cfg.task  # the spec, so swr finetune can load the same task
+        result["reward"] = cfg.reward  # what val_score is
         result["on_bad_file"] = cfg.on_bad_file
         result["skipped_files"] = list(task.info.get("skipped", []))
         write_json(Path(cfg.out) / "selection.json", result)

@@ -185,7 +185,8 @@ def test_loglik_reward_is_searched_on_and_both_metrics_are_logged(tiny, tmp_path
     fp = json.loads((tmp_path / "ll" / "fingerprint.json").read_text())
     assert fp["reward"] == "loglik"
     with pytest.raises(SwrError, match="--reward"):  # the same folder with another reward
-        run_search(search_cfg(tmp_path, ckpt, "random", out="ll", evaluations=6, resume=True))
+        run_search(search_cfg(tmp_path, ckpt, "random", out="ll", evaluations=6, resume=True,
+                              reward="accuracy"))
     with pytest.raises(SwrError, match="--reward 'f1'"):
         run_search(search_cfg(tmp_path, ckpt, "random", out="bad", reward="f1"))
 
