@@ -40,8 +40,17 @@ def canonical(selection: Iterable[str], names: Sequence[str]) -> Selection:
     return tuple(n for n in names if n in chosen)
 
 
+#: What :class:`SupernetEvaluator` can score a selection by (``metric``).
+METRICS = ("accuracy", "loglik")
+
+
 class SupernetEvaluator:
-    """Validation accuracy of a selection on the trained supernet.
+    """Validation score of a selection on the trained supernet.
+
+    ``metric`` says which: ``"accuracy"`` (the share of validation examples classified
+    right) or ``"loglik"`` (the mean log-probability of the true class, higher is
+    better: continuous, so two selections that classify the same clips still differ).
+    :meth:`scores` gives both from the same logits.
 
     Per selection: open its gates and fold ``W + dW`` into the weights once
     (``merge``), recalibrate BatchNorm statistics on a few training batches when
@@ -63,7 +72,11 @@ class SupernetEvaluator:
 
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
                  bn_batches: int = 4, bn_batch_size: int = 128, batch_size: int = 512,
-                 seed: int = 0, prefix_cache_mb: float = 256.0, prefix_min_skip: float = 0.25):
+                 seed: int = 0, prefix_cache_mb: float = 256.0, prefix_min_skip: float = 0.25,
+                 metric: str = "accuracy"):
+        if metric not in METRICS:
+            raise ValueError(f"evaluator metric {metric!r} is not one of {', '.join(METRICS)}")
+        self.metric = metric
         self.model = supernet
         self.task = task
         self.device = resolve_device(device)
@@ -85,11 +98,20 @@ class SupernetEvaluator:
 
     @torch.inference_mode(False)
     def __call__(self, selection: Iterable[str]) -> float:
+        return self.scores(selection)[self.metric]
+
+    @torch.inference_mode(False)
+    def scores(self, selection: Iterable[str]) -> dict[str, float]:
+        """Every metric of ``selection`` from one scoring: ``{"accuracy": ..., "loglik": ...}``."""
         correct = total = 0
+        loglik = 0.0
         for logits, (_, y) in zip(self.val_logits(selection), self._val):
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
-        return correct / max(total, 1)
+            # summed in float64 so the mean does not depend on how the split is batched
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            loglik += float(logp.gather(1, y.view(-1, 1)).sum())
+        return {"accuracy": correct / max(total, 1), "loglik": loglik / max(total, 1)}
 
     @torch.inference_mode(False)
     def val_logits(self, selection: Iterable[str]) -> list[torch.Tensor]:

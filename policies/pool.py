@@ -26,10 +26,11 @@ class SupernetEvaluatorFactory:
     """Picklable recipe for a :class:`SupernetEvaluator` (sent to Ray workers)."""
 
     def __init__(self, supernet: torch.nn.Module, task, device: str = "cpu", bn_batches: int = 4,
-                 seed: int = 0, prefix_cache_mb: float = 256.0):
+                 seed: int = 0, prefix_cache_mb: float = 256.0, metric: str = "accuracy"):
         self.supernet, self.task, self.device = supernet, task, device
         self.bn_batches, self.seed = bn_batches, seed
         self.prefix_cache_mb = prefix_cache_mb
+        self.metric = metric
 
     def __getstate__(self) -> dict:
         # An evaluator reads only the train (BN recalibration) and val splits: the test
@@ -42,11 +43,25 @@ class SupernetEvaluatorFactory:
     def __call__(self) -> SupernetEvaluator:
         return SupernetEvaluator(self.supernet, self.task, device=self.device,
                                  bn_batches=self.bn_batches, seed=self.seed,
-                                 prefix_cache_mb=self.prefix_cache_mb)
+                                 prefix_cache_mb=self.prefix_cache_mb,
+                                 metric=getattr(self, "metric", "accuracy"))
+
+
+def score_with_details(evaluator: Evaluator, selection) -> tuple[float, dict | None]:
+    """``evaluator(selection)`` and, when the evaluator computes several metrics from one
+    scoring (:meth:`SupernetEvaluator.scores`), all of them (else None)."""
+    scores = getattr(evaluator, "scores", None)
+    if scores is None:
+        return float(evaluator(selection)), None
+    details = {k: float(v) for k, v in scores(selection).items()}
+    return details[evaluator.metric], details
 
 
 class LocalPool:
-    """Scores in this process, one selection after another (no Ray)."""
+    """Scores in this process, one selection after another (no Ray).
+
+    ``details`` keeps every metric of each selection scored, where the evaluator
+    gives several (see :func:`score_with_details`)."""
 
     retries = 0
     workers = 1
@@ -54,9 +69,16 @@ class LocalPool:
     def __init__(self, evaluator: Evaluator):
         self.evaluator = evaluator
         self.names = list(evaluator.names)
+        self.details: dict[tuple[str, ...], dict] = {}
 
     def map(self, selections: Sequence[tuple[str, ...]]) -> list[float]:
-        return [float(self.evaluator(s)) for s in selections]
+        out = []
+        for s in selections:
+            score, details = score_with_details(self.evaluator, s)
+            if details is not None:
+                self.details[tuple(s)] = details
+            out.append(score)
+        return out
 
     def close(self) -> None:
         pass
@@ -90,6 +112,7 @@ class RayPool:
         self.workers = workers
         self.retries = 0
         self.lost = False
+        self.details: dict[tuple[str, ...], dict] = {}
 
         @ray.remote
         class EvaluatorWorker:
@@ -98,7 +121,7 @@ class RayPool:
                 self.evaluator = factory()
 
             def score(self, selection):
-                return float(self.evaluator(selection))
+                return score_with_details(self.evaluator, selection)
 
             def ready(self):
                 return True
@@ -136,7 +159,9 @@ class RayPool:
             for ref in done:
                 i, slot = running.pop(ref)
                 try:
-                    results[i] = ray.get(ref)
+                    results[i], details = ray.get(ref)
+                    if details is not None:
+                        self.details[tuple(selections[i])] = details
                 except (RayActorError, ActorUnavailableError):
                     # the worker died (killed, out of memory), or its node went away
                     if not cluster_alive():

@@ -22,6 +22,9 @@ class SearchSettings:
     ``evaluations``: distinct selections to score; ``workers``: 0 scores in this
     process, N on N Ray workers (``ray_address``: a cluster to join); ``resume``:
     serve the scores already in the output folder's log instead of recomputing them.
+    ``reward``: what a selection scores on the supernet (``"loglik"`` or
+    ``"accuracy"``, see :class:`~swr.envs.evaluator.SupernetEvaluator`); log-likelihood
+    by default, the proxy that ranked final accuracy better in docs/SEARCH.md.
     """
 
     evaluations: int = 200
@@ -33,6 +36,7 @@ class SearchSettings:
     bn_batches: int = 4
     resume: bool = False
     progress: bool = True
+    reward: str = "loglik"
 
 
 SearcherFactory = Callable[[SearchSettings], Searcher]

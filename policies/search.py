@@ -60,13 +60,17 @@ class EvaluationLog:
         self.replayed = 0
         self._file = None
 
-    def record(self, sel: tuple[str, ...], score: float, fresh: bool) -> None:
+    def record(self, sel: tuple[str, ...], score: float, fresh: bool,
+               details: Optional[dict] = None) -> None:
+        """Log ``score`` of ``sel`` once; ``details``: every metric the scoring gave
+        (accuracy and log-likelihood), written beside the score."""
         if sel not in self.seen:
             self.seen[sel] = score
             if fresh:
                 if self._file is None:
                     self._file = open(self.path, "a", encoding="utf-8")
-                self._file.write(json.dumps({"selection": list(sel), "score": score}) + "\n")
+                self._file.write(json.dumps({"selection": list(sel), "score": score,
+                                             **(details or {})}) + "\n")
                 self._file.flush()
                 os.fsync(self._file.fileno())
             else:
@@ -121,13 +125,14 @@ class SearchRun:
         new = new[:max(self.evaluations_left(), 0)]  # the rest are over the limit
         todo = [s for s in new if s not in self.log.saved]
         fresh = dict(zip(todo, self.pool.map(todo))) if todo else {}
+        details = getattr(self.pool, "details", {})
         out = []
         for sel in sels:
             if sel in self.log.seen:
                 score = self.log.seen[sel]
             elif sel in fresh:
                 score = fresh[sel]
-                self.log.record(sel, score, fresh=True)
+                self.log.record(sel, score, fresh=True, details=details.get(sel))
             elif sel in new:
                 score = self.log.saved[sel]
                 self.log.record(sel, score, fresh=False)
@@ -152,7 +157,7 @@ def evaluator_factory(cfg: SearchSettings, supernet, task):
     from .pool import SupernetEvaluatorFactory
 
     return SupernetEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
-                                    bn_batches=cfg.bn_batches, seed=cfg.seed)
+                                    bn_batches=cfg.bn_batches, seed=cfg.seed, metric=cfg.reward)
 
 
 def make_pool(cfg: SearchSettings, factory, names):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from .errors import BudgetError, SwrError
@@ -163,6 +164,25 @@ def check_selection(model: nn.Module, selection: Iterable[str], budget_params: i
                           f"{budget_params}; drop layers from the selection, or run swr "
                           "search again with a larger --budget")
     return cost
+
+
+def random_feasible_gates(costs: Sequence[int], budget_params: int,
+                          generator: torch.Generator) -> list[bool]:
+    """A random selection within ``budget_params``: layers in random order, each kept
+    with a per-selection probability drawn from [0.2, 1) while it fits, so both sparse
+    and budget-filling selections occur (the distribution random search draws from).
+    Drawn from ``generator`` alone: the same generator state gives the same gates."""
+    n = len(costs)
+    keep = 0.2 + 0.8 * float(torch.rand((), generator=generator))
+    order = torch.randperm(n, generator=generator).tolist()
+    coins = torch.rand(n, generator=generator).tolist()
+    opened = [False] * n
+    left = budget_params
+    for i, coin in zip(order, coins):
+        if costs[i] <= left and coin < keep:
+            opened[i] = True
+            left -= costs[i]
+    return opened
 
 
 def cost_report(model: nn.Module, selection: Iterable[str] | None = None, *,

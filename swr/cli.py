@@ -160,6 +160,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "continues with --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--supernet-epochs", type=int, default=10)
+    p.add_argument("--supernet-gates", default="bernoulli", help="how stage 1 opens gates per "
+                   "batch: bernoulli (each gate independently) or budget (a random selection "
+                   "within --budget, the kind the search scores)")
+    p.add_argument("--reward", default="loglik", help="what a selection scores on the "
+                   "supernet: loglik (mean log-probability of the true class on validation; "
+                   "the default, it ranks final accuracy better) or accuracy")
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
     p.add_argument("--norms", choices=["auto", "budget", "none", "free"], default="auto",
                    help="the task norms SWR trains beside the deltas: auto (default) counts them "
@@ -188,11 +194,12 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        evaluations=args.evaluations, workers=args.workers, resume=args.resume,
                        device=args.device, ray_address=args.ray_address,
                        samples_per_iteration=args.samples_per_iteration,
-                       supernet=SupernetConfig(epochs=args.supernet_epochs),
-                       on_bad_file=args.on_bad_file, norms=args.norms)
+                       supernet=SupernetConfig(epochs=args.supernet_epochs,
+                                               gates=args.supernet_gates),
+                       reward=args.reward, on_bad_file=args.on_bad_file, norms=args.norms)
     r = run_search(cfg)
     norms = (f" + {r['norm_params']} norm" if r["norms_trained"] else " (norms not trained)")
-    print(f"{r['policy']}: val score {r['val_score']:.4f} with {len(r['layers'])} layers, "
+    print(f"{r['policy']}: val {r['reward']} {r['val_score']:.4f} with {len(r['layers'])} layers, "
           f"trained {r['cost']} delta{norms} = {r['trained_params']}/{r['budget_params']} params "
           f"(--norms {r['norms']}), {r['evaluations']} evaluations -> {args.out}/selection.json")
     _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")

@@ -47,6 +47,10 @@ class SearchConfig:
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     bn_batches: int = 4
     progress: bool = True
+    #: what a selection scores on the supernet: "loglik" or "accuracy" (see
+    #: swr.envs.evaluator.SupernetEvaluator); loglik ranked final accuracy better
+    #: (docs/SEARCH.md, "Does the evaluator predict the final accuracy?")
+    reward: str = "loglik"
     on_bad_file: str = "fail"  # real-data tasks: "skip" drops unreadable files
     # the base as a backbone + weights file instead of a swr pretrain checkpoint
     backbone: Optional[str] = None
@@ -70,7 +74,14 @@ class SearchConfig:
 
         if self.norms not in NORM_MODES:
             raise SwrError(f"--norms {self.norms!r} is not one of {', '.join(NORM_MODES)}")
-        self.supernet.validate()
+        from .envs.evaluator import METRICS
+
+        if self.reward not in METRICS:
+            raise SwrError(f"--reward {self.reward!r} is not one of {', '.join(METRICS)}")
+        supernet = self.supernet
+        if supernet.gates == "budget" and supernet.gate_budget_params < 1:
+            supernet = replace(supernet, gate_budget_params=1)  # search() sets it from --budget
+        supernet.validate()
         return self
 
     def searcher(self) -> Searcher:
@@ -81,7 +92,7 @@ class SearchConfig:
             evaluations=self.evaluations, workers=self.workers, seed=self.seed,
             device=self.device, ray_address=self.ray_address,
             samples_per_iteration=self.samples_per_iteration, bn_batches=self.bn_batches,
-            resume=self.resume, progress=self.progress))
+            resume=self.resume, progress=self.progress, reward=self.reward))
 
 
 def run_search(cfg: SearchConfig) -> dict:
@@ -96,6 +107,7 @@ def run_search(cfg: SearchConfig) -> dict:
         result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
         result["base"] = spec.to_dict()
         result["task"] = cfg.task  # the spec, so swr finetune can load the same task
+        result["reward"] = cfg.reward  # what val_score is
         result["on_bad_file"] = cfg.on_bad_file
         result["skipped_files"] = list(task.info.get("skipped", []))
         write_json(Path(cfg.out) / "selection.json", result)
@@ -113,6 +125,14 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     searcher = cfg.searcher()
     supernet = replace(supernet_settings(cfg.supernet, cfg.seed, cfg.device, cfg.progress),
                        log_dir=str(cfg.out))
+    if supernet.gates == "budget":  # stage 1 trains on gate sets the search may propose:
+        from .budget import resolve_budget  # within the deltas' share of the budget
+        from .selection import norm_split
+        from .supernet import build_supernet
+
+        plain = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
+        delta_budget, _, _ = norm_split(plain, resolve_budget(plain, cfg.budget), cfg.norms)
+        supernet = replace(supernet, gate_budget_params=delta_budget).validate()
     with out_lock(cfg.out, "search"):
         # before stage 1: a resume of another search is refused at once
         check_fingerprint(Path(cfg.out), search_fingerprint(base_model, task, cfg), cfg.resume)
@@ -129,6 +149,7 @@ FINGERPRINT_LABELS = {
     "budget_params": "--budget (in parameters)", "policy": "--policy", "seed": "--seed",
     "evaluations": "--evaluations", "samples_per_iteration": "--samples-per-iteration",
     "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs", "norms": "--norms",
+    "reward": "--reward", "supernet_gates": "--supernet-gates",
 }
 
 
@@ -140,15 +161,18 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
     from .budget import Budget, backbone_params
     from .source import state_hash
 
-    supernet = {f"supernet_{k}": v for k, v in asdict(cfg.supernet).items()
-                if k not in ("seed", "device", "progress", "log_dir")}
+    # the gates' budget follows from budget_params; the default gates leave the
+    # fingerprints of searches recorded before the option unchanged
+    skip = ("seed", "device", "progress", "log_dir", "gate_budget_params")
+    skip += ("gates",) if cfg.supernet.gates == "bernoulli" else ()
+    supernet = {f"supernet_{k}": v for k, v in asdict(cfg.supernet).items() if k not in skip}
     return {"base": state_hash(base_model), "task": task.id, "task_data": task.data_hash(),
             "classes": list(task.class_names),
             "budget_params": Budget.parse(cfg.budget).resolve(backbone_params(base_model)),
             "norms": cfg.norms,
             "policy": cfg.policy, "seed": cfg.seed, "evaluations": cfg.evaluations,
             "samples_per_iteration": cfg.samples_per_iteration, "bn_batches": cfg.bn_batches,
-            **supernet}
+            "reward": cfg.reward, **supernet}
 
 
 def check_fingerprint(out: Path, fingerprint: dict, resume: bool, command: str = "search",

@@ -4,7 +4,10 @@ All candidate layers get a delta; the deltas, the task norms and a new head trai
 together on the target task while every batch opens a random subset of gates
 (each gate independently with a probability drawn per batch from
 ``[p_min, p_max]``), so each delta learns to help under many different subsets of
-the others. :func:`prepare_supernet` trains it once per (task, base weights,
+the others. With ``gates="budget"`` each batch instead opens a random *budget-feasible*
+gate set (:func:`swr.budget.random_feasible_gates` under ``gate_budget_params``): the
+supernet then trains on the kind of selection the search will ask it to score.
+:func:`prepare_supernet` trains it once per (task, base weights,
 settings) and keeps it in the cache. Afterwards, per-layer statistics give the policy (and the greedy and
 knapsack baselines) something to go on:
 
@@ -29,11 +32,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from .budget import random_feasible_gates
 from .errors import SwrError
 from .io import cache_dir, save_safetensors, write_json
 from .reparam import candidates, reparam_layers, reparametrize, set_selection, set_trainable
 from .source import state_hash
 from .train import TrainConfig, TrainResult, batches, resolve_device, train
+
+
+#: How stage 1 opens gates per batch (``SupernetConfig.gates``).
+SUPERNET_GATES = ("bernoulli", "budget")
 
 
 @dataclass
@@ -52,11 +60,22 @@ class SupernetConfig:
     progress: bool = True
     #: folder for the per-epoch log (:mod:`swr.runlog`); None writes nothing
     log_dir: str | None = None
+    #: how each batch opens gates: "bernoulli" (each gate independently with p drawn
+    #: from [p_min, p_max]) or "budget" (a random selection within gate_budget_params)
+    gates: str = "bernoulli"
+    #: the budget, in delta parameters, of the gate sets ``gates="budget"`` draws
+    gate_budget_params: int = 0
 
     def validate(self) -> "SupernetConfig":
         """Raise :class:`SwrError` on settings stage 1 cannot run with."""
         if self.epochs < 1:
             raise SwrError(f"--supernet-epochs {self.epochs} must be at least 1")
+        if self.gates not in SUPERNET_GATES:
+            raise SwrError(f"--supernet-gates {self.gates!r} is not one of "
+                           f"{', '.join(SUPERNET_GATES)}")
+        if self.gates == "budget" and self.gate_budget_params < 1:
+            raise SwrError(f"supernet gates 'budget' need a positive budget in parameters "
+                           f"(got {self.gate_budget_params}); give the search a --budget")
         if not 0.0 <= self.p_min <= self.p_max <= 1.0:
             raise SwrError(f"supernet gate probabilities {self.p_min}..{self.p_max} must satisfy "
                            "0 <= p_min <= p_max <= 1")
@@ -75,11 +94,15 @@ def train_supernet(model: nn.Module, task, cfg: SupernetConfig) -> TrainResult:
     layers = list(reparam_layers(model).values())
     params = set_trainable(model, deltas=True, norms=True, head=True)
     g = torch.Generator().manual_seed(cfg.seed + 1)
+    costs = [c.params for c in candidates(model)]  # network order, as ``layers``
 
     def open_random_gates(step: int) -> None:
-        p = cfg.p_min + (cfg.p_max - cfg.p_min) * float(torch.rand((), generator=g))
-        opened = torch.rand(len(layers), generator=g) < p
-        for layer, o in zip(layers, opened.tolist()):
+        if cfg.gates == "budget":
+            opened = random_feasible_gates(costs, cfg.gate_budget_params, g)
+        else:
+            p = cfg.p_min + (cfg.p_max - cfg.p_min) * float(torch.rand((), generator=g))
+            opened = (torch.rand(len(layers), generator=g) < p).tolist()
+        for layer, o in zip(layers, opened):
             layer.gate = 1.0 if o else 0.0
 
     def all_open() -> None:  # validate the supernet as a whole
@@ -139,6 +162,8 @@ def supernet_key(cfg: SupernetConfig, task_id: str, base: str) -> str:
     """The cache key of a trained supernet: task, base weights and every setting but
     progress and logging."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "log_dir")}
+    if cfg.gates == "bernoulli":  # the default keeps the keys of supernets cached before it
+        settings = {k: v for k, v in settings.items() if k not in ("gates", "gate_budget_params")}
     blob = json.dumps({"task": task_id, "base": base, "supernet": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -87,6 +87,8 @@ def test_prefix_cache_gives_identical_logits(backbone, make_task, kw):
         for a, b in zip(expected, got):
             assert torch.equal(a, b), sel
     assert [fast(s) for s in selections[:3]] == [plain(s) for s in selections[:3]]
+    # every metric comes from the same logits: the log-likelihood is bit-identical too
+    assert [fast.scores(s) for s in selections[:3]] == [plain.scores(s) for s in selections[:3]]
     info = fast.prefix_cache_info()
     assert info["enabled"] and info["boundaries"] and info["hits"] > len(selections)
     # scoring leaves the supernet exactly as it was

@@ -251,3 +251,62 @@ def test_finetune_trains_norms_only_when_the_selection_says_so(tiny, tmp_path):
     delta = load_file(str(tmp_path / "old" / "task_delta.safetensors"))
     assert any(not torch.equal(delta[f"norm/{name}.weight"], module.weight)
                for name, module in norm_modules(base).items() if module.weight is not None)
+
+
+def test_loglik_reward_is_searched_on_and_both_metrics_are_logged(tiny, tmp_path):
+    _, ckpt = tiny
+    r = run_search(search_cfg(tmp_path, ckpt, "random", out="ll", evaluations=6, reward="loglik"))
+    recs = [json.loads(line) for line in
+            (tmp_path / "ll" / "evaluations.jsonl").read_text().splitlines()]
+    assert len(recs) == r["evaluations"] and r["val_score"] < 0  # a mean log-probability
+    for rec in recs:
+        assert rec["score"] == rec["loglik"] and 0.0 <= rec["accuracy"] <= 1.0
+    assert r["val_score"] == max(rec["loglik"] for rec in recs)
+    fp = json.loads((tmp_path / "ll" / "fingerprint.json").read_text())
+    assert fp["reward"] == "loglik"
+    with pytest.raises(SwrError, match="--reward"):  # the same folder with another reward
+        run_search(search_cfg(tmp_path, ckpt, "random", out="ll", evaluations=6, resume=True,
+                              reward="accuracy"))
+    with pytest.raises(SwrError, match="--reward 'f1'"):
+        run_search(search_cfg(tmp_path, ckpt, "random", out="bad", reward="f1"))
+
+
+def test_budget_gated_supernet_is_its_own_cache_entry(tiny, tmp_path):
+    from swr.supernet import supernet_key
+
+    _, ckpt = tiny
+    cfg = search_cfg(tmp_path, ckpt, "knapsack", out="bg", evaluations=4)
+    cfg.supernet = SupernetConfig(epochs=1, progress=False, gates="budget")
+    r = run_search(cfg)
+    plain = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="bn", evaluations=4))
+    assert r["supernet"] != plain["supernet"]  # another supernet, trained on budget gate sets
+    assert json.loads((tmp_path / "bg" / "fingerprint.json").read_text())["supernet_gates"] == "budget"
+    a = SupernetConfig(gates="budget", gate_budget_params=100)
+    assert supernet_key(a, "t", "b") != supernet_key(SupernetConfig(gates="budget", gate_budget_params=200), "t", "b")
+    # the default gates keep the key they had before the option existed
+    import hashlib
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(SupernetConfig()).items()
+           if k not in ("progress", "log_dir", "gates", "gate_budget_params")}
+    blob = json.dumps({"task": "t", "base": "b", "supernet": old}, sort_keys=True)
+    assert supernet_key(SupernetConfig(), "t", "b") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    with pytest.raises(SwrError, match="--supernet-gates"):
+        SupernetConfig(gates="coin").validate()
+
+
+def test_cli_reward_and_supernet_gates(tiny, tmp_path, capsys):
+    from swr.cli import main
+
+    _, ckpt = tiny
+    common = ["search", "--task", "tiny", "--checkpoint", str(ckpt), "--budget", "10%",
+              "--policy", "random", "--evaluations", "3", "--workers", "0",
+              "--supernet-epochs", "1", "--device", "cpu"]
+    assert main([*common, "--reward", "f1", "--out", str(tmp_path / "a")]) == 2
+    assert "--reward 'f1'" in capsys.readouterr().err
+    assert main([*common, "--supernet-gates", "coin", "--out", str(tmp_path / "b")]) == 2
+    assert "--supernet-gates 'coin'" in capsys.readouterr().err
+    assert main([*common, "--reward", "loglik", "--supernet-gates", "budget",
+                 "--out", str(tmp_path / "c")]) == 0
+    fp = json.loads((tmp_path / "c" / "fingerprint.json").read_text())
+    assert fp["reward"] == "loglik" and fp["supernet_gates"] == "budget"

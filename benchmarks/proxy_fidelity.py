@@ -1,0 +1,331 @@
+"""Does the evaluator predict the final accuracy? Proxy scores against final training.
+
+For one task, budget and seed: train the supernet (cached), build N distinct
+budget-feasible selections (knapsack and greedy over stage-1 Taylor importance and
+perturbed copies of both, the last-k and first-k candidate layers that fit, random
+feasible ones), score each with every proxy, then give every selection the same final
+training (stage 3 exactly as ``swr finetune`` runs it: from the supernet, same epochs,
+learning rate and seed for all) and record its final validation and test accuracy.
+
+Proxies: the supernet evaluator's validation accuracy (``acc``) and mean true-class
+log-probability (``loglik``), both from one scoring; with ``--budget-supernet`` the same
+two on a supernet trained on budget-feasible gate sets (``budget-acc``,
+``budget-loglik``); and the summed Taylor importance of the selection (``taylor``, what
+knapsack maximises, free).
+
+Reported per run: Kendall tau-b and Spearman rho (with Fisher-z 95% intervals) between
+each proxy and the final *validation* accuracy, and the headroom: the final test
+accuracy of the best selection by final validation accuracy minus the median
+selection's, in points (over all N, and over the random ones alone).
+
+    python benchmarks/proxy_fidelity.py --checkpoint CKPT --task kws-synth:de --budget 1%
+        [--selections 20] [--epochs 20] [--budget-supernet] [--out runs/proxy_fidelity]
+
+Each run merges its results into ``OUT/results.json`` (``OUT/<run>/selections.csv``
+per run) and rewrites the section between ``<!-- bench:proxy_fidelity -->`` markers of
+docs/SEARCH.md from every run stored there, plus one scatter plot per run in docs/.
+Final trainings already in ``OUT/<run>/sel-XX`` with the same settings are reused, so an
+interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROXIES = ("acc", "loglik", "budget-acc", "budget-loglik", "taylor")
+
+
+def build_selections(names, costs, importance, budget, n, seed):
+    """``n`` distinct non-empty feasible selections, each with the rule that made it."""
+    from swr.policies.selectors import greedy_selection, knapsack_selection, random_selection
+
+    costs = np.asarray(costs, dtype=np.int64)
+    importance = np.asarray(importance, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    out: dict[tuple[str, ...], str] = {}
+
+    def add(mask, rule):
+        sel = tuple(nm for nm, m in zip(names, mask) if m)
+        if sel and sel not in out and len(out) < n:
+            assert int(costs[np.asarray(mask, bool)].sum()) <= budget
+            out[sel] = rule
+
+    def run_of(order, k=None):
+        """Layers of ``order`` taken while they fit, skipping those that do not (at most
+        ``k``): the last-k (first-k) candidate layers a budget allows."""
+        mask = np.zeros(len(names), dtype=bool)
+        left, taken = budget, 0
+        for i in order:
+            if k is not None and taken >= k:
+                break
+            if costs[i] <= left:
+                mask[i], left, taken = True, left - costs[i], taken + 1
+        return mask, taken
+
+    add(knapsack_selection(importance, costs, budget), "knapsack")
+    add(greedy_selection(importance, costs, budget), "greedy")
+    last, k_last = run_of(range(len(names) - 1, -1, -1))
+    first, k_first = run_of(range(len(names)))
+    add(last, f"last-{k_last}")
+    add(first, f"first-{k_first}")
+    for k in (k_last // 2, k_first // 2):
+        if k >= 1:
+            add(run_of(range(len(names) - 1, -1, -1), k)[0], f"last-{k}")
+            add(run_of(range(len(names)), k)[0], f"first-{k}")
+    rules = ["knapsack-perturbed", "greedy-perturbed", "random"]
+    for i in range(200 * n):
+        if len(out) >= n:
+            break
+        rule = rules[i % 3]
+        noisy = importance * rng.lognormal(0.0, 0.3 + 0.7 * rng.random(), size=len(names))
+        if rule == "random":
+            add(random_selection(costs, budget, rng), rule)
+        elif rule == "knapsack-perturbed":
+            add(knapsack_selection(noisy, costs, budget), rule)
+        else:
+            add(greedy_selection(noisy, costs, budget), rule)
+    return list(out.items())
+
+
+def headroom(rows, test_key="test_acc", val_key="val_acc"):
+    """Test accuracy of the best row by final validation accuracy minus the median row's
+    test accuracy, in points (ties on validation: the first such row)."""
+    if len(rows) < 2:
+        return None
+    best = max(rows, key=lambda r: r[val_key])
+    return 100.0 * (best[test_key] - statistics.median(r[test_key] for r in rows))
+
+
+def correlations(rows, proxies):
+    from swr.stats import fisher_interval, kendall_tau, spearman
+
+    final = [r["val_acc"] for r in rows]
+    out = {}
+    for p in proxies:
+        xs = [r.get(p) for r in rows]
+        if any(x is None for x in xs):
+            continue
+        tau, rho = kendall_tau(xs, final), spearman(xs, final)
+        out[p] = {"kendall": tau, "kendall_ci": fisher_interval(tau, len(xs), "kendall"),
+                  "spearman": rho, "spearman_ci": fisher_interval(rho, len(xs), "spearman")}
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def run(args) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from swr.budget import resolve_budget
+    from swr.envs.evaluator import SupernetEvaluator
+    from swr.finetune import finetune
+    from swr.io import write_csv, write_json
+    from swr.reparam import candidates
+    from swr.source import base_spec, load_base, load_task
+    from swr.supernet import SupernetConfig, prepare_supernet
+
+    torch.set_num_threads(args.threads)
+    name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}"
+    folder = Path(args.out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = base_spec(args.checkpoint)
+    base, meta = load_base(spec)
+    task = load_task(args.task, meta)
+    t0 = time.perf_counter()
+    scfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
+                          progress=True)
+    supernet, smeta, sfolder = prepare_supernet(base, task, scfg, meta["backbone"])
+    cands = candidates(supernet)
+    names, costs = [c.name for c in cands], [c.params for c in cands]
+    budget = resolve_budget(supernet, args.budget)
+    importance = [s["taylor"] for s in smeta["stats"]]
+    sels = build_selections(names, costs, importance, budget, args.selections, args.seed)
+    print(f"{name}: {len(sels)} selections, budget {budget} params, supernet "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    rows = []
+    ev = SupernetEvaluator(supernet, task, device="cpu", seed=args.seed)
+    t_score = time.perf_counter()
+    for i, (sel, rule) in enumerate(sels):
+        s = ev.scores(sel)
+        rows.append({"id": i, "rule": rule, "layers": len(sel),
+                     "cost": sum(costs[names.index(n)] for n in sel),
+                     "acc": s["accuracy"], "loglik": s["loglik"],
+                     "taylor": float(sum(importance[names.index(n)] for n in sel)),
+                     "selection": list(sel)})
+    score_s = (time.perf_counter() - t_score) / len(sels)
+    del ev
+    if args.budget_supernet:
+        bcfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
+                              progress=True, gates="budget", gate_budget_params=budget)
+        bnet, _, _ = prepare_supernet(base, task, bcfg, meta["backbone"])
+        bev = SupernetEvaluator(bnet, task, device="cpu", seed=args.seed)
+        for row in rows:
+            s = bev.scores(row["selection"])
+            row["budget-acc"], row["budget-loglik"] = s["accuracy"], s["loglik"]
+        del bev, bnet
+
+    settings = {"epochs": args.epochs, "seed": args.seed, "lr": 3e-3,
+                "supernet": str(sfolder), "task": args.task}
+    for row in tqdm(rows, desc=f"final training {name}", unit="selection"):
+        sub = folder / f"sel-{row['id']:02d}"
+        done = sub / "metrics.json"
+        if done.is_file():
+            m = json.loads(done.read_text())
+            if (m.get("layers") == row["selection"] and m.get("epochs") == args.epochs
+                    and m.get("seed") == args.seed and m.get("task") == args.task):
+                row.update(val_acc=m["val_acc"], test_acc=m["test_acc"],
+                           train_s=m["seconds"], reused=True)
+                continue
+        sel_file = folder / f"selection-{row['id']:02d}.json"
+        write_json(sel_file, {"layers": row["selection"], "task": args.task,
+                              "budget_params": budget, "checkpoint": str(Path(args.checkpoint).resolve()),
+                              "base": spec.to_dict(), "supernet": str(sfolder),
+                              "policy": row["rule"]})
+        m = finetune(sel_file, sub, epochs=args.epochs, lr=settings["lr"], seed=args.seed,
+                     device="cpu", progress=False)
+        row.update(val_acc=m["val_acc"], test_acc=m["test_acc"], train_s=m["seconds"],
+                   reused=False)
+    write_csv(folder / "selections.csv", rows,
+              ["id", "rule", "layers", "cost", *[p for p in PROXIES if p in rows[0]],
+               "val_acc", "test_acc", "train_s"])
+    random_rows = [r for r in rows if r["rule"] == "random"]
+    return {
+        "name": name, "task": args.task, "budget": args.budget, "budget_params": budget,
+        "seed": args.seed, "selections": len(rows), "epochs": args.epochs,
+        "supernet_epochs": args.supernet_epochs, "budget_supernet": args.budget_supernet,
+        "supernet_val_acc_all_open": smeta["val_acc_all_open"],
+        "score_s_per_selection": score_s,
+        "train_s_median": statistics.median(r["train_s"] for r in rows),
+        "correlations": correlations(rows, PROXIES),
+        "headroom_points": headroom(rows),
+        "headroom_random_points": headroom(random_rows) if len(random_rows) >= 3 else None,
+        "random_selections": len(random_rows),
+        "final_val": [min(r["val_acc"] for r in rows), max(r["val_acc"] for r in rows)],
+        "final_test": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)],
+        "command": _command(), "minutes": (time.perf_counter() - t0) / 60, "rows": rows,
+    }
+
+
+def _command() -> str:
+    from _common import command
+
+    return command()
+
+
+def scatter(result: dict, path: Path) -> None:
+    """One panel per proxy: proxy score against final validation accuracy."""
+    from matplotlib.figure import Figure
+
+    from swr.io import save_png
+
+    rows = result["rows"]
+    proxies = [p for p in PROXIES if p in result["correlations"]]
+    fig = Figure(figsize=(3.2 * len(proxies), 3.2), layout="constrained")
+    for ax, p in zip(fig.subplots(1, len(proxies), squeeze=False)[0], proxies):
+        rules = sorted({r["rule"] for r in rows})
+        for rule in rules:
+            pts = [(r[p], 100 * r["val_acc"]) for r in rows if r["rule"] == rule]
+            ax.scatter(*zip(*pts), s=18, label=rule)
+        c = result["correlations"][p]
+        ax.set_title(f"{p}: tau {c['kendall']:.2f}, rho {c['spearman']:.2f}", fontsize=9)
+        ax.set_xlabel(f"proxy ({p})", fontsize=8)
+        ax.set_ylabel("final val accuracy (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=6)
+    fig.suptitle(f"{result['task']} at {result['budget']}, {result['selections']} selections, "
+                 f"{result['epochs']} epochs", fontsize=9)
+    save_png(fig, path)
+
+
+def render(results: dict) -> str:
+    from _common import md_table
+
+    def fmt(c, key):
+        lo, hi = c[f"{key}_ci"]
+        return f"{c[key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    lines = []
+    for r in sorted(results.values(), key=lambda r: r["name"]):
+        lines += [f"### {r['task']} at {r['budget']} ({r['budget_params']:,} delta parameters), "
+                  f"seed {r['seed']}", "",
+                  f"{r['selections']} selections ({', '.join(sorted({x['rule'].split('-')[0] if x['rule'][:4] in ('last', 'firs') else x['rule'] for x in r['rows']}))}), "
+                  f"final training {r['epochs']} epochs each (median {r['train_s_median']:.0f} s), "
+                  f"supernet {r['supernet_epochs']} epochs (all gates open: val "
+                  f"{r['supernet_val_acc_all_open']:.4f}), one scoring "
+                  f"{r['score_s_per_selection']:.2f} s. Final validation accuracy "
+                  f"{r['final_val'][0]:.4f}-{r['final_val'][1]:.4f}, final test accuracy "
+                  f"{r['final_test'][0]:.4f}-{r['final_test'][1]:.4f}. "
+                  f"{r['minutes']:.1f} min in all.", "",
+                  f"Command: `{r['command']}`", ""]
+        table = [[p, fmt(c, "kendall"), fmt(c, "spearman")]
+                 for p, c in r["correlations"].items()]
+        lines += [md_table(["proxy", "Kendall tau-b vs final val [95% CI]",
+                            "Spearman rho vs final val [95% CI]"], table), ""]
+        hr = r["headroom_points"]
+        hrr = r["headroom_random_points"]
+        lines += [f"Headroom (final test accuracy of the best selection by final validation "
+                  f"accuracy minus the median selection's): **{hr:+.2f} points** over all "
+                  f"{r['selections']}"
+                  + (f", {hrr:+.2f} points over the {r['random_selections']} random ones"
+                     if hrr is not None else "") + ".", "",
+                  f"![proxy vs final accuracy](proxy-fidelity-{r['name']}.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--checkpoint", required=True, help="swr pretrain folder of the base")
+    p.add_argument("--task", default="kws-synth:de")
+    p.add_argument("--budget", default="1%")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--selections", type=int, default=20, help="distinct selections (N)")
+    p.add_argument("--epochs", type=int, default=20,
+                   help="final-training epochs per selection (swr finetune's default: 20)")
+    p.add_argument("--supernet-epochs", type=int, default=10)
+    p.add_argument("--budget-supernet", action="store_true",
+                   help="also score on a supernet trained on budget-feasible gate sets")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", default=str(ROOT / "runs" / "proxy_fidelity"))
+    p.add_argument("--doc", default=str(ROOT / "docs" / "SEARCH.md"))
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the doc section from OUT/results.json without running")
+    args = p.parse_args()
+
+    from _common import write_section
+
+    from swr.io import write_json
+
+    out = Path(args.out)
+    store = out / "results.json"
+    r = None if args.render_only else run(args)
+    # read after the run: another run into the same OUT may have finished meanwhile
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    if r is not None:
+        results[r["name"]] = r
+        write_json(store, results)
+        print(json.dumps({k: v for k, v in r.items() if k != "rows"}, indent=1), flush=True)
+    for r in results.values():
+        scatter(r, Path(args.doc).parent / f"proxy-fidelity-{r['name']}.png")
+    write_section("proxy_fidelity", "Proxy fidelity: evaluator score against final accuracy",
+                  render(results), doc=Path(args.doc))
+
+
+if __name__ == "__main__":
+    main()
