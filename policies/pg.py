@@ -17,6 +17,7 @@ the batch's spread so the step size does not depend on the reward scale.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -48,6 +49,20 @@ class PGConfig:
     prior_confidence: float = 0.9
     # weight of the imitation loss during RL (0: RL alone moves the policy)
     prior_coef: float = 0.0
+
+
+@contextmanager
+def one_thread():
+    """Run the policy's own (tiny) computations on one torch thread, then restore the
+    caller's: on a busy machine its many small ops ran about 30 times slower on two
+    threads (each op waits for a descheduled OpenMP thread), while the evaluator that
+    scores in this process keeps its threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _as_budgets(budget) -> list[int]:
@@ -119,8 +134,9 @@ class PGTrainer:
         if values is not None and cfg.prior_steps > 0:
             self.prior = torch.as_tensor(prior_masks(np.asarray(values, dtype=np.float64),
                                                      np.asarray(costs), self.budgets))
-            self.prior_info = imitate_prior(self.policy, self.feats, self.cost_t, self.budgets,
-                                            self.prior, cfg)
+            with one_thread():
+                self.prior_info = imitate_prior(self.policy, self.feats, self.cost_t,
+                                                self.budgets, self.prior, cfg)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.baselines: dict[int, float] = {}
         self.iterations = 0
@@ -133,7 +149,7 @@ class PGTrainer:
 
     def greedy_masks(self) -> list[np.ndarray]:
         """The policy's most likely selection at each budget."""
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, self.budgets, len(self.budgets),
                                        greedy=True)
         return [m.numpy() for m in roll.masks]
@@ -149,7 +165,8 @@ class PGTrainer:
         cfg = self.cfg
         self.iterations += 1
         budgets = self._next_budgets(k)
-        roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen)
+        with one_thread():
+            roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen)
         rewards = torch.tensor(score([m.numpy() for m in roll.masks]), dtype=torch.float32)
         scored = ~torch.isnan(rewards)
         if int(scored.sum()) < 2:  # no spread to learn from
@@ -168,14 +185,15 @@ class PGTrainer:
             base[sel] = self.baselines[b]
         centred = rewards - base
         adv = centred / (centred.std(unbiased=False) + 1e-3)
-        loss = -(adv * roll.log_prob).mean() - cfg.entropy_coef * roll.entropy.mean()
-        if self.prior is not None and cfg.prior_coef > 0:
-            loss = loss + cfg.prior_coef * imitation_loss(
-                self.policy, self.feats, self.cost_t, self.budgets, self.prior,
-                cfg.prior_confidence)[0]
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
+        with one_thread():
+            loss = -(adv * roll.log_prob).mean() - cfg.entropy_coef * roll.entropy.mean()
+            if self.prior is not None and cfg.prior_coef > 0:
+                loss = loss + cfg.prior_coef * imitation_loss(
+                    self.policy, self.feats, self.cost_t, self.budgets, self.prior,
+                    cfg.prior_confidence)[0]
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
         if self.on_iteration is not None:
             self.on_iteration({"iteration": self.iterations, "mean_reward": float(rewards.mean()),
                                "max_reward": float(rewards.max()), "baseline": self.baseline,
@@ -211,7 +229,7 @@ def _train_while(trainer: PGTrainer, score, evaluations_left: Callable[[], int])
 def greedy_mask(policy: PolicyNetwork, features: np.ndarray, costs: np.ndarray,
                 budget: int) -> np.ndarray:
     """The policy's most likely selection."""
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         roll = policy.rollout(torch.as_tensor(features, dtype=torch.float32),
                               torch.as_tensor(costs, dtype=torch.float64), budget, 1, greedy=True)
     return roll.masks[0].numpy()
