@@ -18,7 +18,7 @@ the batch's spread so the step size does not depend on the reward scale.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -243,6 +243,11 @@ class PGSearcher(PoolSearcher):
     name = "pg"
     budget_conditioned = True
 
+    def __init__(self, settings, config: Optional[PGConfig] = None):
+        super().__init__(settings)
+        # the policy's own settings (samples per iteration and seed come from ``settings``)
+        self.config = config or PGConfig()
+
     def propose(self, problem, run) -> Path:
         from swr.envs.features import layer_features
         from swr.io import save_safetensors
@@ -252,8 +257,8 @@ class PGSearcher(PoolSearcher):
         features = layer_features(problem.stats)
         costs = np.asarray(problem.costs)
         budgets = problem.budget_list
-        cfg = PGConfig(samples_per_iteration=self.settings.samples_per_iteration,
-                       seed=self.settings.seed)
+        cfg = replace(self.config, samples_per_iteration=self.settings.samples_per_iteration,
+                      seed=self.settings.seed)
         # every iteration's reward, entropy and loss (a resumed search replays its
         # iterations, so the log starts afresh either way)
         reset_runlog(problem.out, ("search_iterations",))
