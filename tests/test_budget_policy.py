@@ -179,6 +179,13 @@ def test_budget_list_same_seed_same_selections_and_finetune_reads_them(tiny, tmp
     b = run_search(list_cfg(tmp_path, ckpt, "pg", out="b", evaluations=10, budget="5%,10%"))
     assert [e["layers"] for e in a["budgets"]] == [e["layers"] for e in b["budgets"]]
     assert [e["val_score"] for e in a["budgets"]] == [e["val_score"] for e in b["budgets"]]
+    # interrupted after half its scorings, then resumed: the same selections
+    log = (tmp_path / "b" / "evaluations.jsonl").read_text().splitlines()
+    (tmp_path / "b" / "evaluations.jsonl").write_text("\n".join(log[:5]) + "\n")
+    c = run_search(list_cfg(tmp_path, ckpt, "pg", out="b", evaluations=10, budget="5%,10%",
+                            resume=True))
+    assert [e["layers"] for e in c["budgets"]] == [e["layers"] for e in a["budgets"]]
+    assert c["replayed_evaluations"] == 5
     m = finetune(tmp_path / "a" / "budget-5%" / "selection.json", tmp_path / "final", epochs=1,
                  device="cpu", progress=False)
     assert m["updated_params"] <= m["budget_params"] == a["budgets"][0]["budget_params"]
