@@ -36,6 +36,9 @@ VARIANTS = {
     "pg, prior_coef 0.5": ("pg", {"prior_coef": 0.5}),
     "pg, prior_confidence 0.8": ("pg", {"prior_confidence": 0.8}),
     "pg, prior_confidence 0.95": ("pg", {"prior_confidence": 0.95}),
+    "pg, prior_samples 8": ("pg", {"prior_samples": 8}),
+    "pg, prior_samples 8, prior_confidence 0.99": ("pg", {"prior_samples": 8,
+                                                           "prior_confidence": 0.99}),
 }
 
 
@@ -89,12 +92,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--evaluations", type=int, default=48, help="distinct scorings in all")
     p.add_argument("--problems", type=int, default=4)
+    p.add_argument("--variants", help="names of VARIANTS separated by ; (default: all)")
     p.add_argument("--no-doc", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     info = machine()
     rows = []
-    for variant in VARIANTS:
+    for variant in args.variants.split(";") if args.variants else VARIANTS:
         res = np.array([best_per_budget(variant, seed, args.evaluations)
                         for seed in range(args.problems)])
         rows.append([variant] + [f"{v:.4f}" for v in res.mean(0)] + [f"{res.mean():.4f}"])

@@ -79,9 +79,11 @@ class PolicyNetwork(nn.Module):
         return self(features, budget_feature(distinct, total))[index]
 
     def rollout(self, features: torch.Tensor, costs: torch.Tensor, budget, k: int,
-                generator: Optional[torch.Generator] = None, greedy: bool = False) -> Rollout:
+                generator: Optional[torch.Generator] = None, greedy: bool = False,
+                temperature: float = 1.0) -> Rollout:
         """Sample ``k`` selections (or the most likely ones with ``greedy``) under
-        ``budget``: one number for all, or a sequence of ``k`` budgets."""
+        ``budget``: one number for all, or a sequence of ``k`` budgets. A
+        ``temperature`` above 1 flattens every decision (logits divided by it)."""
         budgets = _budget_tensor(budget, k)
         total = float(costs.sum())
         ctx = self._contexts(features, budgets, total)
@@ -98,6 +100,8 @@ class PolicyNetwork(nn.Module):
             inp = torch.cat([ctx[:, i], frac_left.float().unsqueeze(1),
                              rel_cost.float().unsqueeze(1), bfeat], dim=1)
             logit = self.head(inp).squeeze(1)
+            if temperature != 1.0:
+                logit = logit / temperature
             p = torch.sigmoid(logit)
             if greedy:
                 take = p > 0.5

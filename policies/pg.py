@@ -49,6 +49,11 @@ class PGConfig:
     prior_confidence: float = 0.9
     # weight of the imitation loss during RL (0: RL alone moves the policy)
     prior_coef: float = 0.0
+    # also imitate this many knapsack selections per budget over importances scaled by
+    # log-normal noise of ``prior_noise`` (0: the exact knapsack only), so the policy
+    # samples like the perturbed knapsack search before RL reweights it
+    prior_samples: int = 0
+    prior_noise: float = 0.5
 
 
 @contextmanager
@@ -91,10 +96,12 @@ def imitation_loss(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tens
 
 
 def imitate_prior(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tensor,
-                  budgets: Sequence[int], targets: torch.Tensor, cfg: PGConfig) -> dict:
+                  budgets: Sequence[int], targets: torch.Tensor, cfg: PGConfig,
+                  extra: Optional[tuple[list[int], torch.Tensor]] = None) -> dict:
     """Train ``policy`` to reproduce ``targets`` (one selection per budget) by
-    supervised learning; stops once its greedy rollout reproduces every target and the
-    loss is within 0.02 of its floor, or after ``cfg.prior_steps`` steps."""
+    supervised learning, and the ``extra`` (budgets, selections) as well if given;
+    stops once its greedy rollout reproduces every target and the loss on them is
+    within 0.02 of its floor, or after ``cfg.prior_steps`` steps."""
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.prior_lr)
     c = cfg.prior_confidence
     floor = -(c * np.log(c) + (1 - c) * np.log(1 - c)) if 0 < c < 1 else 0.0
@@ -104,6 +111,8 @@ def imitate_prior(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tenso
         loss = float(out.detach())
         if wrong == 0 and loss < floor + 0.02:
             break
+        if extra is not None:
+            out = out + imitation_loss(policy, feats, costs, extra[0], extra[1], c)[0]
         opt.zero_grad()
         out.backward()
         opt.step()
@@ -132,15 +141,28 @@ class PGTrainer:
         self.prior: Optional[torch.Tensor] = None
         self.prior_info: dict = {"prior_steps": 0}
         if values is not None and cfg.prior_steps > 0:
-            self.prior = torch.as_tensor(prior_masks(np.asarray(values, dtype=np.float64),
-                                                     np.asarray(costs), self.budgets))
+            values = np.asarray(values, dtype=np.float64)
+            self.prior = torch.as_tensor(prior_masks(values, np.asarray(costs), self.budgets))
+            extra = None
+            if cfg.prior_samples > 0:
+                rng = np.random.default_rng(cfg.seed)
+                xb = [b for b in self.budgets for _ in range(cfg.prior_samples)]
+                xm = np.stack([prior_masks(values * rng.lognormal(0.0, cfg.prior_noise,
+                                                                  len(values)),
+                                           np.asarray(costs), [b])[0] for b in xb])
+                extra = (xb, torch.as_tensor(xm))
             with one_thread():
                 self.prior_info = imitate_prior(self.policy, self.feats, self.cost_t,
-                                                self.budgets, self.prior, cfg)
+                                                self.budgets, self.prior, cfg, extra)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.baselines: dict[int, float] = {}
         self.iterations = 0
         self._turn = 0  # which budget the next rollout takes
+        # sampling temperature: raised while batches bring no selection not sampled
+        # before (a sharp policy, or one started sharp from the prior, can otherwise
+        # spend every remaining iteration on repeats and never reach its evaluations)
+        self.temperature = 1.0
+        self._sampled: set[bytes] = set()
 
     @property
     def baseline(self) -> Optional[float]:
@@ -166,7 +188,13 @@ class PGTrainer:
         self.iterations += 1
         budgets = self._next_budgets(k)
         with one_thread():
-            roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen)
+            roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen,
+                                       temperature=self.temperature)
+        keys = {np.packbits(m.numpy()).tobytes() for m in roll.masks}
+        fresh = len(keys - self._sampled)
+        self._sampled |= keys
+        self.temperature = min(self.temperature * 1.5, 10.0) if fresh == 0 else \
+            max(1.0, self.temperature / 1.5)
         rewards = torch.tensor(score([m.numpy() for m in roll.masks]), dtype=torch.float32)
         scored = ~torch.isnan(rewards)
         if int(scored.sum()) < 2:  # no spread to learn from

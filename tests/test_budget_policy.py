@@ -77,7 +77,7 @@ def test_budget_conditioned_rollouts_never_exceed_their_own_budget(seed):
     assert torch.allclose((lp * fits).sum(1), roll.log_prob, atol=1e-4)
 
 
-def pg_on_synthetic(tmp_path, budgets, evaluations, seed=0):
+def pg_on_synthetic(tmp_path, budgets, evaluations, seed=0, config=None):
     """PGSearcher.propose on a synthetic problem, scoring with a SyntheticEvaluator."""
     costs, taylor, stats = synthetic(seed=1)
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,8 @@ def pg_on_synthetic(tmp_path, budgets, evaluations, seed=0):
                             budget_labels=[str(b) for b in budgets] if len(budgets) > 1 else [])
     log = EvaluationLog(tmp_path / "evaluations.jsonl", names, dict(zip(names, costs)), False)
     run = SearchRun(names, costs, max(budgets), LocalPool(evaluator), log, evaluations, False)
-    PGSearcher(SearchSettings(evaluations=evaluations, seed=seed, progress=False)).propose(
-        problem, run)
+    PGSearcher(SearchSettings(evaluations=evaluations, seed=seed, progress=False),
+               config).propose(problem, run)
     log.close()
     return costs, taylor, names, evaluator, log
 
@@ -108,6 +108,15 @@ def test_pg_scores_the_knapsack_first_and_exactly_its_evaluations(tmp_path):
     # every budget was sampled: each has selections that fit it but not the budget below
     for lo, hi in zip([0] + budgets[:-1], budgets):
         assert any(lo < sum(by_name[n] for n in s) <= hi for s in scored), hi
+
+
+def test_a_sharp_policy_still_reaches_its_evaluations(tmp_path):
+    """Started near-deterministic (confidence 0.999) at a small budget, pg samples the
+    same few selections; its temperature rises until it finds new ones."""
+    costs = synthetic(seed=1)[0]
+    config = PGConfig(prior_confidence=0.999, prior_steps=400, max_iterations=300)
+    log = pg_on_synthetic(tmp_path, fractions(costs, 0.03), 40, config=config)[4]
+    assert len(log.seen) == 40
 
 
 def test_pg_same_seed_same_scorings(tmp_path):
