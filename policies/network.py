@@ -80,10 +80,11 @@ class PolicyNetwork(nn.Module):
 
     def rollout(self, features: torch.Tensor, costs: torch.Tensor, budget, k: int,
                 generator: Optional[torch.Generator] = None, greedy: bool = False,
-                temperature: float = 1.0) -> Rollout:
+                explore: float = 0.0) -> Rollout:
         """Sample ``k`` selections (or the most likely ones with ``greedy``) under
-        ``budget``: one number for all, or a sequence of ``k`` budgets. A
-        ``temperature`` above 1 flattens every decision (logits divided by it)."""
+        ``budget``: one number for all, or a sequence of ``k`` budgets. With ``explore``
+        > 0 each decision is a coin flip with that probability (the policy sampled is
+        the mixture, whatever the size of the logits)."""
         budgets = _budget_tensor(budget, k)
         total = float(costs.sum())
         ctx = self._contexts(features, budgets, total)
@@ -100,16 +101,19 @@ class PolicyNetwork(nn.Module):
             inp = torch.cat([ctx[:, i], frac_left.float().unsqueeze(1),
                              rel_cost.float().unsqueeze(1), bfeat], dim=1)
             logit = self.head(inp).squeeze(1)
-            if temperature != 1.0:
-                logit = logit / temperature
-            p = torch.sigmoid(logit)
+            if explore > 0:
+                p = (1 - explore) * torch.sigmoid(logit) + explore / 2
+                log_take, log_skip = torch.log(p), torch.log1p(-p)
+            else:
+                p = torch.sigmoid(logit)
+                log_take, log_skip = F.logsigmoid(logit), F.logsigmoid(-logit)
             if greedy:
                 take = p > 0.5
             else:
                 take = torch.rand(k, generator=generator) < p.detach()
             take = take & fits
-            lp = torch.where(take, F.logsigmoid(logit), F.logsigmoid(-logit))
-            ent = -(p * F.logsigmoid(logit) + (1 - p) * F.logsigmoid(-logit))
+            lp = torch.where(take, log_take, log_skip)
+            ent = -(p * log_take + (1 - p) * log_skip)
             log_prob = log_prob + torch.where(fits, lp, torch.zeros_like(lp))
             entropy = entropy + torch.where(fits, ent, torch.zeros_like(ent))
             left = left - take.double() * cost

@@ -158,10 +158,11 @@ class PGTrainer:
         self.baselines: dict[int, float] = {}
         self.iterations = 0
         self._turn = 0  # which budget the next rollout takes
-        # sampling temperature: raised while batches bring no selection not sampled
-        # before (a sharp policy, or one started sharp from the prior, can otherwise
-        # spend every remaining iteration on repeats and never reach its evaluations)
-        self.temperature = 1.0
+        # chance of a coin flip per decision: raised while batches bring no selection
+        # not sampled before (a sharp policy, or one started sharp from the prior, can
+        # otherwise spend every remaining iteration on repeats and never reach its
+        # evaluations), halved back towards 0 once they do
+        self.explore = 0.0
         self._sampled: set[bytes] = set()
 
     @property
@@ -189,15 +190,20 @@ class PGTrainer:
         budgets = self._next_budgets(k)
         with one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen,
-                                       temperature=self.temperature)
+                                       explore=self.explore)
         keys = {np.packbits(m.numpy()).tobytes() for m in roll.masks}
         fresh = len(keys - self._sampled)
         self._sampled |= keys
-        self.temperature = min(self.temperature * 1.5, 10.0) if fresh == 0 else \
-            max(1.0, self.temperature / 1.5)
+        if fresh == 0:
+            self.explore = min(0.5, max(0.05, 2 * self.explore))
+        else:
+            self.explore = self.explore / 2 if self.explore > 0.01 else 0.0
         rewards = torch.tensor(score([m.numpy() for m in roll.masks]), dtype=torch.float32)
         scored = ~torch.isnan(rewards)
-        if int(scored.sum()) < 2:  # no spread to learn from
+        if int(scored.sum()) < 2 or float(rewards[scored].std()) == 0.0:
+            # no spread to learn from; normalising would blow the baseline's lag up
+            # into a push towards whatever was sampled (the policy collapsed that way
+            # on accuracy rewards, where many selections score the same)
             return
         keep = [b for b, s in zip(budgets, scored.tolist()) if s]
         if not bool(scored.all()):
