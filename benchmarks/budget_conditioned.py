@@ -117,9 +117,10 @@ def main(argv=None) -> None:
         return
     body = (f"Task `{args.task}`, budgets {args.budgets}, {n} distinct evaluations per search "
             f"(the 4-budget search: {n} in total), `--workers {args.workers}`, supernet "
-            f"{args.supernet_epochs} epochs, trained once ({stage1_s:.0f} s with the first "
-            f"search, which scored {warm['evaluations']} selection) and read from the cache "
-            "by every search below; the wall times are whole `run_search` calls.\n\n"
+            f"{args.supernet_epochs} epochs, trained (or read from the cache: "
+            f"{warm['supernet_s']:.0f} s) by a first search of {warm['evaluations']} "
+            "scoring and read from the cache by every search below; the wall times are "
+            "whole `run_search` calls.\n\n"
             "(a) Wall time, one search of the 4 budgets vs one single-budget search:\n\n"
             + md_table(head_w, wall_rows) +
             "\n\n(b) Best validation score per budget:\n\n" + md_table(head_ab, table_ab) +
