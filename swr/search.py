@@ -151,7 +151,7 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
 FINGERPRINT_LABELS = {
     "base": "base weights (--checkpoint / --weights, by content hash)",
     "task": "--task", "task_data": "task data (by content hash)", "classes": "task classes",
-    "budget_params": "--budget (in parameters; a list for several)", "policy": "--policy", "seed": "--seed",
+    "budget_params": "--budget (in parameters)", "policy": "--policy", "seed": "--seed",
     "evaluations": "--evaluations", "samples_per_iteration": "--samples-per-iteration",
     "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs",
 }
