@@ -200,10 +200,18 @@ class PGTrainer:
             self.explore = self.explore / 2 if self.explore > 0.01 else 0.0
         rewards = torch.tensor(score([m.numpy() for m in roll.masks]), dtype=torch.float32)
         scored = ~torch.isnan(rewards)
-        if int(scored.sum()) < 2 or float(rewards[scored].std()) == 0.0:
-            # no spread to learn from; normalising would blow the baseline's lag up
-            # into a push towards whatever was sampled (the policy collapsed that way
-            # on accuracy rewards, where many selections score the same)
+        if int(scored.sum()) < 2:  # no spread to learn from
+            return
+        if float(rewards[scored].std()) == 0.0:
+            # all tied: no step, since normalising would blow the baseline's lag up into
+            # a push towards whatever was sampled (the policy collapsed that way on
+            # accuracy rewards, where many selections score the same); logged with loss 0
+            if self.on_iteration is not None:
+                r = rewards[scored]
+                self.on_iteration({"iteration": self.iterations, "mean_reward": float(r.mean()),
+                                   "max_reward": float(r.max()), "baseline": self.baseline,
+                                   "entropy": float(roll.entropy[scored].mean().detach()),
+                                   "loss": 0.0})
             return
         keep = [b for b, s in zip(budgets, scored.tolist()) if s]
         if not bool(scored.all()):
