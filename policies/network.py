@@ -6,12 +6,18 @@ context plus how much budget is left and how much of it this layer would take,
 and emits the logit of "reparametrize". A layer that no longer fits is masked to
 "freeze" and contributes nothing to the log-probability. Masking and the budget
 features are those of the environment (:mod:`swr.envs.mdp`).
+
+The policy is budget-conditioned: the budget itself, as a log-scaled share of the
+candidates' total cost (:func:`budget_feature`), is an input of the embedding (so the
+context of every layer depends on it) and of the head, and every rollout in a batch
+may have its own budget. One trained policy thus gives a selection per budget.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,45 +35,104 @@ class Rollout:
     entropy: torch.Tensor
 
 
+def budget_feature(budget, total_cost: float):
+    """The budget as the policy sees it: log10 of its share of the candidates' total
+    cost, divided by 3 (0.1% -> -1, 100% -> 0), so budgets an order of magnitude apart
+    differ by a third. Takes a number or a tensor of budgets."""
+    if isinstance(budget, torch.Tensor):
+        return torch.log10(budget.clamp(min=1.0) / total_cost) / 3.0
+    return math.log10(max(float(budget), 1.0) / total_cost) / 3.0
+
+
+def _budget_tensor(budget, k: int) -> torch.Tensor:
+    """``k`` budgets: one number for all rollouts, or one per rollout."""
+    if isinstance(budget, (int, float)):
+        return torch.full((k,), float(budget), dtype=torch.float64)
+    b = torch.as_tensor(list(budget) if not isinstance(budget, torch.Tensor) else budget,
+                        dtype=torch.float64)
+    if b.shape != (k,):
+        raise ValueError(f"{len(b)} budgets given for {k} rollouts")
+    return b
+
+
 class PolicyNetwork(nn.Module):
     def __init__(self, n_features: int, hidden: int = 64):
         super().__init__()
-        self.embed = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU())
+        # +1: the budget feature, appended to every layer's features
+        self.embed = nn.Sequential(nn.Linear(n_features + 1, hidden), nn.ReLU())
         self.context = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
-        self.head = nn.Sequential(nn.Linear(2 * hidden + 2, hidden), nn.ReLU(),
+        # context + fraction of budget left + relative cost + the budget feature
+        self.head = nn.Sequential(nn.Linear(2 * hidden + 3, hidden), nn.ReLU(),
                                   nn.Linear(hidden, 1))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``(L, F)`` features -> ``(L, 2*hidden)`` per-layer context."""
-        ctx, _ = self.context(self.embed(features).unsqueeze(0))
-        return ctx.squeeze(0)
+    def forward(self, features: torch.Tensor, budget_feat: torch.Tensor) -> torch.Tensor:
+        """``(L, F)`` features and ``(B,)`` budget features -> ``(B, L, 2*hidden)`` context."""
+        b = budget_feat.to(features.dtype)
+        x = torch.cat([features.unsqueeze(0).expand(len(b), -1, -1),
+                       b.view(-1, 1, 1).expand(-1, features.shape[0], 1)], dim=2)
+        ctx, _ = self.context(self.embed(x))
+        return ctx
 
-    def rollout(self, features: torch.Tensor, costs: torch.Tensor, budget: int, k: int,
-                generator: Optional[torch.Generator] = None, greedy: bool = False) -> Rollout:
-        """Sample ``k`` selections (or the single most likely one with ``greedy``)."""
-        ctx = self(features)
+    def _contexts(self, features: torch.Tensor, budgets: torch.Tensor, total: float):
+        """Per-rollout context ``(K, L, 2h)``, the GRU run once per distinct budget."""
+        distinct, index = torch.unique(budgets, return_inverse=True)
+        return self(features, budget_feature(distinct, total))[index]
+
+    def rollout(self, features: torch.Tensor, costs: torch.Tensor, budget, k: int,
+                generator: Optional[torch.Generator] = None, greedy: bool = False,
+                explore: float = 0.0) -> Rollout:
+        """Sample ``k`` selections (or the most likely ones with ``greedy``) under
+        ``budget``: one number for all, or a sequence of ``k`` budgets. With ``explore``
+        > 0 each decision is a coin flip with that probability (the policy sampled is
+        the mixture, whatever the size of the logits)."""
+        budgets = _budget_tensor(budget, k)
+        total = float(costs.sum())
+        ctx = self._contexts(features, budgets, total)
+        bfeat = budget_feature(budgets, total).float().unsqueeze(1)
         n = len(costs)
-        left = torch.full((k,), float(budget))
+        left = budgets.clone()
         masks = torch.zeros(k, n, dtype=torch.bool)
         log_prob = torch.zeros(k)
         entropy = torch.zeros(k)
         for i in range(n):
             cost = float(costs[i])
             fits = fits_budget(cost, left)
-            frac_left, rel_cost = budget_features(left, budget, cost)
-            inp = torch.cat([ctx[i].expand(k, -1), frac_left.unsqueeze(1),
-                             rel_cost.unsqueeze(1)], dim=1)
+            frac_left, rel_cost = budget_features(left, budgets, cost)
+            inp = torch.cat([ctx[:, i], frac_left.float().unsqueeze(1),
+                             rel_cost.float().unsqueeze(1), bfeat], dim=1)
             logit = self.head(inp).squeeze(1)
-            p = torch.sigmoid(logit)
+            if explore > 0:
+                p = (1 - explore) * torch.sigmoid(logit) + explore / 2
+                log_take, log_skip = torch.log(p), torch.log1p(-p)
+            else:
+                p = torch.sigmoid(logit)
+                log_take, log_skip = F.logsigmoid(logit), F.logsigmoid(-logit)
             if greedy:
                 take = p > 0.5
             else:
                 take = torch.rand(k, generator=generator) < p.detach()
             take = take & fits
-            lp = torch.where(take, F.logsigmoid(logit), F.logsigmoid(-logit))
-            ent = -(p * F.logsigmoid(logit) + (1 - p) * F.logsigmoid(-logit))
+            lp = torch.where(take, log_take, log_skip)
+            ent = -(p * log_take + (1 - p) * log_skip)
             log_prob = log_prob + torch.where(fits, lp, torch.zeros_like(lp))
             entropy = entropy + torch.where(fits, ent, torch.zeros_like(ent))
-            left = left - take.float() * cost
+            left = left - take.double() * cost
             masks[:, i] = take
         return Rollout(masks, log_prob, entropy)
+
+    def forced_logits(self, features: torch.Tensor, costs: torch.Tensor,
+                      budgets: Sequence[float] | torch.Tensor, masks: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, L)`` of every decision along the given selections ``(B, L)``
+        (teacher forcing: all steps at once), and where the layer fits ``(B, L)``."""
+        b = _budget_tensor(budgets, len(masks))
+        total = float(costs.sum())
+        ctx = self._contexts(features, b, total)
+        spent = torch.cumsum(masks.double() * costs, dim=1) - masks.double() * costs
+        left = b.unsqueeze(1) - spent
+        fits = fits_budget(costs.unsqueeze(0), left)
+        frac_left, rel_cost = budget_features(left, b.unsqueeze(1), costs.unsqueeze(0))
+        bfeat = budget_feature(b, total).float().view(-1, 1, 1).expand(-1, masks.shape[1], 1)
+        inp = torch.cat([ctx, frac_left.float().unsqueeze(2), rel_cost.float().unsqueeze(2),
+                         bfeat], dim=2)
+        return self.head(inp).squeeze(2), fits

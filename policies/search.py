@@ -189,9 +189,21 @@ def _cluster_lost(error: Exception, cfg: SearchSettings) -> bool:
 
 
 class PoolSearcher:
-    """The driver every searcher shares; a subclass implements :meth:`propose`."""
+    """The driver every searcher shares; a subclass implements :meth:`propose`.
+
+    A problem with several budgets is searched in one run of ``evaluations`` distinct
+    scorings in all: a subclass whose ``propose`` searches all budgets at once says so
+    with ``budget_conditioned``; any other gets one budget after another, each with an
+    equal share of the evaluations (a selection already scored for one budget is free
+    for the next). Either way the best selection of a budget is the best-scoring
+    distinct selection that fits it.
+    """
 
     name = ""
+    #: the driver takes a list of budgets for any searcher (see the class docstring)
+    searches_budget_list = True
+    #: whether :meth:`propose` searches every budget of the problem itself
+    budget_conditioned = False
 
     def __init__(self, settings: SearchSettings):
         self.settings = settings
@@ -212,8 +224,13 @@ class PoolSearcher:
         pool = make_pool(s, evaluator_factory(s, problem.supernet, problem.task), names)
         run = SearchRun(names, costs, problem.budget_params, pool, log, s.evaluations, s.progress)
         retries = 0
+        per_budget_weights: list[Optional[Path]] = []
         try:
-            weights = self.propose(problem, run)
+            if len(problem.budget_list) > 1 and not self.budget_conditioned:
+                weights = None
+                per_budget_weights = self._propose_per_budget(problem, run)
+            else:
+                weights = self.propose(problem, run)
         except Exception as e:
             if not _cluster_lost(e, s):
                 raise
@@ -230,9 +247,45 @@ class PoolSearcher:
         best_score, best_sel = log.best
         write_csv(problem.out / "search.csv", log.rows)
         plot_search(problem.out / "search.png", log.rows, problem.title)
+        per_budget = []
+        if len(problem.budget_list) > 1:
+            costs_by_name = dict(zip(names, costs))
+            for i, b in enumerate(problem.budget_list):
+                fit = [(score, sel) for sel, score in log.seen.items()
+                       if sum(costs_by_name[n] for n in sel) <= b]
+                # the first scored among equals, like the overall best
+                score, sel = max(fit, key=lambda x: x[0]) if fit else (-float("inf"), ())
+                w = per_budget_weights[i] if per_budget_weights else weights
+                per_budget.append(SearchResult(layers=sel, score=score, evaluations=len(log.seen),
+                                               replayed=log.replayed, retries=retries,
+                                               policy_weights=str(w) if w else None))
         return SearchResult(layers=best_sel, score=best_score, evaluations=len(log.seen),
                             replayed=log.replayed, retries=retries,
-                            policy_weights=str(weights) if weights else None, rows=log.rows)
+                            policy_weights=str(weights) if weights else None, rows=log.rows,
+                            per_budget=per_budget)
+
+    def _propose_per_budget(self, problem: SearchProblem, run: SearchRun) -> list[Optional[Path]]:
+        """Search the budgets one after another, each with an equal share of the
+        evaluations (the last also gets what the others left); returns each one's
+        policy weights, written into its budget's folder."""
+        import copy
+        from dataclasses import replace
+
+        total = self.settings.evaluations
+        budgets = problem.budget_list
+        weights = []
+        for i in range(len(budgets)):
+            share = total // len(budgets) + (1 if i < total % len(budgets) else 0)
+            sub_problem = problem.single(i)
+            sub_problem.out.mkdir(parents=True, exist_ok=True)
+            sub = copy.copy(self)
+            sub.settings = replace(self.settings, evaluations=share)
+            last = i == len(budgets) - 1
+            sub_run = copy.copy(run)
+            sub_run.budget = budgets[i]
+            sub_run.limit = total if last else min(total, len(run.log.seen) + share)
+            weights.append(sub.propose(sub_problem, sub_run))
+        return weights
 
 
 def plot_search(path: Path, rows: list[dict], title: str) -> None:

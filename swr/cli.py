@@ -142,14 +142,17 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="target task, e.g. kws-synth:de")
     _base_args(p)
     p.add_argument("--budget", required=True,
-                   help="fraction (0.05), percentage (5%%) or parameter count (20000)")
+                   help="fraction (0.05), percentage (5%%) or parameter count (20000); a comma "
+                        "list (1%%,2%%,5%%,10%%) is one search of all, writing "
+                        "OUT/budget-1%%/selection.json ... and OUT/selections.json")
     p.add_argument("--out", required=True, help="output folder")
     # the list is shown, and checked by SearchConfig (one line naming the value, exit 2)
     p.add_argument("--policy", default="pg",
                    metavar=_registered(lambda: "{" + ",".join(_searchers()) + "}", "POLICY"),
                    help=_registered(lambda: "; ".join(
                        f"{name}: {summary}" for name, (_, summary) in _searchers().items())))
-    p.add_argument("--evaluations", type=int, default=200, help="distinct selections to score")
+    p.add_argument("--evaluations", type=int, default=200,
+                   help="distinct selections to score, in total over a list of budgets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
                    help="Ray workers scoring in parallel (default: one per CPU this process may "
@@ -198,6 +201,16 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                                                gates=args.supernet_gates),
                        reward=args.reward, on_bad_file=args.on_bad_file, norms=args.norms)
     r = run_search(cfg)
+    if "budgets" in r:
+        for e in r["budgets"]:
+            norms = " + norms" if e["norms_trained"] else ""
+            print(f"{r['policy']} at {e['budget']}: val {r['reward']} {e['val_score']:.4f} with "
+                  f"{len(e['layers'])} layers, trained {e['cost']} delta{norms} = "
+                  f"{e['trained_params']}/{e['budget_params']} params "
+                  f"-> {args.out}/{e['selection_file']}")
+        print(f"{r['evaluations']} evaluations in all -> {args.out}/selections.json")
+        _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selections.json")
+        return 0
     norms = (f" + {r['norm_params']} norm" if r["norms_trained"] else " (norms not trained)")
     print(f"{r['policy']}: val {r['reward']} {r['val_score']:.4f} with {len(r['layers'])} layers, "
           f"trained {r['cost']} delta{norms} = {r['trained_params']}/{r['budget_params']} params "

@@ -10,6 +10,13 @@ content hash, budget, policy, seed, evaluations, supernet settings), checked by
 ``--resume`` so that logged scores are only ever replayed into the same search. While
 a search runs it holds ``out/.lock``: a second process writing the same ``out`` is
 refused.
+
+A list of budgets (``budget="1%,2%,5%,10%"``) is one search: stage 1 once, then
+``evaluations`` distinct scorings in total across the budgets (pg trains one
+budget-conditioned policy on all of them; the other searchers search each budget with
+an equal share). Instead of ``selection.json``, ``out`` then holds one folder per budget
+(``budget-1%/selection.json``, each a valid ``swr finetune --selection``) and
+``selections.json``, the best score, cost and layers of every budget.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from . import tasks
 from .errors import SwrError
 from .io import out_lock, write_json
 from .methods import METHODS, SWR, register_method, swr_variant
-from .selection import Searcher, search_selection, supernet_settings
+from .selection import Searcher, budget_folder, budget_list, search_selection, supernet_settings
 from .source import base_spec, load_base, load_task
 from .supernet import SupernetConfig
 
@@ -68,6 +75,14 @@ class SearchConfig:
         check_seed(self.seed)
         if self.evaluations < 1:
             raise SwrError(f"--evaluations {self.evaluations} must be at least 1")
+        from .budget import Budget
+
+        budgets = budget_list(self.budget)
+        for b in budgets:  # each readable, before any work
+            Budget.parse(b)
+        if self.evaluations < len(budgets):
+            raise SwrError(f"--evaluations {self.evaluations} is fewer than the {len(budgets)} "
+                           "budgets of --budget; give at least one per budget")
         if self.workers is not None and self.workers < 0:
             raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
         from .budget import NORM_MODES
@@ -110,7 +125,24 @@ def run_search(cfg: SearchConfig) -> dict:
         result["reward"] = cfg.reward  # what val_score is
         result["on_bad_file"] = cfg.on_bad_file
         result["skipped_files"] = list(task.info.get("skipped", []))
-        write_json(Path(cfg.out) / "selection.json", result)
+        if "budgets" not in result:
+            write_json(Path(cfg.out) / "selection.json", result)
+            return result
+        shared = {k: result[k] for k in ("checkpoint", "base", "task", "reward", "on_bad_file",
+                                         "skipped_files")}
+        for entry in result["budgets"]:
+            entry.update(shared)
+            folder = Path(cfg.out) / budget_folder(entry["budget"])
+            folder.mkdir(parents=True, exist_ok=True)
+            entry["selection_file"] = str(Path(budget_folder(entry["budget"])) / "selection.json")
+            write_json(folder / "selection.json", {k: v for k, v in entry.items()
+                                                   if k != "selection_file"})
+        summary = {k: v for k, v in result.items() if k != "budgets"}
+        summary["budgets"] = [{k: e[k] for k in ("budget", "budget_params", "val_score", "cost",
+                                                 "norms_trained", "trained_params", "layers",
+                                                 "selection_file")}
+                              for e in result["budgets"]]
+        write_json(Path(cfg.out) / "selections.json", summary)
     return result
 
 
@@ -126,12 +158,13 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     supernet = replace(supernet_settings(cfg.supernet, cfg.seed, cfg.device, cfg.progress),
                        log_dir=str(cfg.out))
     if supernet.gates == "budget":  # stage 1 trains on gate sets the search may propose:
-        from .budget import resolve_budget  # within the deltas' share of the budget
+        from .budget import resolve_budget  # within the deltas' (largest) share of the budget
         from .selection import norm_split
         from .supernet import build_supernet
 
         plain = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
-        delta_budget, _, _ = norm_split(plain, resolve_budget(plain, cfg.budget), cfg.norms)
+        delta_budget = max(norm_split(plain, resolve_budget(plain, b), cfg.norms)[0]
+                           for b in budget_list(cfg.budget))
         supernet = replace(supernet, gate_budget_params=delta_budget).validate()
     with out_lock(cfg.out, "search"):
         # before stage 1: a resume of another search is refused at once
@@ -166,9 +199,12 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
     skip = ("seed", "device", "progress", "log_dir", "gate_budget_params")
     skip += ("gates",) if cfg.supernet.gates == "bernoulli" else ()
     supernet = {f"supernet_{k}": v for k, v in asdict(cfg.supernet).items() if k not in skip}
+    # a list of budgets: the list in parameters (one budget: that number, as before)
+    budget_params = [Budget.parse(b).resolve(backbone_params(base_model))
+                     for b in budget_list(cfg.budget)]
     return {"base": state_hash(base_model), "task": task.id, "task_data": task.data_hash(),
             "classes": list(task.class_names),
-            "budget_params": Budget.parse(cfg.budget).resolve(backbone_params(base_model)),
+            "budget_params": budget_params if len(budget_params) > 1 else budget_params[0],
             "norms": cfg.norms,
             "policy": cfg.policy, "seed": cfg.seed, "evaluations": cfg.evaluations,
             "samples_per_iteration": cfg.samples_per_iteration, "bn_batches": cfg.bn_batches,

@@ -32,6 +32,10 @@ class SearchProblem:
     ``names``/``costs`` are the candidate layers in network order, ``stats`` their
     stage-1 statistics (:func:`swr.supernet.layer_statistics`), ``out`` the folder
     for the searcher's own files (its log, ``search.csv``, policy weights).
+
+    A search of several budgets at once has them in ``budgets`` (parameters) and
+    ``budget_labels`` (as the user wrote them), and ``budget_params`` is the largest;
+    a single-budget problem leaves both empty.
     """
 
     supernet: nn.Module
@@ -42,6 +46,19 @@ class SearchProblem:
     stats: list[dict]
     out: Path
     title: str = ""
+    budgets: list[int] = field(default_factory=list)
+    budget_labels: list[str] = field(default_factory=list)
+
+    @property
+    def budget_list(self) -> list[int]:
+        """Every budget searched, in parameters (one for a single-budget problem)."""
+        return list(self.budgets) or [self.budget_params]
+
+    def single(self, i: int) -> "SearchProblem":
+        """The single-budget problem of budget ``i``, its files in that budget's folder."""
+        out = self.out / budget_folder(self.budget_labels[i]) if self.budgets else self.out
+        return replace(self, budget_params=self.budget_list[i], budgets=[], budget_labels=[],
+                       out=out)
 
     @property
     def importance(self) -> np.ndarray:
@@ -56,6 +73,8 @@ class SearchResult:
     ``evaluations``: distinct selections scored (``replayed`` of them served from a
     resumed search's log); ``retries``: scorings redone after a worker died;
     ``rows``: one record per distinct selection, in the order they were scored.
+    ``per_budget``: for a search of several budgets, the best selection at each
+    (``layers``, ``score``, ``policy_weights``; their ``evaluations`` the search's total).
     """
 
     layers: Selection
@@ -65,6 +84,23 @@ class SearchResult:
     retries: int = 0
     policy_weights: Optional[str] = None
     rows: list[dict] = field(default_factory=list)
+    per_budget: list["SearchResult"] = field(default_factory=list)
+
+
+def budget_folder(label: str) -> str:
+    """The sub-folder of a search of several budgets that holds budget ``label``'s
+    selection (``budget-5%``)."""
+    return f"budget-{label}"
+
+
+def budget_list(budget) -> list:
+    """``budget`` as a list: a list or tuple as is, a comma-separated string split
+    (``"1%,5%"``), anything else as its only item."""
+    if isinstance(budget, (list, tuple)):
+        return list(budget)
+    if isinstance(budget, str) and "," in budget:
+        return [b.strip() for b in budget.split(",")]
+    return [budget]
 
 
 @runtime_checkable
@@ -85,49 +121,72 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     """Stage 1 (cached) and stage 2 with ``searcher``; returns (result, trained supernet).
 
     ``budget`` is anything :func:`swr.budget.resolve_budget` takes (``"5%"``, a
-    fraction, a parameter count). ``norms`` (one of :data:`swr.budget.NORM_MODES`) says
-    whether the task norms train and count against it (:func:`swr.budget.split_budget`);
-    the searcher is handed what is left for the deltas. A budget no layer fits in, or
-    ``norms="budget"`` with norms that do not fit, fails before stage 1. The result
-    records ``norms``, ``norms_trained``, ``norm_params`` (the task norms' size),
-    ``delta_budget_params`` and ``trained_params`` (deltas + trained norms). The supernet
-    is returned with every gate closed.
+    fraction, a parameter count), or a list of them (or ``"1%,5%"``): one search for
+    all, whose result has an entry per budget in ``"budgets"`` (the best selection
+    scored that fits it) beside the search's own figures. ``norms`` (one of
+    :data:`swr.budget.NORM_MODES`) says whether the task norms train and count against
+    each budget (:func:`swr.budget.split_budget`); the searcher is handed what is left
+    for the deltas. A budget no layer fits in, or ``norms="budget"`` with norms that do
+    not fit, fails before stage 1. Each budget's result records ``norms``,
+    ``norms_trained``, ``norm_params`` (the task norms' size), ``delta_budget_params``
+    and ``trained_params`` (deltas + trained norms). The supernet is returned with
+    every gate closed.
     """
     supernet.validate()
-    plain = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
-    delta_budget, norms_trained, _ = norm_split(plain, resolve_budget(plain, budget), norms)
+    budgets = budget_list(budget)
+    probe = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
+    resolved = [resolve_budget(probe, b) for b in budgets]
+    if len(budgets) > 1:
+        _check_budget_list(budgets, resolved, searcher)
+    splits = [norm_split(probe, r, norms) for r in resolved]  # (deltas' share, norms trained, counted)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, meta, folder = prepare_supernet(base_model, task, supernet, backbone)
     t_supernet = time.perf_counter() - t0
     cands = candidates(model)
-    budget_params = resolve_budget(model, budget)
+    budgets_params = [resolve_budget(model, b) for b in budgets]
+    delta_budgets = [d for d, _, _ in splits]
+    many = len(budgets) > 1
+    shown = ",".join(str(b) for b in budgets)
     problem = SearchProblem(model, task, [c.name for c in cands], [c.params for c in cands],
-                            delta_budget, meta["stats"], out,
-                            title=f"{searcher.name} on {task.id}, budget {budget}")
+                            max(delta_budgets), meta["stats"], out,
+                            title=f"{searcher.name} on {task.id}, budget {shown}",
+                            budgets=delta_budgets if many else [],
+                            budget_labels=[str(b) for b in budgets] if many else [])
     t1 = time.perf_counter()
     found = searcher(problem)
     t_search = time.perf_counter() - t1
     info = searcher.describe()
-    cost = selection_cost(model, found.layers)
     norm_count = sum(p.numel() for p in norm_parameters(model).values())
-    result = {
-        "layers": list(found.layers), "cost": cost,
-        "budget_params": budget_params, "budget": str(budget),
-        "norms": norms, "norms_trained": norms_trained, "norm_params": norm_count,
-        "delta_budget_params": delta_budget,
-        "trained_params": cost + (norm_count if norms_trained else 0),
-        "backbone_params": backbone_params(model), "val_score": found.score,
-        "policy": info.get("policy", searcher.name), "seed": info.get("seed"),
-        "evaluations": found.evaluations,
-        "replayed_evaluations": found.replayed, "worker_retries": found.retries,
-        "task": task.id, "backbone": backbone,
-        "supernet": str(folder), "supernet_val_acc_all_open": meta["val_acc_all_open"],
-        "seconds": {"supernet": t_supernet, "search": t_search},
-        "policy_weights": found.policy_weights,
-        "workers": info.get("workers", 0),
-    }
+
+    def entry(res: SearchResult, i: int, label) -> dict:
+        delta_budget, norms_trained, _ = splits[i]
+        cost = selection_cost(model, res.layers)
+        return {
+            "layers": list(res.layers), "cost": cost,
+            "budget_params": budgets_params[i], "budget": str(label),
+            "norms": norms, "norms_trained": norms_trained, "norm_params": norm_count,
+            "delta_budget_params": delta_budget,
+            "trained_params": cost + (norm_count if norms_trained else 0),
+            "backbone_params": backbone_params(model), "val_score": res.score,
+            "policy": info.get("policy", searcher.name), "seed": info.get("seed"),
+            "evaluations": found.evaluations,
+            "replayed_evaluations": found.replayed, "worker_retries": found.retries,
+            "task": task.id, "backbone": backbone,
+            "supernet": str(folder), "supernet_val_acc_all_open": meta["val_acc_all_open"],
+            "seconds": {"supernet": t_supernet, "search": t_search},
+            "policy_weights": res.policy_weights,
+            "workers": info.get("workers", 0),
+        }
+
+    if not many:
+        return entry(found, 0, budgets[0]), model
+    largest = budgets_params.index(max(budgets_params))
+    result = {k: v for k, v in entry(found, largest, shown).items()
+              if k not in ("layers", "cost", "val_score", "norms_trained", "trained_params")}
+    result["budgets"] = [entry(res, i, label) for i, (res, label)
+                         in enumerate(zip(found.per_budget, budgets))]
     return result, model
 
 
@@ -139,10 +198,25 @@ def norm_split(model: nn.Module, budget_params: int, norms: str) -> tuple[int, b
     return split_budget(budget_params, norm_count, norms, min_delta=cheapest)
 
 
+def _check_budget_list(budgets: list, resolved: list[int], searcher: Searcher) -> None:
+    """Refuse a budget list with a repeat, or for a searcher that takes one budget."""
+    from .errors import SwrError
+
+    seen: dict[int, object] = {}
+    for b, params in zip(budgets, resolved):
+        if params in seen:
+            raise SwrError(f"--budget lists {seen[params]} and {b}, both {params} parameters; "
+                           "give each budget once")
+        seen[params] = b
+    if not getattr(searcher, "searches_budget_list", False):
+        raise SwrError(f"searcher {searcher.name!r} searches one budget at a time; give "
+                       "--budget a single value")
+
+
 def supernet_settings(cfg: SupernetConfig, seed: int, device: str, progress: bool) -> SupernetConfig:
     """``cfg`` with the run's seed, device and progress (a copy; ``cfg`` is left alone)."""
     return replace(cfg, seed=seed, device=device, progress=progress)
 
 
-__all__ = ["SearchProblem", "SearchResult", "Searcher", "Selection", "norm_split",
-           "search_selection", "supernet_settings"]
+__all__ = ["SearchProblem", "SearchResult", "Searcher", "Selection", "budget_folder", "budget_list",
+           "norm_split", "search_selection", "supernet_settings"]

@@ -1,0 +1,220 @@
+"""The pg policy's knapsack prior, budget conditioning, and searches of a budget list."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import swr.tasks
+from swr.envs import SyntheticEvaluator, layer_features
+from swr.policies.network import PolicyNetwork
+from swr.policies.pg import PGConfig, PGSearcher, PGTrainer
+from swr.policies.pool import LocalPool
+from swr.policies.registry import SearchSettings
+from swr.policies.search import EvaluationLog, SearchRun
+from swr.policies.selectors import knapsack_selection
+from swr.search import SearchConfig, run_search
+from swr.selection import SearchProblem
+from swr.supernet import SupernetConfig
+
+from fixtures import tiny_audio_task, tiny_checkpoint
+
+
+def synthetic(n=24, seed=0):
+    """Costs, Taylor importances and stage-1-like statistics of ``n`` layers."""
+    rng = np.random.default_rng(seed)
+    costs = rng.choice([64, 128, 256, 512, 1152, 2304], size=n)
+    taylor = rng.gamma(1.0, 1.0, size=n) * np.log(costs)
+    stats = [{"name": f"l{i}", "kind": "conv2d", "cost": int(c), "taylor": float(t),
+              "shape": (8, 8, 3, 3)} for i, (c, t) in enumerate(zip(costs, taylor))]
+    return costs, taylor, stats
+
+
+def fractions(costs, *shares):
+    return [int(costs.sum() * s) for s in shares]
+
+
+@pytest.mark.parametrize("shares", [(0.05,), (0.02, 0.05, 0.1, 0.2)])
+def test_prior_makes_the_greedy_rollout_the_knapsack_selection(shares):
+    costs, taylor, stats = synthetic()
+    budgets = fractions(costs, *shares)
+    trainer = PGTrainer(layer_features(stats), costs, budgets if len(budgets) > 1 else budgets[0],
+                        PGConfig(seed=0), values=taylor)
+    assert trainer.prior_info["prior_wrong_decisions"] == 0
+    for b, mask in zip(budgets, trainer.greedy_masks()):
+        assert np.array_equal(mask, knapsack_selection(taylor, costs, b)), b
+
+
+def test_without_prior_the_policy_starts_elsewhere():
+    costs, taylor, stats = synthetic()
+    budgets = fractions(costs, 0.02, 0.05, 0.1, 0.2)
+    trainer = PGTrainer(layer_features(stats), costs, budgets, PGConfig(seed=0, prior_steps=0),
+                        values=taylor)
+    assert trainer.prior is None and trainer.prior_info == {"prior_steps": 0}
+    same = [np.array_equal(m, knapsack_selection(taylor, costs, b))
+            for b, m in zip(budgets, trainer.greedy_masks())]
+    assert not all(same)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_budget_conditioned_rollouts_never_exceed_their_own_budget(seed):
+    costs, _, stats = synthetic(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    policy = PolicyNetwork(layer_features(stats).shape[1])
+    budgets = torch.randint(1, int(costs.sum()), (32,), generator=g).double()
+    roll = policy.rollout(torch.as_tensor(layer_features(stats)),
+                          torch.as_tensor(costs, dtype=torch.float64), budgets, 32, generator=g)
+    spent = (roll.masks.double() * torch.as_tensor(costs, dtype=torch.float64)).sum(1)
+    assert bool((spent <= budgets).all())
+    assert roll.masks.any()  # not trivially empty
+    # the teacher-forced logits of the sampled selections agree with the rollout's log-prob
+    logits, fits = policy.forced_logits(torch.as_tensor(layer_features(stats)),
+                                        torch.as_tensor(costs, dtype=torch.float64), budgets,
+                                        roll.masks)
+    lp = torch.where(roll.masks, torch.nn.functional.logsigmoid(logits),
+                     torch.nn.functional.logsigmoid(-logits))
+    assert torch.allclose((lp * fits).sum(1), roll.log_prob, atol=1e-4)
+
+
+def pg_on_synthetic(tmp_path, budgets, evaluations, seed=0, config=None):
+    """PGSearcher.propose on a synthetic problem, scoring with a SyntheticEvaluator."""
+    costs, taylor, stats = synthetic(seed=1)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    names = [s["name"] for s in stats]
+    evaluator = SyntheticEvaluator(costs, seed=3, names=names)
+    problem = SearchProblem(None, None, names, list(costs), max(budgets), stats, tmp_path,
+                            budgets=budgets if len(budgets) > 1 else [],
+                            budget_labels=[str(b) for b in budgets] if len(budgets) > 1 else [])
+    log = EvaluationLog(tmp_path / "evaluations.jsonl", names, dict(zip(names, costs)), False)
+    run = SearchRun(names, costs, max(budgets), LocalPool(evaluator), log, evaluations, False)
+    PGSearcher(SearchSettings(evaluations=evaluations, seed=seed, progress=False),
+               config).propose(problem, run)
+    log.close()
+    return costs, taylor, names, evaluator, log
+
+
+def test_pg_scores_the_knapsack_first_and_exactly_its_evaluations(tmp_path):
+    costs = synthetic(seed=1)[0]
+    budgets = fractions(costs, 0.02, 0.05, 0.1, 0.2)
+    costs, taylor, names, evaluator, log = pg_on_synthetic(tmp_path, budgets, 30)
+    scored = list(log.seen)
+    assert len(scored) == 30 == evaluator.calls
+    first = [tuple(n for n, m in zip(names, knapsack_selection(taylor, costs, b)) if m)
+             for b in budgets]
+    assert set(scored[:len(budgets)]) == set(first)
+    by_name = dict(zip(names, costs))
+    assert max(sum(by_name[n] for n in s) for s in scored) <= max(budgets)
+    # every budget was sampled: each has selections that fit it but not the budget below
+    for lo, hi in zip([0] + budgets[:-1], budgets):
+        assert any(lo < sum(by_name[n] for n in s) <= hi for s in scored), hi
+
+
+def test_a_sharp_policy_still_reaches_its_evaluations(tmp_path):
+    """Started near-deterministic (confidence 0.999) at a small budget, pg samples the
+    same few selections; its temperature rises until it finds new ones."""
+    costs = synthetic(seed=1)[0]
+    config = PGConfig(prior_confidence=0.999, prior_steps=400, max_iterations=300)
+    log = pg_on_synthetic(tmp_path, fractions(costs, 0.03), 40, config=config)[4]
+    assert len(log.seen) == 40
+
+
+def test_pg_same_seed_same_scorings(tmp_path):
+    costs = synthetic(seed=1)[0]
+    budgets = fractions(costs, 0.02, 0.1)
+    a = list(pg_on_synthetic(tmp_path / "a", budgets, 20)[4].seen.items())
+    b = list(pg_on_synthetic(tmp_path / "b", budgets, 20)[4].seen.items())
+    assert a == b
+
+
+# -- swr search with a budget list, end to end on the tiny task -------------------------
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    task = tiny_audio_task()
+    monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
+    return task, tiny_checkpoint(tmp_path / "ckpt")
+
+
+BUDGETS = "2%,5%,10%,20%"
+
+
+def list_cfg(tmp_path, ckpt, policy, out="out", evaluations=14, budget=BUDGETS, **kw):
+    return SearchConfig(task="tiny", checkpoint=str(ckpt), budget=budget,
+                        out=str(tmp_path / out), policy=policy, evaluations=evaluations,
+                        workers=0, progress=False, device="cpu",
+                        supernet=SupernetConfig(epochs=1, progress=False), **kw)
+
+
+@pytest.mark.parametrize("policy", ["pg", "random"])
+def test_budget_list_search_writes_a_selection_per_budget(tiny, tmp_path, policy):
+    _, ckpt = tiny
+    r = run_search(list_cfg(tmp_path, ckpt, policy))
+    out = tmp_path / "out"
+    assert not (out / "selection.json").exists()
+    summary = json.loads((out / "selections.json").read_text())
+    assert [e["budget"] for e in summary["budgets"]] == BUDGETS.split(",")
+    logged = [tuple(json.loads(line)["selection"])
+              for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert r["evaluations"] == 14 == len(logged) == len(set(logged))
+    assert len((out / "search.csv").read_text().splitlines()) - 1 == 14
+    params = [e["budget_params"] for e in summary["budgets"]]
+    assert params == sorted(params) and len(set(params)) == 4
+    for label, e in zip(BUDGETS.split(","), summary["budgets"]):
+        sel = json.loads((out / f"budget-{label}" / "selection.json").read_text())
+        assert sel["budget"] == label and sel["layers"] == e["layers"]
+        assert sel["cost"] <= sel["budget_params"] == e["budget_params"]
+        assert sel["val_score"] == e["val_score"]
+        assert {"checkpoint", "base", "task", "supernet", "evaluations"} <= sel.keys()
+    # each budget's best: the best-scoring logged selection that fits it
+    from swr.pretrain import load_pretrained
+    from swr.reparam import candidates
+    from swr.supernet import build_supernet
+
+    cost = {c.name: c.params for c in candidates(build_supernet(load_pretrained(ckpt)[0], 4))}
+    scores = {tuple(json.loads(line)["selection"]): json.loads(line)["score"]
+              for line in (out / "evaluations.jsonl").read_text().splitlines()}
+    for e in summary["budgets"]:
+        fit = [v for sel, v in scores.items() if sum(cost[n] for n in sel) <= e["budget_params"]]
+        assert e["val_score"] == max(fit)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["budget_params"] == params
+
+
+def test_budget_list_same_seed_same_selections_and_finetune_reads_them(tiny, tmp_path):
+    from swr.finetune import finetune
+
+    _, ckpt = tiny
+    a = run_search(list_cfg(tmp_path, ckpt, "pg", out="a", evaluations=10, budget="5%,10%"))
+    b = run_search(list_cfg(tmp_path, ckpt, "pg", out="b", evaluations=10, budget="5%,10%"))
+    assert [e["layers"] for e in a["budgets"]] == [e["layers"] for e in b["budgets"]]
+    assert [e["val_score"] for e in a["budgets"]] == [e["val_score"] for e in b["budgets"]]
+    # interrupted after half its scorings, then resumed: the same selections
+    log = (tmp_path / "b" / "evaluations.jsonl").read_text().splitlines()
+    (tmp_path / "b" / "evaluations.jsonl").write_text("\n".join(log[:5]) + "\n")
+    c = run_search(list_cfg(tmp_path, ckpt, "pg", out="b", evaluations=10, budget="5%,10%",
+                            resume=True))
+    assert [e["layers"] for e in c["budgets"]] == [e["layers"] for e in a["budgets"]]
+    assert c["replayed_evaluations"] == 5
+    m = finetune(tmp_path / "a" / "budget-5%" / "selection.json", tmp_path / "final", epochs=1,
+                 device="cpu", progress=False)
+    assert m["updated_params"] <= m["budget_params"] == a["budgets"][0]["budget_params"]
+
+
+def test_single_budget_keeps_its_layout(tiny, tmp_path):
+    _, ckpt = tiny
+    run_search(list_cfg(tmp_path, ckpt, "pg", evaluations=6, budget="10%"))
+    out = tmp_path / "out"
+    assert (out / "selection.json").exists() and not (out / "selections.json").exists()
+    assert isinstance(json.loads((out / "fingerprint.json").read_text())["budget_params"], int)
+
+
+def test_budget_list_errors(tiny, tmp_path):
+    from swr.errors import SwrError
+
+    _, ckpt = tiny
+    with pytest.raises(SwrError, match="both"):
+        run_search(list_cfg(tmp_path, ckpt, "random", budget="5%,0.05"))
+    with pytest.raises(SwrError, match="budget"):
+        run_search(list_cfg(tmp_path, ckpt, "random", budget="5%,,10%"))
+    with pytest.raises(SwrError, match="one per budget"):
+        run_search(list_cfg(tmp_path, ckpt, "random", evaluations=3))
