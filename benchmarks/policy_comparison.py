@@ -123,6 +123,11 @@ def paired(cells: list[dict], first: str, other: str, where=lambda c: True) -> l
     return out
 
 
+def cell_minutes(cells: list[dict]) -> float:
+    """Wall minutes the cells took: each search (stage 1 included) plus its final training."""
+    return sum(c["search_wall_s"] + (c.get("final_s") or 0.0) for c in cells) / 60
+
+
 def fmt_ci(xs: list[float]) -> str:
     if not xs:
         return "-"
@@ -141,7 +146,8 @@ def render(cells: list[dict], args, minutes: float) -> str:
         f"{args.seeds} seeds; {args.evaluations} distinct evaluations per searcher; supernet "
         f"{args.supernet_epochs} epochs (one per task and seed, shared by the searchers); the "
         f"same final training for every selection ({args.epochs} epochs, `swr finetune`). "
-        f"{len(cells)} cells; this run took {minutes:.1f} min.", "",
+        f"{len(cells)} cells, {cell_minutes(cells):.1f} min of search and final training in "
+        f"all (this invocation: {minutes:.1f} min).", "",
         "Final test accuracy (%), mean over seeds (each seed's value in brackets), and the "
         f"paired difference {first} - other in points with its 95% t interval over seeds "
         "(`*`: the interval excludes zero):", ""]
