@@ -214,8 +214,8 @@ def plot(cells: list[dict], args, path: Path) -> None:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(groups)), [f"{t}\n{b}" for t, b in groups], fontsize=8)
     ax.set_ylabel("test accuracy difference (points)")
-    ax.set_title("Paired final test accuracy differences (bars: mean; whiskers: 95% t interval "
-                 "over seeds)", fontsize=9)
+    ax.set_title("Paired final test accuracy differences\n(bars: mean over seeds; whiskers: "
+                 "95% t interval)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_png(fig, path)
