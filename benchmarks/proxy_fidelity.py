@@ -135,11 +135,14 @@ def run(args) -> dict:
     from swr.finetune import finetune
     from swr.io import write_csv, write_json
     from swr.reparam import candidates
+    from swr.selection import norm_split
     from swr.source import base_spec, load_base, load_task
     from swr.supernet import SupernetConfig, prepare_supernet
 
     torch.set_num_threads(args.threads)
-    name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}"
+    # the regime before norms were counted (free) keeps its old run names
+    norms_tag = "" if args.norms == "free" else f"-norms-{args.norms}"
+    name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}{norms_tag}"
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     spec = base_spec(args.checkpoint)
@@ -151,7 +154,9 @@ def run(args) -> dict:
     supernet, smeta, sfolder = prepare_supernet(base, task, scfg, meta["backbone"])
     cands = candidates(supernet)
     names, costs = [c.name for c in cands], [c.params for c in cands]
-    budget = resolve_budget(supernet, args.budget)
+    full_budget = resolve_budget(supernet, args.budget)
+    # the deltas' share (swr search --norms): every selection below is within it
+    budget, norms_trained, _ = norm_split(supernet, full_budget, args.norms)
     importance = [s["taylor"] for s in smeta["stats"]]
     sels = build_selections(names, costs, importance, budget, args.selections, args.seed)
     print(f"{name}: {len(sels)} selections, budget {budget} params, supernet "
@@ -187,13 +192,16 @@ def run(args) -> dict:
         if done.is_file():
             m = json.loads(done.read_text())
             if (m.get("layers") == row["selection"] and m.get("epochs") == args.epochs
-                    and m.get("seed") == args.seed and m.get("task") == args.task):
+                    and m.get("seed") == args.seed and m.get("task") == args.task
+                    and m.get("norms_trained", True) == norms_trained):
                 row.update(val_acc=m["val_acc"], test_acc=m["test_acc"],
                            train_s=m["seconds"], reused=True)
                 continue
         sel_file = folder / f"selection-{row['id']:02d}.json"
         write_json(sel_file, {"layers": row["selection"], "task": args.task,
-                              "budget_params": budget, "checkpoint": str(Path(args.checkpoint).resolve()),
+                              "budget_params": full_budget, "norms": args.norms,
+                              "norms_trained": norms_trained,
+                              "checkpoint": str(Path(args.checkpoint).resolve()),
                               "base": spec.to_dict(), "supernet": str(sfolder),
                               "policy": row["rule"]})
         m = finetune(sel_file, sub, epochs=args.epochs, lr=settings["lr"], seed=args.seed,
@@ -208,6 +216,7 @@ def run(args) -> dict:
         "name": name, "task": args.task, "budget": args.budget, "budget_params": budget,
         "seed": args.seed, "selections": len(rows), "epochs": args.epochs,
         "supernet_epochs": args.supernet_epochs, "budget_supernet": args.budget_supernet,
+        "norms": args.norms, "norms_trained": norms_trained,
         "supernet_val_acc_all_open": smeta["val_acc_all_open"],
         "score_s_per_selection": score_s,
         "train_s_median": statistics.median(r["train_s"] for r in rows),
@@ -261,8 +270,10 @@ def render(results: dict) -> str:
 
     lines = []
     for r in sorted(results.values(), key=lambda r: r["name"]):
+        norms = r.get("norms", "free")
+        trained = "task norms trained" if r.get("norms_trained", True) else "deltas only"
         lines += [f"### {r['task']} at {r['budget']} ({r['budget_params']:,} delta parameters), "
-                  f"seed {r['seed']}", "",
+                  f"seed {r['seed']}, --norms {norms} ({trained})", "",
                   f"{r['selections']} selections ({', '.join(sorted({x['rule'].split('-')[0] if x['rule'][:4] in ('last', 'firs') else x['rule'] for x in r['rows']}))}), "
                   f"final training {r['epochs']} epochs each (median {r['train_s_median']:.0f} s), "
                   f"supernet {r['supernet_epochs']} epochs (all gates open: val "
@@ -295,6 +306,9 @@ def main() -> None:
     p.add_argument("--task", default="kws-synth:de")
     p.add_argument("--budget", default="1%")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--norms", default="free", choices=["auto", "budget", "none", "free"],
+                   help="how the final trainings treat the task norms (swr search --norms); "
+                        "free (train them outside the budget) is how the first runs were made")
     p.add_argument("--selections", type=int, default=20, help="distinct selections (N)")
     p.add_argument("--epochs", type=int, default=20,
                    help="final-training epochs per selection (swr finetune's default: 20)")
