@@ -206,12 +206,7 @@ class PGTrainer:
             # all tied: no step, since normalising would blow the baseline's lag up into
             # a push towards whatever was sampled (the policy collapsed that way on
             # accuracy rewards, where many selections score the same); logged with loss 0
-            if self.on_iteration is not None:
-                r = rewards[scored]
-                self.on_iteration({"iteration": self.iterations, "mean_reward": float(r.mean()),
-                                   "max_reward": float(r.max()), "baseline": self.baseline,
-                                   "entropy": float(roll.entropy[scored].mean().detach()),
-                                   "loss": 0.0})
+            self._report(rewards[scored], roll.entropy[scored], 0.0)
             return
         keep = [b for b, s in zip(budgets, scored.tolist()) if s]
         if not bool(scored.all()):
@@ -236,26 +231,14 @@ class PGTrainer:
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
+        self._report(rewards, roll.entropy, float(loss.detach()))
+
+    def _report(self, rewards: torch.Tensor, entropy: torch.Tensor, loss: float) -> None:
+        """Hand this iteration's record (scored rewards, their entropies) to ``on_iteration``."""
         if self.on_iteration is not None:
             self.on_iteration({"iteration": self.iterations, "mean_reward": float(rewards.mean()),
                                "max_reward": float(rewards.max()), "baseline": self.baseline,
-                               "entropy": float(roll.entropy.mean().detach()),
-                               "loss": float(loss.detach())})
-
-
-def train_pg(features: np.ndarray, costs: np.ndarray, budget,
-             score: Callable[[list[np.ndarray]], list[float]], evaluations_left: Callable[[], int],
-             cfg: PGConfig, on_iteration: Optional[Callable[[dict], None]] = None,
-             values: Optional[np.ndarray] = None) -> PolicyNetwork:
-    """Train a policy until ``evaluations_left()`` reaches 0; return it.
-
-    ``score`` maps a list of boolean masks to rewards (it caches and logs);
-    ``evaluations_left`` reports how many distinct scorings the search may still make;
-    ``values`` (Taylor importance) gives the knapsack prior the policy starts from.
-    """
-    trainer = PGTrainer(features, costs, budget, cfg, on_iteration, values)
-    _train_while(trainer, score, evaluations_left)
-    return trainer.policy
+                               "entropy": float(entropy.mean().detach()), "loss": loss})
 
 
 def _train_while(trainer: PGTrainer, score, evaluations_left: Callable[[], int]) -> None:
@@ -266,15 +249,6 @@ def _train_while(trainer: PGTrainer, score, evaluations_left: Callable[[], int])
             break
         # the last batch shrinks so the search makes exactly its allowed scorings
         trainer.iterate(score, max(2, min(cfg.samples_per_iteration, left)))
-
-
-def greedy_mask(policy: PolicyNetwork, features: np.ndarray, costs: np.ndarray,
-                budget: int) -> np.ndarray:
-    """The policy's most likely selection."""
-    with torch.no_grad(), one_thread():
-        roll = policy.rollout(torch.as_tensor(features, dtype=torch.float32),
-                              torch.as_tensor(costs, dtype=torch.float64), budget, 1, greedy=True)
-    return roll.masks[0].numpy()
 
 
 class PGSearcher(PoolSearcher):

@@ -44,7 +44,7 @@ class SupernetEvaluatorFactory:
         return SupernetEvaluator(self.supernet, self.task, device=self.device,
                                  bn_batches=self.bn_batches, seed=self.seed,
                                  prefix_cache_mb=self.prefix_cache_mb,
-                                 metric=getattr(self, "metric", "accuracy"))
+                                 metric=self.metric)
 
 
 def score_with_details(evaluator: Evaluator, selection) -> tuple[float, dict | None]:
