@@ -95,7 +95,7 @@ class SearchConfig:
             raise SwrError(f"--reward {self.reward!r} is not one of {', '.join(METRICS)}")
         supernet = self.supernet
         if supernet.gates == "budget" and supernet.gate_budget_params < 1:
-            supernet = replace(supernet, gate_budget_params=1)  # search() sets it from --budget
+            supernet = replace(supernet, gate_budget_params=1)  # the search sets it from --budget
         supernet.validate()
         return self
 
@@ -157,15 +157,6 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     searcher = cfg.searcher()
     supernet = replace(supernet_settings(cfg.supernet, cfg.seed, cfg.device, cfg.progress),
                        log_dir=str(cfg.out))
-    if supernet.gates == "budget":  # stage 1 trains on gate sets the search may propose:
-        from .budget import resolve_budget  # within the deltas' (largest) share of the budget
-        from .selection import norm_split
-        from .supernet import build_supernet
-
-        plain = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
-        delta_budget = max(norm_split(plain, resolve_budget(plain, b), cfg.norms)[0]
-                           for b in budget_list(cfg.budget))
-        supernet = replace(supernet, gate_budget_params=delta_budget).validate()
     with out_lock(cfg.out, "search"):
         # before stage 1: a resume of another search is refused at once
         check_fingerprint(Path(cfg.out), search_fingerprint(base_model, task, cfg), cfg.resume)

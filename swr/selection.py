@@ -127,26 +127,32 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     :data:`swr.budget.NORM_MODES`) says whether the task norms train and count against
     each budget (:func:`swr.budget.split_budget`); the searcher is handed what is left
     for the deltas. A budget no layer fits in, or ``norms="budget"`` with norms that do
-    not fit, fails before stage 1. Each budget's result records ``norms``,
+    not fit, fails before stage 1. A supernet with ``gates="budget"`` and no
+    ``gate_budget_params`` of its own trains on gate sets within the deltas' largest share.
+    Each budget's result records ``norms``,
     ``norms_trained``, ``norm_params`` (the task norms' size), ``delta_budget_params``
     and ``trained_params`` (deltas + trained norms). The supernet is returned with
     every gate closed.
     """
-    supernet.validate()
     budgets = budget_list(budget)
     probe = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
-    resolved = [resolve_budget(probe, b) for b in budgets]
+    budgets_params = [resolve_budget(probe, b) for b in budgets]
     if len(budgets) > 1:
-        _check_budget_list(budgets, resolved, searcher)
-    splits = [norm_split(probe, r, norms) for r in resolved]  # (deltas' share, norms trained, counted)
+        _check_budget_list(budgets, budgets_params, searcher)
+    # (deltas' share, norms trained, norms counted) per budget
+    splits = [norm_split(probe, b, norms) for b in budgets_params]
+    delta_budgets = [d for d, _, _ in splits]
+    if supernet.gates == "budget" and supernet.gate_budget_params < 1:
+        # stage 1 trains on the gate sets the search may propose: the deltas' largest share
+        supernet = replace(supernet, gate_budget_params=max(delta_budgets))
+    supernet.validate()
+    norm_count = sum(p.numel() for p in norm_parameters(probe).values())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, meta, folder = prepare_supernet(base_model, task, supernet, backbone)
     t_supernet = time.perf_counter() - t0
     cands = candidates(model)
-    budgets_params = [resolve_budget(model, b) for b in budgets]
-    delta_budgets = [d for d, _, _ in splits]
     many = len(budgets) > 1
     shown = ",".join(str(b) for b in budgets)
     problem = SearchProblem(model, task, [c.name for c in cands], [c.params for c in cands],
@@ -158,7 +164,6 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     found = searcher(problem)
     t_search = time.perf_counter() - t1
     info = searcher.describe()
-    norm_count = sum(p.numel() for p in norm_parameters(model).values())
 
     def entry(res: SearchResult, i: int, label) -> dict:
         delta_budget, norms_trained, _ = splits[i]
