@@ -128,6 +128,7 @@ def slug(text: str) -> str:
 
 def run(args) -> dict:
     import torch
+    from _common import command
     from tqdm.auto import tqdm
 
     from swr.budget import resolve_budget
@@ -226,14 +227,8 @@ def run(args) -> dict:
         "random_selections": len(random_rows),
         "final_val": [min(r["val_acc"] for r in rows), max(r["val_acc"] for r in rows)],
         "final_test": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)],
-        "command": _command(), "minutes": (time.perf_counter() - t0) / 60, "rows": rows,
+        "command": command(), "minutes": (time.perf_counter() - t0) / 60, "rows": rows,
     }
-
-
-def _command() -> str:
-    from _common import command
-
-    return command()
 
 
 def scatter(result: dict, path: Path) -> None:
