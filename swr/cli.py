@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .budget import NORM_MODES
 from .errors import ClusterLostError, SwrError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
@@ -170,7 +171,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "supernet: loglik (mean log-probability of the true class on validation; "
                    "the default, it ranks final accuracy better) or accuracy")
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
-    p.add_argument("--norms", choices=["auto", "budget", "none", "free"], default="auto",
+    p.add_argument("--norms", choices=list(NORM_MODES), default="auto",
                    help="the task norms SWR trains beside the deltas: auto (default) counts them "
                         "in --budget when they fit, leaving the rest to deltas, else trains "
                         "deltas only; budget counts them or stops; none trains deltas only; "
