@@ -8,10 +8,11 @@ training (stage 3 exactly as ``swr finetune`` runs it: from the supernet, same e
 learning rate and seed for all) and record its final validation and test accuracy.
 
 Proxies: the supernet evaluator's validation accuracy (``acc``) and mean true-class
-log-probability (``loglik``), both from one scoring; with ``--budget-supernet`` the same
-two on a supernet trained on budget-feasible gate sets (``budget-acc``,
-``budget-loglik``); and the summed Taylor importance of the selection (``taylor``, what
-knapsack maximises, free).
+log-probability (``loglik``), both from one scoring, with BatchNorm statistics
+recalibrated on training clips (the plain names), taken from each validation batch
+(``valbn-``) or kept from the supernet (``snbn-``); with ``--budget-supernet`` the same
+on a supernet trained on budget-feasible gate sets (``budget-...``); and the summed
+Taylor importance of the selection (``taylor``, what knapsack maximises, free).
 
 Reported per run: Kendall tau-b and Spearman rho (with Fisher-z 95% intervals) between
 each proxy and the final *validation* accuracy, and the headroom: the final test
@@ -43,7 +44,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PROXIES = ("acc", "loglik", "budget-acc", "budget-loglik", "taylor")
+#: where each scoring takes BatchNorm statistics from (SupernetEvaluator's bn_stats), and
+#: the prefix of its proxy names ("" for the default, recalibration on training clips)
+BN_VARIANTS = {"train": "", "val": "valbn-", "supernet": "snbn-"}
+PROXIES = tuple(f"{sn}{bn}{m}" for sn in ("", "budget-") for bn in BN_VARIANTS.values()
+                for m in ("acc", "loglik")) + ("taylor",)
 
 
 def build_selections(names, costs, importance, budget, n, seed):
@@ -163,27 +168,30 @@ def run(args) -> dict:
     print(f"{name}: {len(sels)} selections, budget {budget} params, supernet "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
-    rows = []
-    ev = SupernetEvaluator(supernet, task, device="cpu", seed=args.seed)
-    t_score = time.perf_counter()
-    for i, (sel, rule) in enumerate(sels):
-        s = ev.scores(sel)
-        rows.append({"id": i, "rule": rule, "layers": len(sel),
-                     "cost": sum(costs[names.index(n)] for n in sel),
-                     "acc": s["accuracy"], "loglik": s["loglik"],
-                     "taylor": float(sum(importance[names.index(n)] for n in sel)),
-                     "selection": list(sel)})
-    score_s = (time.perf_counter() - t_score) / len(sels)
-    del ev
+    rows = [{"id": i, "rule": rule, "layers": len(sel),
+             "cost": sum(costs[names.index(n)] for n in sel),
+             "taylor": float(sum(importance[names.index(n)] for n in sel)),
+             "selection": list(sel)} for i, (sel, rule) in enumerate(sels)]
+    score_s = {}  # seconds per scoring, by BatchNorm statistics
+
+    def score_all(net, prefix):
+        for bn, tag in BN_VARIANTS.items():
+            # no prefix cache: every scoring does the whole work, so the times compare
+            ev = SupernetEvaluator(net, task, device="cpu", seed=args.seed, bn_stats=bn,
+                                   prefix_cache_mb=0)
+            t_score = time.perf_counter()
+            for row in rows:
+                s = ev.scores(row["selection"])
+                row[f"{prefix}{tag}acc"], row[f"{prefix}{tag}loglik"] = s["accuracy"], s["loglik"]
+            score_s.setdefault(bn, (time.perf_counter() - t_score) / len(rows))
+
+    score_all(supernet, "")
     if args.budget_supernet:
         bcfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
                               progress=True, gates="budget", gate_budget_params=budget)
         bnet, _, _ = prepare_supernet(base, task, bcfg, meta["backbone"])
-        bev = SupernetEvaluator(bnet, task, device="cpu", seed=args.seed)
-        for row in rows:
-            s = bev.scores(row["selection"])
-            row["budget-acc"], row["budget-loglik"] = s["accuracy"], s["loglik"]
-        del bev, bnet
+        score_all(bnet, "budget-")
+        del bnet
 
     settings = {"epochs": args.epochs, "seed": args.seed, "lr": 3e-3,
                 "supernet": str(sfolder), "task": args.task}
@@ -219,7 +227,7 @@ def run(args) -> dict:
         "supernet_epochs": args.supernet_epochs, "budget_supernet": args.budget_supernet,
         "norms": args.norms, "norms_trained": norms_trained,
         "supernet_val_acc_all_open": smeta["val_acc_all_open"],
-        "score_s_per_selection": score_s,
+        "score_s_per_selection": score_s["train"], "score_s_by_bn_stats": score_s,
         "train_s_median": statistics.median(r["train_s"] for r in rows),
         "correlations": correlations(rows, PROXIES),
         "headroom_points": headroom(rows),
@@ -238,7 +246,8 @@ def scatter(result: dict, path: Path) -> None:
     from swr.io import save_png
 
     rows = result["rows"]
-    proxies = [p for p in PROXIES if p in result["correlations"]]
+    proxies = [p for p in PROXIES if p in result["correlations"]
+               and (p.endswith("loglik") or p == "taylor")]
     fig = Figure(figsize=(3.2 * len(proxies), 3.2), layout="constrained")
     for ax, p in zip(fig.subplots(1, len(proxies), squeeze=False)[0], proxies):
         rules = sorted({r["rule"] for r in rows})
@@ -273,15 +282,34 @@ def render(results: dict) -> str:
                   f"final training {r['epochs']} epochs each (median {r['train_s_median']:.0f} s), "
                   f"supernet {r['supernet_epochs']} epochs (all gates open: val "
                   f"{r['supernet_val_acc_all_open']:.4f}), one scoring "
-                  f"{r['score_s_per_selection']:.2f} s. Final validation accuracy "
+                  + (", ".join(f"{s:.2f} s with {bn} BatchNorm statistics"
+                               for bn, s in r["score_s_by_bn_stats"].items())
+                     if "score_s_by_bn_stats" in r else f"{r['score_s_per_selection']:.2f} s")
+                  + ". Final validation accuracy "
                   f"{r['final_val'][0]:.4f}-{r['final_val'][1]:.4f}, final test accuracy "
                   f"{r['final_test'][0]:.4f}-{r['final_test'][1]:.4f}. "
                   f"{r['minutes']:.1f} min in all.", "",
                   f"Command: `{r['command']}`", ""]
-        table = [[p, fmt(c, "kendall"), fmt(c, "spearman")]
-                 for p, c in r["correlations"].items()]
-        lines += [md_table(["proxy", "Kendall tau-b vs final val [95% CI]",
-                            "Spearman rho vs final val [95% CI]"], table), ""]
+        corr = r["correlations"]
+        if any(k.startswith(tuple(t for t in BN_VARIANTS.values() if t)) or "-valbn-" in k
+               for k in corr):
+            # one row per supernet and source of BatchNorm statistics
+            table = [[sn or "bernoulli", bn, fmt(corr[f"{pre}{tag}acc"], "kendall"),
+                      fmt(corr[f"{pre}{tag}loglik"], "kendall"),
+                      fmt(corr[f"{pre}{tag}loglik"], "spearman")]
+                     for sn, pre in (("", ""), ("budget", "budget-"))
+                     for bn, tag in BN_VARIANTS.items() if f"{pre}{tag}loglik" in corr]
+            if "taylor" in corr:
+                table.append(["-", "taylor (summed importance)", "-",
+                              fmt(corr["taylor"], "kendall"), fmt(corr["taylor"], "spearman")])
+            lines += [md_table(["supernet gates", "BatchNorm statistics",
+                                "Kendall tau-b, accuracy [95% CI]",
+                                "Kendall tau-b, loglik [95% CI]",
+                                "Spearman rho, loglik [95% CI]"], table), ""]
+        else:
+            table = [[p, fmt(c, "kendall"), fmt(c, "spearman")] for p, c in corr.items()]
+            lines += [md_table(["proxy", "Kendall tau-b vs final val [95% CI]",
+                                "Spearman rho vs final val [95% CI]"], table), ""]
         hr = r["headroom_points"]
         hrr = r["headroom_random_points"]
         lines += [f"Headroom (final test accuracy of the best selection by final validation "

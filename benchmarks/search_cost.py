@@ -1,140 +1,189 @@
-"""What the whole SWR pipeline costs next to a full fine-tune of the same model.
+"""What the whole SWR pipeline costs next to a full fine-tune of the same epochs.
 
-SWR = supernet training (E epochs) + per-layer statistics + policy search (N
-evaluations, ``swr.search.search``) + final training of the chosen deltas, task
-norms and head (E epochs, ``swr.train.train``) + folding. The reference is
-``swr.methods.run_method("full", ...)`` for the same E epochs on the same task and
-machine. Both start from the same base model; the supernet cache is pointed at a
-temporary folder so nothing is reused between runs.
+SWR = ``swr search`` (stage 1: the supernet, S epochs, and its per-layer statistics;
+stage 2: N evaluations by the policy) + ``swr finetune`` (stage 3: the chosen deltas,
+task norms when they are counted, and the head, F epochs, warm-started from the
+supernet; fold; export). Each arm runs those two library calls exactly as the CLI
+does, from loading the base to writing the task delta, with a supernet cache of its
+own (the task data is shared), so stage 1 really runs in every arm. The reference is
+``run_method("full", ...)`` for E epochs on the same task and machine, in the same run.
 
-    python benchmarks/search_cost.py [--quick] [--epochs E] [--evaluations N] [--workers W]
+Arms (E from ``--epochs``):
+
+* ``old``: S = E, F = E, BatchNorm recalibrated on 4 x 128 training clips per scoring
+  (the pipeline before this script's last rewrite),
+* ``default``: the pipeline with swr's defaults scaled to E (``swr.search`` and
+  ``swr.finetune``'s defaults are S = 10, F = 20 for E = 20),
+* ``E total``: S + F = E (the supernet's epochs count towards the final training,
+  which starts from its deltas), the default evaluator.
+
+    python benchmarks/search_cost.py --checkpoint CKPT_EN --task kws-synth:de \\
+        [--task glyphs:sketch=CKPT_GLYPHS] [--epochs 20] [--evaluations 40] [--budget 5%]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from _common import bench_task, kws_base, machine, md_table, print_table, task_line, write_section
-
-BACKBONE = "bcresnet-2"
-BUDGET = "5%"
+from _common import command, machine, md_table, print_table, task_line, write_section
 
 
-def final_training(supernet, base, task, layers, epochs: int, seed: int = 0):
-    """Stage 3 as ``swr finetune`` runs it: selected deltas + norms + head, then fold."""
-    from swr.fold import fold
-    from swr.reparam import set_selection, set_trainable
-    from swr.train import TrainConfig, train
+def arms(epochs: int) -> list[tuple[str, int, int, str]]:
+    """(name, supernet epochs S, final epochs F, BatchNorm statistics) of every arm."""
+    from swr.search import SearchConfig
 
-    model = copy.deepcopy(supernet)
-    set_selection(model, layers)
-    params = set_trainable(model, deltas=layers, norms=True, head=True)
+    bn = SearchConfig.bn_stats  # the default evaluator
+    s_default = max(1, round(epochs * 10 / 20))  # swr search 10 : swr finetune 20
+    s_total = max(1, epochs // 4)
+    return [("old", epochs, epochs, "train"),
+            ("default", s_default, epochs, bn),
+            ("E total", s_total, epochs - s_total, bn)]
+
+
+def shared_data_cache(tmp: Path) -> Path:
+    """A fresh ``SWR_CACHE`` whose task data links to the current one (no supernets)."""
+    from swr.io import cache_dir
+
+    real = cache_dir()
+    tmp.mkdir(parents=True)
+    if real.is_dir():
+        for entry in real.iterdir():
+            if entry.name != "supernets":
+                (tmp / entry.name).symlink_to(entry.resolve())
+    return tmp
+
+
+def run_arm(spec: str, checkpoint: str, name: str, s_epochs: int, f_epochs: int, bn: str,
+            evaluations: int, budget: str, policy: str, seed: int, tmp: Path) -> dict:
+    """One SWR pipeline, search then final training, timed stage by stage."""
+    from swr.finetune import finetune
+    from swr.parallel import shutdown_ray
+    from swr.search import SearchConfig, run_search
+    from swr.supernet import SupernetConfig
+
+    slug = name.replace(" ", "-")
+    os.environ["SWR_CACHE"] = str(shared_data_cache(tmp / f"cache-{slug}"))
+    cfg = SearchConfig(task=spec, checkpoint=checkpoint, budget=budget, out=str(tmp / slug),
+                       policy=policy, evaluations=evaluations, workers=0, seed=seed,
+                       device="cpu", progress=False, bn_stats=bn,
+                       supernet=SupernetConfig(epochs=s_epochs, progress=False))
     t0 = time.perf_counter()
-    result = train(model, task, params, TrainConfig(epochs=epochs, seed=seed, device="cpu",
-                                                    progress=False, desc="finetune"))
-    t_train = time.perf_counter() - t0
+    result = run_search(cfg)
+    t_search = time.perf_counter() - t0
+    shutdown_ray()
     t0 = time.perf_counter()
-    fold(model.cpu())
-    return t_train, time.perf_counter() - t0, result.val_acc
+    m = finetune(Path(cfg.out) / "selection.json", tmp / f"{slug}-final", epochs=f_epochs,
+                 seed=seed, device="cpu", progress=False)
+    t_final = time.perf_counter() - t0
+    sec = result["seconds"]
+    return {"arm": name, "S": s_epochs, "F": f_epochs, "bn": bn,
+            "supernet_s": sec["supernet"], "search_s": sec["search"],
+            "other_s": t_search - sec["supernet"] - sec["search"], "final_s": t_final,
+            "total_s": t_search + t_final, "evaluations": result["evaluations"],
+            "val_acc": m["val_acc"], "test_acc": m["test_acc"], "layers": len(m["layers"]),
+            "trained": m["trained_params"], "budget": m["budget_params"]}
+
+
+def run_task(spec: str, checkpoint: str, args, tmp: Path) -> tuple[str, list[list]]:
+    from swr.methods import run_method
+    from swr.source import base_spec, load_base, load_task
+    from swr.train import TrainConfig
+
+    base, meta = load_base(base_spec(checkpoint))
+    task = load_task(spec, meta)
+    line = f"{task_line(task)}; `{meta['backbone']}` base"
+    print(line, flush=True)
+    t0 = time.perf_counter()
+    full = run_method("full", copy.deepcopy(base), task, None,
+                      TrainConfig(epochs=args.epochs, device="cpu", progress=False, desc="full",
+                                  seed=args.seed))
+    t_full = time.perf_counter() - t0
+    rows = [["full fine-tune", "-", args.epochs, "-", "-", "-", round(t_full, 1),
+             round(t_full, 1), 1.0, f"{full['val_acc']:.4f}", f"{full['test_acc']:.4f}",
+             f"{full['updated_params']:,}"]]
+    print(f"full fine-tune: {t_full:.1f} s", flush=True)
+    for name, s, f, bn in arms(args.epochs):
+        r = run_arm(spec, checkpoint, name, s, f, bn, args.evaluations, args.budget,
+                    args.policy, args.seed, tmp / task.id.replace(":", "-"))
+        rows.append([f"SWR {name}", r["S"], r["F"], r["bn"],
+                     f"{r['supernet_s']:.1f}",
+                     f"{r['search_s']:.1f} ({r['search_s'] / max(r['evaluations'], 1):.2f}/eval)",
+                     round(r["final_s"], 1), round(r["total_s"], 1),
+                     round(r["total_s"] / t_full, 2), f"{r['val_acc']:.4f}",
+                     f"{r['test_acc']:.4f}",
+                     f"{r['trained']:,} of {r['budget']:,} ({r['layers']} layers)"])
+        print(f"SWR {name}: {r['total_s']:.1f} s", flush=True)
+    print_table(HEADERS, rows)
+    return line, rows
+
+
+HEADERS = ["pipeline", "supernet epochs S", "final epochs F", "BN statistics", "stage 1 s",
+           "search s", "final training s", "total s", "x full fine-tune", "val acc", "test acc",
+           "trained params (excl. head)"]
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="E=2, N=16 (a few minutes)")
-    ap.add_argument("--epochs", type=int, default=None, help="E (default 5; quick 2)")
-    ap.add_argument("--evaluations", type=int, default=None, help="N (default 40; quick 16)")
-    ap.add_argument("--workers", type=int, default=0, help="Ray workers for the search (0: none)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("--checkpoint", help="swr pretrain folder of the base for --task specs "
+                    "without =CKPT")
+    ap.add_argument("--task", action="append", default=None,
+                    help="SPEC or SPEC=CKPT, repeatable (default kws-synth:de with --checkpoint)")
+    ap.add_argument("--epochs", type=int, default=20, help="E (default 20, swr finetune's)")
+    ap.add_argument("--evaluations", type=int, default=40, help="N (default 40)")
+    ap.add_argument("--budget", default="5%")
     ap.add_argument("--policy", default="pg")
-    ap.add_argument("--task", default="auto",
-                    help="auto (kws-synth:de if cached, else synthetic), synthetic, or a spec")
-    ap.add_argument("--checkpoint", default=None, help="swr pretrain folder of the source model")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: see docs/PERFORMANCE.md)")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from swr.methods import run_method
-    from swr.parallel import shutdown_ray
-    from swr.search import SearchConfig, search
-    from swr.supernet import SupernetConfig
-    from swr.train import TrainConfig
-
-    epochs = args.epochs or (2 if args.quick else 5)
-    evaluations = args.evaluations or (16 if args.quick else 40)
+    tasks = []
+    for t in args.task or ["kws-synth:de"]:
+        spec, _, ckpt = t.partition("=")
+        if not (ckpt or args.checkpoint):
+            ap.error(f"--task {t}: give SPEC=CKPT or --checkpoint")
+        tasks.append((spec, str(Path(ckpt or args.checkpoint).resolve())))
     info = machine()
-    task = bench_task(args.task)  # loaded before SWR_CACHE moves: the data stays cached
-    base, base_desc = kws_base(BACKBONE, task.num_classes, args.checkpoint)
-    print(task_line(task), "; base", base_desc, flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="swr-bench-") as tmp:
-        os.environ["SWR_CACHE"] = tmp  # a fresh supernet cache: stage 1 really runs
-        cfg = SearchConfig(task=task.id, checkpoint="", budget=BUDGET, out=os.path.join(tmp, "out"),
-                           policy=args.policy, evaluations=evaluations, workers=args.workers,
-                           device="cpu", progress=False,
-                           supernet=SupernetConfig(epochs=epochs, progress=False))
-        t0 = time.perf_counter()
-        result, supernet = search(copy.deepcopy(base), task, cfg, backbone=BACKBONE)
-        t_search_total = time.perf_counter() - t0
-        shutdown_ray()
-        meta = json.loads((Path(result["supernet"]) / "supernet.json").read_text())
-    t_train, t_fold, final_acc = final_training(supernet, base, task, result["layers"], epochs)
-    t_swr = t_search_total + t_train + t_fold
-    t0 = time.perf_counter()
-    full = run_method("full", base, task, None,
-                      TrainConfig(epochs=epochs, device="cpu", progress=False, desc="full"))
-    t_full = time.perf_counter() - t0
-
-    s_super = result["seconds"]["supernet"]
-    s_train_super = meta["seconds"]  # the training loop alone; the rest is layer statistics
-    s_stats = s_super - s_train_super
-    s_search = result["seconds"]["search"]
-    s_other = t_search_total - s_super - s_search  # budget, features, CSV/PNG outputs
-    per_eval = s_search / max(result["evaluations"], 1)
-    stages = [
-        ["1. supernet training", round(s_train_super, 1), f"{100 * s_train_super / t_swr:.0f}%",
-         round(s_train_super / t_full, 2)],
-        ["   per-layer statistics (8 x 128 clips, forward + backward), cache write",
-         round(s_stats, 1),
-         f"{100 * s_stats / t_swr:.0f}%", round(s_stats / t_full, 2)],
-        [f"2. policy search ({result['evaluations']} evaluations, {args.policy}, "
-         f"{args.workers or 'no'} Ray workers)", round(s_search, 1),
-         f"{100 * s_search / t_swr:.0f}%", round(s_search / t_full, 2)],
-        ["   search set-up and outputs", round(s_other, 1), f"{100 * s_other / t_swr:.0f}%",
-         round(s_other / t_full, 2)],
-        ["3. final training of the selection", round(t_train, 1), f"{100 * t_train / t_swr:.0f}%",
-         round(t_train / t_full, 2)],
-        ["   fold", round(t_fold, 2), f"{100 * t_fold / t_swr:.1f}%", round(t_fold / t_full, 3)],
-        ["SWR pipeline, total", round(t_swr, 1), "100%", round(t_swr / t_full, 2)],
-        ["full fine-tune (run_method('full'), whole call)", round(t_full, 1), "-", 1.0],
-        ["  of which training", round(full["train_seconds"], 1), "-",
-         round(full["train_seconds"] / t_full, 2)],
-    ]
-    headers = ["stage", "s", "share of SWR", "x full fine-tune"]
-    print_table(headers, stages)
-    accs = (f"validation accuracy: SWR selection after final training {final_acc:.3f} "
-            f"(search's best supernet score {result['val_score']:.3f}), full fine-tune "
-            f"{full['val_acc']:.3f}; selection: {len(result['layers'])} layers, "
-            f"{result['cost']:,} of {result['budget_params']:,} budget parameters")
-    print(accs)
+    real_cache = os.environ.get("SWR_CACHE")
+    sections = []
+    with tempfile.TemporaryDirectory(prefix="swr-cost-") as tmp:
+        try:
+            for spec, ckpt in tasks:
+                line, rows = run_task(spec, ckpt, args, Path(tmp))
+                sections.append(f"{line}:\n\n{md_table(HEADERS, rows)}\n")
+                if real_cache is None:
+                    os.environ.pop("SWR_CACHE", None)
+                else:
+                    os.environ["SWR_CACHE"] = real_cache
+        finally:
+            if real_cache is None:
+                os.environ.pop("SWR_CACHE", None)
+            else:
+                os.environ["SWR_CACHE"] = real_cache
     if args.no_doc:
         return
-    body = f"""{task_line(task)}; `{BACKBONE}` base {base_desc}; E = {epochs} epochs for the
-supernet, the final training and the full fine-tune; N = {evaluations} evaluations;
-budget {BUDGET}; batch size 64; {args.threads} torch thread(s). One run.
+    old, default, total = arms(args.epochs)
+    body = f"""E = {args.epochs} epochs for the full fine-tune; N = {args.evaluations} evaluations ({args.policy});
+budget {args.budget}; batch size 64; seed {args.seed}; {args.threads} torch thread(s); one run per
+arm. Arms: `old` is the pipeline before the scoring rewrite (S = F = E, BatchNorm
+recalibrated on training clips per scoring); `default` scales swr's defaults to E
+(S = {default[1]}, F = {default[2]}); `E total` counts the supernet's epochs towards the
+final training (S = {total[1]}, F = {total[2]}; stage 3 starts from the supernet's deltas).
+Each SWR time is `swr search` + `swr finetune` as library calls, loading and writing
+included, with a supernet cache of its own.
 
-{md_table(headers, stages)}
-
-One search evaluation cost {per_eval:.2f} s here ({per_eval / (t_full / epochs):.2f} epochs of
-full fine-tuning). {accs}.
-"""
+{chr(10).join(sections)}"""
     write_section("search_cost", "Cost of the SWR pipeline against full fine-tuning "
                   "(`benchmarks/search_cost.py`)", body, info)
 

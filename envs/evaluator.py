@@ -8,6 +8,7 @@ is a deterministic stand-in with a known optimum, for tests and environment chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Iterable, Protocol, Sequence
@@ -43,6 +44,16 @@ def canonical(selection: Iterable[str], names: Sequence[str]) -> Selection:
 #: What :class:`SupernetEvaluator` can score a selection by (``metric``).
 METRICS = ("accuracy", "loglik")
 
+#: Where :class:`SupernetEvaluator` takes BatchNorm statistics from (``bn_stats``).
+BN_STATS = ("train", "val", "supernet")
+
+
+def even_batch_size(n: int, batch_size: int) -> int:
+    """The largest batch size of at most ``batch_size`` that splits ``n`` examples into
+    batches of near-equal size (no small last batch, whose statistics would be noisy)."""
+    k = max(1, math.ceil(n / max(batch_size, 1)))
+    return max(1, math.ceil(n / k))
+
 
 class SupernetEvaluator:
     """Validation score of a selection on the trained supernet.
@@ -53,8 +64,21 @@ class SupernetEvaluator:
     :meth:`scores` gives both from the same logits.
 
     Per selection: open its gates and fold ``W + dW`` into the weights once
-    (``merge``), recalibrate BatchNorm statistics on a few training batches when
-    the backbone has BatchNorm, score the validation split held in memory, undo.
+    (``merge``), score the validation split held in memory, undo.
+
+    A selection changes the features every later BatchNorm sees, so the supernet's
+    statistics (accumulated under random gates) do not fit it. ``bn_stats`` says where
+    the statistics come from:
+
+    * ``"val"`` (default): each validation batch is normalised by its own statistics
+      (BatchNorm in training mode, running statistics untouched). One pass, no
+      training clips; the split is cut into near-equal batches of at most
+      ``batch_size``. It ranks selections by final accuracy as well as ``"train"`` at
+      about a third of the cost (docs/SEARCH.md, "Does the evaluator predict...").
+    * ``"train"``: recalibrate on ``bn_batches x bn_batch_size`` training clips
+      (cumulative average), then score in eval mode; about 3x the cost of the
+      validation pass itself.
+    * ``"supernet"``: keep the supernet's statistics (no recalibration).
 
     With ``prefix_cache_mb > 0`` the work of the *frozen prefix* (every module that
     runs before the first open gate) is not redone: its outputs on the
@@ -73,10 +97,13 @@ class SupernetEvaluator:
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
                  bn_batches: int = 4, bn_batch_size: int = 128, batch_size: int = 512,
                  seed: int = 0, prefix_cache_mb: float = 256.0, prefix_min_skip: float = 0.25,
-                 metric: str = "accuracy"):
+                 metric: str = "accuracy", bn_stats: str = "val"):
         if metric not in METRICS:
             raise ValueError(f"evaluator metric {metric!r} is not one of {', '.join(METRICS)}")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"evaluator bn_stats {bn_stats!r} is not one of {', '.join(BN_STATS)}")
         self.metric = metric
+        self.bn_stats = bn_stats
         self.model = supernet
         self.task = task
         self.device = resolve_device(device)
@@ -89,8 +116,12 @@ class SupernetEvaluator:
         self.model.to(self.device).eval()
         # BN recalibration starts from the supernet's statistics each time.
         self._bn_state = batchnorm_snapshot(supernet.modules())
+        # "val" statistics come from each batch: equal sizes, so none is a noisy remainder
+        val_bs = even_batch_size(len(task.val), batch_size) if bn_stats == "val" else batch_size
         self._val = [(x.to(self.device), y.to(self.device))
-                     for x, y in batches(task.val, batch_size)]
+                     for x, y in batches(task.val, val_bs)]
+        self._bns = [m for m in supernet.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._prefix = None
         if prefix_cache_mb > 0:
             self._prefix = PrefixCache.build(self, int(prefix_cache_mb * 2**20),
@@ -127,16 +158,36 @@ class SupernetEvaluator:
         set_selection(self.model, sel)
         merge(self.model)
         try:
-            if self.has_bn and self.bn_batches > 0:
+            if self.recalibrates:
                 recalibrate_batchnorm(self.model, self.task.train, self.bn_batches,
                                       self.bn_batch_size, self.device, seed=self.seed)
-            with torch.inference_mode():
+            with torch.inference_mode(), self.val_batch_statistics():
                 return [self.model(x) for x, _ in self._val]
         finally:
             unmerge(self.model)
             if self.has_bn:
                 restore_batchnorm(self._bn_state)
             set_selection(self.model, [])
+
+    @property
+    def recalibrates(self) -> bool:
+        """Whether a scoring recalibrates BatchNorm on training clips first."""
+        return self.has_bn and self.bn_stats == "train" and self.bn_batches > 0
+
+    @contextlib.contextmanager
+    def val_batch_statistics(self):
+        """With ``bn_stats="val"``: BatchNorms normalise by the batch's own statistics
+        for the duration (the running statistics they update are restored afterwards)."""
+        if self.bn_stats != "val" or not self.has_bn:
+            yield
+            return
+        for m in self._bns:
+            m.train()
+        try:
+            yield
+        finally:
+            for m in self._bns:
+                m.eval()
 
     def prefix_cache_info(self) -> dict:
         """What the prefix cache holds: boundaries, bytes, and scorings that replayed one."""

@@ -79,7 +79,7 @@ class PrefixCache:
         self.verifying = False
         # recalibration batches exactly as recalibrate_batchnorm draws them
         self.recal: list[torch.Tensor] = []
-        if ev.has_bn and ev.bn_batches > 0:
+        if ev.recalibrates:
             g = torch.Generator().manual_seed(ev.seed)
             for i, (x, _) in enumerate(batches(ev.task.train, ev.bn_batch_size, shuffle=True,
                                                generator=g)):
@@ -242,7 +242,9 @@ class PrefixCache:
                             self.closed_stats.setdefault(id(m), (
                                 m.running_mean.clone(), m.running_var.clone(),
                                 m.num_batches_tracked.clone()))
-                out = self._run([x for x, _ in ev._val], use, len(self.recal), record, recorded)
+                with ev.val_batch_statistics():
+                    out = self._run([x for x, _ in ev._val], use, len(self.recal), record,
+                                    recorded)
             if record is not None:
                 self.cache[record] = recorded
                 self.bytes += sum(t.numel() * t.element_size() for t in recorded)

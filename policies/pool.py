@@ -26,9 +26,10 @@ class SupernetEvaluatorFactory:
     """Picklable recipe for a :class:`SupernetEvaluator` (sent to Ray workers)."""
 
     def __init__(self, supernet: torch.nn.Module, task, device: str = "cpu", bn_batches: int = 4,
-                 seed: int = 0, prefix_cache_mb: float = 256.0, metric: str = "accuracy"):
+                 seed: int = 0, prefix_cache_mb: float = 256.0, metric: str = "accuracy",
+                 bn_stats: str = "val"):
         self.supernet, self.task, self.device = supernet, task, device
-        self.bn_batches, self.seed = bn_batches, seed
+        self.bn_batches, self.bn_stats, self.seed = bn_batches, bn_stats, seed
         self.prefix_cache_mb = prefix_cache_mb
         self.metric = metric
 
@@ -37,12 +38,16 @@ class SupernetEvaluatorFactory:
         # splits stay in the driver, which shrinks what every worker fetches.
         state = dict(self.__dict__)
         if dataclasses.is_dataclass(self.task) and hasattr(self.task, "shift_test"):
-            state["task"] = dataclasses.replace(self.task, test=None, shift_test=None)
+            # and the train split only with bn_stats="train" (BN recalibration reads it)
+            train = self.task.train if self.bn_stats == "train" else None
+            state["task"] = dataclasses.replace(self.task, train=train, test=None,
+                                                shift_test=None)
         return state
 
     def __call__(self) -> SupernetEvaluator:
         return SupernetEvaluator(self.supernet, self.task, device=self.device,
-                                 bn_batches=self.bn_batches, seed=self.seed,
+                                 bn_batches=self.bn_batches, bn_stats=self.bn_stats,
+                                 seed=self.seed,
                                  prefix_cache_mb=self.prefix_cache_mb,
                                  metric=self.metric)
 

@@ -34,6 +34,7 @@ class SearchSettings:
     ray_address: Optional[str] = None
     samples_per_iteration: int = 8
     bn_batches: int = 4
+    bn_stats: str = "val"
     resume: bool = False
     progress: bool = True
     reward: str = "loglik"

@@ -157,7 +157,8 @@ def evaluator_factory(cfg: SearchSettings, supernet, task):
     from .pool import SupernetEvaluatorFactory
 
     return SupernetEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
-                                    bn_batches=cfg.bn_batches, seed=cfg.seed, metric=cfg.reward)
+                                    bn_batches=cfg.bn_batches, seed=cfg.seed, metric=cfg.reward,
+                                    bn_stats=cfg.bn_stats)
 
 
 def make_pool(cfg: SearchSettings, factory, names):

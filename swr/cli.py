@@ -170,6 +170,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", default="loglik", help="what a selection scores on the "
                    "supernet: loglik (mean log-probability of the true class on validation; "
                    "the default, it ranks final accuracy better) or accuracy")
+    p.add_argument("--bn-stats", default="val", help="where a scoring takes BatchNorm "
+                   "statistics from: val (each validation batch's own; one pass, the default), "
+                   "train (recalibrate on 4 x 128 training clips first; 3x the time, ranks no "
+                   "better) or supernet (keep stage 1's; ranks worse)")
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
     p.add_argument("--norms", choices=list(NORM_MODES), default="auto",
                    help="the task norms SWR trains beside the deltas: auto (default) counts them "
@@ -200,7 +204,7 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        samples_per_iteration=args.samples_per_iteration,
                        supernet=SupernetConfig(epochs=args.supernet_epochs,
                                                gates=args.supernet_gates),
-                       reward=args.reward, on_bad_file=args.on_bad_file, norms=args.norms)
+                       reward=args.reward, bn_stats=args.bn_stats, on_bad_file=args.on_bad_file, norms=args.norms)
     r = run_search(cfg)
     if "budgets" in r:
         for e in r["budgets"]:

@@ -53,6 +53,8 @@ class SearchConfig:
     samples_per_iteration: int = 8
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     bn_batches: int = 4
+    #: where a scoring takes BatchNorm statistics from (swr.envs.evaluator.BN_STATS)
+    bn_stats: str = "val"
     progress: bool = True
     #: what a selection scores on the supernet: "loglik" or "accuracy" (see
     #: swr.envs.evaluator.SupernetEvaluator); loglik ranked final accuracy better
@@ -93,6 +95,10 @@ class SearchConfig:
 
         if self.reward not in METRICS:
             raise SwrError(f"--reward {self.reward!r} is not one of {', '.join(METRICS)}")
+        from .envs.evaluator import BN_STATS
+
+        if self.bn_stats not in BN_STATS:
+            raise SwrError(f"--bn-stats {self.bn_stats!r} is not one of {', '.join(BN_STATS)}")
         supernet = self.supernet
         if supernet.gates == "budget" and supernet.gate_budget_params < 1:
             supernet = replace(supernet, gate_budget_params=1)  # the search sets it from --budget
@@ -107,7 +113,7 @@ class SearchConfig:
             evaluations=self.evaluations, workers=self.workers, seed=self.seed,
             device=self.device, ray_address=self.ray_address,
             samples_per_iteration=self.samples_per_iteration, bn_batches=self.bn_batches,
-            resume=self.resume, progress=self.progress, reward=self.reward))
+            bn_stats=self.bn_stats, resume=self.resume, progress=self.progress, reward=self.reward))
 
 
 def run_search(cfg: SearchConfig) -> dict:
@@ -123,6 +129,7 @@ def run_search(cfg: SearchConfig) -> dict:
         result["base"] = spec.to_dict()
         result["task"] = cfg.task  # the spec, so swr finetune can load the same task
         result["reward"] = cfg.reward  # what val_score is
+        result["bn_stats"] = cfg.bn_stats  # and where its BatchNorm statistics came from
         result["on_bad_file"] = cfg.on_bad_file
         result["skipped_files"] = list(task.info.get("skipped", []))
         if "budgets" not in result:
@@ -173,7 +180,7 @@ FINGERPRINT_LABELS = {
     "budget_params": "--budget (in parameters)", "policy": "--policy", "seed": "--seed",
     "evaluations": "--evaluations", "samples_per_iteration": "--samples-per-iteration",
     "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs", "norms": "--norms",
-    "reward": "--reward", "supernet_gates": "--supernet-gates",
+    "reward": "--reward", "supernet_gates": "--supernet-gates", "bn_stats": "--bn-stats",
 }
 
 
@@ -199,7 +206,7 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
             "norms": cfg.norms,
             "policy": cfg.policy, "seed": cfg.seed, "evaluations": cfg.evaluations,
             "samples_per_iteration": cfg.samples_per_iteration, "bn_batches": cfg.bn_batches,
-            "reward": cfg.reward, **supernet}
+            "reward": cfg.reward, "bn_stats": cfg.bn_stats, **supernet}
 
 
 def check_fingerprint(out: Path, fingerprint: dict, resume: bool, command: str = "search",

@@ -72,12 +72,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("bn_stats", ["train", "val"])
 @pytest.mark.parametrize("backbone,make_task,kw", CASES, ids=[c[0] for c in CASES])
-def test_prefix_cache_gives_identical_logits(backbone, make_task, kw):
+def test_prefix_cache_gives_identical_logits(backbone, make_task, kw, bn_stats):
     task = make_task()
     supernet = trained_looking_supernet(backbone, task, **kw)
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
-    opts = dict(bn_batches=3, bn_batch_size=16, batch_size=12, seed=3)
+    opts = dict(bn_batches=3, bn_batch_size=16, batch_size=12, seed=3, bn_stats=bn_stats)
     plain = SupernetEvaluator(copy.deepcopy(supernet), task, prefix_cache_mb=0, **opts)
     fast = SupernetEvaluator(supernet, task, prefix_min_skip=0.0, **opts)  # every boundary
     selections = random_selections(plain.names, 8)
@@ -135,3 +136,40 @@ def test_a_failing_replay_falls_back_to_the_plain_path(monkeypatch):
     monkeypatch.setattr(type(fast._prefix), "logits", broken)
     assert fast(sel) == plain(sel)
     assert not fast.prefix_cache_info()["enabled"]
+
+
+def test_val_statistics_normalise_each_batch_by_its_own_statistics():
+    """bn_stats="val": the logits of a selection are the merged model's in training-mode
+    BatchNorm on each (near-equal) validation batch; no training clip is read, the
+    supernet's statistics come back untouched, and "supernet" keeps them throughout."""
+    from swr.fold import merge, unmerge
+    from swr.reparam import set_selection
+
+    task = tiny_audio_task(n_classes=4, per_class=24)
+    supernet = trained_looking_supernet("bcresnet-1", task)
+    state = {k: v.clone() for k, v in supernet.state_dict().items()}
+    ev = SupernetEvaluator(supernet, task, batch_size=10, bn_stats="val", prefix_cache_mb=0)
+    assert len(task.val) == 32 and [len(x) for x, _ in ev._val] == [8, 8, 8, 8]  # not 10,10,10,2
+    sel = tuple(ev.names[1::3])
+    got = ev.val_logits(sel)
+    ref_model = copy.deepcopy(supernet)
+    set_selection(ref_model, sel)
+    merge(ref_model)
+    ref_model.eval()  # the rest stays in eval mode: no dropout, no sampled gates
+    for m in ref_model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.train()
+    with torch.no_grad():
+        expected = [ref_model(x) for x, _ in ev._val]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for k, v in supernet.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # the three sources of statistics give three different scorings of the same selection
+    other = {s: SupernetEvaluator(copy.deepcopy(supernet), task, batch_size=10, bn_stats=s,
+                                  bn_batches=2, bn_batch_size=16, prefix_cache_mb=0)
+             for s in ("train", "supernet")}
+    scores = {ev.scores(sel)["loglik"], *(e.scores(sel)["loglik"] for e in other.values())}
+    assert len(scores) == 3
+    with pytest.raises(ValueError, match="bn_stats 'batch' is not one of train, val, supernet"):
+        SupernetEvaluator(supernet, task, bn_stats="batch")
