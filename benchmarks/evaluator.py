@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from swr.stats import kendall_tau, spearman
+
 from _common import (bench_task, kws_base, machine, md_table, median, print_table,
                      random_selections, task_line, timed, write_section)
 
@@ -65,21 +67,6 @@ def floor_fn(base: nn.Module, ev):
 def score_times(ev, sels) -> list[float]:
     return [timed(lambda: ev(s)) for s in sels]
 
-
-def spearman(a, b) -> float:
-    def ranks(v):
-        v = np.asarray(v, float)
-        order = v.argsort(kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for x in np.unique(v):  # ties share their mean rank
-            r[v == x] = r[v == x].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def top_ops(fn, n_ops: int = 8) -> list[list]:
@@ -296,12 +283,13 @@ def main(argv=None) -> None:
                  "val": "each validation batch's own (the default)"}[bn]
         fid_rows.append([label, min(len(task.train), nb * bs) if bn == "train" else 0,
                          round(median(ts), 3), round(median(ts) / median(t_floor), 2),
+                         round(kendall_tau(scores, ref_scores), 3),
                          round(spearman(scores, ref_scores), 3),
                          round(float(np.max(np.abs(np.subtract(scores, ref_scores)))), 3),
                          "yes" if same_best else "no", f"{top3}/3",
                          f"{min(scores):.3f}-{max(scores):.3f}"])
     fid_headers = ["BatchNorm statistics", "training clips", "s/scoring (plain)", "x floor",
-                   "Spearman vs 4x128", "max |score diff|", "same best", "top-3 overlap",
+                   "Kendall tau vs 4x128", "Spearman vs 4x128", "max |score diff|", "same best", "top-3 overlap",
                    "score range"]
     print_table(fid_headers, fid_rows)
 

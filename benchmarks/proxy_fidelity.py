@@ -127,6 +127,22 @@ def correlations(rows, proxies):
     return out
 
 
+def retest_summary(rows, seed: int) -> dict:
+    """The noise ceiling: Kendall tau between the final validation accuracies of the
+    same selections trained twice, and each proxy against their mean."""
+    from swr.stats import fisher_interval, kendall_tau
+
+    a = [r["val_acc"] for r in rows]
+    b = [r["retest_val_acc"] for r in rows]
+    tau = kendall_tau(a, b)
+    mean_rows = [{**r, "val_acc": (r["val_acc"] + r["retest_val_acc"]) / 2} for r in rows]
+    return {"seed": seed, "kendall": tau,
+            "kendall_ci": fisher_interval(tau, len(rows), "kendall"),
+            "test_kendall": kendall_tau([r["test_acc"] for r in rows],
+                                        [r["retest_test_acc"] for r in rows]),
+            "vs_mean": {p: c["kendall"] for p, c in correlations(mean_rows, PROXIES).items()}}
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
@@ -195,17 +211,15 @@ def run(args) -> dict:
 
     settings = {"epochs": args.epochs, "seed": args.seed, "lr": 3e-3,
                 "supernet": str(sfolder), "task": args.task}
-    for row in tqdm(rows, desc=f"final training {name}", unit="selection"):
-        sub = folder / f"sel-{row['id']:02d}"
+    def final(row, seed: int, sub: Path) -> dict:
+        """The selection's final training with ``seed`` in ``sub`` (reused when done)."""
         done = sub / "metrics.json"
         if done.is_file():
             m = json.loads(done.read_text())
             if (m.get("layers") == row["selection"] and m.get("epochs") == args.epochs
-                    and m.get("seed") == args.seed and m.get("task") == args.task
+                    and m.get("seed") == seed and m.get("task") == args.task
                     and m.get("norms_trained", True) == norms_trained):
-                row.update(val_acc=m["val_acc"], test_acc=m["test_acc"],
-                           train_s=m["seconds"], reused=True)
-                continue
+                return {**m, "reused": True}
         sel_file = folder / f"selection-{row['id']:02d}.json"
         write_json(sel_file, {"layers": row["selection"], "task": args.task,
                               "budget_params": full_budget, "norms": args.norms,
@@ -213,13 +227,26 @@ def run(args) -> dict:
                               "checkpoint": str(Path(args.checkpoint).resolve()),
                               "base": spec.to_dict(), "supernet": str(sfolder),
                               "policy": row["rule"]})
-        m = finetune(sel_file, sub, epochs=args.epochs, lr=settings["lr"], seed=args.seed,
-                     device="cpu", progress=False)
+        return {**finetune(sel_file, sub, epochs=args.epochs, lr=settings["lr"], seed=seed,
+                           device="cpu", progress=False), "reused": False}
+
+    for row in tqdm(rows, desc=f"final training {name}", unit="selection"):
+        m = final(row, args.seed, folder / f"sel-{row['id']:02d}")
         row.update(val_acc=m["val_acc"], test_acc=m["test_acc"], train_s=m["seconds"],
-                   reused=False)
+                   reused=m["reused"])
+    retest = None
+    if args.retest_seed is not None:
+        # the same selections trained again with another seed (data order): how well
+        # one final training ranks the next is the most any proxy can rank them
+        for row in tqdm(rows, desc=f"retest {name}", unit="selection"):
+            m = final(row, args.retest_seed,
+                      folder / f"sel-{row['id']:02d}-seed{args.retest_seed}")
+            row.update(retest_val_acc=m["val_acc"], retest_test_acc=m["test_acc"])
+        retest = retest_summary(rows, args.retest_seed)
     write_csv(folder / "selections.csv", rows,
               ["id", "rule", "layers", "cost", *[p for p in PROXIES if p in rows[0]],
-               "val_acc", "test_acc", "train_s"])
+               "val_acc", "test_acc", "train_s",
+               *(["retest_val_acc", "retest_test_acc"] if retest else [])])
     random_rows = [r for r in rows if r["rule"] == "random"]
     return {
         "name": name, "task": args.task, "budget": args.budget, "budget_params": budget,
@@ -230,7 +257,7 @@ def run(args) -> dict:
         "score_s_per_selection": score_s["train"], "score_s_by_bn_stats": score_s,
         "train_s_median": statistics.median(r["train_s"] for r in rows),
         "correlations": correlations(rows, PROXIES),
-        "headroom_points": headroom(rows),
+        "headroom_points": headroom(rows), "retest": retest,
         "headroom_random_points": headroom(random_rows) if len(random_rows) >= 3 else None,
         "random_selections": len(random_rows),
         "final_val": [min(r["val_acc"] for r in rows), max(r["val_acc"] for r in rows)],
@@ -310,6 +337,17 @@ def render(results: dict) -> str:
             table = [[p, fmt(c, "kendall"), fmt(c, "spearman")] for p, c in corr.items()]
             lines += [md_table(["proxy", "Kendall tau-b vs final val [95% CI]",
                                 "Spearman rho vs final val [95% CI]"], table), ""]
+        rt = r.get("retest")
+        if rt:
+            lo, hi = rt["kendall_ci"]
+            best = max(rt["vs_mean"], key=rt["vs_mean"].get)
+            lines += [f"**Noise ceiling.** The same {r['selections']} selections trained again "
+                      f"with seed {rt['seed']}: Kendall tau between the two final validation "
+                      f"accuracies **{rt['kendall']:.2f}** [{lo:.2f}, {hi:.2f}] (test accuracies "
+                      f"{rt['test_kendall']:.2f}). No proxy can rank one final training much "
+                      f"better than another final training does. Against the mean of the two "
+                      f"final validation accuracies the best proxy is `{best}` with tau "
+                      f"{rt['vs_mean'][best]:.2f}.", ""]
         hr = r["headroom_points"]
         hrr = r["headroom_random_points"]
         lines += [f"Headroom (final test accuracy of the best selection by final validation "
@@ -336,6 +374,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20,
                    help="final-training epochs per selection (swr finetune's default: 20)")
     p.add_argument("--supernet-epochs", type=int, default=10)
+    p.add_argument("--retest-seed", type=int, default=None,
+                   help="train every selection a second time with this seed and report how "
+                        "well the two final trainings rank each other (the noise ceiling)")
     p.add_argument("--budget-supernet", action="store_true",
                    help="also score on a supernet trained on budget-feasible gate sets")
     p.add_argument("--threads", type=int, default=1, help="torch threads")

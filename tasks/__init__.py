@@ -11,6 +11,10 @@
   ``sketch:<path>``: the ImageNet-to-Sketch datasets in their own layouts
   (:mod:`.imagenet_to_sketch`).
 
+Any task takes a ``?shots=N`` suffix (``kws-synth:de?shots=8``): at most N training
+examples per class, drawn with the seed (:func:`.base.few_shot`); validation and test
+stay whole.
+
 Suites (``kws-synth:all``, ``glyphs:all``, ``imagenet-to-sketch:<root>``,
 ``mswc:<path>:<lang1>,<lang2>``) name several tasks: ``get_suite`` in :mod:`.suites`
 expands them; ``get_task`` refuses them with a line naming their tasks.
@@ -45,6 +49,16 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
     from .suites import check_single_task
 
     check_single_task(spec)
+    base_spec, sep, modifier = spec.rpartition("?")
+    if sep and modifier.startswith("shots="):
+        value = modifier[len("shots="):]
+        if not value.isdigit() or int(value) < 1:
+            raise SwrError(f"task {spec!r}: shots must be a positive integer, e.g. "
+                           f"{base_spec}?shots=8")
+        from .base import few_shot
+
+        return few_shot(get_task(base_spec, seed=seed, on_bad_file=on_bad_file,
+                                 data_config=data_config, **kwargs), int(value), seed=seed)
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SwrError(f"task {spec!r} is not of a known form: {', '.join(TASK_FORMS)}")
@@ -85,6 +99,7 @@ def task_data_path(spec: str) -> Optional[str]:
     Used to keep outputs out of the data a run reads; the embedded suites live in the
     cache and have none.
     """
+    spec = spec.rpartition("?shots=")[0] or spec  # a few-shot task reads its task's data
     kind, _, rest = spec.partition(":")
     if kind in ("kws-synth", "glyphs"):
         return None

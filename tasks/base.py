@@ -17,6 +17,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from swr.errors import SwrError
+
 
 @dataclass
 class Task:
@@ -165,3 +167,49 @@ def not_a_regular_file(path: str | os.PathLike) -> str | None:
         return None
     kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
     return f"it is {kind}, not a regular file"
+
+
+def split_labels(ds: Dataset) -> list[int]:
+    """The label of every example of ``ds``, in order: from the tensors of an in-memory
+    split, a ``labels`` attribute (file-backed splits, no decoding), else by reading."""
+    if isinstance(ds, TensorDataset):
+        return [int(y) for y in ds.tensors[1].tolist()]
+    labels = getattr(ds, "labels", None)
+    if labels is not None:
+        return [int(y) for y in labels]
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+def few_shot(task: Task, shots: int, seed: int = 0) -> Task:
+    """``task`` with at most ``shots`` training examples per class, drawn with ``seed``.
+
+    The other splits are kept whole, so the scores stay comparable with the full task;
+    the id gets a ``?shots=N`` suffix and the data hash follows the subset. A class
+    with fewer examples keeps all of them (``info["shots"]`` records the counts).
+    """
+    import dataclasses
+
+    from torch.utils.data import Subset
+
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise SwrError(f"task {task.id}: shots must be a positive integer, got {shots!r}")
+    labels = split_labels(task.train)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g).tolist()
+    taken: dict[int, int] = {}
+    keep = []
+    for i in order:
+        if taken.get(labels[i], 0) < shots:
+            taken[labels[i]] = taken.get(labels[i], 0) + 1
+            keep.append(i)
+    keep.sort()  # the split's own order: training shuffles it anyway
+    if isinstance(task.train, TensorDataset):
+        idx = torch.tensor(keep, dtype=torch.long)
+        train: Dataset = TensorDataset(*(t[idx] for t in task.train.tensors))
+    else:
+        train = Subset(task.train, keep)
+        train.labels = [labels[i] for i in keep]  # type: ignore[attr-defined]
+    info = {**task.info, "shots": {task.class_names[c]: n for c, n in sorted(taken.items())}}
+    out = dataclasses.replace(task, id=f"{task.id}?shots={shots}", train=train, info=info)
+    out.__dict__.pop("_data_hash", None)
+    return out

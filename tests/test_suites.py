@@ -342,3 +342,42 @@ def test_matfile_damaged_bytes_give_one_swr_error(tmp_path, compress):
             assert str(path) in str(e) and "\n" not in str(e)
 
     damaged()
+
+
+def test_shots_suffix_keeps_at_most_n_training_examples_per_class(tmp_path):
+    """``?shots=N``: at most N training examples per class, drawn with the seed; the
+    other splits whole; a new id and data hash; file-backed splits are never decoded."""
+    import torch
+
+    from swr.errors import SwrError
+    from swr.tasks import get_task, task_data_path
+    from swr.tasks.base import Task, few_shot, split_labels, tensor_split
+    from swr.tasks.datasets import FileDataset
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0] * 10 + [1] * 6 + [2] * 2)
+    task = Task(id="toy", modality="image", class_names=["a", "b", "c"],
+                train=tensor_split(torch.randn(18, 3, generator=g), y),
+                val=tensor_split(torch.randn(5, 3), torch.zeros(5)),
+                test=tensor_split(torch.randn(4, 3), torch.zeros(4)), input_shape=(3,))
+    few = few_shot(task, 4, seed=0)
+    counts = torch.bincount(few.train.tensors[1], minlength=3).tolist()
+    assert counts == [4, 4, 2] and few.info["shots"] == {"a": 4, "b": 4, "c": 2}
+    assert few.id == "toy?shots=4" and few.val is task.val and few.test is task.test
+    assert few.data_hash() != task.data_hash()
+    # the same seed draws the same examples, another seed others
+    assert torch.equal(few_shot(task, 4, seed=0).train.tensors[0], few.train.tensors[0])
+    assert not torch.equal(few_shot(task, 4, seed=1).train.tensors[0], few.train.tensors[0])
+    with pytest.raises(SwrError, match="shots must be a positive integer"):
+        few_shot(task, 0)
+
+    def no_decode(path):
+        raise AssertionError(f"decoded {path}")
+
+    files = FileDataset([(tmp_path / f"{i}.wav", int(c)) for i, c in enumerate(y)], no_decode)
+    few_files = few_shot(Task(id="f", modality="audio", class_names=["a", "b", "c"],
+                              train=files, val=files, test=files, input_shape=(1,)), 3)
+    assert sorted(split_labels(few_files.train)) == [0, 0, 0, 1, 1, 1, 2, 2]
+    with pytest.raises(SwrError, match=r"shots must be a positive integer, e\.g\. glyphs:x\?"):
+        get_task("glyphs:x?shots=zero")
+    assert task_data_path("imagefolder:/data/sk?shots=5") == "/data/sk"
