@@ -159,26 +159,30 @@ def run(args) -> dict:
     from swr.reparam import candidates
     from swr.selection import norm_split
     from swr.source import base_spec, load_base, load_task
-    from swr.supernet import SupernetConfig, prepare_supernet
+    from swr.supernet import SupernetConfig, build_supernet, prepare_supernet
 
     torch.set_num_threads(args.threads)
     # the regime before norms were counted (free) keeps its old run names
     norms_tag = "" if args.norms == "free" else f"-norms-{args.norms}"
-    name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}{norms_tag}"
-    folder = Path(args.out) / name
-    folder.mkdir(parents=True, exist_ok=True)
     spec = base_spec(args.checkpoint)
     base, meta = load_base(spec)
     task = load_task(args.task, meta)
     t0 = time.perf_counter()
+    probe = build_supernet(base, task.num_classes)
+    full_budget = resolve_budget(probe, args.budget)
+    # the deltas' share (swr search --norms): every selection below is within it
+    budget, norms_trained, _ = norm_split(probe, full_budget, args.norms)
+    # as swr search: with the norms untrained, stage 1 keeps the base's norms too (runs
+    # made before it did are stored under the names without "-s1base")
+    name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}{norms_tag}" + (
+        "" if norms_trained else "-s1base")
+    folder = Path(args.out) / name
+    folder.mkdir(parents=True, exist_ok=True)
     scfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
-                          progress=True)
+                          progress=True, norms=norms_trained)
     supernet, smeta, sfolder = prepare_supernet(base, task, scfg, meta["backbone"])
     cands = candidates(supernet)
     names, costs = [c.name for c in cands], [c.params for c in cands]
-    full_budget = resolve_budget(supernet, args.budget)
-    # the deltas' share (swr search --norms): every selection below is within it
-    budget, norms_trained, _ = norm_split(supernet, full_budget, args.norms)
     importance = [s["taylor"] for s in smeta["stats"]]
     sels = build_selections(names, costs, importance, budget, args.selections, args.seed)
     print(f"{name}: {len(sels)} selections, budget {budget} params, supernet "
@@ -204,7 +208,8 @@ def run(args) -> dict:
     score_all(supernet, "")
     if args.budget_supernet:
         bcfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
-                              progress=True, gates="budget", gate_budget_params=budget)
+                              progress=True, gates="budget", gate_budget_params=budget,
+                              norms=norms_trained)
         bnet, _, _ = prepare_supernet(base, task, bcfg, meta["backbone"])
         score_all(bnet, "budget-")
         del bnet

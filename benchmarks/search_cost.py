@@ -150,7 +150,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     tasks = []
     for t in args.task or ["kws-synth:de"]:
-        spec, _, ckpt = t.partition("=")
+        spec, sep, ckpt = t.rpartition("=")
+        if not sep or ckpt.isdigit():  # no checkpoint (a ?shots=N spec ends in digits)
+            spec, ckpt = t, ""
         if not (ckpt or args.checkpoint):
             ap.error(f"--task {t}: give SPEC=CKPT or --checkpoint")
         tasks.append((spec, str(Path(ckpt or args.checkpoint).resolve())))

@@ -172,6 +172,10 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
             from .sb3_log import sb3_logger
 
             model.set_logger(sb3_logger(log_dir))
+        else:  # SB3's default logger would leave an empty SB3-<date> folder in the temp dir
+            from stable_baselines3.common.logger import Logger
+
+            model.set_logger(Logger(folder=None, output_formats=[]))
         reserve = 1 if final_rollout else 0
         model.learn(total_timesteps, callback=_EpisodeCallback(
             tally, total_timesteps, progress, None if stop is None else lambda: stop(reserve)))

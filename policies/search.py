@@ -16,6 +16,7 @@ and an :class:`EvaluationLog`, lets the subclass ``propose`` selections through 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -219,6 +220,8 @@ class PoolSearcher:
 
     def __call__(self, problem: SearchProblem) -> SearchResult:
         s = self.settings
+        if problem.bn_stats is not None:  # the supernet's norms fix the statistics
+            s = dataclasses.replace(s, bn_stats=problem.bn_stats)
         names, costs = problem.names, problem.costs
         log = EvaluationLog(problem.out / "evaluations.jsonl", names, dict(zip(names, costs)),
                             s.resume)

@@ -26,12 +26,11 @@ from .errors import BudgetError, SwrError
 from .fold import fold, same_architecture
 from .io import check_output, check_run_folder, read_json, staged_folder, write_json
 from .source import BaseSpec, load_base, load_task, task_preprocess
-from .methods.base import freeze_batchnorm
 from .reparam import reparam_layers, restore_norms, set_selection, set_trainable, unwrap
 from .runlog import TRAINING_LOGS
 from .supernet import SupernetConfig, build_supernet, new_supernet
 from .tasks import task_data_path
-from .train import TrainConfig, evaluate, resolve_device, train
+from .train import TrainConfig, evaluate, freeze_batchnorm, resolve_device, train
 
 #: Every file ``finetune`` writes: the run folder it replaces may hold only these.
 OUTPUTS = {"task_delta.safetensors", "model.safetensors", "history.json", "metrics.json",

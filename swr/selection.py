@@ -48,6 +48,10 @@ class SearchProblem:
     title: str = ""
     budgets: list[int] = field(default_factory=list)
     budget_labels: list[str] = field(default_factory=list)
+    #: where scorings must take BatchNorm statistics from when the supernet decides it
+    #: (``"supernet"`` for one trained with the base's norms: the statistics the final
+    #: model keeps); None leaves it to the searcher's settings
+    bn_stats: Optional[str] = None
 
     @property
     def budget_list(self) -> list[int]:
@@ -142,6 +146,10 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     # (deltas' share, norms trained, norms counted) per budget
     splits = [norm_split(probe, b, norms) for b in budgets_params]
     delta_budgets = [d for d, _, _ in splits]
+    if not any(trained for _, trained, _ in splits):
+        # no budget trains the task norms: neither does stage 1, so the deltas learn with
+        # the base's norms and statistics, those the final model keeps
+        supernet = replace(supernet, norms=False)
     if supernet.gates == "budget" and supernet.gate_budget_params < 1:
         # stage 1 trains on the gate sets the search may propose: the deltas' largest share
         supernet = replace(supernet, gate_budget_params=max(delta_budgets))
@@ -159,7 +167,8 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
                             max(delta_budgets), meta["stats"], out,
                             title=f"{searcher.name} on {task.id}, budget {shown}",
                             budgets=delta_budgets if many else [],
-                            budget_labels=[str(b) for b in budgets] if many else [])
+                            budget_labels=[str(b) for b in budgets] if many else [],
+                            bn_stats=None if supernet.norms else "supernet")
     t1 = time.perf_counter()
     found = searcher(problem)
     t_search = time.perf_counter() - t1

@@ -37,7 +37,7 @@ from .errors import SwrError
 from .io import cache_dir, save_safetensors, write_json
 from .reparam import candidates, reparam_layers, reparametrize, set_selection, set_trainable
 from .source import state_hash
-from .train import TrainConfig, TrainResult, batches, resolve_device, train
+from .train import TrainConfig, TrainResult, batches, freeze_batchnorm, resolve_device, train
 
 
 #: How stage 1 opens gates per batch (``SupernetConfig.gates``).
@@ -65,6 +65,10 @@ class SupernetConfig:
     gates: str = "bernoulli"
     #: the budget, in delta parameters, of the gate sets ``gates="budget"`` draws
     gate_budget_params: int = 0
+    #: train the task norms beside the deltas; False keeps the base's norm affines and
+    #: BatchNorm statistics, as a final training that does not train norms does, so the
+    #: deltas learn with the norms they will be deployed with
+    norms: bool = True
 
     def validate(self) -> "SupernetConfig":
         """Raise :class:`SwrError` on settings stage 1 cannot run with."""
@@ -90,9 +94,10 @@ def build_supernet(base_model: nn.Module, num_classes: int, bias_delta: bool = F
 
 
 def train_supernet(model: nn.Module, task, cfg: SupernetConfig) -> TrainResult:
-    """Train all deltas + task norms + head with random gates per batch (in place)."""
+    """Train all deltas + task norms (unless ``cfg.norms`` is False) + head with random
+    gates per batch (in place)."""
     layers = list(reparam_layers(model).values())
-    params = set_trainable(model, deltas=True, norms=True, head=True)
+    params = set_trainable(model, deltas=True, norms=cfg.norms, head=True)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     costs = [c.params for c in candidates(model)]  # network order, as ``layers``
 
@@ -104,6 +109,8 @@ def train_supernet(model: nn.Module, task, cfg: SupernetConfig) -> TrainResult:
             opened = (torch.rand(len(layers), generator=g) < p).tolist()
         for layer, o in zip(layers, opened):
             layer.gate = 1.0 if o else 0.0
+        if not cfg.norms:
+            freeze_batchnorm(model)
 
     def all_open() -> None:  # validate the supernet as a whole
         for layer in layers:
@@ -164,6 +171,8 @@ def supernet_key(cfg: SupernetConfig, task_id: str, base: str) -> str:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "log_dir")}
     if cfg.gates == "bernoulli":  # the default keeps the keys of supernets cached before it
         settings = {k: v for k, v in settings.items() if k not in ("gates", "gate_budget_params")}
+    if cfg.norms:  # likewise
+        settings.pop("norms")
     blob = json.dumps({"task": task_id, "base": base, "supernet": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -159,6 +159,13 @@ def batchnorm_snapshot(modules) -> list[tuple]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm into eval mode: normalise with, and keep, the base statistics."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 @torch.no_grad()
 def restore_batchnorm(snapshot: list[tuple]) -> None:
     """Put back the statistics and momentum :func:`batchnorm_snapshot` took (in place)."""

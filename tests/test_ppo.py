@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import socket
 import sys
 
@@ -144,8 +146,15 @@ def test_maskable_ppo_search_respects_budget(ray_session):
     assert result.score >= env.evaluator(())  # selecting nothing
 
     # Same seed in-process: RayVecEnv is a drop-in, so training sees the very same episodes.
+    # Without a log folder nothing is written anywhere (SB3's default logger would leave
+    # an empty SB3-<date> folder in the temp dir).
+    import glob
+    import tempfile
+
+    litter = set(glob.glob(os.path.join(tempfile.gettempdir(), "SB3-*")))
     sync_records: list[dict] = []
     _, sync_best = train_ppo([env_a, env_a], 256, use_ray=False, log=sync_records.append, **kwargs)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "SB3-*"))) == litter
     assert sync_records == [r for r in records if r["source"] == "rollout"]
     assert sync_best.evaluations == len(sync_records)
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,39 @@ def test_search_counts_task_norms_in_the_budget_when_they_fit(tiny, tmp_path):
                               norms="free", resume=True))
 
 
+def test_deltas_only_search_trains_stage_one_with_the_base_norms(tiny, tmp_path, monkeypatch):
+    """When no budget trains the task norms, stage 1 does not either: the supernet keeps
+    the base's norm affines and BatchNorm statistics (what the final model keeps), and
+    the search scores with those statistics instead of the validation batch's."""
+    import torch
+    from safetensors.torch import load_file
+
+    import swr.policies.search as search_mod
+    from swr.reparam import norm_modules
+
+    _, ckpt = tiny
+    base, norms = _norm_count(ckpt)
+    used = []
+    make = search_mod.evaluator_factory
+    monkeypatch.setattr(search_mod, "evaluator_factory",
+                        lambda cfg, supernet, task: used.append(cfg.bn_stats) or make(
+                            cfg, supernet, task))
+    small = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=2))
+    assert small["norms_trained"] is False and used == ["supernet"]
+    state = load_file(str(Path(small["supernet"]) / "supernet.safetensors"))
+    for name, module in norm_modules(base).items():
+        for key, t in module.state_dict().items():
+            assert torch.equal(state[f"{name}.{key}"], t), f"{name}.{key}"
+    # with the norms trained (40%: they fit), stage 1 trains them and scoring is as set
+    big = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="big", budget="40%",
+                                evaluations=2))
+    assert big["norms_trained"] is True and used[-1] == "val"
+    state = load_file(str(Path(big["supernet"]) / "supernet.safetensors"))
+    assert any(not torch.equal(state[f"{name}.{key}"], t)
+               for name, module in norm_modules(base).items()
+               for key, t in module.state_dict().items())
+
+
 def test_search_norms_budget_that_cannot_hold_the_norms_is_one_line(tiny, tmp_path, capsys):
     from swr.cli import main
 
@@ -288,9 +322,12 @@ def test_budget_gated_supernet_is_its_own_cache_entry(tiny, tmp_path):
     from dataclasses import asdict
 
     old = {k: v for k, v in asdict(SupernetConfig()).items()
-           if k not in ("progress", "log_dir", "gates", "gate_budget_params")}
+           if k not in ("progress", "log_dir", "gates", "gate_budget_params", "norms")}
     blob = json.dumps({"task": "t", "base": "b", "supernet": old}, sort_keys=True)
     assert supernet_key(SupernetConfig(), "t", "b") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    # (and trained norms too); a stage 1 with the base's norms is another supernet
+    assert supernet_key(SupernetConfig(norms=False), "t", "b") != supernet_key(
+        SupernetConfig(), "t", "b")
     with pytest.raises(SwrError, match="--supernet-gates"):
         SupernetConfig(gates="coin").validate()
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import BudgetError, SwrError
 from ..reparam import head_parameters, head_prefix, norm_modules
-from ..train import TrainConfig, TrainResult, train
+from ..train import TrainConfig, TrainResult, freeze_batchnorm, train  # noqa: F401
 
 
 class Method(ABC):
@@ -197,11 +197,6 @@ def get_method(name: str, **knobs) -> Method:
 
 
 # -- helpers shared by the methods ----------------------------------------------------------
-def freeze_batchnorm(model: nn.Module) -> None:
-    """Put every BatchNorm into eval mode: normalise with, and keep, the base statistics."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 def train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
