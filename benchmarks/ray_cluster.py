@@ -48,6 +48,20 @@ PORT = 6397  # not Ray's default 6379: leaves any other cluster on this machine 
 OBJECT_STORE_BYTES = 200_000_000
 
 
+def cluster_processes(temp_dir: str) -> set[psutil.Process]:
+    """The processes of the Ray nodes started with ``--temp-dir temp_dir``: those with the
+    folder in their command line, and their children (the workers, the agents)."""
+    found = [p for p in psutil.process_iter(["cmdline"])
+             if temp_dir in " ".join(p.info["cmdline"] or [])]
+    procs = set(found)
+    for p in found:
+        try:
+            procs.update(p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
 class LocalCluster:
     """``ray start`` nodes on this machine in a temp folder of their own; :meth:`stop`
     ends exactly the processes they started (found by that folder in their command
@@ -85,14 +99,7 @@ class LocalCluster:
         return time.perf_counter() - t
 
     def stop(self) -> None:
-        found = [p for p in psutil.process_iter(["cmdline"])
-                 if self.temp_dir in " ".join(p.info["cmdline"] or [])]
-        procs = set(found)
-        for p in found:
-            try:
-                procs.update(p.children(recursive=True))
-            except psutil.NoSuchProcess:
-                pass
+        procs = cluster_processes(self.temp_dir)
         for p in procs:
             try:
                 p.terminate()
@@ -107,10 +114,70 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+class CpuMeter:
+    """CPU seconds used while it runs by this process and a cluster's processes (those
+    with the cluster's temp folder in their command line, and their children: the
+    Ray workers), sampled every ``every`` seconds so that workers which exit are
+    counted up to their last sample; and by every other process on the machine
+    (the whole machine's busy time less those)."""
+
+    def __init__(self, temp_dir: str | None, every: float = 0.5):
+        import threading
+
+        self.temp_dir, self.every = temp_dir, every
+        self.last: dict[tuple[int, float], float] = {}
+        self.first: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _ours(self) -> list[psutil.Process]:
+        me = psutil.Process()
+        return [me] + [p for p in cluster_processes(self.temp_dir) if p != me] \
+            if self.temp_dir else [me] + me.children(recursive=True)
+
+    def _sample(self) -> None:
+        for p in self._ours():
+            try:
+                key, t = (p.pid, p.create_time()), p.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            self.first.setdefault(key, 0.0)  # started since __enter__: all of it counts
+            self.last[key] = t.user + t.system
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def __enter__(self) -> "CpuMeter":
+        self._busy0 = self._busy()
+        # processes already running count from now; later ones (workers) from their start
+        for p in self._ours():
+            try:
+                t = p.cpu_times()
+                self.first[(p.pid, p.create_time())] = self.last[(p.pid, p.create_time())] = \
+                    t.user + t.system
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.ours = sum(self.last[k] - self.first.get(k, 0.0) for k in self.last)
+        self.others = max(0.0, self._busy() - self._busy0 - self.ours)
+
+
 def run_search(base, task, tmp: str, name: str, evaluations: int, epochs: int, seed: int,
-               workers: int, address: str | None) -> dict:
-    """One search; its result, the wall time of the whole call, and the nodes its
-    workers' CPUs were spread over."""
+               workers: int, address: str | None, temp_dir: str | None) -> dict:
+    """One search; its result, the wall time of the whole call, the cluster's nodes, and
+    the CPU seconds it used and other processes used meanwhile (:class:`CpuMeter`)."""
     import ray
 
     from swr.search import SearchConfig, search
@@ -122,13 +189,15 @@ def run_search(base, task, tmp: str, name: str, evaluations: int, epochs: int, s
                        supernet=SupernetConfig(epochs=epochs, progress=False))
     t0 = time.perf_counter()
     try:
-        result, _ = search(copy.deepcopy(base), task, cfg, backbone=BACKBONE)
+        with CpuMeter(temp_dir) as cpu:
+            result, _ = search(copy.deepcopy(base), task, cfg, backbone=BACKBONE)
         wall = time.perf_counter() - t0
         nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else 0
     finally:
         if ray.is_initialized():
             ray.shutdown()  # leave the cluster, which is stopped next
-    return {"result": result, "wall": wall, "nodes": nodes}
+    return {"result": result, "wall": wall, "nodes": nodes, "cpu": cpu.ours,
+            "others": cpu.others}
 
 
 def main(argv=None) -> None:
@@ -158,7 +227,8 @@ def main(argv=None) -> None:
             ("1 node x 2 CPUs, 2 workers", [2], 2),
             ("2 nodes x 1 CPU, 2 workers (one per node)", [1, 1], 2)]
     headers = ["run", "nodes", "workers", "cluster start s (not timed)", "search stage s",
-               "search() call s", "evaluations", "best score", "layers"]
+               "search() call s", "CPU s (this run)", "cores busy (this run)",
+               "cores busy (other processes)", "evaluations", "best score", "layers"]
     rows, out = [], {}
     with tempfile.TemporaryDirectory(prefix="swr-bench-") as tmp:
         os.environ["SWR_CACHE"] = tmp  # a fresh supernet cache, filled by the first run
@@ -167,7 +237,8 @@ def main(argv=None) -> None:
             try:
                 started = cluster.start() if cluster else 0.0
                 r = run_search(base, task, tmp, f"run{len(rows)}", evaluations, epochs, args.seed,
-                               workers, cluster.address if cluster else None)
+                               workers, cluster.address if cluster else None,
+                               cluster.temp_dir if cluster else None)
             finally:
                 if cluster:
                     cluster.stop()
@@ -176,7 +247,8 @@ def main(argv=None) -> None:
             rows.append([label, r["nodes"] or "-", workers,
                          round(started, 1) if cluster else "-",
                          round(res["seconds"]["search"], 1), round(r["wall"], 1),
-                         res["evaluations"], round(res["val_score"], 4), len(res["layers"])])
+                         round(r["cpu"], 1), round(r["cpu"] / r["wall"], 2),
+                         round(r["others"] / r["wall"], 2), res["evaluations"], round(res["val_score"], 4), len(res["layers"])])
             print_table(headers, rows[-1:])
     labels = [r[0] for r in runs]
     t = {k: out[k]["result"]["seconds"]["search"] for k in labels}
@@ -202,7 +274,10 @@ thread, each worker the threads `make_pool` gives it. Every cluster was started 
 store per node, token authentication) before its run and stopped after it; the search
 joined it with `ray_address` (`swr search --ray-address`). `search stage s` is
 `seconds.search` of the result: the pool's start-up (actors placed, evaluator fetched
-and built) and every scoring. Both nodes of the 2-node cluster share this machine's 2
+and built) and every scoring. `CPU s (this run)`: what the driver and the cluster's processes (its
+Ray services and workers) used during the `search()` call, sampled every 0.5 s; `cores
+busy`: CPU seconds / the call's wall seconds, for this run and for every other process
+on the machine meanwhile (a shared machine: what was left to the run). Both nodes of the 2-node cluster share this machine's 2
 cores, so it shows what spreading the workers over two nodes costs, not more hardware.
 One run each.
 
