@@ -51,8 +51,10 @@ OBJECT_STORE_BYTES = 200_000_000
 def cluster_processes(temp_dir: str) -> set[psutil.Process]:
     """The processes of the Ray nodes started with ``--temp-dir temp_dir``: those with the
     folder in their command line, and their children (the workers, the agents)."""
+    me = psutil.Process()
+    spare = {me.pid} | {p.pid for p in me.parents()}  # never this process or its callers
     found = [p for p in psutil.process_iter(["cmdline"])
-             if temp_dir in " ".join(p.info["cmdline"] or [])]
+             if p.pid not in spare and temp_dir in " ".join(p.info["cmdline"] or [])]
     procs = set(found)
     for p in found:
         try:

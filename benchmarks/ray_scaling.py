@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import pickle
 import time
 
@@ -85,8 +86,9 @@ class TimedEvaluator:
     inside the process that scored it (``compute_s``): a pool's :func:`score_with_details`
     carries them back to the driver."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, build_s: float):
         self.inner, self.names, self.metric = inner, inner.names, inner.metric
+        self.build_s = build_s
 
     def __call__(self, selection) -> float:
         return self.scores(selection)[self.metric]
@@ -95,6 +97,7 @@ class TimedEvaluator:
         t = time.perf_counter()
         out = dict(self.inner.scores(selection))
         out["compute_s"] = time.perf_counter() - t
+        out["build_s"] = self.build_s  # building this evaluator, in its worker
         return out
 
 
@@ -106,7 +109,9 @@ class TimedFactory:
         self.device = inner.device
 
     def __call__(self) -> TimedEvaluator:
-        return TimedEvaluator(self.inner())
+        t = time.perf_counter()
+        inner = self.inner()
+        return TimedEvaluator(inner, time.perf_counter() - t)
 
 
 class SyntheticFactory:
@@ -138,25 +143,18 @@ def chunk_worker_class():
     return ChunkWorker
 
 
-def bare_worker_class():
-    """A Ray actor that only imports what an evaluator worker imports (torch, swr): the
-    part of a pool's start-up that is not the evaluator's."""
-    import ray
-
-    @ray.remote
-    class BareWorker:
-        def __init__(self):
-            import swr.policies.pool  # noqa: F401  (what unpickling EvaluatorWorker imports)
-
-        def ready(self):
-            return True
-
-    return BareWorker
-
-
 def compute_seconds(pool, sels) -> float:
     """Seconds the workers spent scoring ``sels`` (timed inside them)."""
     return sum(pool.details[tuple(s)]["compute_s"] for s in sels)
+
+
+def build_seconds(pool, sels) -> float:
+    """The longest time a worker took to build its evaluator (part of the pool's start-up)."""
+    return max(pool.details[tuple(s)]["build_s"] for s in sels)
+
+
+def logliks(pool, sels) -> list[float]:
+    return [pool.details[tuple(s)]["loglik"] for s in sels]
 
 
 def _plain_process(factory, indexed, barrier, queue) -> None:
@@ -169,16 +167,26 @@ def _plain_process(factory, indexed, barrier, queue) -> None:
     queue.put((t0, time.time(), time.process_time() - c0, scored))
 
 
-def plain_processes(factory, sels, n: int) -> tuple[float, list[float], float, float]:
+def plain_processes(factory, sels, n: int) -> tuple:
     """Score ``sels`` split over ``n`` spawned processes, each from the start of a common
-    barrier to its last selection: (wall s, scores, CPU s, seconds inside scorings)."""
+    barrier to its last selection: (wall s, scores, CPU s, seconds inside scorings,
+    log-likelihoods)."""
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(n), ctx.Queue()
     shares = [list(enumerate(sels))[i::n] for i in range(n)]
     procs = [ctx.Process(target=_plain_process, args=(factory, share, barrier, queue))
              for share in shares]
-    for p in procs:
-        p.start()
+    # as Ray starts a worker of 1 CPU: OpenMP told of its one thread before it loads
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     try:
         got = [queue.get(timeout=1800) for _ in procs]
     finally:
@@ -187,13 +195,15 @@ def plain_processes(factory, sels, n: int) -> tuple[float, list[float], float, f
             if p.is_alive():
                 p.kill()
     scores: list[float] = [0.0] * len(sels)
+    loglik: list[float] = [0.0] * len(sels)
     compute = 0.0
     for _, _, _, scored in got:
         for i, details in scored:
             scores[i] = float(details[factory.inner.metric])
+            loglik[i] = float(details["loglik"])
             compute += details["compute_s"]
     wall = max(g[1] for g in got) - min(g[0] for g in got)
-    return wall, scores, sum(g[2] for g in got), compute
+    return wall, scores, sum(g[2] for g in got), compute, loglik
 
 
 def score_all(pool, sels) -> tuple[float, list[float], float]:
@@ -252,10 +262,11 @@ def main(argv=None) -> None:
                 f"{100 * compute / (workers * wall):.0f}%"]
 
     # -- the machine's ceiling: plain processes, no Ray ----------------------------------
-    rows, scores_by, times, computes = [], {}, {}, {}
+    rows, scores_by, times, computes, loglik_by, builds = [], {}, {}, {}, {}, {}
     for n in (1, 2):
         label = f"{n} plain process{'es' if n > 1 else ''}, no Ray"
-        wall, scores_by[label], cpu, computes[label] = plain_processes(factory, sels, n)
+        wall, scores_by[label], cpu, computes[label], loglik_by[label] = \
+            plain_processes(factory, sels, n)
         times[label] = wall
         rows.append(row(label, n, 1, "-", "-", wall, cpu, computes[label]))
         print_table(headers, rows[-1:])
@@ -273,6 +284,7 @@ def main(argv=None) -> None:
     startup["LocalPool"] = time.perf_counter() - t0
     t_local, scores_by["LocalPool"], cpu_local = score_all(local, sels)
     computes["LocalPool"] = compute_seconds(local, sels)
+    loglik_by["LocalPool"] = logliks(local, sels)
     rows.append(row("LocalPool (this process)", 1, 1, "-", round(startup["LocalPool"], 2),
                     t_local, cpu_local, computes["LocalPool"]))
     print_table(headers, rows[-1:])
@@ -294,6 +306,7 @@ def main(argv=None) -> None:
             rtt[label] = median([timed(lambda: ray.get(a.ready.remote())) for _ in range(20)])
             times[label], scores_by[label], cpu = score_all(pool, sels)
             computes[label] = compute_seconds(pool, sels)
+            loglik_by[label], builds[label] = logliks(pool, sels), build_seconds(pool, sels)
         finally:
             pool.close()
         shown = "-" if threads == 1 else (policy or "unset (OpenMP: active)")
@@ -326,19 +339,6 @@ def main(argv=None) -> None:
                 chunk = cheap_sels[i:i + CHUNK]
                 ray.get([a.score_many.remote(chunk[j::workers]) for j, a in enumerate(actors)])
             per_sel_batched[workers] = (time.perf_counter() - t0) / n_cheap
-        finally:
-            for a in actors:
-                ray.kill(a)
-    # -- start-up: the actor processes alone (the rest is fetching and building evaluators)
-    BareWorker = bare_worker_class()
-    bare = {}
-    for workers in (1, 2):
-        t0 = time.perf_counter()
-        actors = [BareWorker.options(num_cpus=min(1.0, cpus / workers)).remote()
-                  for _ in range(workers)]
-        try:
-            ray.get([a.ready.remote() for a in actors])
-            bare[workers] = time.perf_counter() - t0
         finally:
             for a in actors:
                 ray.kill(a)
@@ -386,8 +386,8 @@ def main(argv=None) -> None:
          f"({per_sel[2] / per_sel_batched[2]:.1f}x less with 2 workers)"],
         ["pool start-up, 1 worker x 1 thread / 2 workers (s)",
          f"{startup[one_t1]:.2f} / {startup[two]:.2f}"],
-        ["  of which starting actor processes that import torch and swr, 1 / 2 workers (s)",
-         f"{bare[1]:.2f} / {bare[2]:.2f}"],
+        ["  of which building the evaluator inside a worker (the rest: the actor's process, "
+         "its imports, fetching the factory)", f"{builds[one_t1]:.2f} / {builds[two]:.2f}"],
         ["  start-up as a share of the scoring phase here, 2 workers",
          f"{100 * startup[two] / times[two]:.0f}%"],
         ["  RayPool's cost as a share of one scoring here (the most that several selections "
@@ -395,6 +395,9 @@ def main(argv=None) -> None:
     ]
     print_table(why_headers, why)
     same = {label: scores_by[label] == scores_by["LocalPool"] for label in scores_by}
+    # the continuous metric: how far apart two processes' scorings of one selection are
+    drift = {label: max(abs(a - b) for a, b in zip(loglik_by[label], loglik_by["LocalPool"]))
+             for label in loglik_by}
     payload = [
         ["evaluator factory, pickled (object store, once)", f"{factory_bytes:,}"],
         ["  the same supernet + the whole task, pickled", f"{full_bytes:,}"],
@@ -404,9 +407,8 @@ def main(argv=None) -> None:
     print_table(["payload", "bytes"], payload)
     print("round trip of an empty actor call (ms):", {k_: round(v * 1e3, 2) for k_, v in rtt.items()})
     print("scores identical to LocalPool:", same)
-    for label, ok in same.items():
-        if not ok:
-            print(f"  {label}: {scores_by[label]} against {scores_by['LocalPool']}")
+    print("largest |log-likelihood difference| from LocalPool's:",
+          {k_: f"{v:.2g}" for k_, v in drift.items()})
     if args.no_doc:
         return
     body = f"""{task_line(task)}; `{BACKBONE}` supernet with random nonzero deltas; K = {k}
@@ -434,7 +436,8 @@ Bytes shipped:
 {md_table(["payload", "bytes"], payload)}
 
 Round trip of an empty actor call: {", ".join(f"{k_}: {v * 1e3:.2f} ms" for k_, v in rtt.items())}.
-Scores identical to LocalPool's: {", ".join(f"{k_}: {'yes' if v else 'no'}" for k_, v in same.items())}.
+Scores (accuracy) identical to LocalPool's: {", ".join(f"{k_}: {'yes' if v else 'no'}" for k_, v in same.items())}.
+Largest difference of a selection's mean log-likelihood from LocalPool's: {", ".join(f"{k_}: {v:.2g}" for k_, v in drift.items())}.
 """
     write_section("ray_scaling", "Ray scaling (`benchmarks/ray_scaling.py`)", body, info)
 
