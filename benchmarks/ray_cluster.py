@@ -250,13 +250,15 @@ def main(argv=None) -> None:
                          round(started, 1) if cluster else "-",
                          round(res["seconds"]["search"], 1), round(r["wall"], 1),
                          round(r["cpu"], 1), round(r["cpu"] / r["wall"], 2),
-                         round(r["others"] / r["wall"], 2), res["evaluations"], round(res["val_score"], 4), len(res["layers"])])
+                         round(r["others"] / r["wall"], 2), res["evaluations"],
+                         round(res["val_score"], 4), len(res["layers"])])
             print_table(headers, rows[-1:])
     labels = [r[0] for r in runs]
     t = {k: out[k]["result"]["seconds"]["search"] for k in labels}
     inproc, one1, one2, two = labels
     speed_headers = ["comparison", "search stage speed-up"]
-    speed = [["2 nodes x 1 CPU vs 1 node x 1 CPU (a second node added)", round(t[one1] / t[two], 2)],
+    speed = [["2 nodes x 1 CPU vs 1 node x 1 CPU (a second node added)",
+              round(t[one1] / t[two], 2)],
              ["2 nodes x 1 CPU vs 1 node x 2 CPUs (the same 2 workers, across nodes)",
               round(t[one2] / t[two], 2)],
              ["1 node x 2 CPUs vs 1 node x 1 CPU", round(t[one1] / t[one2], 2)],
@@ -276,12 +278,12 @@ thread, each worker the threads `make_pool` gives it. Every cluster was started 
 store per node, token authentication) before its run and stopped after it; the search
 joined it with `ray_address` (`swr search --ray-address`). `search stage s` is
 `seconds.search` of the result: the pool's start-up (actors placed, evaluator fetched
-and built) and every scoring. `CPU s (this run)`: what the driver and the cluster's processes (its
-Ray services and workers) used during the `search()` call, sampled every 0.5 s; `cores
-busy`: CPU seconds / the call's wall seconds, for this run and for every other process
-on the machine meanwhile (a shared machine: what was left to the run). Both nodes of the 2-node cluster share this machine's 2
-cores, so it shows what spreading the workers over two nodes costs, not more hardware.
-One run each.
+and built) and every scoring. `CPU s (this run)`: what the driver and the cluster's
+processes (its Ray services and workers) used during the `search()` call, sampled every
+0.5 s; `cores busy`: CPU seconds / the call's wall seconds, for this run and for every
+other process on the machine meanwhile (a shared machine: what was left to the run).
+Both nodes of the 2-node cluster share this machine's 2 cores, so it shows what
+spreading the workers over two nodes costs, not more hardware. One run each.
 
 {md_table(headers, rows)}
 
@@ -289,8 +291,8 @@ One run each.
 
 Same selection and best score as the in-process search: {", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in same.items())}.
 """
-    write_section("ray_cluster", "The search on a 2-node local Ray cluster (`benchmarks/ray_cluster.py`)",
-                  body, info)
+    write_section("ray_cluster",
+                  "The search on a 2-node local Ray cluster (`benchmarks/ray_cluster.py`)", body, info)
 
 
 if __name__ == "__main__":
