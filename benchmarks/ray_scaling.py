@@ -157,10 +157,10 @@ def logliks(pool, sels) -> list[float]:
     return [pool.details[tuple(s)]["loglik"] for s in sels]
 
 
-def _plain_process(factory, indexed, barrier, queue) -> None:
+def _plain_process(factory_bytes, indexed, barrier, queue) -> None:
     """One plain process (no Ray): build the evaluator, wait for the others, score."""
     torch.set_num_threads(1)
-    evaluator = factory()
+    evaluator = pickle.loads(factory_bytes)()
     barrier.wait()
     t0, c0 = time.time(), time.process_time()
     scored = [(i, evaluator.scores(s)) for i, s in indexed]
@@ -174,7 +174,10 @@ def plain_processes(factory, sels, n: int) -> tuple:
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(n), ctx.Queue()
     shares = [list(enumerate(sels))[i::n] for i in range(n)]
-    procs = [ctx.Process(target=_plain_process, args=(factory, share, barrier, queue))
+    # pickled here, not by multiprocessing: its pickler moves tensors into shared memory,
+    # and the processes would then merge deltas into one another's weights
+    blob = pickle.dumps(factory)
+    procs = [ctx.Process(target=_plain_process, args=(blob, share, barrier, queue))
              for share in shares]
     # as Ray starts a worker of 1 CPU: OpenMP told of its one thread before it loads
     saved = os.environ.get("OMP_NUM_THREADS")
