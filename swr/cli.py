@@ -204,7 +204,8 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        samples_per_iteration=args.samples_per_iteration,
                        supernet=SupernetConfig(epochs=args.supernet_epochs,
                                                gates=args.supernet_gates),
-                       reward=args.reward, bn_stats=args.bn_stats, on_bad_file=args.on_bad_file, norms=args.norms)
+                       reward=args.reward, bn_stats=args.bn_stats, on_bad_file=args.on_bad_file,
+                       norms=args.norms)
     r = run_search(cfg)
     if "budgets" in r:
         for e in r["budgets"]:

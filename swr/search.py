@@ -129,7 +129,10 @@ def run_search(cfg: SearchConfig) -> dict:
         result["base"] = spec.to_dict()
         result["task"] = cfg.task  # the spec, so swr finetune can load the same task
         result["reward"] = cfg.reward  # what val_score is
-        result["bn_stats"] = cfg.bn_stats  # and where its BatchNorm statistics came from
+        # and where its BatchNorm statistics came from: a supernet that kept the base's
+        # norms (no budget trains them) fixes them to its own
+        trained = [e["norms_trained"] for e in result.get("budgets", [result])]
+        result["bn_stats"] = cfg.bn_stats if any(trained) else "supernet"
         result["on_bad_file"] = cfg.on_bad_file
         result["skipped_files"] = list(task.info.get("skipped", []))
         if "budgets" not in result:

@@ -225,6 +225,7 @@ def test_deltas_only_search_trains_stage_one_with_the_base_norms(tiny, tmp_path,
                             cfg, supernet, task))
     small = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=2))
     assert small["norms_trained"] is False and used == ["supernet"]
+    assert small["bn_stats"] == "supernet"  # selection.json says what scored it
     state = load_file(str(Path(small["supernet"]) / "supernet.safetensors"))
     for name, module in norm_modules(base).items():
         for key, t in module.state_dict().items():
@@ -232,7 +233,7 @@ def test_deltas_only_search_trains_stage_one_with_the_base_norms(tiny, tmp_path,
     # with the norms trained (40%: they fit), stage 1 trains them and scoring is as set
     big = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="big", budget="40%",
                                 evaluations=2))
-    assert big["norms_trained"] is True and used[-1] == "val"
+    assert big["norms_trained"] is True and used[-1] == "val" == big["bn_stats"]
     state = load_file(str(Path(big["supernet"]) / "supernet.safetensors"))
     assert any(not torch.equal(state[f"{name}.{key}"], t)
                for name, module in norm_modules(base).items()
