@@ -10,8 +10,10 @@ own (the task data is shared), so stage 1 really runs in every arm. The referenc
 
 Arms (E from ``--epochs``):
 
-* ``old``: S = E, F = E, BatchNorm recalibrated on 4 x 128 training clips per scoring
-  (the pipeline before this script's last rewrite),
+* ``old``: S = E, F = E, ``--bn-stats train`` (BatchNorm recalibrated on 4 x 128
+  training clips per scoring: the evaluator's default before validation-batch
+  statistics; a deltas-only search scores with the supernet's statistics whatever
+  it asks, and the table's BN column says what scored),
 * ``default``: the pipeline with swr's defaults scaled to E (``swr.search`` and
   ``swr.finetune``'s defaults are S = 10, F = 20 for E = 20),
 * ``E total``: S + F = E (the supernet's epochs count towards the final training,
@@ -84,7 +86,8 @@ def run_arm(spec: str, checkpoint: str, name: str, s_epochs: int, f_epochs: int,
                  seed=seed, device="cpu", progress=False)
     t_final = time.perf_counter() - t0
     sec = result["seconds"]
-    return {"arm": name, "S": s_epochs, "F": f_epochs, "bn": bn,
+    # what scored: a deltas-only search scores with its supernet's (= the base's) statistics
+    return {"arm": name, "S": s_epochs, "F": f_epochs, "bn": result["bn_stats"],
             "supernet_s": sec["supernet"], "search_s": sec["search"],
             "other_s": t_search - sec["supernet"] - sec["search"], "final_s": t_final,
             "total_s": t_search + t_final, "evaluations": result["evaluations"],
@@ -179,7 +182,10 @@ def main(argv=None) -> None:
     body = f"""E = {args.epochs} epochs for the full fine-tune; N = {args.evaluations} evaluations ({args.policy});
 budget {args.budget}; batch size 64; seed {args.seed}; {args.threads} torch thread(s); one run per
 arm. Arms: `old` is the pipeline before the scoring rewrite (S = F = E, BatchNorm
-recalibrated on training clips per scoring); `default` scales swr's defaults to E
+recalibrated on training clips per scoring, as asked with `--bn-stats train`; the
+`BN statistics` column says what scored: where no budget trains the task norms, stage 1
+keeps the base's norms and every arm scores with those statistics); `default` scales
+swr's defaults to E
 (S = {default[1]}, F = {default[2]}); `E total` counts the supernet's epochs towards the
 final training (S = {total[1]}, F = {total[2]}; stage 3 starts from the supernet's deltas).
 Each SWR time is `swr search` + `swr finetune` as library calls, loading and writing

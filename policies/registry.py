@@ -27,7 +27,7 @@ class SearchSettings:
     by default, the proxy that ranked final accuracy better in docs/SEARCH.md.
     """
 
-    evaluations: int = 200
+    evaluations: int = 40
     workers: int = 0
     seed: int = 0
     device: str = "auto"

@@ -22,7 +22,7 @@ from .supernet import SupernetConfig
 
 
 def select(model: nn.Module, task, budget: Union[str, float, int], policy: str = "knapsack",
-           evaluations: int = 50, seed: int = 0, supernet_epochs: int = 10,
+           evaluations: int = 40, seed: int = 0, supernet_epochs: int = 10,
            device: str = "auto", workers: int = 0, out: Optional[Union[str, Path]] = None,
            progress: bool = False) -> dict:
     """Choose the layers to reparametrize in ``model`` for ``task`` under ``budget``.

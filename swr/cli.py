@@ -152,7 +152,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    metavar=_registered(lambda: "{" + ",".join(_searchers()) + "}", "POLICY"),
                    help=_registered(lambda: "; ".join(
                        f"{name}: {summary}" for name, (_, summary) in _searchers().items())))
-    p.add_argument("--evaluations", type=int, default=200,
+    p.add_argument("--evaluations", type=int, default=40,
                    help="distinct selections to score, in total over a list of budgets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
@@ -370,7 +370,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="first tune each method's lr and own knob on validation with Ray Tune")
     p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: one per CPU "
                    "this process may use; more are reduced to that with a notice)")
-    p.add_argument("--swr-evaluations", type=int, default=100, help="search evaluations for swr*")
+    p.add_argument("--swr-evaluations", type=int, default=40, help="search evaluations for swr*")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
     _on_bad_file_arg(p)
     _device_arg(p)

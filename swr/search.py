@@ -43,7 +43,7 @@ class SearchConfig:
     out: str
     policy: str = "pg"
     seed: int = 0
-    evaluations: int = 200
+    evaluations: int = 40
     # 0: score in this process; N: N Ray workers (at most the CPUs available, see
     # swr.parallel.resolve_workers); None: one per available CPU
     workers: Optional[int] = 0

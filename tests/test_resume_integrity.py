@@ -277,7 +277,7 @@ BENCH_MISMATCHES = [
     ("lr", lambda w, o: [*bench_args(w, o), "--lr", "0.1"], "--lr: null there, 0.1 now"),
     ("seeds", lambda w, o: [*bench_args(w, o), "--seeds", "2"], "--seeds: 1 there, 2 now"),
     ("swr-evaluations", lambda w, o: [*bench_args(w, o), "--swr-evaluations", "7"],
-     "--swr-evaluations: 100 there, 7 now"),
+     "--swr-evaluations: 40 there, 7 now"),
     ("checkpoint", lambda w, o: bench_args(w, o, checkpoint=w.ckpt_b),
      "base weights (--checkpoint / --weights, by content hash)"),
 ]

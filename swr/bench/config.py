@@ -49,7 +49,7 @@ class BenchConfig:
     resume: bool = False
     tune: bool = False
     tune_trials: int = 6
-    swr_evaluations: int = 100
+    swr_evaluations: int = 40
     supernet_epochs: int = 8
     progress: bool = True
     method_lr: dict = field(default_factory=dict)

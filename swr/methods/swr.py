@@ -50,7 +50,7 @@ class SWR(Method):
 
     selector: str = "pg"  # the searcher's name, as the application resolves it
     norms: str = "auto"  # how task norms count against the budget (swr.budget.NORM_MODES)
-    evaluations: int = 100
+    evaluations: int = 40
     supernet_epochs: int = 8
     workers: int = 0
     seed: int = 0
