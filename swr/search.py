@@ -129,17 +129,15 @@ def run_search(cfg: SearchConfig) -> dict:
         result["base"] = spec.to_dict()
         result["task"] = cfg.task  # the spec, so swr finetune can load the same task
         result["reward"] = cfg.reward  # what val_score is
-        # and where its BatchNorm statistics came from: a supernet that kept the base's
-        # norms (no budget trains them) fixes them to its own
-        trained = [e["norms_trained"] for e in result.get("budgets", [result])]
-        result["bn_stats"] = cfg.bn_stats if any(trained) else "supernet"
+        # and where its BatchNorm statistics came from (those the supernet fixed, if any)
+        result["bn_stats"] = result["bn_stats"] or cfg.bn_stats
         result["on_bad_file"] = cfg.on_bad_file
         result["skipped_files"] = list(task.info.get("skipped", []))
         if "budgets" not in result:
             write_json(Path(cfg.out) / "selection.json", result)
             return result
-        shared = {k: result[k] for k in ("checkpoint", "base", "task", "reward", "on_bad_file",
-                                         "skipped_files")}
+        shared = {k: result[k] for k in ("checkpoint", "base", "task", "reward", "bn_stats",
+                                         "on_bad_file", "skipped_files")}
         for entry in result["budgets"]:
             entry.update(shared)
             folder = Path(cfg.out) / budget_folder(entry["budget"])

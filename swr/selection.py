@@ -189,6 +189,8 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
             "replayed_evaluations": found.replayed, "worker_retries": found.retries,
             "task": task.id, "backbone": backbone,
             "supernet": str(folder), "supernet_val_acc_all_open": meta["val_acc_all_open"],
+            # what scored: the statistics the supernet fixed; None: the searcher's setting
+            "bn_stats": problem.bn_stats,
             "seconds": {"supernet": t_supernet, "search": t_search},
             "policy_weights": res.policy_weights,
             "workers": info.get("workers", 0),

@@ -165,6 +165,8 @@ def test_budget_list_search_writes_a_selection_per_budget(tiny, tmp_path, policy
         assert sel["cost"] <= sel["budget_params"] == e["budget_params"]
         assert sel["val_score"] == e["val_score"]
         assert {"checkpoint", "base", "task", "supernet", "evaluations"} <= sel.keys()
+        # each budget's file says what scored it, as the summary does
+        assert sel["bn_stats"] == summary["bn_stats"] in ("val", "supernet")
     # each budget's best: the best-scoring logged selection that fits it
     from swr.pretrain import load_pretrained
     from swr.reparam import candidates
