@@ -26,9 +26,9 @@ Arms (E from ``--epochs``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +50,10 @@ def arms(epochs: int) -> list[tuple[str, int, int, str]]:
             ("E total", s_total, epochs - s_total, bn)]
 
 
-def shared_data_cache(tmp: Path) -> Path:
-    """A fresh ``SWR_CACHE`` whose task data links to the current one (no supernets)."""
+@contextlib.contextmanager
+def fresh_supernet_cache(tmp: Path):
+    """For the duration, ``SWR_CACHE`` is ``tmp``: no supernets, the task data linked to
+    the current cache's. The previous ``SWR_CACHE`` (or its absence) comes back after."""
     from swr.io import cache_dir
 
     real = cache_dir()
@@ -60,7 +62,15 @@ def shared_data_cache(tmp: Path) -> Path:
         for entry in real.iterdir():
             if entry.name != "supernets":
                 (tmp / entry.name).symlink_to(entry.resolve())
-    return tmp
+    before = os.environ.get("SWR_CACHE")
+    os.environ["SWR_CACHE"] = str(tmp)
+    try:
+        yield tmp
+    finally:
+        if before is None:
+            os.environ.pop("SWR_CACHE", None)
+        else:
+            os.environ["SWR_CACHE"] = before
 
 
 def run_arm(spec: str, checkpoint: str, name: str, s_epochs: int, f_epochs: int, bn: str,
@@ -72,19 +82,19 @@ def run_arm(spec: str, checkpoint: str, name: str, s_epochs: int, f_epochs: int,
     from swr.supernet import SupernetConfig
 
     slug = name.replace(" ", "-")
-    os.environ["SWR_CACHE"] = str(shared_data_cache(tmp / f"cache-{slug}"))
     cfg = SearchConfig(task=spec, checkpoint=checkpoint, budget=budget, out=str(tmp / slug),
                        policy=policy, evaluations=evaluations, workers=0, seed=seed,
                        device="cpu", progress=False, bn_stats=bn,
                        supernet=SupernetConfig(epochs=s_epochs, progress=False))
-    t0 = time.perf_counter()
-    result = run_search(cfg)
-    t_search = time.perf_counter() - t0
-    shutdown_ray()
-    t0 = time.perf_counter()
-    m = finetune(Path(cfg.out) / "selection.json", tmp / f"{slug}-final", epochs=f_epochs,
-                 seed=seed, device="cpu", progress=False)
-    t_final = time.perf_counter() - t0
+    with fresh_supernet_cache(tmp / f"cache-{slug}"):
+        t0 = time.perf_counter()
+        result = run_search(cfg)
+        t_search = time.perf_counter() - t0
+        shutdown_ray()
+        t0 = time.perf_counter()
+        m = finetune(Path(cfg.out) / "selection.json", tmp / f"{slug}-final", epochs=f_epochs,
+                     seed=seed, device="cpu", progress=False)
+        t_final = time.perf_counter() - t0
     sec = result["seconds"]
     # what scored: a deltas-only search scores with its supernet's (= the base's) statistics
     return {"arm": name, "S": s_epochs, "F": f_epochs, "bn": result["bn_stats"],
@@ -160,22 +170,11 @@ def main(argv=None) -> None:
             ap.error(f"--task {t}: give SPEC=CKPT or --checkpoint")
         tasks.append((spec, str(Path(ckpt or args.checkpoint).resolve())))
     info = machine()
-    real_cache = os.environ.get("SWR_CACHE")
     sections = []
     with tempfile.TemporaryDirectory(prefix="swr-cost-") as tmp:
-        try:
-            for spec, ckpt in tasks:
-                line, rows = run_task(spec, ckpt, args, Path(tmp))
-                sections.append(f"{line}:\n\n{md_table(HEADERS, rows)}\n")
-                if real_cache is None:
-                    os.environ.pop("SWR_CACHE", None)
-                else:
-                    os.environ["SWR_CACHE"] = real_cache
-        finally:
-            if real_cache is None:
-                os.environ.pop("SWR_CACHE", None)
-            else:
-                os.environ["SWR_CACHE"] = real_cache
+        for spec, ckpt in tasks:
+            line, rows = run_task(spec, ckpt, args, Path(tmp))
+            sections.append(f"{line}:\n\n{md_table(HEADERS, rows)}\n")
     if args.no_doc:
         return
     old, default, total = arms(args.epochs)

@@ -112,7 +112,9 @@ class SupernetEvaluator:
         self.bn_batch_size = bn_batch_size
         self.batch_size = batch_size
         self.seed = seed
-        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in supernet.modules())
+        self._bns = [m for m in supernet.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.has_bn = bool(self._bns)
         self.model.to(self.device).eval()
         # BN recalibration starts from the supernet's statistics each time.
         self._bn_state = batchnorm_snapshot(supernet.modules())
@@ -120,8 +122,6 @@ class SupernetEvaluator:
         val_bs = even_batch_size(len(task.val), batch_size) if bn_stats == "val" else batch_size
         self._val = [(x.to(self.device), y.to(self.device))
                      for x, y in batches(task.val, val_bs)]
-        self._bns = [m for m in supernet.modules()
-                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._prefix = None
         if prefix_cache_mb > 0:
             self._prefix = PrefixCache.build(self, int(prefix_cache_mb * 2**20),

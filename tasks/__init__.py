@@ -33,6 +33,15 @@ TASK_FORMS = ["kws-synth:<lang>", "glyphs:<target>", "imagefolder:<path>",
               "stanford-cars:<path>", "flowers102:<path>", "wikiart:<path>", "sketch:<path>"]
 
 
+def split_shots(spec: str) -> tuple[str, Optional[str]]:
+    """``(task spec, N)`` of a ``SPEC?shots=N`` spec (N as written, unchecked), else
+    ``(spec, None)``."""
+    base_spec, sep, modifier = spec.rpartition("?")
+    if sep and modifier.startswith("shots="):
+        return base_spec, modifier[len("shots="):]
+    return spec, None
+
+
 def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
              data_config: dict | None = None, **kwargs: Any) -> Task:
     """Load the task named by ``spec`` (see the module docstring for the forms).
@@ -49,9 +58,8 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
     from .suites import check_single_task
 
     check_single_task(spec)
-    base_spec, sep, modifier = spec.rpartition("?")
-    if sep and modifier.startswith("shots="):
-        value = modifier[len("shots="):]
+    base_spec, value = split_shots(spec)
+    if value is not None:
         if not value.isdigit() or int(value) < 1:
             raise SwrError(f"task {spec!r}: shots must be a positive integer, e.g. "
                            f"{base_spec}?shots=8")
@@ -99,7 +107,7 @@ def task_data_path(spec: str) -> Optional[str]:
     Used to keep outputs out of the data a run reads; the embedded suites live in the
     cache and have none.
     """
-    spec = spec.rpartition("?shots=")[0] or spec  # a few-shot task reads its task's data
+    spec = split_shots(spec)[0]  # a few-shot task reads its task's data
     kind, _, rest = spec.partition(":")
     if kind in ("kws-synth", "glyphs"):
         return None
