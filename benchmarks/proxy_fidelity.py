@@ -44,10 +44,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: where each scoring takes BatchNorm statistics from (SupernetEvaluator's bn_stats), and
-#: the prefix of its proxy names ("" for the default, recalibration on training clips)
-BN_VARIANTS = {"train": "", "val": "valbn-", "supernet": "snbn-"}
-PROXIES = tuple(f"{sn}{bn}{m}" for sn in ("", "budget-") for bn in BN_VARIANTS.values()
+#: where each scoring takes BatchNorm statistics from (SupernetEvaluator's bn_stats and
+#: bn_clips), by label, and the prefix of its proxy names ("" for recalibration on
+#: training clips, the first runs' default)
+BN_VARIANTS = {"train": ("train", None, ""), "val": ("val", None, "valbn-"),
+               "val, 32 clips": ("val", 32, "valbn32-"), "val, 16 clips": ("val", 16, "valbn16-"),
+               "supernet": ("supernet", None, "snbn-")}
+PROXIES = tuple(f"{sn}{tag}{m}" for sn in ("", "budget-") for *_, tag in BN_VARIANTS.values()
                 for m in ("acc", "loglik")) + ("taylor",)
 
 
@@ -195,15 +198,15 @@ def run(args) -> dict:
     score_s = {}  # seconds per scoring, by BatchNorm statistics
 
     def score_all(net, prefix):
-        for bn, tag in BN_VARIANTS.items():
+        for label, (bn, clips, tag) in BN_VARIANTS.items():
             # no prefix cache: every scoring does the whole work, so the times compare
             ev = SupernetEvaluator(net, task, device="cpu", seed=args.seed, bn_stats=bn,
-                                   prefix_cache_mb=0)
+                                   bn_clips=clips, prefix_cache_mb=0)
             t_score = time.perf_counter()
             for row in rows:
                 s = ev.scores(row["selection"])
                 row[f"{prefix}{tag}acc"], row[f"{prefix}{tag}loglik"] = s["accuracy"], s["loglik"]
-            score_s.setdefault(bn, (time.perf_counter() - t_score) / len(rows))
+            score_s.setdefault(label, (time.perf_counter() - t_score) / len(rows))
 
     score_all(supernet, "")
     if args.budget_supernet:
@@ -323,14 +326,14 @@ def render(results: dict) -> str:
                   f"{r['minutes']:.1f} min in all.", "",
                   f"Command: `{r['command']}`", ""]
         corr = r["correlations"]
-        if any(k.startswith(tuple(t for t in BN_VARIANTS.values() if t)) or "-valbn-" in k
+        if any(k.startswith(tuple(v[2] for v in BN_VARIANTS.values() if v[2])) or "-valbn" in k
                for k in corr):
             # one row per supernet and source of BatchNorm statistics
             table = [[sn or "bernoulli", bn, fmt(corr[f"{pre}{tag}acc"], "kendall"),
                       fmt(corr[f"{pre}{tag}loglik"], "kendall"),
                       fmt(corr[f"{pre}{tag}loglik"], "spearman")]
                      for sn, pre in (("", ""), ("budget", "budget-"))
-                     for bn, tag in BN_VARIANTS.items() if f"{pre}{tag}loglik" in corr]
+                     for bn, (*_, tag) in BN_VARIANTS.items() if f"{pre}{tag}loglik" in corr]
             if "taylor" in corr:
                 table.append(["-", "taylor (summed importance)", "-",
                               fmt(corr["taylor"], "kendall"), fmt(corr["taylor"], "spearman")])

@@ -47,6 +47,10 @@ METRICS = ("accuracy", "loglik")
 #: Where :class:`SupernetEvaluator` takes BatchNorm statistics from (``bn_stats``).
 BN_STATS = ("train", "val", "supernet")
 
+#: How many clips of each validation batch the ``"val"`` statistics come from by default
+#: (``bn_clips``; None: all of them).
+BN_CLIPS = None
+
 
 def even_batch_size(n: int, batch_size: int) -> int:
     """The largest batch size of at most ``batch_size`` that splits ``n`` examples into
@@ -71,10 +75,15 @@ class SupernetEvaluator:
     the statistics come from:
 
     * ``"val"`` (default): each validation batch is normalised by its own statistics
-      (BatchNorm in training mode, running statistics untouched). One pass, no
-      training clips; the split is cut into near-equal batches of at most
-      ``batch_size``. It ranks selections by final accuracy as well as ``"train"`` at
-      about a third of the cost (docs/SEARCH.md, "Does the evaluator predict...").
+      (running statistics untouched). One pass, no training clips. The split is
+      shuffled once (seeded by ``seed``, so every batch is a sample of the whole split,
+      even when the split is stored sorted by class) and cut into near-equal batches of
+      at most ``batch_size``. With ``bn_clips`` the statistics come from the batch's
+      first ``bn_clips`` clips (a random sample, by the shuffle) and normalise all of
+      it: the statistics pass, the one cost a scoring has over a plain forward, shrinks
+      in proportion; ``None`` takes them from the whole batch (BatchNorm in training
+      mode). It ranks selections by final accuracy as well as ``"train"`` at about a
+      third of the cost (docs/SEARCH.md, "Does the evaluator predict...").
     * ``"train"``: recalibrate on ``bn_batches x bn_batch_size`` training clips
       (cumulative average), then score in eval mode; about 3x the cost of the
       validation pass itself.
@@ -97,13 +106,17 @@ class SupernetEvaluator:
     def __init__(self, supernet: nn.Module, task, device: str | torch.device = "cpu",
                  bn_batches: int = 4, bn_batch_size: int = 128, batch_size: int = 512,
                  seed: int = 0, prefix_cache_mb: float = 256.0, prefix_min_skip: float = 0.25,
-                 metric: str = "accuracy", bn_stats: str = "val"):
+                 metric: str = "accuracy", bn_stats: str = "val",
+                 bn_clips: int | None = BN_CLIPS):
         if metric not in METRICS:
             raise ValueError(f"evaluator metric {metric!r} is not one of {', '.join(METRICS)}")
         if bn_stats not in BN_STATS:
             raise ValueError(f"evaluator bn_stats {bn_stats!r} is not one of {', '.join(BN_STATS)}")
+        if bn_clips is not None and bn_clips < 2:
+            raise ValueError(f"evaluator bn_clips must be at least 2 (or None), got {bn_clips}")
         self.metric = metric
         self.bn_stats = bn_stats
+        self.bn_clips = bn_clips
         self.model = supernet
         self.task = task
         self.device = resolve_device(device)
@@ -118,10 +131,16 @@ class SupernetEvaluator:
         self.model.to(self.device).eval()
         # BN recalibration starts from the supernet's statistics each time.
         self._bn_state = batchnorm_snapshot(supernet.modules())
-        # "val" statistics come from each batch: equal sizes, so none is a noisy remainder
-        val_bs = even_batch_size(len(task.val), batch_size) if bn_stats == "val" else batch_size
-        self._val = [(x.to(self.device), y.to(self.device))
-                     for x, y in batches(task.val, val_bs)]
+        val = list(batches(task.val, batch_size))
+        if bn_stats == "val" and val:
+            # statistics come from each batch: a shuffled split makes every batch (and the
+            # first bn_clips of it) a random sample, and equal sizes leave no noisy remainder
+            x, y = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+            x, y = x[order], y[order]
+            bs = even_batch_size(len(x), batch_size)
+            val = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+        self._val = [(x.to(self.device), y.to(self.device)) for x, y in val]
         self._prefix = None
         if prefix_cache_mb > 0:
             self._prefix = PrefixCache.build(self, int(prefix_cache_mb * 2**20),
@@ -177,17 +196,38 @@ class SupernetEvaluator:
     @contextlib.contextmanager
     def val_batch_statistics(self):
         """With ``bn_stats="val"``: BatchNorms normalise by the batch's own statistics
-        for the duration (the running statistics they update are restored afterwards)."""
+        (of its first ``bn_clips`` clips) for the duration; the running statistics they
+        overwrite are restored by the caller (``restore_batchnorm``)."""
         if self.bn_stats != "val" or not self.has_bn:
             yield
             return
-        for m in self._bns:
-            m.train()
+        if self.bn_clips is None:
+            for m in self._bns:
+                m.train()
+            try:
+                yield
+            finally:
+                for m in self._bns:
+                    m.eval()
+            return
+        k = self.bn_clips
+
+        def sample_statistics(m, args):
+            # eval-mode BatchNorm then normalises the whole batch by the sample's biased
+            # statistics, as training mode would by the whole batch's
+            x = args[0]
+            _, mean, invstd = torch.native_batch_norm(x[:k], None, None, None, None,
+                                                      True, 0.0, m.eps)
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(invstd.pow(-2).sub_(m.eps))
+
+        hooks = [m.register_forward_pre_hook(sample_statistics) for m in self._bns
+                 if m.track_running_stats]
         try:
             yield
         finally:
-            for m in self._bns:
-                m.eval()
+            for h in hooks:
+                h.remove()
 
     def prefix_cache_info(self) -> dict:
         """What the prefix cache holds: boundaries, bytes, and scorings that replayed one."""

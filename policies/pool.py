@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from swr.envs.evaluator import Evaluator, SupernetEvaluator
+from swr.envs.evaluator import BN_CLIPS, Evaluator, SupernetEvaluator
 from swr.errors import ClusterLostError
 
 log = logging.getLogger("swr.pool")
@@ -27,9 +27,10 @@ class SupernetEvaluatorFactory:
 
     def __init__(self, supernet: torch.nn.Module, task, device: str = "cpu", bn_batches: int = 4,
                  seed: int = 0, prefix_cache_mb: float = 256.0, metric: str = "accuracy",
-                 bn_stats: str = "val"):
+                 bn_stats: str = "val", bn_clips: int | None = BN_CLIPS):
         self.supernet, self.task, self.device = supernet, task, device
         self.bn_batches, self.bn_stats, self.seed = bn_batches, bn_stats, seed
+        self.bn_clips = bn_clips
         self.prefix_cache_mb = prefix_cache_mb
         self.metric = metric
 
@@ -47,6 +48,7 @@ class SupernetEvaluatorFactory:
     def __call__(self) -> SupernetEvaluator:
         return SupernetEvaluator(self.supernet, self.task, device=self.device,
                                  bn_batches=self.bn_batches, bn_stats=self.bn_stats,
+                                 bn_clips=self.bn_clips,
                                  seed=self.seed,
                                  prefix_cache_mb=self.prefix_cache_mb,
                                  metric=self.metric)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from swr.envs.evaluator import BN_CLIPS
 from swr.errors import SwrError
 from swr.selection import Searcher
 
@@ -35,6 +36,7 @@ class SearchSettings:
     samples_per_iteration: int = 8
     bn_batches: int = 4
     bn_stats: str = "val"
+    bn_clips: Optional[int] = BN_CLIPS
     resume: bool = False
     progress: bool = True
     reward: str = "loglik"

@@ -159,7 +159,7 @@ def evaluator_factory(cfg: SearchSettings, supernet, task):
 
     return SupernetEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
                                     bn_batches=cfg.bn_batches, seed=cfg.seed, metric=cfg.reward,
-                                    bn_stats=cfg.bn_stats)
+                                    bn_stats=cfg.bn_stats, bn_clips=cfg.bn_clips)
 
 
 def make_pool(cfg: SearchSettings, factory, names):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .budget import NORM_MODES
+from .envs.evaluator import BN_CLIPS
 from .errors import ClusterLostError, SwrError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
@@ -174,6 +175,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "statistics from: val (each validation batch's own; one pass, the default), "
                    "train (recalibrate on 4 x 128 training clips first; 3x the time, ranks no "
                    "better) or supernet (keep stage 1's; ranks worse)")
+    p.add_argument("--bn-clips", type=int, default=BN_CLIPS or 0, metavar="N",
+                   help="with --bn-stats val: take each validation batch's statistics from N "
+                   "of its clips (a random sample) and normalise the whole batch by them; "
+                   "0 = every clip (default: %(default)s)")
     p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
     p.add_argument("--norms", choices=list(NORM_MODES), default="auto",
                    help="the task norms SWR trains beside the deltas: auto (default) counts them "
@@ -204,7 +209,8 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        samples_per_iteration=args.samples_per_iteration,
                        supernet=SupernetConfig(epochs=args.supernet_epochs,
                                                gates=args.supernet_gates),
-                       reward=args.reward, bn_stats=args.bn_stats, on_bad_file=args.on_bad_file,
+                       reward=args.reward, bn_stats=args.bn_stats,
+                       bn_clips=args.bn_clips or None, on_bad_file=args.on_bad_file,
                        norms=args.norms)
     r = run_search(cfg)
     if "budgets" in r:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import tasks
+from .envs.evaluator import BN_CLIPS
 from .errors import SwrError
 from .io import out_lock, write_json
 from .methods import METHODS, SWR, register_method, swr_variant
@@ -55,6 +56,9 @@ class SearchConfig:
     bn_batches: int = 4
     #: where a scoring takes BatchNorm statistics from (swr.envs.evaluator.BN_STATS)
     bn_stats: str = "val"
+    #: with bn_stats "val": the clips of each validation batch the statistics come from
+    #: (None: all; see swr.envs.evaluator.SupernetEvaluator)
+    bn_clips: Optional[int] = BN_CLIPS
     progress: bool = True
     #: what a selection scores on the supernet: "loglik" or "accuracy" (see
     #: swr.envs.evaluator.SupernetEvaluator); loglik ranked final accuracy better
@@ -99,6 +103,9 @@ class SearchConfig:
 
         if self.bn_stats not in BN_STATS:
             raise SwrError(f"--bn-stats {self.bn_stats!r} is not one of {', '.join(BN_STATS)}")
+        if self.bn_clips is not None and self.bn_clips < 2:
+            raise SwrError(f"--bn-clips {self.bn_clips} must be at least 2 (0: every clip "
+                           "of the batch)")
         supernet = self.supernet
         if supernet.gates == "budget" and supernet.gate_budget_params < 1:
             supernet = replace(supernet, gate_budget_params=1)  # the search sets it from --budget
@@ -113,7 +120,8 @@ class SearchConfig:
             evaluations=self.evaluations, workers=self.workers, seed=self.seed,
             device=self.device, ray_address=self.ray_address,
             samples_per_iteration=self.samples_per_iteration, bn_batches=self.bn_batches,
-            bn_stats=self.bn_stats, resume=self.resume, progress=self.progress, reward=self.reward))
+            bn_stats=self.bn_stats, bn_clips=self.bn_clips, resume=self.resume,
+            progress=self.progress, reward=self.reward))
 
 
 def run_search(cfg: SearchConfig) -> dict:
@@ -182,6 +190,7 @@ FINGERPRINT_LABELS = {
     "evaluations": "--evaluations", "samples_per_iteration": "--samples-per-iteration",
     "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs", "norms": "--norms",
     "reward": "--reward", "supernet_gates": "--supernet-gates", "bn_stats": "--bn-stats",
+    "bn_clips": "--bn-clips",
 }
 
 
@@ -207,7 +216,8 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
             "norms": cfg.norms,
             "policy": cfg.policy, "seed": cfg.seed, "evaluations": cfg.evaluations,
             "samples_per_iteration": cfg.samples_per_iteration, "bn_batches": cfg.bn_batches,
-            "reward": cfg.reward, "bn_stats": cfg.bn_stats, **supernet}
+            "reward": cfg.reward, "bn_stats": cfg.bn_stats, "bn_clips": cfg.bn_clips,
+            **supernet}
 
 
 def check_fingerprint(out: Path, fingerprint: dict, resume: bool, command: str = "search",

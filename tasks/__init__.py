@@ -11,6 +11,11 @@
   ``sketch:<path>``: the ImageNet-to-Sketch datasets in their own layouts
   (:mod:`.imagenet_to_sketch`).
 
+``kws-synth:<lang>?speakers=T,V,E`` draws T training, V validation and E test speakers
+(and E shift-test speakers; default 16,6,8 for a target language): a larger validation
+split ranks selections with less noise, a larger test split measures them better. It
+is generated and cached apart from the default-size task.
+
 Any task takes a ``?shots=N`` suffix (``kws-synth:de?shots=8``): at most N training
 examples per class, drawn with the seed (:func:`.base.few_shot`); validation and test
 stay whole.
@@ -71,9 +76,9 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
     if not sep or not rest:
         raise SwrError(f"task {spec!r} is not of a known form: {', '.join(TASK_FORMS)}")
     if kind == "kws-synth":
-        from .kws_synth import load_kws_synth
+        from .kws_synth import load_kws_synth_spec
 
-        return load_kws_synth(rest, seed=seed, **kwargs)
+        return load_kws_synth_spec(rest, seed=seed, **kwargs)
     if kind == "glyphs":
         from .glyphs import load_glyphs
 

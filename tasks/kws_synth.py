@@ -36,6 +36,7 @@ the workers run in parallel.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes
 import hashlib
 import json
@@ -814,3 +815,26 @@ def load_kws_synth(lang: str, root: str | os.PathLike | None = None, seed: int =
               "version": VERSION, "cache": str(path),
               "speakers": {s: len(manifest["splits"][s]["speakers"]) for s in SPLITS},
               "clips": dict(manifest["counts"])})
+
+
+def load_kws_synth_spec(rest: str, seed: int = 0, **kwargs: Any) -> Task:
+    """The task of a ``kws-synth:<rest>`` spec: ``<lang>`` or ``<lang>?speakers=T,V,E[,S]``.
+
+    A speaker-count variant is cached under its own root
+    (``<cache>/speakers-T-V-E-S/<lang>``), so it never replaces the default-size task's
+    cache, and its task id keeps the modifier (``kws-synth:ru?speakers=16,24,24``)."""
+    lang, sep, modifier = rest.partition("?")
+    if not sep:
+        return load_kws_synth(rest, seed=seed, **kwargs)
+    example = f"kws-synth:{lang}?speakers=16,24,24"
+    key, _, value = modifier.partition("=")
+    parts = value.split(",")
+    if key != "speakers" or len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0
+                                                                  for p in parts):
+        raise SwrError(f"task 'kws-synth:{rest}': write the speaker counts of train, val and "
+                       f"test (and shift_test) as positive integers, e.g. {example}")
+    speakers = tuple(int(p) for p in parts)
+    speakers += (speakers[2],) if len(speakers) == 3 else ()
+    root = _cache_root(kwargs.pop("root", None)) / ("speakers-" + "-".join(map(str, speakers)))
+    task = load_kws_synth(lang, root=root, seed=seed, speakers=speakers, **kwargs)
+    return dataclasses.replace(task, id=f"kws-synth:{lang}?speakers={','.join(parts)}")

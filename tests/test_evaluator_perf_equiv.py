@@ -72,13 +72,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("bn_stats", ["train", "val"])
+@pytest.mark.parametrize("bn_stats,bn_clips", [("train", None), ("val", None), ("val", 5)],
+                         ids=["train", "val", "val-5-clips"])
 @pytest.mark.parametrize("backbone,make_task,kw", CASES, ids=[c[0] for c in CASES])
-def test_prefix_cache_gives_identical_logits(backbone, make_task, kw, bn_stats):
+def test_prefix_cache_gives_identical_logits(backbone, make_task, kw, bn_stats, bn_clips):
     task = make_task()
     supernet = trained_looking_supernet(backbone, task, **kw)
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
-    opts = dict(bn_batches=3, bn_batch_size=16, batch_size=12, seed=3, bn_stats=bn_stats)
+    opts = dict(bn_batches=3, bn_batch_size=16, batch_size=12, seed=3, bn_stats=bn_stats,
+                bn_clips=bn_clips)
     plain = SupernetEvaluator(copy.deepcopy(supernet), task, prefix_cache_mb=0, **opts)
     fast = SupernetEvaluator(supernet, task, prefix_min_skip=0.0, **opts)  # every boundary
     selections = random_selections(plain.names, 8)
@@ -173,3 +175,55 @@ def test_val_statistics_normalise_each_batch_by_its_own_statistics():
     assert len(scores) == 3
     with pytest.raises(ValueError, match="bn_stats 'batch' is not one of train, val, supernet"):
         SupernetEvaluator(supernet, task, bn_stats="batch")
+
+
+def test_val_statistics_from_a_sample_of_each_batch():
+    """bn_clips=k: every BatchNorm normalises a whole validation batch by the biased
+    statistics of its first k clips (checked against a BatchNorm written out by hand),
+    the split is shuffled so those clips are a sample of it, and with k at least the
+    batch size the scores are those of training-mode BatchNorm."""
+    from swr.fold import merge, unmerge
+    from swr.reparam import set_selection
+
+    task = tiny_audio_task(n_classes=4, per_class=24)
+    # stored sorted by class: unshuffled, the first clips of a batch would be one class
+    order = torch.argsort(task.val.tensors[1], stable=True)
+    task.val = tensor_split(task.val.tensors[0][order], task.val.tensors[1][order])
+    supernet = trained_looking_supernet("bcresnet-1", task)
+    state = {k: v.clone() for k, v in supernet.state_dict().items()}
+    ev = SupernetEvaluator(supernet, task, batch_size=16, bn_clips=3, prefix_cache_mb=0)
+    ys = torch.cat([y for _, y in ev._val])
+    assert torch.equal(ys.sort().values, task.val.tensors[1].sort().values)  # a permutation
+    assert all(len(set(y.tolist())) > 2 for _, y in ev._val)  # sorted: 2 classes a batch
+    sel = tuple(ev.names[::3])
+    got = ev.val_logits(sel)
+
+    def by_hand(m, args):
+        x = args[0]
+        head = x[:3]
+        mean = head.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((head - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        w, b = m.weight.view(1, -1, 1, 1), m.bias.view(1, -1, 1, 1)
+        return ((x - mean) / torch.sqrt(var + m.eps) * w + b,)
+
+    ref_model = copy.deepcopy(supernet).eval()
+    set_selection(ref_model, sel)
+    merge(ref_model)
+    bns = [m for m in ref_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # replace each BatchNorm by the hand-written one: identity after it
+        m.register_forward_pre_hook(by_hand)
+        m.forward = lambda x: x
+    with torch.no_grad():
+        expected = [ref_model(x) for x, _ in ev._val]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    for k, v in supernet.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    whole = SupernetEvaluator(copy.deepcopy(supernet), task, batch_size=16, prefix_cache_mb=0)
+    big = SupernetEvaluator(copy.deepcopy(supernet), task, batch_size=16, bn_clips=16,
+                            prefix_cache_mb=0)
+    a, b = whole.scores(sel), big.scores(sel)
+    assert a["accuracy"] == b["accuracy"] and a["loglik"] == pytest.approx(b["loglik"], abs=1e-5)
+    assert ev.scores(sel)["loglik"] != pytest.approx(a["loglik"], abs=1e-5)
+    with pytest.raises(ValueError, match="bn_clips must be at least 2"):
+        SupernetEvaluator(supernet, task, bn_clips=1)

@@ -155,6 +155,25 @@ def test_regenerates_when_parameters_change(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".de.lock", "de"]
 
 
+def test_a_speakers_spec_is_its_own_task_beside_the_default_cache(tmp_path):
+    """``kws-synth:<lang>?speakers=T,V,E`` generates those split sizes under a root of its
+    own (the default-size cache is neither used nor replaced) and keeps the modifier in
+    the task id; a malformed one is refused naming the form."""
+    from swr.tasks import get_task
+
+    first = ks.load_kws_synth("de", root=tmp_path, **TINY)
+    task = get_task("kws-synth:de?speakers=2,1,1", root=tmp_path, reps=1, progress=False)
+    assert task.id == "kws-synth:de?speakers=2,1,1"
+    assert task.info["speakers"] == {"train": 2, "val": 1, "test": 1, "shift_test": 1}
+    assert Path(task.info["cache"]) == tmp_path / "speakers-2-1-1-1" / "de"
+    again = ks.load_kws_synth("de", root=tmp_path, **TINY)  # untouched: not regenerated
+    assert again.info["cache"] == first.info["cache"]
+    assert torch.equal(again.train.tensors[0], first.train.tensors[0])
+    for bad in ("de?speakers=2,1", "de?speakers=2,0,1", "de?voices=2,1,1"):
+        with pytest.raises(SwrError, match=r"speaker counts .* e\.g\. kws-synth:de\?speakers="):
+            get_task(f"kws-synth:{bad}", root=tmp_path)
+
+
 def test_failed_generation_keeps_old_cache(tiny, monkeypatch):
     root, task = tiny
 
