@@ -3,21 +3,22 @@
 The *floor* is one plain forward pass of the base architecture over the same
 validation batches (what scoring a folded task model would cost). One scoring is:
 merge the selection's deltas, forward the validation split with BatchNorm statistics
-from each validation batch (``bn_stats="val"``, the default; ``"train"`` recalibrates
-on ``bn_batches x bn_batch_size`` training clips first), undo. The script measures, on
+from each validation batch (``bn_stats="val"``, the default: from 32 of its clips,
+``bn_clips``; ``"train"`` recalibrates on ``bn_batches x bn_batch_size`` training clips
+first), undo. The script measures, on
 a bcresnet-2 supernet and the embedded kws task (or its synthetic stand-in):
 
 * selections scored per second and scoring time / floor, for the plain path and the
-  prefix-cached path (cold cache, then warm), with the default statistics and with
-  recalibration on training clips, on random selections under a 5% budget
+  prefix-cached path (cold cache, then warm), with the default statistics, with
+  statistics from every clip of the batch and with recalibration on training clips, on random selections under a 5% budget
   (what random search and an untrained policy propose) and on late selections (first
   open gate in the second half of the network);
 * where a plain scoring's time goes (recalibration / validation / the rest) and the
   top operators (torch.profiler);
 * the ideas tried, each timed against its alternative in the same run;
-* what the other sources of statistics (fewer or larger recalibration batches, the
-  validation batch's own, the supernet's) would buy, and how their scores rank
-  against recalibration on 4 x 128 training clips (their rank agreement with *final*
+* what the other sources of statistics (more or fewer clips of the validation batch,
+  recalibration on training clips, the supernet's) would buy, and how their scores
+  rank against statistics from every clip of the batch (their rank agreement with *final*
   accuracy is measured by ``benchmarks/proxy_fidelity.py``).
 
     python benchmarks/evaluator.py [--quick] [--task auto|synthetic|kws-synth:de] [--threads N]
@@ -182,6 +183,8 @@ def main(argv=None) -> None:
     ev_plain = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu", prefix_cache_mb=0)
     ev_recal = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu", prefix_cache_mb=0,
                                  bn_stats="train")
+    ev_all = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu", prefix_cache_mb=0,
+                               bn_clips=None)
     floor = floor_fn(base, ev_plain)
     floor()
     sels = {"random 5%": random_selections(supernet, 2 * n, seed=1, budget=BUDGET),
@@ -191,10 +194,11 @@ def main(argv=None) -> None:
     rows, t_floor, fast = [], [], {}
     for kind, ss in sels.items():
         ev_fast = fast[kind] = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu")
-        cold, warm, plain, recal = [], [], [], []
+        cold, warm, plain, recal, every = [], [], [], [], []
         for i, s in enumerate(ss):
             t_floor.append(timed(floor))
             recal.append(timed(lambda: ev_recal(s)))
+            every.append(timed(lambda: ev_all(s)))
             plain.append(timed(lambda: ev_plain(s)))
             (cold if i < n else warm).append(timed(lambda: ev_fast(s)))
         f = median(t_floor)
@@ -203,6 +207,8 @@ def main(argv=None) -> None:
         paired = [p / c for p, c in zip(plain, cold + warm)]
         for label, ts, ratios in (("recalibrated on training clips, plain", recal,
                                    [r / p for r, p in zip(recal, plain)]),
+                                  ("statistics from every clip, plain", every,
+                                   [e / p for e, p in zip(every, plain)]),
                                   ("plain", plain, [1.0]),
                                   ("prefix cache, cold (first half)", cold, paired[:n]),
                                   ("prefix cache, warm (second half)", warm, paired[n:])):
@@ -212,7 +218,7 @@ def main(argv=None) -> None:
                      f"{cache['bytes'] / 2**20:.0f} MiB, {cache['hits']} replays)",
                      "", "", "", "", ""])
         print_table(["selections", "evaluator", "n", "s/scoring", "scorings/s", "x floor",
-                     "speed-up"], rows[-5:])
+                     "speed-up"], rows[-6:])
     f = median(t_floor)
     n_val = len(task.val)
 
@@ -261,16 +267,22 @@ def main(argv=None) -> None:
 
     # -- fewer / larger recalibration batches: speed and fidelity ---------------------------
     fid_sels = random_selections(supernet, 6 if args.quick else 12, seed=3, budget=BUDGET)
-    configs = [(4, 128), (1, 128), (1, 64), (0, 0), ("val", 0)] if args.quick else \
-        [(4, 128), (2, 128), (1, 128), (1, 64), (2, 32), (0, 0), ("val", 0)]
+    # the reference is last stop's default: statistics from every clip of the batch
+    configs = [("each validation batch's own, every clip (bn_clips=None)", "val", None, 0, 0),
+               ("each validation batch's own, 32 clips (the default)", "val", 32, 0, 0),
+               ("each validation batch's own, 16 clips", "val", 16, 0, 0),
+               ("4 x 128 training clips", "train", None, 4, 128),
+               ("1 x 128 training clips", "train", None, 1, 128),
+               ("none (supernet statistics)", "supernet", None, 0, 1)]
+    if not args.quick:
+        configs.insert(2, ("each validation batch's own, 64 clips", "val", 64, 0, 0))
+        configs.insert(5, ("2 x 128 training clips", "train", None, 2, 128))
     ref_scores = None
     fid_rows = []
-    for nb, bs in configs:
-        bn = nb if isinstance(nb, str) else "train" if nb else "supernet"
-        ev = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu",
-                               bn_batches=nb if bn == "train" else 0,
+    for label, bn, clips, nb, bs in configs:
+        ev = SupernetEvaluator(copy.deepcopy(supernet), task, device="cpu", bn_batches=nb,
                                bn_batch_size=max(bs, 1), prefix_cache_mb=0, bn_stats=bn,
-                               metric="loglik")
+                               bn_clips=clips, metric="loglik")
         ts, scores = [], []
         for s in fid_sels:
             t_floor.append(timed(floor))
@@ -279,8 +291,6 @@ def main(argv=None) -> None:
             ref_scores = scores
         same_best = int(np.argmax(scores)) == int(np.argmax(ref_scores))
         top3 = len(set(np.argsort(scores)[-3:]) & set(np.argsort(ref_scores)[-3:]))
-        label = {"train": f"{nb} x {bs} training clips", "supernet": "none (supernet statistics)",
-                 "val": "each validation batch's own (the default)"}[bn]
         fid_rows.append([label, min(len(task.train), nb * bs) if bn == "train" else 0,
                          round(median(ts), 3), round(median(ts) / median(t_floor), 2),
                          round(kendall_tau(scores, ref_scores), 3),
@@ -289,16 +299,17 @@ def main(argv=None) -> None:
                          "yes" if same_best else "no", f"{top3}/3",
                          f"{min(scores):.3f}-{max(scores):.3f}"])
     fid_headers = ["BatchNorm statistics", "training clips", "s/scoring (plain)", "x floor",
-                   "Kendall tau vs 4x128", "Spearman vs 4x128", "max |score diff|", "same best", "top-3 overlap",
-                   "score range"]
+                   "Kendall tau vs every clip", "Spearman vs every clip", "max |score diff|",
+                   "same best", "top-3 overlap", "score range"]
     print_table(fid_headers, fid_rows)
 
     if args.no_doc:
         return
     body = f"""{task_line(task)}; `{BACKBONE}` base {base_desc}; supernet trained
 {epochs} epoch(s) (val accuracy with all gates open {supernet_acc:.3f}); budget {BUDGET}; evaluator defaults (BatchNorm statistics
-from each validation batch, validation in pre-batched tensors of up to 512; the
-"recalibrated" rows recalibrate on 4 x 128 training clips instead); {args.threads} torch
+from 32 clips of each validation batch, validation shuffled once and cut into near-equal
+batches of up to 512; the "every clip" rows take them from the whole batch, last stop's
+default; the "recalibrated" rows recalibrate on 4 x 128 training clips instead); {args.threads} torch
 thread(s). The floor is a plain forward pass of the base architecture over the same
 validation batches: median {f * 1e3:.0f} ms for {n_val} clips. Every scoring below was timed
 next to a floor pass in the same loop, so ratios share the machine's state.
@@ -338,11 +349,10 @@ and over the same {len(prof_sel)} scorings with a warm prefix cache:
 ### Where the BatchNorm statistics come from: speed against agreement
 
 The same {len(fid_sels)} random selections scored (log-likelihood, plain path) with other
-sources of BatchNorm statistics, against recalibration on 4 x 128 training clips (the
-default before validation-batch statistics). Agreement with those scores is not the
-goal: the rank agreement with *final* accuracy is, and benchmarks/proxy_fidelity.py
-measures it (docs/SEARCH.md): validation-batch statistics rank as well as 4 x 128
-recalibration there, the supernet's statistics worse.
+sources of BatchNorm statistics, against statistics from every clip of each validation
+batch (the default before `bn_clips`). Agreement with those scores is not the goal: the
+rank agreement with *final* accuracy is, and benchmarks/proxy_fidelity.py measures it
+(docs/SEARCH.md).
 
 {md_table(fid_headers, fid_rows)}
 """

@@ -48,8 +48,10 @@ METRICS = ("accuracy", "loglik")
 BN_STATS = ("train", "val", "supernet")
 
 #: How many clips of each validation batch the ``"val"`` statistics come from by default
-#: (``bn_clips``; None: all of them).
-BN_CLIPS = None
+#: (``bn_clips``; None: all of them). With 32, selections ranked by final accuracy within
+#: noise of the whole batch's statistics (docs/SEARCH.md), at the cost measured in
+#: docs/PERFORMANCE.md.
+BN_CLIPS = 32
 
 
 def even_batch_size(n: int, batch_size: int) -> int:
@@ -81,8 +83,8 @@ class SupernetEvaluator:
       at most ``batch_size``. With ``bn_clips`` the statistics come from the batch's
       first ``bn_clips`` clips (a random sample, by the shuffle) and normalise all of
       it: the statistics pass, the one cost a scoring has over a plain forward, shrinks
-      in proportion; ``None`` takes them from the whole batch (BatchNorm in training
-      mode). It ranks selections by final accuracy as well as ``"train"`` at about a
+      in proportion (default :data:`BN_CLIPS`); ``None`` takes them from the whole
+      batch (BatchNorm in training mode). It ranks selections by final accuracy as well as ``"train"`` at about a
       third of the cost (docs/SEARCH.md, "Does the evaluator predict...").
     * ``"train"``: recalibrate on ``bn_batches x bn_batch_size`` training clips
       (cumulative average), then score in eval mode; about 3x the cost of the

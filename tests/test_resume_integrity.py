@@ -116,6 +116,7 @@ MISMATCHES = [
     ("evaluations", dict(evaluations="6"), [], "--evaluations: 4 there, 6 now"),
     ("supernet-epochs", dict(supernet_epochs="2"), [], "--supernet-epochs: 1 there, 2 now"),
     ("samples", {}, ["--samples-per-iteration", "2"], "--samples-per-iteration: 8 there, 2 now"),
+    ("bn-clips", {}, ["--bn-clips", "7"], "--bn-clips: 32 there, 7 now"),
 ]
 
 
