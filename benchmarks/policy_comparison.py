@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -92,7 +93,8 @@ def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) ->
     from swr.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
-    folder = Path(args.out) / task.replace(":", "_") / f"b{budget.rstrip('%')}" / f"s{seed}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", task)  # kws-synth:ru?speakers=16,24,24
+    folder = Path(args.out) / slug / f"b{budget.rstrip('%')}" / f"s{seed}"
     search_out = folder / policy
     cfg = SearchConfig(task=task, checkpoint=ckpt, budget=budget, out=str(search_out),
                        policy=policy, seed=seed, evaluations=args.evaluations,
