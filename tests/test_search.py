@@ -348,3 +348,8 @@ def test_cli_reward_and_supernet_gates(tiny, tmp_path, capsys):
                  "--out", str(tmp_path / "c")]) == 0
     fp = json.loads((tmp_path / "c" / "fingerprint.json").read_text())
     assert fp["reward"] == "loglik" and fp["supernet_gates"] == "budget"
+    assert fp["bn_clips"] == 32  # the default sample of each validation batch
+    assert main([*common, "--bn-clips", "1", "--out", str(tmp_path / "d")]) == 2
+    assert "--bn-clips 1 must be at least 2" in capsys.readouterr().err
+    assert main([*common, "--bn-clips", "0", "--out", str(tmp_path / "e")]) == 0  # every clip
+    assert json.loads((tmp_path / "e" / "fingerprint.json").read_text())["bn_clips"] is None
