@@ -84,8 +84,9 @@ class SupernetEvaluator:
       first ``bn_clips`` clips (a random sample, by the shuffle) and normalise all of
       it: the statistics pass, the one cost a scoring has over a plain forward, shrinks
       in proportion (default :data:`BN_CLIPS`); ``None`` takes them from the whole
-      batch (BatchNorm in training mode). It ranks selections by final accuracy as well as ``"train"`` at about a
-      third of the cost (docs/SEARCH.md, "Does the evaluator predict...").
+      batch (BatchNorm in training mode). It ranks selections by final accuracy as well
+      as ``"train"`` at a fraction of the cost (docs/SEARCH.md, "Does the evaluator
+      predict...").
     * ``"train"``: recalibrate on ``bn_batches x bn_batch_size`` training clips
       (cumulative average), then score in eval mode; about 3x the cost of the
       validation pass itself.
