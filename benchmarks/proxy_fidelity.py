@@ -50,6 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BN_VARIANTS = {"train": ("train", None, ""), "val": ("val", None, "valbn-"),
                "val, 32 clips": ("val", 32, "valbn32-"), "val, 16 clips": ("val", 16, "valbn16-"),
                "supernet": ("supernet", None, "snbn-")}
+#: two-sided 95% Student t quantile by sample size (n - 1 degrees of freedom)
+T95_BY_N = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365,
+            9: 2.306, 10: 2.262, 11: 2.228, 12: 2.201, 13: 2.179, 14: 2.160, 15: 2.145,
+            16: 2.131}
 PROXIES = tuple(f"{sn}{tag}{m}" for sn in ("", "budget-") for *_, tag in BN_VARIANTS.values()
                 for m in ("acc", "loglik")) + ("taylor",)
 
@@ -317,14 +321,21 @@ def render(results: dict) -> str:
             for label, (*_, tag) in BN_VARIANTS.items():
                 taus = [r["correlations"][f"{pre}{tag}loglik"]["kendall"] for r in scored
                         if f"{pre}{tag}loglik" in r["correlations"]]
+                ref = [r["correlations"][f"{pre}valbn-loglik"]["kendall"] for r in scored
+                       if f"{pre}{tag}loglik" in r["correlations"]]
+                d = np.subtract(taus, ref)
+                half = (T95_BY_N.get(len(d), 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+                        if len(d) > 1 else np.nan)
                 if taus:
                     table.append([sn, label, len(taus), f"{np.mean(taus):.3f}",
-                                  f"{min(taus):.2f} to {max(taus):.2f}"])
+                                  f"{min(taus):.2f} to {max(taus):.2f}",
+                                  f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"])
         lines += [f"**Summary over the {len(scored)} runs scored with every source of "
                   "BatchNorm statistics**: Kendall tau-b between the log-likelihood proxy and "
                   "the final validation accuracy, mean over runs.", "",
                   md_table(["supernet gates", "BatchNorm statistics", "runs", "mean tau",
-                            "range"], table), ""]
+                            "range", "minus `val` (every clip), paired [95% t interval]"],
+                           table), ""]
     for r in sorted(results.values(), key=lambda r: r["name"]):
         norms = r.get("norms", "free")
         trained = "task norms trained" if r.get("norms_trained", True) else "deltas only"
