@@ -140,6 +140,17 @@ def test_a_failing_replay_falls_back_to_the_plain_path(monkeypatch):
     assert not fast.prefix_cache_info()["enabled"]
 
 
+def matches_reference(got, ref_model, ev, supernet, state, atol):
+    """The evaluator's logits equal ``ref_model``'s on its validation batches, and
+    scoring left the supernet's state as it was."""
+    with torch.no_grad():
+        expected = [ref_model(x) for x, _ in ev._val]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    for k, v in supernet.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 def test_val_statistics_normalise_each_batch_by_its_own_statistics():
     """bn_stats="val": the logits of a selection are the merged model's in training-mode
     BatchNorm on each (near-equal) validation batch; no training clip is read, the
@@ -161,12 +172,7 @@ def test_val_statistics_normalise_each_batch_by_its_own_statistics():
     for m in ref_model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.train()
-    with torch.no_grad():
-        expected = [ref_model(x) for x, _ in ev._val]
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    for k, v in supernet.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    matches_reference(got, ref_model, ev, supernet, state, atol=1e-5)
     # the three sources of statistics give three different scorings of the same selection
     other = {s: SupernetEvaluator(copy.deepcopy(supernet), task, batch_size=10, bn_stats=s,
                                   bn_batches=2, bn_batch_size=16, prefix_cache_mb=0)
@@ -213,12 +219,7 @@ def test_val_statistics_from_a_sample_of_each_batch():
     for m in bns:  # replace each BatchNorm by the hand-written one: identity after it
         m.register_forward_pre_hook(by_hand)
         m.forward = lambda x: x
-    with torch.no_grad():
-        expected = [ref_model(x) for x, _ in ev._val]
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
-    for k, v in supernet.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    matches_reference(got, ref_model, ev, supernet, state, atol=1e-4)
     whole = SupernetEvaluator(copy.deepcopy(supernet), task, batch_size=16, prefix_cache_mb=0)
     big = SupernetEvaluator(copy.deepcopy(supernet), task, batch_size=16, bn_clips=16,
                             prefix_cache_mb=0)
