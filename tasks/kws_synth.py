@@ -36,8 +36,8 @@ the workers run in parallel.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
