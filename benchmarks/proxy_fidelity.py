@@ -9,8 +9,9 @@ learning rate and seed for all) and record its final validation and test accurac
 
 Proxies: the supernet evaluator's validation accuracy (``acc``) and mean true-class
 log-probability (``loglik``), both from one scoring, with BatchNorm statistics
-recalibrated on training clips (the plain names), taken from each validation batch
-(``valbn-``) or kept from the supernet (``snbn-``); with ``--budget-supernet`` the same
+recalibrated on training clips (the plain names), taken from every clip of each
+validation batch (``valbn-``) or from 32 or 16 of them (``valbn32-``, ``valbn16-``), or
+kept from the supernet (``snbn-``); with ``--budget-supernet`` the same
 on a supernet trained on budget-feasible gate sets (``budget-...``); and the summed
 Taylor importance of the selection (``taylor``, what knapsack maximises, free).
 
