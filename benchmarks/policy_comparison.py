@@ -35,23 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, md_table, write_section  # noqa: E402
-
-#: two-sided 95% Student t quantiles by degrees of freedom (beyond 30: the normal's 1.96)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
-       17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069,
-       24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}
-
-
-def mean_ci95(xs: list[float]) -> tuple[float, float, float]:
-    """Mean and the 95% t interval of the mean (NaN bounds for fewer than 2 values)."""
-    m = statistics.mean(xs)
-    if len(xs) < 2:
-        return m, math.nan, math.nan
-    half = T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return m, m - half, m + half
-
+from _common import machine, md_table, mean_ci95, write_section  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(

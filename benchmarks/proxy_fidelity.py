@@ -51,10 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BN_VARIANTS = {"train": ("train", None, ""), "val": ("val", None, "valbn-"),
                "val, 32 clips": ("val", 32, "valbn32-"), "val, 16 clips": ("val", 16, "valbn16-"),
                "supernet": ("supernet", None, "snbn-")}
-#: two-sided 95% Student t quantile by sample size (n - 1 degrees of freedom)
-T95_BY_N = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365,
-            9: 2.306, 10: 2.262, 11: 2.228, 12: 2.201, 13: 2.179, 14: 2.160, 15: 2.145,
-            16: 2.131}
 PROXIES = tuple(f"{sn}{tag}{m}" for sn in ("", "budget-") for *_, tag in BN_VARIANTS.values()
                 for m in ("acc", "loglik")) + ("taylor",)
 
@@ -306,7 +302,7 @@ def scatter(result: dict, path: Path) -> None:
 
 
 def render(results: dict) -> str:
-    from _common import md_table
+    from _common import md_table, mean_ci95
 
     def fmt(c, key):
         lo, hi = c[f"{key}_ci"]
@@ -320,17 +316,16 @@ def render(results: dict) -> str:
         table = []
         for sn, pre in (("bernoulli", ""), ("budget", "budget-")):
             for label, (*_, tag) in BN_VARIANTS.items():
-                taus = [r["correlations"][f"{pre}{tag}loglik"]["kendall"] for r in scored
-                        if f"{pre}{tag}loglik" in r["correlations"]]
-                ref = [r["correlations"][f"{pre}valbn-loglik"]["kendall"] for r in scored
-                       if f"{pre}{tag}loglik" in r["correlations"]]
-                d = np.subtract(taus, ref)
-                half = (T95_BY_N.get(len(d), 1.96) * d.std(ddof=1) / np.sqrt(len(d))
-                        if len(d) > 1 else np.nan)
-                if taus:
-                    table.append([sn, label, len(taus), f"{np.mean(taus):.3f}",
-                                  f"{min(taus):.2f} to {max(taus):.2f}",
-                                  f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"])
+                # (this source's tau, every clip's tau) per run that scored this source
+                pairs = [(c[f"{pre}{tag}loglik"]["kendall"], c[f"{pre}valbn-loglik"]["kendall"])
+                         for c in (r["correlations"] for r in scored) if f"{pre}{tag}loglik" in c]
+                if not pairs:
+                    continue
+                taus = [t for t, _ in pairs]
+                m, lo, hi = mean_ci95([t - v for t, v in pairs])
+                table.append([sn, label, len(taus), f"{np.mean(taus):.3f}",
+                              f"{min(taus):.2f} to {max(taus):.2f}",
+                              f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"])
         lines += [f"**Summary over the {len(scored)} runs scored with every source of "
                   "BatchNorm statistics**: Kendall tau-b between the log-likelihood proxy and "
                   "the final validation accuracy, mean over runs.", "",
