@@ -303,6 +303,12 @@ def _check_lang(lang: str) -> None:
         raise SwrError(f"unknown kws-synth language {lang!r}; known: {', '.join(LANGUAGES)}")
 
 
+def _with_shift_test(speakers: tuple) -> tuple:
+    """Speaker counts (train, val, test[, shift_test]) with shift_test as large as test
+    when it is not given."""
+    return speakers + (speakers[2],) if len(speakers) == 3 else speakers
+
+
 def _config(lang: str, seed: int, speakers: Sequence[int] | None,
             reps: int | None) -> dict:
     """Everything that determines the generated data; its hash keys the cache."""
@@ -311,9 +317,7 @@ def _config(lang: str, seed: int, speakers: Sequence[int] | None,
         raise SwrError(f"kws-synth seed must be a non-negative integer, got {seed!r}")
     if speakers is None:
         speakers = _SOURCE_SPEAKERS if lang == SOURCE_LANG else _TARGET_SPEAKERS
-    speakers = tuple(speakers)
-    if len(speakers) == 3:  # shift_test as large as test
-        speakers = speakers + (speakers[2],)
+    speakers = _with_shift_test(tuple(speakers))
     if len(speakers) != 4 or any(not isinstance(n, int) or n < 1 for n in speakers):
         raise SwrError(f"speakers must be 3 or 4 positive counts (train, val, test"
                        f"[, shift_test]), got {speakers!r}")
@@ -833,8 +837,7 @@ def load_kws_synth_spec(rest: str, seed: int = 0, **kwargs: Any) -> Task:
                                                                   for p in parts):
         raise SwrError(f"task 'kws-synth:{rest}': write the speaker counts of train, val and "
                        f"test (and shift_test) as positive integers, e.g. {example}")
-    speakers = tuple(int(p) for p in parts)
-    speakers += (speakers[2],) if len(speakers) == 3 else ()
+    speakers = _with_shift_test(tuple(int(p) for p in parts))
     root = _cache_root(kwargs.pop("root", None)) / ("speakers-" + "-".join(map(str, speakers)))
     task = load_kws_synth(lang, root=root, seed=seed, speakers=speakers, **kwargs)
     return dataclasses.replace(task, id=f"kws-synth:{lang}?speakers={','.join(parts)}")
