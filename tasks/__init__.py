@@ -14,7 +14,8 @@
 ``kws-synth:<lang>?speakers=T,V,E`` draws T training, V validation and E test speakers
 (and E shift-test speakers; default 16,6,8 for a target language): a larger validation
 split ranks selections with less noise, a larger test split measures them better. It
-is generated and cached apart from the default-size task.
+is generated and cached apart from the default-size task. ``glyphs:<target>?images=T,V,E``
+does the same for a glyph task, in images per class (default 30,10,20).
 
 Any task takes a ``?shots=N`` suffix (``kws-synth:de?shots=8``): at most N training
 examples per class, drawn with the seed (:func:`.base.few_shot`); validation and test
@@ -80,9 +81,9 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
 
         return load_kws_synth_spec(rest, seed=seed, **kwargs)
     if kind == "glyphs":
-        from .glyphs import load_glyphs
+        from .glyphs import load_glyphs_spec
 
-        return load_glyphs(rest, seed=seed, data_config=data_config, **kwargs)
+        return load_glyphs_spec(rest, seed=seed, data_config=data_config, **kwargs)
     if kind == "imagefolder":
         from .imagefolder import load_imagefolder
 

@@ -26,7 +26,9 @@ and a ``shift_test`` split rendered with *unseen* fonts (obliques, italics,
 Computer Modern) at 1.6x the geometric and photometric distortion; for ``fine``,
 whose classes are fonts, ``shift_test`` uses unseen letters instead. Images per
 class (train/val/test/shift_test): 160/20/40/40 for the source, 30/10/20/20 for
-each target.
+each target; ``glyphs:<target>?images=T,V,E[,S]`` renders other counts (for example
+larger validation and test splits, which rank and measure with less noise), cached
+apart from the default-size task.
 
 Images are RGB float tensors ``(3, S, S)`` normalised with the fixed
 :data:`MEAN`/:data:`STD` (per channel, measured on the source training split and
@@ -45,6 +47,7 @@ complete, so an interrupted run never leaves half a cache.
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,7 +56,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -495,9 +498,18 @@ def render_sample(glyph: str, font: str, style: str, rng: np.random.Generator,
 # Generation and cache
 # ---------------------------------------------------------------------------
 
-def _config(target: str, seed: int, image_size: int) -> dict:
+def _spec(target: str, per_class: tuple[int, ...] | None = None) -> GlyphSpec:
+    """``SPECS[target]``, with ``per_class`` = (train, val, test, shift_test) images per
+    class in place of its own counts when given."""
+    spec = SPECS[target]
+    if per_class is None:
+        return spec
+    return dataclasses.replace(spec, per_class=tuple(zip(SPLITS, per_class)))
+
+
+def _config(spec: GlyphSpec, target: str, seed: int, image_size: int) -> dict:
     """Everything that determines a task's pixels; its hash names the cache's validity."""
-    spec = asdict(SPECS[target])
+    spec = asdict(spec)
     spec["per_class"] = dict(spec["per_class"])
     return {"version": GLYPHS_VERSION, "target": target, "seed": seed,
             "image_size": image_size, "shift_strength": SHIFT_STRENGTH, "spec": spec}
@@ -507,9 +519,8 @@ def _config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _render_split(target: str, split: str, seed: int, image_size: int,
+def _render_split(spec: GlyphSpec, target: str, split: str, seed: int, image_size: int,
                   bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = SPECS[target]
     per_class = dict(spec.per_class)[split]
     shifted = split == "shift_test"
     strength = SHIFT_STRENGTH if shifted else 1.0
@@ -530,10 +541,9 @@ def _render_split(target: str, split: str, seed: int, image_size: int,
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def _generate(target: str, seed: int, image_size: int, folder: Path, config: dict,
-              progress: bool) -> None:
-    """Render every split of ``target`` into ``folder`` atomically."""
-    spec = SPECS[target]
+def _generate(spec: GlyphSpec, target: str, seed: int, image_size: int, folder: Path,
+              config: dict, progress: bool) -> None:
+    """Render every split of ``target`` (as ``spec`` says) into ``folder`` atomically."""
     total = sum(count for _, count in spec.per_class) * len(spec.classes)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(folder)
@@ -544,7 +554,7 @@ def _generate(target: str, seed: int, image_size: int, folder: Path, config: dic
         with tqdm(total=total, desc=f"rendering glyphs:{target}", unit="img", file=sys.stderr,
                   disable=not progress, leave=False) as bar:
             for split in SPLITS:
-                x, y = _render_split(target, split, seed, image_size, bar)
+                x, y = _render_split(spec, target, split, seed, image_size, bar)
                 save_file({"x": x, "y": y}, str(tmp / f"{split}.safetensors"))
                 counts[split] = len(y)
         manifest = {"config_hash": _config_hash(config), "config": config,
@@ -672,7 +682,8 @@ class RandomTranslate:
 
 def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 0,
                 image_size: int = 32, progress: bool = True,
-                data_config: dict | None = None) -> Task:
+                data_config: dict | None = None,
+                per_class: Sequence[int] | None = None) -> Task:
     """The glyph task ``glyphs:<target>`` (``target`` is :data:`SOURCE` or one of :data:`TARGETS`).
 
     Renders the task on first use (seconds) and caches it under :func:`cache_root`;
@@ -685,6 +696,11 @@ def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 
     with its ``mean``/``std``, the statistics its weights were trained with. Its input
     size is not used: the suite is rendered at ``image_size`` (convolutional backbones
     take any size; rendering at 224 px would cost ~50x the compute for no detail).
+
+    ``per_class`` = (train, val, test[, shift_test]) images per class replaces the
+    task's counts (shift_test defaults to test's); such a task is cached in a folder of
+    its own. Every image is seeded by its index, so a larger split starts with the
+    default split's images.
     """
     mean, std = MEAN, STD
     if data_config and data_config.get("mean") and data_config.get("std"):
@@ -695,18 +711,29 @@ def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 
     if not isinstance(image_size, (int, np.integer)) or image_size < 8:
         raise SwrError(f"glyphs image_size must be an integer >= 8, got {image_size!r}")
     image_size = int(image_size)
-    config = _config(target, int(seed), image_size)
-    folder = cache_root(root) / f"{target}-seed{int(seed)}-{image_size}px"
+    suffix = ""
+    if per_class is not None:
+        per_class = tuple(per_class)
+        if len(per_class) == 3:
+            per_class += (per_class[2],)
+        if len(per_class) != 4 or any(not isinstance(n, (int, np.integer)) or n < 1
+                                      for n in per_class):
+            raise SwrError(f"glyphs per_class must be 3 or 4 positive counts (train, val, "
+                           f"test[, shift_test]), got {per_class!r}")
+        per_class = tuple(int(n) for n in per_class)
+        suffix = "-images-" + "-".join(map(str, per_class))
+    spec = _spec(target, per_class)
+    config = _config(spec, target, int(seed), image_size)
+    folder = cache_root(root) / f"{target}-seed{int(seed)}-{image_size}px{suffix}"
     cached = _load_cache(folder, config)
     if cached is None:
-        _generate(target, int(seed), image_size, folder, config, progress)
+        _generate(spec, target, int(seed), image_size, folder, config, progress)
         cached = _load_cache(folder, config)
         if cached is None:
             raise SwrError(f"glyph cache {folder} is unreadable right after writing it; "
                            f"check the disk, or set SWR_CACHE to another folder")
     manifest, splits = cached
     data = {split: tensor_split(normalize(x, mean, std), y) for split, (x, y) in splits.items()}
-    spec = SPECS[target]
     return Task(
         id=f"glyphs:{target}", modality="image", class_names=list(manifest["class_names"]),
         train=data["train"], val=data["val"], test=data["test"], shift_test=data["shift_test"],
@@ -722,3 +749,23 @@ def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 
               "shift": ("unseen letters" if spec.kind == "font" else "unseen fonts")
               + f", {SHIFT_STRENGTH}x distortion"},
     )
+
+
+def load_glyphs_spec(rest: str, seed: int = 0, **kwargs) -> Task:
+    """The task of a ``glyphs:<rest>`` spec: ``<target>`` or ``<target>?images=T,V,E[,S]``.
+
+    The second form renders T/V/E (and S, else E) images per class for train, val, test
+    (and shift_test), cached apart from the default-size task; its task id keeps the
+    modifier (``glyphs:fine?images=30,60,100``)."""
+    target, sep, modifier = rest.partition("?")
+    if not sep:
+        return load_glyphs(rest, seed=seed, **kwargs)
+    key, _, value = modifier.partition("=")
+    parts = value.split(",")
+    if key != "images" or len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0
+                                                                for p in parts):
+        raise SwrError(f"task 'glyphs:{rest}': write the images per class of train, val and "
+                       f"test (and shift_test) as positive integers, e.g. "
+                       f"glyphs:{target}?images=30,60,100")
+    task = load_glyphs(target, seed=seed, per_class=[int(p) for p in parts], **kwargs)
+    return dataclasses.replace(task, id=f"glyphs:{target}?images={','.join(parts)}")

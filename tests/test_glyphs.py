@@ -168,10 +168,10 @@ def test_interrupted_generation_leaves_no_half_cache(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     render = G._render_split
 
-    def dies_on_test_split(target, split, *args, **kwargs):
+    def dies_on_test_split(spec, target, split, *args, **kwargs):
         if split == "test":
             raise KeyboardInterrupt
-        return render(target, split, *args, **kwargs)
+        return render(spec, target, split, *args, **kwargs)
 
     monkeypatch.setattr(G, "_render_split", dies_on_test_split)
     monkeypatch.setattr(G, "GLYPHS_VERSION", G.GLYPHS_VERSION + 1)
@@ -230,3 +230,25 @@ def test_domains_differ_from_the_source():
     # Same-style targets (greek, cyrillic) share the source's statistics.
     greek = _render("greek")
     assert abs(_luma(greek).mean() - _luma(source).mean()) < 0.05
+
+
+def test_images_spec_renders_other_split_sizes_in_their_own_cache(tmp_path, small_task):
+    """``glyphs:<target>?images=T,V,E`` renders those counts per class in a folder of its
+    own, keeps the modifier in the id, and starts each split with the default images."""
+    from swr.tasks import get_task
+
+    task = get_task(f"glyphs:{SMALL}?images=2,12,3", root=tmp_path, progress=False)
+    n = len(G.SPECS[SMALL].classes)
+    assert task.id == f"glyphs:{SMALL}?images=2,12,3"
+    assert task.info["counts"] == {"train": 2 * n, "val": 12 * n, "test": 3 * n,
+                                   "shift_test": 3 * n}
+    assert [p.name for p in tmp_path.iterdir()] == [f"{SMALL}-seed0-32px-images-2-12-3-3"]
+    default = dict(G.SPECS[SMALL].per_class)
+    for split in ("train", "test"):  # smaller or larger than the default: the same prefix
+        mine, theirs = getattr(task, split).tensors, getattr(small_task, split).tensors
+        k = min(len(mine[1]), default[split] * n)
+        assert torch.equal(mine[0][:k], theirs[0][:k]) and torch.equal(mine[1][:k], theirs[1][:k])
+    for bad in ("?images=2,1", "?images=2,0,1", "?count=2,1,1"):
+        with pytest.raises(SwrError, match=r"images per class .* e\.g\. glyphs:fine\?images="):
+            get_task(f"glyphs:{SMALL}{bad}", root=tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
