@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--supernet-epochs", type=int, default=10, help="stage-1 epochs")
     p.add_argument("--epochs", type=int, default=15, help="final training epochs (all searchers)")
     p.add_argument("--workers", type=int, default=0, help="Ray workers per search (0: none)")
+    p.add_argument("--norms", default="auto", choices=["auto", "budget", "none", "free"],
+                   help="task norms in search and final training (swr search --norms); none: "
+                        "deltas only, where the selection is all that differs")
     p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"),
                    help="folder for the runs and cells.jsonl (resumable)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
@@ -78,18 +81,19 @@ def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) ->
     from swr.supernet import SupernetConfig
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", task)  # kws-synth:ru?speakers=16,24,24
-    folder = Path(args.out) / slug / f"b{budget.rstrip('%')}" / f"s{seed}"
+    norms = "" if args.norms == "auto" else f"-norms-{args.norms}"
+    folder = Path(args.out) / slug / f"b{budget.rstrip('%')}{norms}" / f"s{seed}"
     search_out = folder / policy
     cfg = SearchConfig(task=task, checkpoint=ckpt, budget=budget, out=str(search_out),
                        policy=policy, seed=seed, evaluations=args.evaluations,
                        workers=args.workers, device="cpu", progress=False,
-                       supernet=SupernetConfig(epochs=args.supernet_epochs))
+                       norms=args.norms, supernet=SupernetConfig(epochs=args.supernet_epochs))
     t0 = time.perf_counter()
     sel = run_search(cfg)
     wall = time.perf_counter() - t0
     metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
-    return {"task": task, "budget": budget, "seed": seed, "policy": policy,
+    return {"task": task, "budget": budget, "seed": seed, "policy": policy, "norms": args.norms,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
             "trained_params": metrics.get("trained_params", metrics.get("updated_params")),
@@ -129,7 +133,8 @@ def render(cells: list[dict], args, minutes: float) -> str:
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     lines = [
         f"Tasks {', '.join(f'`{t}`' for t in tasks)}; budgets {', '.join(args.budget_list)}; "
-        f"{args.seeds} seeds; {args.evaluations} distinct evaluations per searcher; supernet "
+        f"{args.seeds} seeds; {args.evaluations} distinct evaluations per searcher; task norms "
+        f"`--norms {args.norms}`; supernet "
         f"{args.supernet_epochs} epochs (one per task and seed, shared by the searchers); the "
         f"same final training for every selection ({args.epochs} epochs, `swr finetune`). "
         f"{len(cells)} cells, {cell_minutes(cells):.1f} min of search and final training in "
@@ -219,6 +224,8 @@ def main(argv=None) -> None:
     cells = []
     if log_path.exists():
         cells = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    # cells of another --norms in the same folder are neither reused nor reported
+    cells = [c for c in cells if c.get("norms", "auto") == args.norms]
     done = {cell_key(c["task"], c["budget"], c["seed"], c["policy"]) for c in cells}
     todo = [(t, ck, b, s, p) for t, ck in args.pairs for s in range(args.seeds)
             for b in args.budget_list for p in args.policy_list
