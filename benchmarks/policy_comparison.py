@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--supernet-epochs", type=int, default=10, help="stage-1 epochs")
     p.add_argument("--epochs", type=int, default=15, help="final training epochs (all searchers)")
     p.add_argument("--workers", type=int, default=0, help="Ray workers per search (0: none)")
+    p.add_argument("--supernet-gates", default="budget", choices=["budget", "bernoulli"],
+                   help="stage-1 gates (swr search --supernet-gates)")
     p.add_argument("--norms", default="auto", choices=["auto", "budget", "none", "free"],
                    help="task norms in search and final training (swr search --norms); none: "
                         "deltas only, where the selection is all that differs")
@@ -81,19 +83,22 @@ def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) ->
     from swr.supernet import SupernetConfig
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", task)  # kws-synth:ru?speakers=16,24,24
-    norms = "" if args.norms == "auto" else f"-norms-{args.norms}"
-    folder = Path(args.out) / slug / f"b{budget.rstrip('%')}{norms}" / f"s{seed}"
+    variant = ("" if args.norms == "auto" else f"-norms-{args.norms}") + (
+        "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates")
+    folder = Path(args.out) / slug / f"b{budget.rstrip('%')}{variant}" / f"s{seed}"
     search_out = folder / policy
     cfg = SearchConfig(task=task, checkpoint=ckpt, budget=budget, out=str(search_out),
                        policy=policy, seed=seed, evaluations=args.evaluations,
                        workers=args.workers, device="cpu", progress=False,
-                       norms=args.norms, supernet=SupernetConfig(epochs=args.supernet_epochs))
+                       norms=args.norms, supernet=SupernetConfig(epochs=args.supernet_epochs,
+                                                                 gates=args.supernet_gates))
     t0 = time.perf_counter()
     sel = run_search(cfg)
     wall = time.perf_counter() - t0
     metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
     return {"task": task, "budget": budget, "seed": seed, "policy": policy, "norms": args.norms,
+            "supernet_gates": args.supernet_gates,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
             "trained_params": metrics.get("trained_params", metrics.get("updated_params")),
@@ -134,7 +139,7 @@ def render(cells: list[dict], args, minutes: float) -> str:
     lines = [
         f"Tasks {', '.join(f'`{t}`' for t in tasks)}; budgets {', '.join(args.budget_list)}; "
         f"{args.seeds} seeds; {args.evaluations} distinct evaluations per searcher; task norms "
-        f"`--norms {args.norms}`; supernet "
+        f"`--norms {args.norms}`; supernet `--supernet-gates {args.supernet_gates}`, "
         f"{args.supernet_epochs} epochs (one per task and seed, shared by the searchers); the "
         f"same final training for every selection ({args.epochs} epochs, `swr finetune`). "
         f"{len(cells)} cells, {cell_minutes(cells):.1f} min of search and final training in "
@@ -225,7 +230,8 @@ def main(argv=None) -> None:
     if log_path.exists():
         cells = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     # cells of another --norms in the same folder are neither reused nor reported
-    cells = [c for c in cells if c.get("norms", "auto") == args.norms]
+    cells = [c for c in cells if c.get("norms", "auto") == args.norms
+             and c.get("supernet_gates", "bernoulli") == args.supernet_gates]
     done = {cell_key(c["task"], c["budget"], c["seed"], c["policy"]) for c in cells}
     todo = [(t, ck, b, s, p) for t, ck in args.pairs for s in range(args.seeds)
             for b in args.budget_list for p in args.policy_list

@@ -51,7 +51,8 @@ def select(model: nn.Module, task, budget: Union[str, float, int], policy: str =
                        "(pass the model before swr.reparametrize)")
     searcher = build_searcher(policy, SearchSettings(
         evaluations=evaluations, workers=workers, seed=seed, device=device, progress=progress))
-    cfg = SupernetConfig(epochs=supernet_epochs, seed=seed, device=device, progress=progress)
+    cfg = SupernetConfig(epochs=supernet_epochs, seed=seed, device=device, progress=progress,
+                         gates="budget")
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="swr-select-"))
     result, _ = search_selection(model, task, budget, searcher, cfg, folder,
                                  backbone=type(model).__name__)

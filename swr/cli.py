@@ -165,9 +165,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "continues with --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--supernet-epochs", type=int, default=10)
-    p.add_argument("--supernet-gates", default="bernoulli", help="how stage 1 opens gates per "
-                   "batch: bernoulli (each gate independently) or budget (a random selection "
-                   "within --budget, the kind the search scores)")
+    p.add_argument("--supernet-gates", default="budget", help="how stage 1 opens gates per "
+                   "batch: budget (a random selection within --budget, the kind the search "
+                   "scores; the default, it ranks final accuracy better) or bernoulli (each "
+                   "gate independently)")
     p.add_argument("--reward", default="loglik", help="what a selection scores on the "
                    "supernet: loglik (mean log-probability of the true class on validation; "
                    "the default, it ranks final accuracy better) or accuracy")

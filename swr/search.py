@@ -52,7 +52,9 @@ class SearchConfig:
     device: str = "auto"
     ray_address: Optional[str] = None
     samples_per_iteration: int = 8
-    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    #: stage 1 on budget-feasible gate sets, the kind the search scores: with val-batch
+    #: statistics its scores ranked final accuracy better (docs/SEARCH.md)
+    supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(gates="budget"))
     bn_batches: int = 4
     #: where a scoring takes BatchNorm statistics from (swr.envs.evaluator.BN_STATS)
     bn_stats: str = "val"

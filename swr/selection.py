@@ -49,8 +49,8 @@ class SearchProblem:
     budgets: list[int] = field(default_factory=list)
     budget_labels: list[str] = field(default_factory=list)
     #: where scorings must take BatchNorm statistics from when the supernet decides it
-    #: (``"supernet"`` for one trained with the base's norms: the statistics the final
-    #: model keeps); None leaves it to the searcher's settings
+    #: (``"supernet"`` for one trained with the base's norms on random gates: the
+    #: statistics the final model keeps); None leaves it to the searcher's settings
     bn_stats: Optional[str] = None
 
     @property
@@ -168,7 +168,11 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
                             title=f"{searcher.name} on {task.id}, budget {shown}",
                             budgets=delta_budgets if many else [],
                             budget_labels=[str(b) for b in budgets] if many else [],
-                            bn_stats=None if supernet.norms else "supernet")
+                            # deltas only on a supernet of random gate sets: its
+                            # statistics, those the final model keeps; on one of budget
+                            # gate sets val-batch statistics ranked better (docs/SEARCH.md)
+                            bn_stats=None if supernet.norms or supernet.gates == "budget"
+                            else "supernet")
     t1 = time.perf_counter()
     found = searcher(problem)
     t_search = time.perf_counter() - t1

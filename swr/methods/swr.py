@@ -89,7 +89,7 @@ class SWR(Method):
                            f"swr.policies.build_searcher({self.selector!r}, ...)")
         out = self.out or tempfile.mkdtemp(prefix="swr-search-")
         sn = SupernetConfig(epochs=self.supernet_epochs, seed=self.seed, device=self.device,
-                            progress=False)
+                            progress=False, gates="budget")
         result, supernet = search_selection(model, task, budget_params, self.searcher, sn, out,
                                             backbone=type(model).__name__, norms=self.norms)
         self.selection = list(result["layers"])
