@@ -1,13 +1,15 @@
 """The learned policy against the reference selectors: final test accuracy, paired.
 
 For every task, budget and seed: one supernet (cached, shared by all searchers of
-that task and seed), then each searcher (``pg``, ``knapsack``, ``random`` by default)
+that task and seed, and of that budget with ``--supernet-gates budget``), then each searcher (``pg``, ``knapsack``, ``random`` by default)
 searches with the same number of *distinct* evaluations (``swr search``), and each
 searcher's selection gets the same final training (``swr finetune``: same epochs,
 learning rate and seed). The comparison is on final **test** accuracy, paired by
 (task, budget, seed): the mean difference ``pg - knapsack`` and ``pg - random`` with
 a 95% t interval, per task and budget and pooled over all cells. Search seconds
-(stage 2 only; the supernet is shared) are reported per searcher.
+(stage 2 only; the supernet is shared) are reported per searcher, and per task and
+budget how many selections fit (the space the evaluations are drawn from) and in how
+many cells two searchers chose the very same layers.
 
     python benchmarks/policy_comparison.py \\
         --task kws-synth:de=CKPT_EN --task kws-synth:fr=CKPT_EN \\
@@ -60,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"),
                    help="folder for the runs and cells.jsonl (resumable)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
+    p.add_argument("--render-only", action="store_true",
+                   help="run no cell: report the cells OUT holds for these tasks (for runs "
+                        "made by several invocations side by side)")
     args = p.parse_args(argv)
     args.pairs = []
     for item in args.task:
@@ -76,16 +81,33 @@ def cell_key(task: str, budget: str, seed: int, policy: str) -> str:
     return f"{task}|{budget}|{seed}|{policy}"
 
 
+def cell_folder(args, task: str, budget: str, seed: int) -> Path:
+    """Where the searches and final trainings of one (task, budget, seed) go."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", task)  # kws-synth:ru?speakers=16,24,24
+    variant = ("" if args.norms == "auto" else f"-norms-{args.norms}") + (
+        "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates")
+    return Path(args.out) / slug / f"b{budget.rstrip('%')}{variant}" / f"s{seed}"
+
+
+def feasible_space(ckpt: str, delta_budget: int) -> int:
+    """How many selections of the base in ``ckpt`` fit ``delta_budget``
+    (:func:`swr.budget.count_feasible`), for cells recorded before selection.json said."""
+    from swr.budget import count_feasible
+    from swr.reparam import candidates
+    from swr.source import base_spec, load_base
+    from swr.supernet import build_supernet
+
+    base, _ = load_base(base_spec(ckpt))
+    return count_feasible([c.params for c in candidates(build_supernet(base, 2))], delta_budget)
+
+
 def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) -> dict:
     """One search and its final training; the row that goes into cells.jsonl."""
     from swr.finetune import finetune
     from swr.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", task)  # kws-synth:ru?speakers=16,24,24
-    variant = ("" if args.norms == "auto" else f"-norms-{args.norms}") + (
-        "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates")
-    folder = Path(args.out) / slug / f"b{budget.rstrip('%')}{variant}" / f"s{seed}"
+    folder = cell_folder(args, task, budget, seed)
     search_out = folder / policy
     cfg = SearchConfig(task=task, checkpoint=ckpt, budget=budget, out=str(search_out),
                        policy=policy, seed=seed, evaluations=args.evaluations,
@@ -102,7 +124,9 @@ def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) ->
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
             "trained_params": metrics.get("trained_params", metrics.get("updated_params")),
-            "layers": len(sel["layers"]), "search_s": sel["seconds"]["search"],
+            "layers": len(sel["layers"]), "selection": list(sel["layers"]),
+            "feasible_selections": sel["feasible_selections"],
+            "search_s": sel["seconds"]["search"],
             "supernet_s": sel["seconds"]["supernet"], "search_wall_s": wall,
             "final_val_acc": metrics["val_acc"], "final_test_acc": metrics["test_acc"],
             "final_s": metrics.get("seconds")}
@@ -116,6 +140,18 @@ def paired(cells: list[dict], first: str, other: str, where=lambda c: True) -> l
         if p == first and (t, b, s, other) in by:
             out.append(100 * (c["final_test_acc"] - by[(t, b, s, other)]["final_test_acc"]))
     return out
+
+
+def same_selection(cells: list[dict], first: str, other: str) -> str:
+    """In how many paired cells ``first`` and ``other`` chose the very same layers (their
+    final trainings are then identical, and so is their accuracy)."""
+    by = {(c["task"], c["budget"], c["seed"], c["policy"]): c for c in cells}
+    pairs = [(c, by[(t, b, s, other)]) for (t, b, s, p), c in by.items()
+             if p == first and (t, b, s, other) in by]
+    known = [(a, b) for a, b in pairs if "selection" in a and "selection" in b]
+    if not known:
+        return "-"
+    return f"{sum(sorted(a['selection']) == sorted(b['selection']) for a, b in known)}/{len(known)}"
 
 
 def cell_minutes(cells: list[dict]) -> float:
@@ -140,22 +176,26 @@ def render(cells: list[dict], args, minutes: float) -> str:
         f"Tasks {', '.join(f'`{t}`' for t in tasks)}; budgets {', '.join(args.budget_list)}; "
         f"{args.seeds} seeds; {args.evaluations} distinct evaluations per searcher; task norms "
         f"`--norms {args.norms}`; supernet `--supernet-gates {args.supernet_gates}`, "
-        f"{args.supernet_epochs} epochs (one per task and seed, shared by the searchers); the "
+        f"{args.supernet_epochs} epochs (one per task, seed"
+        f"{' and budget' if args.supernet_gates == 'budget' else ''}, shared by the searchers); the "
         f"same final training for every selection ({args.epochs} epochs, `swr finetune`). "
         f"{len(cells)} cells, {cell_minutes(cells):.1f} min of search and final training in "
         f"all (this invocation: {minutes:.1f} min).", "",
         "Final test accuracy (%), mean over seeds (each seed's value in brackets), and the "
         f"paired difference {first} - other in points with its 95% t interval over seeds "
         "(`*`: the interval excludes zero):", ""]
-    headers = ["task", "budget", *[f"{p} test %" for p in args.policy_list],
-               *[f"{first} - {o}" for o in others]]
+    headers = ["task", "budget", "feasible selections",
+               *[f"{p} test %" for p in args.policy_list],
+               *[f"{first} - {o}" for o in others],
+               *[f"same selection as {o}" for o in others]]
     rows = []
     for t in tasks:
         for b in args.budget_list:
             sub = [c for c in cells if c["task"] == t and c["budget"] == b]
             if not sub:
                 continue
-            row = [t, b]
+            space = {c.get("feasible_selections") for c in sub} - {None}
+            row = [t, b, f"{max(space):,}" if space else "-"]
             for p in args.policy_list:
                 accs = [100 * c["final_test_acc"] for c in sorted(sub, key=lambda c: c["seed"])
                         if c["policy"] == p]
@@ -163,9 +203,12 @@ def render(cells: list[dict], args, minutes: float) -> str:
                            if accs else "-")
             for o in others:
                 row.append(fmt_ci(paired(sub, first, o)))
+            for o in others:
+                row.append(same_selection(sub, first, o))
             rows.append(row)
-    pooled = ["all", "all", *["" for _ in args.policy_list],
-              *[fmt_ci(paired(cells, first, o)) for o in others]]
+    pooled = ["all", "all", "", *["" for _ in args.policy_list],
+              *[fmt_ci(paired(cells, first, o)) for o in others],
+              *[same_selection(cells, first, o) for o in others]]
     rows.append(pooled)
     lines += [md_table(headers, rows), ""]
     lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
@@ -217,6 +260,27 @@ def plot(cells: list[dict], args, path: Path) -> None:
     save_png(fig, path)
 
 
+def backfill(args, cells: list[dict]) -> None:
+    """Give cells recorded before the ``selection`` and ``feasible_selections`` fields
+    existed those fields, from their selection.json and the base, where they are here."""
+    ckpts = dict(args.pairs)
+    spaces: dict[tuple[str, int], int] = {}
+    for c in cells:
+        sel_file = cell_folder(args, c["task"], c["budget"], c["seed"]) / c["policy"] / \
+            "selection.json"
+        if "selection" in c or not sel_file.is_file():
+            continue
+        sel = json.loads(sel_file.read_text())
+        c["selection"] = list(sel["layers"])
+        if "feasible_selections" in sel:
+            c["feasible_selections"] = sel["feasible_selections"]
+        elif c["task"] in ckpts:
+            key = (c["task"], sel["delta_budget_params"])
+            if key not in spaces:
+                spaces[key] = feasible_space(ckpts[c["task"]], sel["delta_budget_params"])
+            c["feasible_selections"] = spaces[key]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from tqdm import tqdm
@@ -232,10 +296,12 @@ def main(argv=None) -> None:
     # cells of another --norms in the same folder are neither reused nor reported
     cells = [c for c in cells if c.get("norms", "auto") == args.norms
              and c.get("supernet_gates", "bernoulli") == args.supernet_gates]
+    backfill(args, cells)
     done = {cell_key(c["task"], c["budget"], c["seed"], c["policy"]) for c in cells}
     todo = [(t, ck, b, s, p) for t, ck in args.pairs for s in range(args.seeds)
             for b in args.budget_list for p in args.policy_list
-            if cell_key(t, b, s, p) not in done]
+            if cell_key(t, b, s, p) not in done and not args.render_only]
+    cells = [c for c in cells if c["task"] in dict(args.pairs)]
     info = machine()
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="policy comparison", unit="cell", file=sys.stderr) as bar:

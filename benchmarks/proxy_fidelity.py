@@ -179,7 +179,8 @@ def run(args) -> dict:
     # as swr search: with the norms untrained, stage 1 keeps the base's norms too (runs
     # made before it did are stored under the names without "-s1base")
     name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}{norms_tag}" + (
-        "" if norms_trained else "-s1base")
+        "" if norms_trained else "-s1base") + (
+        "-from-budget" if args.final_from == "budget" else "")
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     scfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
@@ -214,9 +215,11 @@ def run(args) -> dict:
         bcfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
                               progress=True, gates="budget", gate_budget_params=budget,
                               norms=norms_trained)
-        bnet, _, _ = prepare_supernet(base, task, bcfg, meta["backbone"])
+        bnet, _, bfolder = prepare_supernet(base, task, bcfg, meta["backbone"])
         score_all(bnet, "budget-")
         del bnet
+    if args.final_from == "budget":  # as swr search's default: stage 3 from that supernet
+        sfolder = bfolder
 
     settings = {"epochs": args.epochs, "seed": args.seed, "lr": 3e-3,
                 "supernet": str(sfolder), "task": args.task}
@@ -261,7 +264,7 @@ def run(args) -> dict:
         "name": name, "task": args.task, "budget": args.budget, "budget_params": budget,
         "seed": args.seed, "selections": len(rows), "epochs": args.epochs,
         "supernet_epochs": args.supernet_epochs, "budget_supernet": args.budget_supernet,
-        "norms": args.norms, "norms_trained": norms_trained,
+        "norms": args.norms, "norms_trained": norms_trained, "final_from": args.final_from,
         "supernet_val_acc_all_open": smeta["val_acc_all_open"],
         "score_s_per_selection": score_s["train"], "score_s_by_bn_stats": score_s,
         "train_s_median": statistics.median(r["train_s"] for r in rows),
@@ -301,6 +304,44 @@ def scatter(result: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+#: what ``swr search`` scored with before budget gates became its default (Bernoulli
+#: gates; 32 val-batch clips when the task norms train, the supernet's statistics when
+#: only deltas do) and since (budget gates, 32 val-batch clips either way)
+SEARCH_SCORING = {"before": ("valbn32-loglik", "snbn-loglik"), "now": "budget-valbn32-loglik"}
+
+
+def search_scoring_table(results: dict) -> list[str]:
+    """Kendall tau of the search's scoring before and since budget gates, per run that
+    scored both, and their paired difference."""
+    from _common import md_table, mean_ci95
+
+    rows, diffs = [], []
+    for r in sorted(results.values(), key=lambda r: r["name"]):
+        corr = r["correlations"]
+        old = SEARCH_SCORING["before"][0 if r.get("norms_trained", True) else 1]
+        if old not in corr or SEARCH_SCORING["now"] not in corr:
+            continue
+        a, b = corr[old]["kendall"], corr[SEARCH_SCORING["now"]]["kendall"]
+        diffs.append(b - a)
+        rows.append([f"`{r['task']}` {r['budget']}"
+                     + (", from budget" if r.get("final_from") == "budget" else ""),
+                     "norms trained" if r.get("norms_trained", True) else "deltas only",
+                     f"{r['headroom_points']:+.2f}", f"{a:.2f}", f"**{b:.2f}**", f"{b - a:+.2f}"])
+    if len(diffs) < 2:
+        return []
+    m, lo, hi = mean_ci95(diffs)
+    big = [d for d, row in zip(diffs, rows) if float(row[2]) >= 3]
+    return ["**The search's own scoring, before and since `--supernet-gates budget` became the "
+            "default** (Kendall tau-b of its score against final validation accuracy; before: "
+            "Bernoulli gates, 32 val-batch clips with task norms trained, the supernet's "
+            "statistics with deltas only; now: budget gates, 32 val-batch clips either way):",
+            "", md_table(["run", "trains", "headroom (points)", "tau before", "tau now",
+                          "difference"], rows), "",
+            f"Mean difference over the {len(diffs)} runs **{m:+.3f}** [{lo:+.3f}, {hi:+.3f}]"
+            + (f"; over the {len(big)} with >= 3 points of headroom {np.mean(big):+.3f}"
+               if big else "") + ".", ""]
+
+
 def render(results: dict) -> str:
     from _common import md_table, mean_ci95
 
@@ -332,11 +373,14 @@ def render(results: dict) -> str:
                   md_table(["supernet gates", "BatchNorm statistics", "runs", "mean tau",
                             "range", "minus `val` (every clip), paired [95% t interval]"],
                            table), ""]
+    lines += search_scoring_table(results)
     for r in sorted(results.values(), key=lambda r: r["name"]):
         norms = r.get("norms", "free")
         trained = "task norms trained" if r.get("norms_trained", True) else "deltas only"
         lines += [f"### {r['task']} at {r['budget']} ({r['budget_params']:,} delta parameters), "
-                  f"seed {r['seed']}, --norms {norms} ({trained})", "",
+                  f"seed {r['seed']}, --norms {norms} ({trained})"
+                  + (", final trainings from the budget-trained supernet"
+                     if r.get("final_from") == "budget" else ""), "",
                   f"{r['selections']} selections ({', '.join(sorted({x['rule'].split('-')[0] if x['rule'][:4] in ('last', 'firs') else x['rule'] for x in r['rows']}))}), "
                   f"final training {r['epochs']} epochs each (median {r['train_s_median']:.0f} s), "
                   f"supernet {r['supernet_epochs']} epochs (all gates open: val "
@@ -411,12 +455,18 @@ def main() -> None:
                         "well the two final trainings rank each other (the noise ceiling)")
     p.add_argument("--budget-supernet", action="store_true",
                    help="also score on a supernet trained on budget-feasible gate sets")
+    p.add_argument("--final-from", default="bernoulli", choices=["bernoulli", "budget"],
+                   help="the supernet the final trainings start from: the usual one, or (with "
+                        "--budget-supernet) the one trained on budget-feasible gate sets, as "
+                        "swr search's default does")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(ROOT / "runs" / "proxy_fidelity"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "SEARCH.md"))
     p.add_argument("--render-only", action="store_true",
                    help="rewrite the doc section from OUT/results.json without running")
     args = p.parse_args()
+    if args.final_from == "budget" and not args.budget_supernet:
+        p.error("--final-from budget needs --budget-supernet")
 
     from _common import write_section
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -183,6 +184,22 @@ def random_feasible_gates(costs: Sequence[int], budget_params: int,
             opened[i] = True
             left -= costs[i]
     return opened
+
+
+def count_feasible(costs: Sequence[int], budget_params: int) -> int:
+    """How many subsets of layers with these delta ``costs`` fit ``budget_params`` (the
+    empty one included): the size of the space a search draws its selections from. When
+    it is not much larger than the evaluations, every searcher scores most of it and
+    they all end up with the same selection. Counted exactly by dynamic programming over
+    the cost (``O(len(costs) * budget_params)``); above 2**53 the count is rounded."""
+    if budget_params < 0:
+        return 0
+    ways = np.zeros(budget_params + 1, dtype=np.float64)  # ways[s]: subsets costing s
+    ways[0] = 1.0
+    for c in costs:
+        if 0 <= c <= budget_params:
+            ways[c:] = ways[c:] + ways[:budget_params + 1 - c]
+    return int(ways.sum())
 
 
 def cost_report(model: nn.Module, selection: Iterable[str] | None = None, *,

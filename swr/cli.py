@@ -227,7 +227,8 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     norms = (f" + {r['norm_params']} norm" if r["norms_trained"] else " (norms not trained)")
     print(f"{r['policy']}: val {r['reward']} {r['val_score']:.4f} with {len(r['layers'])} layers, "
           f"trained {r['cost']} delta{norms} = {r['trained_params']}/{r['budget_params']} params "
-          f"(--norms {r['norms']}), {r['evaluations']} evaluations -> {args.out}/selection.json")
+          f"(--norms {r['norms']}), {r['evaluations']} evaluations of "
+          f"{r['feasible_selections']:,} feasible selections -> {args.out}/selection.json")
     _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")
     return 0
 

@@ -18,7 +18,8 @@ from typing import Optional, Protocol, runtime_checkable
 import numpy as np
 from torch import nn
 
-from .budget import backbone_params, resolve_budget, selection_cost, split_budget
+from .budget import (backbone_params, count_feasible, resolve_budget, selection_cost,
+                     split_budget)
 from .reparam import candidates, norm_parameters
 from .supernet import SupernetConfig, build_supernet, prepare_supernet
 
@@ -186,6 +187,8 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
             "budget_params": budgets_params[i], "budget": str(label),
             "norms": norms, "norms_trained": norms_trained, "norm_params": norm_count,
             "delta_budget_params": delta_budget,
+            # the space the searcher drew from: near the evaluations, every searcher ends alike
+            "feasible_selections": count_feasible(problem.costs, delta_budget),
             "trained_params": cost + (norm_count if norms_trained else 0),
             "backbone_params": backbone_params(model), "val_score": res.score,
             "policy": info.get("policy", searcher.name), "seed": info.get("seed"),

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swr.budget import (NORM_MODES, Budget, backbone_params, check_selection, cost_report,
-                        resolve_budget, selection_cost, split_budget)
+                        count_feasible, resolve_budget, selection_cost, split_budget)
 from swr.errors import BudgetError, SwrError
 from swr.reparam import candidates, reparametrize
 
@@ -99,3 +99,13 @@ def test_split_budget_refuses_norms_that_do_not_fit_in_budget_mode():
     with pytest.raises(SwrError, match="sometimes"):
         split_budget(1000, 400, "sometimes")
     assert NORM_MODES == ("auto", "budget", "none", "free")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 12), max_size=9), st.integers(-1, 40))
+def test_count_feasible_counts_every_subset_that_fits(costs, budget):
+    import itertools
+
+    brute = sum(1 for k in range(len(costs) + 1) for sub in itertools.combinations(costs, k)
+                if sum(sub) <= budget)
+    assert count_feasible(costs, budget) == brute

@@ -1,6 +1,7 @@
 """The pg policy's knapsack prior, budget conditioning, and searches of a budget list."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ def list_cfg(tmp_path, ckpt, policy, out="out", evaluations=14, budget=BUDGETS, 
     return SearchConfig(task="tiny", checkpoint=str(ckpt), budget=budget,
                         out=str(tmp_path / out), policy=policy, evaluations=evaluations,
                         workers=0, progress=False, device="cpu",
-                        supernet=SupernetConfig(epochs=1, progress=False), **kw)
+                        supernet=SupernetConfig(epochs=1, progress=False, gates="budget"), **kw)
 
 
 @pytest.mark.parametrize("policy", ["pg", "random"])
@@ -208,6 +209,18 @@ def test_single_budget_keeps_its_layout(tiny, tmp_path):
     out = tmp_path / "out"
     assert (out / "selection.json").exists() and not (out / "selections.json").exists()
     assert isinstance(json.loads((out / "fingerprint.json").read_text())["budget_params"], int)
+
+
+@pytest.mark.parametrize("gates, scored_with", [("budget", "val"), ("bernoulli", "supernet")])
+def test_deltas_only_search_scores_with_the_statistics_that_rank_best(tiny, tmp_path, gates,
+                                                                       scored_with):
+    """By default stage 1 trains on budget-feasible gate sets and a deltas-only search
+    scores with val-batch statistics; a supernet of independent gates keeps its own."""
+    _, ckpt = tiny
+    assert SearchConfig(task="t", checkpoint="c", budget="1%", out="o").supernet.gates == "budget"
+    cfg = list_cfg(tmp_path, ckpt, "random", evaluations=4, budget="10%", norms="none")
+    r = run_search(replace(cfg, supernet=replace(cfg.supernet, gates=gates)))
+    assert r["bn_stats"] == scored_with and not r["norms_trained"]
 
 
 def test_budget_list_errors(tiny, tmp_path):
