@@ -180,7 +180,9 @@ def run(args) -> dict:
     # made before it did are stored under the names without "-s1base")
     name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}{norms_tag}" + (
         "" if norms_trained else "-s1base") + (
-        "-from-budget" if args.final_from == "budget" else "")
+        "-from-budget" if args.final_from == "budget" else "") + (
+        # the final trainings start from the supernet: another stage 1, other trainings
+        f"-sn{args.supernet_epochs}" if args.supernet_epochs != 10 else "")
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     scfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",

@@ -286,13 +286,13 @@ def test_head_going_away_mid_search_stops_cleanly_and_resumes(tiny_search, tmp_p
     resumed = run_search(SearchConfig(
         task="tiny", checkpoint=str(tiny_search), budget="10%", out=str(out), policy="random",
         evaluations=12, seed=3, workers=0, resume=True, progress=False, device="cpu",
-        samples_per_iteration=2,
-        supernet=SupernetConfig(epochs=1, progress=False)))
+        samples_per_iteration=2,  # the CLI's default gates, as the interrupted run had
+        supernet=SupernetConfig(epochs=1, progress=False, gates="budget")))
     clean = run_search(SearchConfig(
         task="tiny", checkpoint=str(tiny_search), budget="10%", out=str(tmp_path / "clean"),
         policy="random", evaluations=12, seed=3, workers=0, progress=False, device="cpu",
-        samples_per_iteration=2,
-        supernet=SupernetConfig(epochs=1, progress=False)))
+        samples_per_iteration=2,  # the CLI's default gates, as the interrupted run had
+        supernet=SupernetConfig(epochs=1, progress=False, gates="budget")))
     assert resumed["replayed_evaluations"] == len(kept)
     assert (resumed["layers"], resumed["val_score"], resumed["evaluations"]) == \
         (clean["layers"], clean["val_score"], clean["evaluations"])

@@ -384,7 +384,7 @@ def test_kws_synth_manifest(scratch, data):
 @FUZZ
 @given(data=st.data())
 def test_glyph_manifest(scratch, data):
-    config = glyphs._config("sketch", 0, 8)
+    config = glyphs._config(glyphs.SPECS["sketch"], "sketch", 0, 8)
     folder = scratch / "glyphs"
     folder.mkdir(exist_ok=True)
     for split in glyphs.SPLITS:

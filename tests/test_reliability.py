@@ -735,7 +735,7 @@ def test_kws_synth_cache_is_never_trusted_beyond_its_fixed_files(tmp_path, monke
 def test_glyph_cache_with_damaged_manifest_is_regenerated(tmp_path):
     from swr.tasks import glyphs
 
-    config = glyphs._config("sketch", 0, 16)
+    config = glyphs._config(glyphs.SPECS["sketch"], "sketch", 0, 16)
     folder = tmp_path / "sketch-seed0-16px"
     folder.mkdir()
     for split in glyphs.SPLITS:
