@@ -214,6 +214,8 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        bn_clips=args.bn_clips or None, on_bad_file=args.on_bad_file,
                        norms=args.norms)
     r = run_search(cfg)
+    _suggest_longer_stage1((r["budgets"][0] if "budgets" in r else r)["supernet_steps"],
+                           args.supernet_epochs)
     if "budgets" in r:
         for e in r["budgets"]:
             norms = " + norms" if e["norms_trained"] else ""
@@ -231,6 +233,20 @@ def run_search_cmd(args: argparse.Namespace) -> int:
           f"{r['feasible_selections']:,} feasible selections -> {args.out}/selection.json")
     _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")
     return 0
+
+
+def _suggest_longer_stage1(steps: int, epochs: int) -> None:
+    """A notice when stage 1 took fewer optimizer steps than :data:`SUGGESTED_STEPS`."""
+    from .supernet import SUGGESTED_STEPS
+
+    if steps >= SUGGESTED_STEPS:
+        return
+    per_epoch = max(1, steps // max(1, epochs))
+    print(f"swr: stage 1 took {steps} optimizer steps ({epochs} epoch{'s' * (epochs != 1)} "
+          f"of {per_epoch}); on "
+          f"small tasks about {SUGGESTED_STEPS} ranked selections better and gave more accurate "
+          f"final models (docs/SEARCH.md): --supernet-epochs {-(-SUGGESTED_STEPS // per_epoch)}",
+          file=sys.stderr)
 
 
 COMMANDS["search"] = (_search_args, run_search_cmd,

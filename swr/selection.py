@@ -22,6 +22,7 @@ from .budget import (backbone_params, count_feasible, resolve_budget, selection_
                      split_budget)
 from .reparam import candidates, norm_parameters
 from .supernet import SupernetConfig, build_supernet, prepare_supernet
+from .train import steps_in_an_epoch
 
 Selection = tuple[str, ...]
 
@@ -196,6 +197,7 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
             "replayed_evaluations": found.replayed, "worker_retries": found.retries,
             "task": task.id, "backbone": backbone,
             "supernet": str(folder), "supernet_val_acc_all_open": meta["val_acc_all_open"],
+            "supernet_steps": supernet.epochs * steps_in_an_epoch(task.train, supernet.batch_size),
             # what scored: the statistics the supernet fixed; None: the searcher's setting
             "bn_stats": problem.bn_stats,
             "seconds": {"supernet": t_supernet, "search": t_search},

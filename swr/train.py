@@ -272,6 +272,13 @@ def _as_task(task):
     return task
 
 
+def steps_in_an_epoch(train_split, batch_size: int) -> int:
+    """Optimizer steps :func:`train` takes per epoch over ``train_split`` (the last batch
+    may be short; a DataLoader keeps its own batches)."""
+    return max(1, len(train_split) if isinstance(train_split, DataLoader)
+               else math.ceil(len(train_split) / batch_size))
+
+
 def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConfig, *,
           before_batch: Optional[Callable[[int], None]] = None,
           regularizer: Optional[Callable[[], torch.Tensor]] = None,
@@ -306,8 +313,7 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
     if not params:
         raise SwrError("nothing to train: no parameter requires a gradient")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(task.train) if isinstance(task.train, DataLoader)
-                          else math.ceil(len(task.train) / cfg.batch_size))
+    steps_per_epoch = steps_in_an_epoch(task.train, cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 

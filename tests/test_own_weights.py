@@ -142,7 +142,7 @@ def test_imagefolder_transforms_follow_the_data_config(tmp_path):
     assert plain.info["preprocess"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
 
-def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch):
+def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch, capsys):
     task = tiny_audio_task()
     monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
     torch.manual_seed(0)
@@ -155,6 +155,18 @@ def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch):
                  "--device", "cpu", "--out", str(search_out)]) == 0
     sel = json.loads((search_out / "selection.json").read_text())
     assert sel["base"] == {"backbone": "bcresnet-1", "weights": str(weights.resolve())}
+    # one epoch of stage 1 on a tiny task: the steps it took, and a suggestion for more
+    from swr.supernet import SUGGESTED_STEPS
+    from swr.train import steps_in_an_epoch
+
+    per_epoch = steps_in_an_epoch(task.train, 64)
+    assert sel["supernet_steps"] == per_epoch < SUGGESTED_STEPS
+    notice = [line for line in capsys.readouterr().err.splitlines() if "stage 1 took" in line]
+    assert notice == [f"swr: stage 1 took {per_epoch} optimizer steps (1 epoch of {per_epoch}); "
+                      f"on small tasks about {SUGGESTED_STEPS} ranked selections better and gave "
+                      f"more accurate final models (docs/SEARCH.md): --supernet-epochs "
+                      f"{-(-SUGGESTED_STEPS // per_epoch)}"]
+    assert sel["feasible_selections"] >= 2  # the empty selection and at least one layer
     assert sel["checkpoint"] is None
     assert main(["finetune", "--selection", str(search_out / "selection.json"), "--epochs", "1",
                  "--device", "cpu", "--out", str(final)]) == 0
