@@ -326,7 +326,9 @@ def search_scoring_table(results: dict) -> list[str]:
         a, b = corr[old]["kendall"], corr[SEARCH_SCORING["now"]]["kendall"]
         diffs.append(b - a)
         rows.append([f"`{r['task']}` {r['budget']}"
-                     + (", from budget" if r.get("final_from") == "budget" else ""),
+                     + (", from budget" if r.get("final_from") == "budget" else "")
+                     + (f", stage 1 {r['supernet_epochs']} epochs"
+                        if r["supernet_epochs"] != 10 else ""),
                      "norms trained" if r.get("norms_trained", True) else "deltas only",
                      f"{r['headroom_points']:+.2f}", f"{a:.2f}", f"**{b:.2f}**", f"{b - a:+.2f}"])
     if len(diffs) < 2:
@@ -382,7 +384,9 @@ def render(results: dict) -> str:
         lines += [f"### {r['task']} at {r['budget']} ({r['budget_params']:,} delta parameters), "
                   f"seed {r['seed']}, --norms {norms} ({trained})"
                   + (", final trainings from the budget-trained supernet"
-                     if r.get("final_from") == "budget" else ""), "",
+                     if r.get("final_from") == "budget" else "")
+                  + (f", stage 1 {r['supernet_epochs']} epochs"
+                     if r["supernet_epochs"] != 10 else ""), "",
                   f"{r['selections']} selections ({', '.join(sorted({x['rule'].split('-')[0] if x['rule'][:4] in ('last', 'firs') else x['rule'] for x in r['rows']}))}), "
                   f"final training {r['epochs']} epochs each (median {r['train_s_median']:.0f} s), "
                   f"supernet {r['supernet_epochs']} epochs (all gates open: val "

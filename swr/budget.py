@@ -186,19 +186,29 @@ def random_feasible_gates(costs: Sequence[int], budget_params: int,
     return opened
 
 
-def count_feasible(costs: Sequence[int], budget_params: int) -> int:
+#: Largest budget (in units of the costs' common divisor) :func:`count_feasible` counts
+#: for; one float64 per unit, so at most 256 MiB.
+COUNT_FEASIBLE_LIMIT = 32_000_000
+
+
+def count_feasible(costs: Sequence[int], budget_params: int) -> int | None:
     """How many subsets of layers with these delta ``costs`` fit ``budget_params`` (the
     empty one included): the size of the space a search draws its selections from. When
     it is not much larger than the evaluations, every searcher scores most of it and
     they all end up with the same selection. Counted exactly by dynamic programming over
-    the cost (``O(len(costs) * budget_params)``); above 2**53 the count is rounded."""
+    the cost in units of the costs' greatest common divisor; above 2**53 the count is
+    rounded, and None when the budget exceeds :data:`COUNT_FEASIBLE_LIMIT` units."""
     if budget_params < 0:
         return 0
-    ways = np.zeros(budget_params + 1, dtype=np.float64)  # ways[s]: subsets costing s
+    fit = [int(c) for c in costs if 0 <= c <= budget_params]
+    unit = math.gcd(*fit) or 1
+    top = budget_params // unit
+    if top > COUNT_FEASIBLE_LIMIT:
+        return None
+    ways = np.zeros(top + 1, dtype=np.float64)  # ways[s]: subsets costing s units
     ways[0] = 1.0
-    for c in costs:
-        if 0 <= c <= budget_params:
-            ways[c:] = ways[c:] + ways[:budget_params + 1 - c]
+    for c in (c // unit for c in fit):
+        ways[c:] = ways[c:] + ways[:top + 1 - c]
     return int(ways.sum())
 
 

@@ -109,3 +109,14 @@ def test_count_feasible_counts_every_subset_that_fits(costs, budget):
     brute = sum(1 for k in range(len(costs) + 1) for sub in itertools.combinations(costs, k)
                 if sum(sub) <= budget)
     assert count_feasible(costs, budget) == brute
+    scaled = [7 * c for c in costs]  # counted in units of the common divisor, same answer
+    assert count_feasible(scaled, 7 * budget + 3) == brute
+
+
+def test_count_feasible_declines_budgets_too_large_to_count(monkeypatch):
+    import swr.budget
+
+    monkeypatch.setattr(swr.budget, "COUNT_FEASIBLE_LIMIT", 100)
+    assert count_feasible([3, 5], 100) == 4
+    assert count_feasible([3, 5], 101) is None
+    assert count_feasible([30, 50], 1000) == 4  # 100 units of 10
