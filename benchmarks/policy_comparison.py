@@ -1,10 +1,10 @@
 """The learned policy against the reference selectors: final test accuracy, paired.
 
 For every task, budget and seed: one supernet (cached, shared by all searchers of
-that task and seed, and of that budget with ``--supernet-gates budget``), then each searcher (``pg``, ``knapsack``, ``random`` by default)
-searches with the same number of *distinct* evaluations (``swr search``), and each
-searcher's selection gets the same final training (``swr finetune``: same epochs,
-learning rate and seed). The comparison is on final **test** accuracy, paired by
+that task and seed, and budget with ``--supernet-gates budget``), then each searcher
+(``pg``, ``knapsack``, ``random`` by default) searches with the same number of
+*distinct* evaluations (``swr search``), and each searcher's selection gets the same
+final training (``swr finetune``: same epochs, learning rate and seed). The comparison is on final **test** accuracy, paired by
 (task, budget, seed): the mean difference ``pg - knapsack`` and ``pg - random`` with
 a 95% t interval, per task and budget and pooled over all cells. Search seconds
 (stage 2 only; the supernet is shared) are reported per searcher, and per task and
@@ -12,9 +12,9 @@ budget how many selections fit (the space the evaluations are drawn from) and in
 many cells two searchers chose the very same layers.
 
     python benchmarks/policy_comparison.py \\
-        --task kws-synth:de=CKPT_EN --task kws-synth:fr=CKPT_EN \\
-        --task glyphs:sketch=CKPT_GLYPHS --task glyphs:painting=CKPT_GLYPHS \\
-        --budgets 1%,5% --seeds 3 --evaluations 32
+        --task 'glyphs:fine?images=30,60,100=CKPT_GLYPHS' \\
+        --task 'kws-synth:ru?speakers=16,24,24=CKPT_EN' \\
+        --budgets 1%,5% --seeds 3 --evaluations 16 --supernet-epochs 40 --norms none
 
 Each ``--task SPEC=CHECKPOINT`` names a task and the ``swr pretrain`` folder of its base
 model. Every finished cell is appended to ``OUT/cells.jsonl`` at once, so an interrupted
@@ -120,7 +120,7 @@ def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) ->
     metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
     return {"task": task, "budget": budget, "seed": seed, "policy": policy, "norms": args.norms,
-            "supernet_gates": args.supernet_gates,
+            "supernet_gates": args.supernet_gates, "supernet_epochs": args.supernet_epochs,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
             "trained_params": metrics.get("trained_params", metrics.get("updated_params")),
@@ -293,9 +293,10 @@ def main(argv=None) -> None:
     cells = []
     if log_path.exists():
         cells = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    # cells of another --norms in the same folder are neither reused nor reported
+    # cells of other settings in the same folder are neither reused nor reported
     cells = [c for c in cells if c.get("norms", "auto") == args.norms
-             and c.get("supernet_gates", "bernoulli") == args.supernet_gates]
+             and c.get("supernet_gates", "bernoulli") == args.supernet_gates
+             and c.get("supernet_epochs", args.supernet_epochs) == args.supernet_epochs]
     backfill(args, cells)
     done = {cell_key(c["task"], c["budget"], c["seed"], c["policy"]) for c in cells}
     todo = [(t, ck, b, s, p) for t, ck in args.pairs for s in range(args.seeds)

@@ -182,7 +182,8 @@ def run(args) -> dict:
         "" if norms_trained else "-s1base") + (
         "-from-budget" if args.final_from == "budget" else "") + (
         # the final trainings start from the supernet: another stage 1, other trainings
-        f"-sn{args.supernet_epochs}" if args.supernet_epochs != 10 else "")
+        f"-sn{args.supernet_epochs}" if args.supernet_epochs != 10 else "") + (
+        f"-e{args.epochs}" if args.epochs != 10 else "")
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     scfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
