@@ -214,8 +214,6 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        bn_clips=args.bn_clips or None, on_bad_file=args.on_bad_file,
                        norms=args.norms)
     r = run_search(cfg)
-    _suggest_longer_stage1((r["budgets"][0] if "budgets" in r else r)["supernet_steps"],
-                           args.supernet_epochs)
     if "budgets" in r:
         for e in r["budgets"]:
             norms = " + norms" if e["norms_trained"] else ""
@@ -235,20 +233,6 @@ def run_search_cmd(args: argparse.Namespace) -> int:
           + f" -> {args.out}/selection.json")
     _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")
     return 0
-
-
-def _suggest_longer_stage1(steps: int, epochs: int) -> None:
-    """A notice when stage 1 took fewer optimizer steps than :data:`SUGGESTED_STEPS`."""
-    from .supernet import SUGGESTED_STEPS
-
-    if steps >= SUGGESTED_STEPS:
-        return
-    per_epoch = max(1, steps // max(1, epochs))
-    print(f"swr: stage 1 took {steps} optimizer steps ({epochs} epoch{'s' * (epochs != 1)} "
-          f"of {per_epoch}); on "
-          f"small tasks about {SUGGESTED_STEPS} ranked selections better and gave more accurate "
-          f"final models (docs/SEARCH.md): --supernet-epochs {-(-SUGGESTED_STEPS // per_epoch)}",
-          file=sys.stderr)
 
 
 COMMANDS["search"] = (_search_args, run_search_cmd,
@@ -293,8 +277,23 @@ def run_finetune(args: argparse.Namespace) -> int:
     print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} trained "
           f"params (excl. head), task delta {m['delta_bytes']} bytes, fold error "
           f"{m['fold_max_abs_diff']:.2g} -> {args.out}")
+    _suggest_more_steps(m["steps"], args.epochs)
     _report_skipped("finetune", m.get("skipped_files", []), f"{args.out}/metrics.json")
     return 0
+
+
+def _suggest_more_steps(steps: int, epochs: int) -> None:
+    """One line when the final training took fewer optimizer steps than
+    :data:`swr.finetune.SUGGESTED_STEPS`, with the ``--epochs`` that would reach them."""
+    from .finetune import SUGGESTED_STEPS
+
+    if steps >= SUGGESTED_STEPS:
+        return
+    per_epoch = max(1, steps // max(1, epochs))
+    print(f"swr: the final training took {steps} optimizer steps ({epochs} "
+          f"epoch{'s' * (epochs != 1)} of {per_epoch}); on small tasks {SUGGESTED_STEPS} or more "
+          f"gave clearly more accurate models (docs/SEARCH.md): --epochs "
+          f"{-(-SUGGESTED_STEPS // per_epoch)}", file=sys.stderr)
 
 
 def _finetune_method(args: argparse.Namespace) -> int:

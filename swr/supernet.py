@@ -40,12 +40,6 @@ from .source import state_hash
 from .train import TrainConfig, TrainResult, batches, freeze_batchnorm, resolve_device, train
 
 
-#: Optimizer steps of stage 1 below which ``swr search`` suggests more epochs: on the
-#: small tasks measured (360-384 training examples, 6 batches an epoch), 240 steps in
-#: place of 60 raised the search score's rank agreement with final accuracy and the final
-#: accuracy itself (docs/SEARCH.md).
-SUGGESTED_STEPS = 240
-
 #: How stage 1 opens gates per batch (``SupernetConfig.gates``).
 SUPERNET_GATES = ("bernoulli", "budget")
 

@@ -155,21 +155,25 @@ def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch, capsys):
                  "--device", "cpu", "--out", str(search_out)]) == 0
     sel = json.loads((search_out / "selection.json").read_text())
     assert sel["base"] == {"backbone": "bcresnet-1", "weights": str(weights.resolve())}
-    # one epoch of stage 1 on a tiny task: the steps it took, and a suggestion for more
-    from swr.supernet import SUGGESTED_STEPS
+    # one epoch of stage 1 on a tiny task: the steps it took are recorded
     from swr.train import steps_in_an_epoch
 
     per_epoch = steps_in_an_epoch(task.train, 64)
-    assert sel["supernet_steps"] == per_epoch < SUGGESTED_STEPS
-    notice = [line for line in capsys.readouterr().err.splitlines() if "stage 1 took" in line]
-    assert notice == [f"swr: stage 1 took {per_epoch} optimizer steps (1 epoch of {per_epoch}); "
-                      f"on small tasks about {SUGGESTED_STEPS} ranked selections better and gave "
-                      f"more accurate final models (docs/SEARCH.md): --supernet-epochs "
-                      f"{-(-SUGGESTED_STEPS // per_epoch)}"]
+    assert sel["supernet_steps"] == per_epoch
     assert sel["feasible_selections"] >= 2  # the empty selection and at least one layer
     assert sel["checkpoint"] is None
+    capsys.readouterr()
     assert main(["finetune", "--selection", str(search_out / "selection.json"), "--epochs", "1",
                  "--device", "cpu", "--out", str(final)]) == 0
+    # one epoch: the steps it took, and one line suggesting enough epochs for 240
+    from swr.finetune import SUGGESTED_STEPS
+
+    assert json.loads((final / "metrics.json").read_text())["steps"] == per_epoch
+    notice = [line for line in capsys.readouterr().err.splitlines() if "optimizer steps" in line]
+    assert notice == [f"swr: the final training took {per_epoch} optimizer steps (1 epoch of "
+                      f"{per_epoch}); on small tasks {SUGGESTED_STEPS} or more gave clearly more "
+                      f"accurate models (docs/SEARCH.md): --epochs "
+                      f"{-(-SUGGESTED_STEPS // per_epoch)}"]
     assert main(["fold", *base, "--delta", str(final / "task_delta.safetensors"),
                  "--out", str(folded)]) == 0
     trained = create_backbone("bcresnet-1", weights=final / "model.safetensors")
