@@ -329,7 +329,8 @@ def search_scoring_table(results: dict) -> list[str]:
         rows.append([f"`{r['task']}` {r['budget']}"
                      + (", from budget" if r.get("final_from") == "budget" else "")
                      + (f", stage 1 {r['supernet_epochs']} epochs"
-                        if r["supernet_epochs"] != 10 else ""),
+                        if r["supernet_epochs"] != 10 else "")
+                     + (f", final {r['epochs']} epochs" if r["epochs"] != 10 else ""),
                      "norms trained" if r.get("norms_trained", True) else "deltas only",
                      f"{r['headroom_points']:+.2f}", f"{a:.2f}", f"**{b:.2f}**", f"{b - a:+.2f}"])
     if len(diffs) < 2:
@@ -387,7 +388,9 @@ def render(results: dict) -> str:
                   + (", final trainings from the budget-trained supernet"
                      if r.get("final_from") == "budget" else "")
                   + (f", stage 1 {r['supernet_epochs']} epochs"
-                     if r["supernet_epochs"] != 10 else ""), "",
+                     if r["supernet_epochs"] != 10 else "")
+                  + (f", final trainings {r['epochs']} epochs" if r["epochs"] != 10 else ""),
+                  "",
                   f"{r['selections']} selections ({', '.join(sorted({x['rule'].split('-')[0] if x['rule'][:4] in ('last', 'firs') else x['rule'] for x in r['rows']}))}), "
                   f"final training {r['epochs']} epochs each (median {r['train_s_median']:.0f} s), "
                   f"supernet {r['supernet_epochs']} epochs (all gates open: val "

@@ -53,8 +53,8 @@ class SearchConfig:
     ray_address: Optional[str] = None
     samples_per_iteration: int = 8
     #: stage 1 on budget-feasible gate sets, the kind the search scores: scored with
-    #: val-batch statistics, its rank agreement with final accuracy was higher in 14 of
-    #: 18 measured runs (docs/SEARCH.md). A SupernetConfig passed here keeps its own
+    #: val-batch statistics, its rank agreement with final accuracy was higher in 15 of
+    #: 19 measured runs (docs/SEARCH.md). A SupernetConfig passed here keeps its own
     #: gates (its default: "bernoulli")
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(gates="budget"))
     bn_batches: int = 4
