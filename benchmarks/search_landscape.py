@@ -1,13 +1,15 @@
 """A whole search space, scored and final-trained: what each searcher's choice is worth.
 
 When a budget admits few selections (``glyphs:fine`` at 5% on resnet10t: 510), every
-one of them can be scored on the supernet (the search's proxy) and final-trained (what
-the user gets). With both tables, any searcher is replayed against them at no cost, for
-as many search seeds as wanted: the final test accuracy of the selection it chooses with
-E distinct evaluations, paired by search seed. Beside that: the proxy's rank correlation
-with final accuracy over the whole space and within its top tenth, the space's headroom,
-and where each searcher's choice ranks by proxy. Supernet and final-training seed are
-fixed (``--seed``), so the intervals cover the search's randomness only.
+one of them can be scored on the supernet (the search's proxy), and the proxy's best
+``--top`` plus a uniform sample of ``--sample`` final-trained (what the user gets). With
+both tables, any searcher is replayed against them at no cost, for as many search seeds
+as wanted: where its choice ranks by proxy and the final test accuracy it reaches, paired
+by search seed. Beside that: the proxy's rank correlation with final accuracy over the
+sample and within its best tenth, what each layer adds to final accuracy and to the
+proxy, and, for two seeds of one space, the noise ceiling (how a second final training
+ranks the same selections). Supernet and final-training seed are fixed (``--seed``), so
+the replays' intervals cover the search's randomness only.
 
     python benchmarks/search_landscape.py --task 'glyphs:fine?images=30,60,100=CKPT_GLYPHS' \\
         --budget 5% --seed 0 --supernet-epochs 40 --epochs 8 --part 0 --parts 2 &
@@ -16,8 +18,8 @@ fixed (``--seed``), so the intervals cover the search's randomness only.
 
 The scoring (one process) comes first; final trainings go to ``OUT/finals-<part>.jsonl``
 as they finish, so ``--parts N`` runs N processes side by side and an interrupted run
-continues where it stopped. Once every selection is final-trained, a run without
-``--part`` replays the searchers and writes ``OUT/results.json`` and docs/SEARCH.md
+continues where it stopped. A run without ``--part`` trains what is left, replays the
+searchers and writes ``OUT/results.json`` and docs/SEARCH.md
 between the ``bench:search_landscape`` markers (one section for all stored landscapes).
 """
 
@@ -113,6 +115,9 @@ def register_exhaustive() -> None:
 
         def propose(self, problem, run) -> None:
             masks = every_selection(list(problem.costs), problem.budget_params)
+            if len(masks) > run.evaluations_left():
+                sys.exit(f"{len(masks)} selections fit this budget, more than "
+                         f"--max-selections {run.evaluations_left()}")
             write_json(problem.out / "problem.json",
                        {"names": problem.names, "costs": [int(c) for c in problem.costs],
                         "budget": int(problem.budget_params), "selections": len(masks),
@@ -140,19 +145,19 @@ def score_all(args) -> None:
     sel = run_search(cfg)
     n = count_feasible(json.loads((args.folder / "problem.json").read_text())["costs"],
                        sel["budget_params"])
-    if sel["evaluations"] != n:
-        sys.exit(f"{args.folder}: scored {sel['evaluations']} of {n} selections "
-                 f"(--max-selections {args.max_selections} too small?)")
+    assert sel["evaluations"] == n, (sel["evaluations"], n)  # every selection, once
 
 
 def scores(folder: Path) -> dict[tuple[str, ...], float]:
-    return {tuple(r["selection"]): r["score"] for r in map(json.loads, open(folder / "evaluations.jsonl"))}
+    """The proxy's score of every selection, in the order they were scored."""
+    rows = map(json.loads, (folder / "evaluations.jsonl").read_text().splitlines())
+    return {tuple(r["selection"]): r["score"] for r in rows}
 
 
 def finals(folder: Path) -> dict[tuple[str, ...], dict]:
     out = {}
     for f in sorted(glob.glob(str(folder / "finals-*.jsonl"))):
-        for r in map(json.loads, open(f)):
+        for r in map(json.loads, Path(f).read_text().splitlines()):
             out[tuple(r["selection"])] = r
     return out
 
