@@ -84,25 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- the two tables -----------------------------------------------------------------------
-def every_selection(costs: list[int], budget: int) -> list[np.ndarray]:
-    """Every subset of layers whose costs fit ``budget``, as masks."""
-    out: list[np.ndarray] = []
-    cur = np.zeros(len(costs), dtype=bool)
-
-    def visit(i: int, left: int) -> None:
-        if i == len(costs):
-            out.append(cur.copy())
-            return
-        visit(i + 1, left)
-        if costs[i] <= left:
-            cur[i] = True
-            visit(i + 1, left - costs[i])
-            cur[i] = False
-
-    visit(0, budget)
-    return out
-
-
 def register_exhaustive() -> None:
     """Searcher ``exhaustive`` (this script's own): scores every feasible selection and
     keeps the problem (names, costs, stage-1 statistics) for the replays."""
@@ -111,20 +92,22 @@ def register_exhaustive() -> None:
     from swr.policies.search import PoolSearcher
 
     class Exhaustive(PoolSearcher):
+        """The search driver scores every selection itself when they are no more than
+        the evaluations (``--max-selections``); this keeps the problem first."""
+
         name = "exhaustive"
 
-        def propose(self, problem, run) -> None:
-            masks = every_selection(list(problem.costs), problem.budget_params)
-            if len(masks) > run.evaluations_left():
-                sys.exit(f"{len(masks)} selections fit this budget, more than "
-                         f"--max-selections {run.evaluations_left()}")
+        def __call__(self, problem):
             write_json(problem.out / "problem.json",
                        {"names": problem.names, "costs": [int(c) for c in problem.costs],
-                        "budget": int(problem.budget_params), "selections": len(masks),
+                        "budget": int(problem.budget_params),
                         "stats": [{k: v if isinstance(v, str) else float(v) for k, v in s.items()}
                                   for s in problem.stats]})
-            for i in range(0, len(masks), 32):
-                run.score(masks[i:i + 32])
+            return super().__call__(problem)
+
+        def propose(self, problem, run) -> None:  # only for a space over the evaluations
+            sys.exit(f"more selections fit this budget than --max-selections "
+                     f"{run.evaluations_left()}")
 
     register_searcher("exhaustive", Exhaustive, "every feasible selection (benchmark only)")
 

@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from swr.budget import count_feasible, feasible_masks
 from swr.envs.evaluator import canonical
 from swr.errors import ClusterLostError
 from swr.io import save_png, write_csv
@@ -198,7 +199,10 @@ class PoolSearcher:
     with ``budget_conditioned``; any other gets one budget after another, each with an
     equal share of the evaluations (a selection already scored for one budget is free
     for the next). Either way the best selection of a budget is the best-scoring
-    distinct selection that fits it.
+    distinct selection that fits it. When no more selections fit the (largest) budget
+    than ``evaluations`` allows, the driver scores every one of them instead of asking
+    ``propose`` (:func:`swr.budget.feasible_masks`): every searcher then returns the
+    best there is.
     """
 
     name = ""
@@ -230,7 +234,15 @@ class PoolSearcher:
         retries = 0
         per_budget_weights: list[Optional[Path]] = []
         try:
-            if len(problem.budget_list) > 1 and not self.budget_conditioned:
+            small = count_feasible(costs, problem.budget_params)
+            if small is not None and small <= s.evaluations:
+                # no more selections fit than the search may score: score them all, the
+                # one way to be sure of the best (any searcher would end the same)
+                weights = None
+                masks = feasible_masks(costs, problem.budget_params)
+                for i in range(0, len(masks), 32):
+                    run.score(masks[i:i + 32])
+            elif len(problem.budget_list) > 1 and not self.budget_conditioned:
                 weights = None
                 per_budget_weights = self._propose_per_budget(problem, run)
             else:

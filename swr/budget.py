@@ -212,6 +212,27 @@ def count_feasible(costs: Sequence[int], budget_params: int) -> int | None:
     return int(ways.sum())
 
 
+def feasible_masks(costs: Sequence[int], budget_params: int) -> list[np.ndarray]:
+    """Every subset of layers that fits ``budget_params``, as boolean masks (the empty one
+    first; as many as :func:`count_feasible` counts): for spaces small enough to score
+    whole."""
+    out: list[np.ndarray] = []
+    cur = np.zeros(len(costs), dtype=bool)
+
+    def visit(i: int, left: int) -> None:
+        if i == len(costs):
+            out.append(cur.copy())
+            return
+        visit(i + 1, left)
+        if costs[i] <= left:
+            cur[i] = True
+            visit(i + 1, left - costs[i])
+            cur[i] = False
+
+    visit(0, budget_params)
+    return out
+
+
 def cost_report(model: nn.Module, selection: Iterable[str] | None = None, *,
                 count_norms: bool = False, count_head: bool = False) -> dict:
     """Updated parameters of a selection, with norms and head reported separately."""

@@ -154,7 +154,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help=_registered(lambda: "; ".join(
                        f"{name}: {summary}" for name, (_, summary) in _searchers().items())))
     p.add_argument("--evaluations", type=int, default=40,
-                   help="distinct selections to score, in total over a list of budgets")
+                   help="distinct selections to score, in total over a list of budgets (when "
+                        "no more selections fit the budget, all of them are scored)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
                    help="Ray workers scoring in parallel (default: one per CPU this process may "
@@ -228,8 +229,10 @@ def run_search_cmd(args: argparse.Namespace) -> int:
     print(f"{r['policy']}: val {r['reward']} {r['val_score']:.4f} with {len(r['layers'])} layers, "
           f"trained {r['cost']} delta{norms} = {r['trained_params']}/{r['budget_params']} params "
           f"(--norms {r['norms']}), {r['evaluations']} evaluations"
-          + (f" of {r['feasible_selections']:,} feasible selections"
-             if r.get("feasible_selections") is not None else "")
+          + ("" if r.get("feasible_selections") is None else
+             f" of {r['feasible_selections']:,} feasible selections"
+             + (" (all of them: the best there is)"
+                if r["evaluations"] == r["feasible_selections"] else ""))
           + f" -> {args.out}/selection.json")
     _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selection.json")
     return 0

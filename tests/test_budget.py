@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swr.budget import (NORM_MODES, Budget, backbone_params, check_selection, cost_report,
-                        count_feasible, resolve_budget, selection_cost, split_budget)
+                        count_feasible, feasible_masks, resolve_budget, selection_cost, split_budget)
 from swr.errors import BudgetError, SwrError
 from swr.reparam import candidates, reparametrize
 
@@ -109,6 +109,9 @@ def test_count_feasible_counts_every_subset_that_fits(costs, budget):
     brute = sum(1 for k in range(len(costs) + 1) for sub in itertools.combinations(costs, k)
                 if sum(sub) <= budget)
     assert count_feasible(costs, budget) == brute
+    masks = feasible_masks(costs, budget)  # the same subsets, each once
+    assert len(masks) == brute == len({m.tobytes() for m in masks})
+    assert all(sum(c for c, m in zip(costs, mask) if m) <= budget for mask in masks)
     scaled = [7 * c for c in costs]  # counted in units of the common divisor, same answer
     assert count_feasible(scaled, 7 * budget + 3) == brute
 

@@ -223,6 +223,22 @@ def test_deltas_only_search_scores_with_the_statistics_that_rank_best(tiny, tmp_
     assert r["bn_stats"] == scored_with and not r["norms_trained"]
 
 
+@pytest.mark.parametrize("policy", ["pg", "random"])
+def test_a_space_no_larger_than_the_evaluations_is_scored_whole(tiny, tmp_path, policy):
+    """Few selections of the tiny model fit under 60 parameters: with evaluations to
+    spare, every one of them is scored once and any searcher returns the best of them."""
+    _, ckpt = tiny
+    sel = run_search(list_cfg(tmp_path, ckpt, policy, budget="60", evaluations=500))
+    n = sel["feasible_selections"]
+    assert 2 < n <= 500 and sel["evaluations"] == n
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "evaluations.jsonl").read_text().splitlines()]
+    assert len(rows) == n == len({tuple(r["selection"]) for r in rows})
+    assert rows[0]["selection"] == []  # enumerated by the driver (the searcher starts elsewhere)
+    best = max(rows, key=lambda r: r["score"])
+    assert sel["layers"] == best["selection"] and sel["val_score"] == best["score"]
+
+
 def test_budget_list_errors(tiny, tmp_path):
     from swr.errors import SwrError
 
