@@ -217,6 +217,8 @@ def feasible_masks(costs: Sequence[int], budget_params: int) -> list[np.ndarray]
     first; as many as :func:`count_feasible` counts): for spaces small enough to score
     whole."""
     out: list[np.ndarray] = []
+    if budget_params < 0:  # not even the empty selection, as count_feasible says
+        return out
     cur = np.zeros(len(costs), dtype=bool)
 
     def visit(i: int, left: int) -> None:
