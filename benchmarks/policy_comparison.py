@@ -4,9 +4,10 @@ For every task, budget and seed: one supernet (cached, shared by all searchers o
 that task and seed, and budget with ``--supernet-gates budget``), then each searcher
 (``pg``, ``knapsack``, ``random`` by default) searches with the same number of
 *distinct* evaluations (``swr search``), and each searcher's selection gets the same
-final training (``swr finetune``: same epochs, learning rate and seed). The comparison is on final **test** accuracy, paired by
-(task, budget, seed): the mean difference ``pg - knapsack`` and ``pg - random`` with
-a 95% t interval, per task and budget and pooled over all cells. Search seconds
+final training (``swr finetune``: same epochs, learning rate and seed). The
+comparison is on final **test** accuracy, paired by (task, budget, seed): the mean
+difference ``pg - knapsack`` and ``pg - random`` with a 95% t interval, per task and
+budget and pooled over all cells. Search seconds
 (stage 2 only; the supernet is shared) are reported per searcher, and per task and
 budget how many selections fit (the space the evaluations are drawn from) and in how
 many cells two searchers chose the very same layers.

@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from swr.budget import count_feasible, feasible_masks
+from swr.budget import feasible_masks
 from swr.envs.evaluator import canonical
 from swr.errors import ClusterLostError
 from swr.io import save_png, write_csv
@@ -234,7 +234,7 @@ class PoolSearcher:
         retries = 0
         per_budget_weights: list[Optional[Path]] = []
         try:
-            small = count_feasible(costs, problem.budget_params)
+            small = problem.feasible_selections
             if small is not None and small <= s.evaluations:
                 # no more selections fit than the search may score: score them all, the
                 # one way to be sure of the best (any searcher would end the same)

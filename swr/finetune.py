@@ -33,13 +33,13 @@ from .tasks import task_data_path
 from .train import (TrainConfig, evaluate, freeze_batchnorm, resolve_device, steps_in_an_epoch,
                     train)
 
-#: Every file ``finetune`` writes: the run folder it replaces may hold only these.
 #: Optimizer steps below which ``swr finetune`` suggests more epochs. On
 #: glyphs:fine?images=30,60,100 (360 training images, 6 batches an epoch; 1%, deltas
 #: only, 20 selections) 240 steps in place of 60 raised the median final test accuracy
 #: from 72.3% to 88.1% (docs/SEARCH.md).
 SUGGESTED_STEPS = 240
 
+#: Every file ``finetune`` writes: the run folder it replaces may hold only these.
 OUTPUTS = {"task_delta.safetensors", "model.safetensors", "history.json", "metrics.json",
            *TRAINING_LOGS}
 

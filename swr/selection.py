@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
@@ -65,6 +66,12 @@ class SearchProblem:
         out = self.out / budget_folder(self.budget_labels[i]) if self.budgets else self.out
         return replace(self, budget_params=self.budget_list[i], budgets=[], budget_labels=[],
                        out=out)
+
+    @cached_property
+    def feasible_selections(self) -> Optional[int]:
+        """How many selections fit ``budget_params`` (:func:`swr.budget.count_feasible`),
+        counted once per problem."""
+        return count_feasible(self.costs, self.budget_params)
 
     @property
     def importance(self) -> np.ndarray:
@@ -183,13 +190,16 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     def entry(res: SearchResult, i: int, label) -> dict:
         delta_budget, norms_trained, _ = splits[i]
         cost = selection_cost(model, res.layers)
+        # the space the searcher drew from: near the evaluations, every searcher ends alike
+        # (the largest budget's is the problem's own, counted once)
+        feasible = (problem.feasible_selections if delta_budget == problem.budget_params
+                    else count_feasible(problem.costs, delta_budget))
         return {
             "layers": list(res.layers), "cost": cost,
             "budget_params": budgets_params[i], "budget": str(label),
             "norms": norms, "norms_trained": norms_trained, "norm_params": norm_count,
             "delta_budget_params": delta_budget,
-            # the space the searcher drew from: near the evaluations, every searcher ends alike
-            "feasible_selections": count_feasible(problem.costs, delta_budget),
+            "feasible_selections": feasible,
             "trained_params": cost + (norm_count if norms_trained else 0),
             "backbone_params": backbone_params(model), "val_score": res.score,
             "policy": info.get("policy", searcher.name), "seed": info.get("seed"),
