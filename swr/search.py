@@ -143,13 +143,15 @@ def run_search(cfg: SearchConfig) -> dict:
         result["reward"] = cfg.reward  # what val_score is
         # and where its BatchNorm statistics came from (those the supernet fixed, if any)
         result["bn_stats"] = result["bn_stats"] or cfg.bn_stats
+        # and, for val-batch statistics, from how many clips of each batch (None: all)
+        result["bn_clips"] = cfg.bn_clips if result["bn_stats"] == "val" else None
         result["on_bad_file"] = cfg.on_bad_file
         result["skipped_files"] = list(task.info.get("skipped", []))
         if "budgets" not in result:
             write_json(Path(cfg.out) / "selection.json", result)
             return result
         shared = {k: result[k] for k in ("checkpoint", "base", "task", "reward", "bn_stats",
-                                         "on_bad_file", "skipped_files")}
+                                         "bn_clips", "on_bad_file", "skipped_files")}
         for entry in result["budgets"]:
             entry.update(shared)
             folder = Path(cfg.out) / budget_folder(entry["budget"])

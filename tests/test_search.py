@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swr.tasks
+from swr.envs.evaluator import BN_CLIPS
 from swr.errors import SwrError
 from swr.search import SearchConfig, run_search
 from swr.policies.selectors import (greedy_selection, knapsack_selection, random_selection)
@@ -226,6 +227,7 @@ def test_deltas_only_search_trains_stage_one_with_the_base_norms(tiny, tmp_path,
     small = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=2))
     assert small["norms_trained"] is False and used == ["supernet"]
     assert small["bn_stats"] == "supernet"  # selection.json says what scored it
+    assert small["bn_clips"] is None  # no val-batch statistics, no clips of them
     state = load_file(str(Path(small["supernet"]) / "supernet.safetensors"))
     for name, module in norm_modules(base).items():
         for key, t in module.state_dict().items():
@@ -234,6 +236,7 @@ def test_deltas_only_search_trains_stage_one_with_the_base_norms(tiny, tmp_path,
     big = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="big", budget="40%",
                                 evaluations=2))
     assert big["norms_trained"] is True and used[-1] == "val" == big["bn_stats"]
+    assert big["bn_clips"] == BN_CLIPS
     state = load_file(str(Path(big["supernet"]) / "supernet.safetensors"))
     assert any(not torch.equal(state[f"{name}.{key}"], t)
                for name, module in norm_modules(base).items()
