@@ -40,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, md_table, mean_ci95, write_section  # noqa: E402
 
+#: Spaces with more feasible selections than this many times the evaluations are pooled
+#: apart ("large"): random search scores under 1/LARGE_SPACE of them.
+LARGE_SPACE = 1000
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -170,12 +175,21 @@ def fmt_ci(xs: list[float]) -> str:
     return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
 
 
+def seed_range(cells: list[dict]) -> str:
+    """How many seeds the (task, budget) groups hold: "5" or "3-10"."""
+    counts = {}
+    for c in cells:
+        counts.setdefault((c["task"], c["budget"]), set()).add(c["seed"])
+    lo, hi = min(map(len, counts.values())), max(map(len, counts.values()))
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def render(cells: list[dict], args, minutes: float) -> str:
     first, others = args.policy_list[0], args.policy_list[1:]
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     lines = [
         f"Tasks {', '.join(f'`{t}`' for t in tasks)}; budgets {', '.join(args.budget_list)}; "
-        f"{args.seeds} seeds; {args.evaluations} distinct evaluations per searcher; task norms "
+        f"{seed_range(cells)} seeds per task and budget; {args.evaluations} distinct evaluations per searcher; task norms "
         f"`--norms {args.norms}`; supernet `--supernet-gates {args.supernet_gates}`, "
         f"{args.supernet_epochs} epochs (one per task, seed"
         f"{' and budget' if args.supernet_gates == 'budget' else ''}, shared by the searchers); the "
@@ -211,6 +225,16 @@ def render(cells: list[dict], args, minutes: float) -> str:
               *[fmt_ci(paired(cells, first, o)) for o in others],
               *[same_selection(cells, first, o) for o in others]]
     rows.append(pooled)
+    # random search draws under 0.1% of a space over 1,000x the evaluations: where a
+    # searcher can beat it, if anywhere
+    big = lambda c: (c.get("feasible_selections") or 0) > LARGE_SPACE * c["evaluations"]  # noqa: E731
+    for label, where in ((f"> {LARGE_SPACE:,}x evaluations", big),
+                         (f"<= {LARGE_SPACE:,}x evaluations", lambda c: not big(c))):
+        sub = [c for c in cells if where(c)]
+        if sub and len(sub) < len(cells):
+            rows.append(["all", "all", label, *["" for _ in args.policy_list],
+                         *[fmt_ci(paired(sub, first, o)) for o in others],
+                         *[same_selection(sub, first, o) for o in others]])
     lines += [md_table(headers, rows), ""]
     lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
               "supernet score it found (mean):", ""]

@@ -65,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--searchers", default="pg,knapsack,random",
                    help="replayed searchers, the first compared with the others (pg:K=V/K=V: pg "
                         "with those PGConfig fields, e.g. pg:order=network)")
+    p.add_argument("--bn-stats", default="val", choices=["val", "supernet", "train"],
+                   help="the proxy's BatchNorm statistics: 'val' is the search's own scoring; "
+                        "another scores the stored space again with those (the final "
+                        "trainings are shared)")
     p.add_argument("--score-only", action="store_true",
                    help="no final training: replay the searchers on the proxy table alone")
     p.add_argument("--part", type=int, default=None, help="final-train only this part ...")
@@ -129,10 +133,35 @@ def score_all(args) -> None:
     assert sel["evaluations"] == sel["feasible_selections"], sel["evaluations"]
 
 
-def scores(folder: Path) -> dict[tuple[str, ...], float]:
-    """The proxy's score of every selection, in the order they were scored."""
-    rows = map(json.loads, (folder / "evaluations.jsonl").read_text().splitlines())
+def scores(folder: Path, bn_stats: str = "val") -> dict[tuple[str, ...], float]:
+    """The proxy's score of every selection, in the order they were scored (``bn_stats``
+    other than the search's own "val": the table :func:`rescore` wrote)."""
+    name = "evaluations.jsonl" if bn_stats == "val" else f"evaluations-bn-{bn_stats}.jsonl"
+    rows = map(json.loads, (folder / name).read_text().splitlines())
     return {tuple(r["selection"]): r["score"] for r in rows}
+
+
+def rescore(args) -> None:
+    """Score every selection of the space again on its supernet, with BatchNorm statistics
+    from ``args.bn_stats`` (log-likelihood, as the search scores)."""
+    from safetensors.torch import load_file
+
+    from swr.envs.evaluator import SupernetEvaluator
+    from swr.io import write_text
+    from swr.source import BaseSpec, load_base, load_task
+    from swr.supernet import SupernetConfig, new_supernet
+
+    target = args.folder / f"evaluations-bn-{args.bn_stats}.jsonl"
+    if args.bn_stats == "val" or target.is_file():
+        return
+    sel = json.loads((args.folder / "selection.json").read_text())
+    base, meta = load_base(BaseSpec.from_dict(sel["base"], "selection.json"))
+    task = load_task(sel["task"], meta)
+    model = new_supernet(base, task.num_classes, SupernetConfig(seed=args.seed))
+    model.load_state_dict(load_file(str(Path(sel["supernet"]) / "supernet.safetensors")))
+    evaluator = SupernetEvaluator(model, task, metric="loglik", bn_stats=args.bn_stats)
+    rows = [{"selection": list(k), "score": evaluator(k)} for k in scores(args.folder)]
+    write_text(target, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def finals(folder: Path) -> dict[tuple[str, ...], dict]:
@@ -165,7 +194,8 @@ def train_all(args, part: int, parts: int) -> None:
     from swr.finetune import finetune
 
     done = finals(args.folder)
-    todo = [k for k in work_order(scores(args.folder), args.top, args.sample)[part::parts]
+    table = scores(args.folder, args.bn_stats)
+    todo = [k for k in work_order(table, args.top, args.sample)[part::parts]
             if k not in done]
     print(f"part {part}/{parts}: {len(todo)} selections to final-train")
     for i, sel in enumerate(todo):
@@ -251,7 +281,7 @@ def report(args) -> dict:
     from swr.stats import kendall_tau
 
     problem = json.loads((args.folder / "problem.json").read_text())
-    table, fin = scores(args.folder), finals(args.folder)
+    table, fin = scores(args.folder, args.bn_stats), finals(args.folder)
     ordered = np.sort(np.array(list(table.values())))
 
     def rank(k) -> int:  # 0: the proxy's best
@@ -259,6 +289,7 @@ def report(args) -> dict:
 
     res = {"task": args.spec, "budget": args.budget, "seed": args.seed, "folder": str(args.folder),
            "supernet_epochs": args.supernet_epochs, "selections": len(table),
+           "bn_stats": args.bn_stats,
            "searchers": list(args.searchers), "search_seeds": args.search_seeds,
            "finals": not args.score_only, "replays": []}
     if not args.score_only:
@@ -312,7 +343,9 @@ def report(args) -> dict:
         print(json.dumps(row))
     from swr.io import write_json
 
-    write_json(args.folder / ("proxy-results.json" if args.score_only else "results.json"), res)
+    prefix = "" if args.bn_stats == "val" else f"bn-{args.bn_stats}-"
+    write_json(args.folder / (prefix + ("proxy-results.json" if args.score_only
+                                        else "results.json")), res)
     return res
 
 
@@ -324,7 +357,7 @@ def retests(results: list[dict]) -> list[dict]:
     from swr.stats import kendall_tau
 
     out = []
-    done = [r for r in results if r["finals"]]
+    done = [r for r in results if r["finals"] and r.get("bn_stats", "val") == "val"]
     for i, a in enumerate(done):
         for b in done[i + 1:]:
             if (a["task"], a["budget"]) != (b["task"], b["budget"]):
@@ -348,6 +381,13 @@ def retests(results: list[dict]) -> list[dict]:
     return out
 
 
+def space(r: dict) -> str:
+    """A space's label: task, budget, seed, and the proxy's statistics unless the search's."""
+    bn = r.get("bn_stats", "val")
+    return (f"{r['task']} {r['budget']} (seed {r['seed']}"
+            + ("" if bn == "val" else f", proxy with {bn} BN statistics") + ")")
+
+
 def render(results: list[dict]) -> str:
     finals_done = [r for r in results if r["finals"]]
     lines = [
@@ -358,7 +398,7 @@ def render(results: list[dict]) -> str:
         "report the final test accuracy of each searcher's choice. Supernet and final-training "
         "seed are fixed per space, so intervals are over search seeds only.", ""]
     if finals_done:
-        rows = [[f"{r['task']} {r['budget']} (seed {r['seed']})", r["selections"], r["sample"],
+        rows = [[space(r), r["selections"], r["sample"],
                  f"{r['test_best']:.2f} / {r['test_median']:.2f}", f"{r['test_proxy_best']:.2f}",
                  f"{r['tau_val']:.2f} / {r['tau_test']:.2f}", f"{r['tau_top']:.2f} ({r['top']})",
                  f"{r['tau_layer_count']:.2f}"]
@@ -383,7 +423,7 @@ def render(results: list[dict]) -> str:
         for r in finals_done:
             rows = [[name, x["cost"], x["in_sample"], f"{x['final']:+.2f}", f"{x['proxy']:+.3f}"]
                     for name, x in r["layers"].items()]
-            lines += [f"What each layer does in {r['task']} {r['budget']} (seed {r['seed']}): mean "
+            lines += [f"What each layer does in {space(r)}: mean "
                       "over the uniform sample of the selections with it minus those without it, "
                       "in final test points and in proxy score (log-likelihood).", "",
                       md_table(["layer", "delta parameters", "selections with it",
@@ -392,7 +432,7 @@ def render(results: list[dict]) -> str:
     rows = []
     for r in finals_done:
         for x in r["replays"]:
-            rows.append([f"{r['task']} {r['budget']} (seed {r['seed']})", x["evaluations"],
+            rows.append([space(r), x["evaluations"],
                          *(f"{x[s]['test_mean']:.2f}% (rank {x[s]['proxy_rank_mean']:.1f}, "
                            f"best {100 * x[s]['proxy_best_share']:.0f}%)" for s in names)])
     if rows:
@@ -400,14 +440,14 @@ def render(results: list[dict]) -> str:
                   "accuracy of its choice over the search seeds; in brackets the mean proxy "
                   "rank of the choice (0: the best of the whole space) and how often it is "
                   "that best.", "", md_table(["space", "evaluations", *names], rows), ""]
-    rows = [[f"{r['task']} {r['budget']} (seed {r['seed']})", r["selections"],
+    rows = [[space(r), r["selections"],
              " / ".join(str(x["evaluations"]) for x in r["replays"]), r["search_seeds"],
              *(" / ".join(f"{x[s]['proxy_rank_mean']:.1f}" for x in r["replays"]) for s in names)]
             for r in results]
     lines += ["Every space, on the proxy alone: the mean proxy rank of each searcher's choice "
               "(0: the space's best selection by proxy) at each evaluation count.", "",
               md_table(["space", "selections", "evaluations", "search seeds", *names], rows)]
-    diffs = [[f"{r['task']} {r['budget']} (seed {r['seed']})", x["evaluations"],
+    diffs = [[space(r), x["evaluations"],
               *(f"{x[k][0]:+.2f} [{x[k][1]:+.2f}, {x[k][2]:+.2f}]"
                 for k in (f"{names[0]}-{o}" for o in names[1:]))]
              for r in finals_done for x in r["replays"]]
@@ -422,6 +462,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.folder.mkdir(parents=True, exist_ok=True)
     score_all(args)
+    rescore(args)
     if args.part is not None:
         train_all(args, args.part, args.parts)
         return
@@ -431,7 +472,7 @@ def main(argv=None) -> None:
     found = {}
     for f in sorted(glob.glob(str(Path(args.out) / "*" / "*" / "*results.json"))):
         r = json.loads(Path(f).read_text())
-        key = (r["task"], r["budget"], r["seed"])
+        key = (r["task"], r["budget"], r["seed"], r.get("bn_stats", "val"))
         if r["finals"] or key not in found:  # a final-trained space over its proxy-only one
             found[key] = r
     if not args.no_doc:
