@@ -189,8 +189,9 @@ def render(cells: list[dict], args, minutes: float) -> str:
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     lines = [
         f"Tasks {', '.join(f'`{t}`' for t in tasks)}; budgets {', '.join(args.budget_list)}; "
-        f"{seed_range(cells)} seeds per task and budget; {args.evaluations} distinct evaluations per searcher; task norms "
-        f"`--norms {args.norms}`; supernet `--supernet-gates {args.supernet_gates}`, "
+        f"{seed_range(cells)} seeds per task and budget; {args.evaluations} distinct "
+        f"evaluations per searcher; task norms `--norms {args.norms}`; supernet "
+        f"`--supernet-gates {args.supernet_gates}`, "
         f"{args.supernet_epochs} epochs (one per task, seed"
         f"{' and budget' if args.supernet_gates == 'budget' else ''}, shared by the searchers); the "
         f"same final training for every selection ({args.epochs} epochs, `swr finetune`). "
@@ -227,7 +228,9 @@ def render(cells: list[dict], args, minutes: float) -> str:
     rows.append(pooled)
     # random search draws under 0.1% of a space over 1,000x the evaluations: where a
     # searcher can beat it, if anywhere
-    big = lambda c: (c.get("feasible_selections") or 0) > LARGE_SPACE * c["evaluations"]  # noqa: E731
+    def big(c: dict) -> bool:
+        return (c.get("feasible_selections") or 0) > LARGE_SPACE * c["evaluations"]
+
     for label, where in ((f"> {LARGE_SPACE:,}x evaluations", big),
                          (f"<= {LARGE_SPACE:,}x evaluations", lambda c: not big(c))):
         sub = [c for c in cells if where(c)]
