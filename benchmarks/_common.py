@@ -154,6 +154,17 @@ def mean_ci95(xs: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def fmt_ci(xs: list[float]) -> str:
+    """A mean and its 95% t interval in points, ``*`` when the interval excludes zero."""
+    if not xs:
+        return "-"
+    m, lo, hi = mean_ci95(xs)
+    if math.isnan(lo):
+        return f"{m:+.2f} (n=1)"
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(v: object) -> str:
         if isinstance(v, float):

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
-from _common import ROOT, machine, md_table, mean_ci95, write_section
+from _common import ROOT, fmt_ci, machine, md_table, write_section
 
 DOC = ROOT / "docs" / "SEARCH.md"
 
@@ -115,13 +114,6 @@ def run_seed(args, seed: int) -> dict:
         print(f"seed {seed} {b}: list {100 * row['budgets'][b]['list']['test']:.2f}% "
               f"single {100 * row['budgets'][b]['single']['test']:.2f}%", flush=True)
     return row
-
-
-def fmt_ci(xs: list[float]) -> str:
-    m, lo, hi = mean_ci95(xs)
-    if math.isnan(lo):
-        return f"{m:+.2f} (n=1)"
-    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" *" if lo > 0 or hi < 0 else "")
 
 
 def render(rows: list[dict], args) -> str:

@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine, md_table, mean_ci95, write_section  # noqa: E402
+from _common import fmt_ci, machine, md_table, mean_ci95, write_section  # noqa: E402
 
 #: Spaces with more feasible selections than this many times the evaluations are pooled
 #: apart ("large"): random search scores under 1/LARGE_SPACE of them.
@@ -165,16 +165,6 @@ def cell_minutes(cells: list[dict]) -> float:
     return sum(c["search_wall_s"] + (c.get("final_s") or 0.0) for c in cells) / 60
 
 
-def fmt_ci(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    m, lo, hi = mean_ci95(xs)
-    if math.isnan(lo):
-        return f"{m:+.2f} (n=1)"
-    mark = " *" if lo > 0 or hi < 0 else ""
-    return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]{mark}"
-
-
 def seed_range(cells: list[dict]) -> str:
     """How many seeds the (task, budget) groups hold: "5" or "3-10"."""
     counts = {}
@@ -222,10 +212,13 @@ def render(cells: list[dict], args, minutes: float) -> str:
             for o in others:
                 row.append(same_selection(sub, first, o))
             rows.append(row)
-    pooled = ["all", "all", "", *["" for _ in args.policy_list],
-              *[fmt_ci(paired(cells, first, o)) for o in others],
-              *[same_selection(cells, first, o) for o in others]]
-    rows.append(pooled)
+
+    def pooled(label: str, sub: list[dict]) -> list:
+        return ["all", "all", label, *["" for _ in args.policy_list],
+                *[fmt_ci(paired(sub, first, o)) for o in others],
+                *[same_selection(sub, first, o) for o in others]]
+
+    rows.append(pooled("", cells))
     # random search draws under 0.1% of a space over 1,000x the evaluations: where a
     # searcher can beat it, if anywhere
     def big(c: dict) -> bool:
@@ -235,9 +228,7 @@ def render(cells: list[dict], args, minutes: float) -> str:
                          (f"<= {LARGE_SPACE:,}x evaluations", lambda c: not big(c))):
         sub = [c for c in cells if where(c)]
         if sub and len(sub) < len(cells):
-            rows.append(["all", "all", label, *["" for _ in args.policy_list],
-                         *[fmt_ci(paired(sub, first, o)) for o in others],
-                         *[same_selection(sub, first, o) for o in others]])
+            rows.append(pooled(label, sub))
     lines += [md_table(headers, rows), ""]
     lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
               "supernet score it found (mean):", ""]
