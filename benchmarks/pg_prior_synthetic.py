@@ -31,7 +31,9 @@ SHARES = (0.01, 0.02, 0.05, 0.1)
 VARIANTS = {
     "knapsack": ("knapsack", None), "random": ("random", None),
     "pg (prior, defaults)": ("pg", {}),
-    "pg without prior (prior_steps=0)": ("pg", {"prior_steps": 0}),
+    "pg without imitation (prior_steps=0; importance order kept)": ("pg", {"prior_steps": 0}),
+    "pg without prior (prior_steps=0, network order)": ("pg", {"prior_steps": 0,
+                                                               "order": "network"}),
     "pg, lr 1e-3": ("pg", {"lr": 1e-3}),
     "pg, prior_coef 0.5": ("pg", {"prior_coef": 0.5}),
     "pg, prior_confidence 0.8": ("pg", {"prior_confidence": 0.8}),
@@ -39,6 +41,7 @@ VARIANTS = {
     "pg, prior_samples 8": ("pg", {"prior_samples": 8}),
     "pg, prior_samples 8, prior_confidence 0.99": ("pg", {"prior_samples": 8,
                                                            "prior_confidence": 0.99}),
+    "pg, network order (the default before 2026-12-04)": ("pg", {"order": "network"}),
 }
 
 

@@ -1,11 +1,14 @@
-"""The policy network: per-layer gate logits, sampled in network order under the budget.
+"""The policy network: per-layer gate logits, sampled one layer at a time under the budget.
 
-Layer features are embedded and contextualised with a bidirectional GRU (a layer's
-value depends on its neighbours); at step ``i`` a small head reads the layer's
-context plus how much budget is left and how much of it this layer would take,
-and emits the logit of "reparametrize". A layer that no longer fits is masked to
-"freeze" and contributes nothing to the log-probability. Masking and the budget
-features are those of the environment (:mod:`swr.envs.mdp`).
+Layer features are embedded and contextualised with a bidirectional GRU over the
+network's order (a layer's value depends on its neighbours); then the layers are
+decided one at a time, in network order or in any ``order`` given (the searcher
+decides the most important layers per parameter first, so that leaving one out frees
+budget for the next ones instead of for whatever comes later in the network). At each
+step a small head reads the layer's context plus how much budget is left and how much
+of it this layer would take, and emits the logit of "reparametrize". A layer that no
+longer fits is masked to "freeze" and contributes nothing to the log-probability.
+Masking and the budget features are those of the environment (:mod:`swr.envs.mdp`).
 
 The policy is budget-conditioned: the budget itself, as a log-scaled share of the
 candidates' total cost (:func:`budget_feature`), is an input of the embedding (so the
@@ -80,11 +83,12 @@ class PolicyNetwork(nn.Module):
 
     def rollout(self, features: torch.Tensor, costs: torch.Tensor, budget, k: int,
                 generator: Optional[torch.Generator] = None, greedy: bool = False,
-                explore: float = 0.0) -> Rollout:
+                explore: float = 0.0, order: Optional[Sequence[int]] = None) -> Rollout:
         """Sample ``k`` selections (or the most likely ones with ``greedy``) under
-        ``budget``: one number for all, or a sequence of ``k`` budgets. With ``explore``
-        > 0 each decision is a coin flip with that probability (the policy sampled is
-        the mixture, whatever the size of the logits)."""
+        ``budget``: one number for all, or a sequence of ``k`` budgets, deciding the
+        layers in ``order`` (default: network order). With ``explore`` > 0 each
+        decision is a coin flip with that probability (the policy sampled is the
+        mixture, whatever the size of the logits)."""
         budgets = _budget_tensor(budget, k)
         total = float(costs.sum())
         ctx = self._contexts(features, budgets, total)
@@ -94,7 +98,7 @@ class PolicyNetwork(nn.Module):
         masks = torch.zeros(k, n, dtype=torch.bool)
         log_prob = torch.zeros(k)
         entropy = torch.zeros(k)
-        for i in range(n):
+        for i in (range(n) if order is None else [int(j) for j in order]):
             cost = float(costs[i])
             fits = fits_budget(cost, left)
             frac_left, rel_cost = budget_features(left, budgets, cost)
@@ -121,13 +125,27 @@ class PolicyNetwork(nn.Module):
         return Rollout(masks, log_prob, entropy)
 
     def forced_logits(self, features: torch.Tensor, costs: torch.Tensor,
-                      budgets: Sequence[float] | torch.Tensor, masks: torch.Tensor
+                      budgets: Sequence[float] | torch.Tensor, masks: torch.Tensor,
+                      order: Optional[Sequence[int]] = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, L)`` of every decision along the given selections ``(B, L)``
-        (teacher forcing: all steps at once), and where the layer fits ``(B, L)``."""
+        (teacher forcing: all steps at once, decided in ``order`` as :meth:`rollout`
+        does), and where the layer fits ``(B, L)``; both in network order."""
         b = _budget_tensor(budgets, len(masks))
         total = float(costs.sum())
         ctx = self._contexts(features, b, total)
+        if order is not None:  # work in decision order, hand back in network order
+            idx = torch.as_tensor(list(order), dtype=torch.long)
+            back = torch.empty_like(idx)
+            back[idx] = torch.arange(len(idx))
+            logits, fits = self._forced(ctx[:, idx], costs[idx], b, masks[:, idx], total)
+            return logits[:, back], fits[:, back]
+        return self._forced(ctx, costs, b, masks, total)
+
+    def _forced(self, ctx: torch.Tensor, costs: torch.Tensor, b: torch.Tensor,
+                masks: torch.Tensor, total: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forced_logits` with the layers (context, costs, masks) already in
+        decision order."""
         spent = torch.cumsum(masks.double() * costs, dim=1) - masks.double() * costs
         left = b.unsqueeze(1) - spent
         fits = fits_budget(costs.unsqueeze(0), left)

@@ -3,7 +3,9 @@
 Before any scoring, the policy is pretrained by imitation (supervised, no
 scorings) to reproduce the exact knapsack selection over stage-1 Taylor importance
 at every budget it will search (:func:`imitate_prior`), with soft targets so that it
-samples *around* the knapsack selection instead of repeating it. Its first scored
+samples *around* the knapsack selection instead of repeating it; it decides the layers
+most important per parameter first (``order``), so a sample that leaves one of them
+out spends the freed budget on the next ones. Its first scored
 batch is its greedy selection per budget (the knapsack's), so it starts where the
 heuristic ends. Then each iteration samples K selections, each under one of the
 budgets in turn, scores them all at once (in parallel on Ray workers when a pool is
@@ -12,7 +14,8 @@ entropy_coef * entropy`` (+ ``prior_coef`` times the imitation loss, which keeps
 policy near the prior). The baseline is an exponential moving average of the mean
 reward, one per budget (a larger budget scores higher); advantages are normalised by
 the batch's spread so the step size does not depend on the reward scale.
-``prior_steps=0`` starts from a random network instead (the ablation).
+``prior_steps=0`` starts from a random network instead (the ablation; it still decides
+the layers in importance order unless ``order="network"``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ class PGConfig:
     # samples like the perturbed knapsack search before RL reweights it
     prior_samples: int = 0
     prior_noise: float = 0.5
+    # the order the policy decides the layers in: "importance" (most stage-1 importance
+    # per parameter first, as greedy ranks them; network order without importances) or
+    # "network". In network order a sample that leaves out a layer spends the freed
+    # budget on whatever comes later in the network, or leaves it unspent; in
+    # importance order it goes to the next most important layers, as a perturbed
+    # knapsack's does (docs/SEARCH.md)
+    order: str = "importance"
 
 
 @contextmanager
@@ -81,13 +91,26 @@ def prior_masks(values: np.ndarray, costs: np.ndarray, budgets: Sequence[int]) -
     return np.stack([knapsack_selection(values, costs, b) for b in budgets])
 
 
+def decision_order(values: Optional[np.ndarray], costs: np.ndarray, order: str
+                   ) -> Optional[list[int]]:
+    """The layers in the order the policy decides them: by ``values`` per parameter,
+    highest first (ties in network order), for ``order="importance"``; None (network
+    order) for ``"network"`` or without values."""
+    if order not in ("importance", "network"):
+        raise ValueError(f"order must be 'importance' or 'network', not {order!r}")
+    if order == "network" or values is None:
+        return None
+    density = np.asarray(values, dtype=np.float64) / np.asarray(costs, dtype=np.float64)
+    return [int(i) for i in np.argsort(-density, kind="stable")]
+
+
 def imitation_loss(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tensor,
-                   budgets: Sequence[int], targets: torch.Tensor, confidence: float
-                   ) -> tuple[torch.Tensor, int]:
+                   budgets: Sequence[int], targets: torch.Tensor, confidence: float,
+                   order: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the policy's decisions along the ``targets`` selections (soft
     labels ``confidence`` / ``1 - confidence``), over the decisions where the layer
     fits; and how many of those decisions the greedy policy gets wrong."""
-    logits, fits = policy.forced_logits(feats, costs, budgets, targets)
+    logits, fits = policy.forced_logits(feats, costs, budgets, targets, order)
     t = targets.float()
     soft = t * confidence + (1 - t) * (1 - confidence)
     loss = F.binary_cross_entropy_with_logits(logits[fits], soft[fits])
@@ -97,7 +120,8 @@ def imitation_loss(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tens
 
 def imitate_prior(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tensor,
                   budgets: Sequence[int], targets: torch.Tensor, cfg: PGConfig,
-                  extra: Optional[tuple[list[int], torch.Tensor]] = None) -> dict:
+                  extra: Optional[tuple[list[int], torch.Tensor]] = None,
+                  order: Optional[Sequence[int]] = None) -> dict:
     """Train ``policy`` to reproduce ``targets`` (one selection per budget) by
     supervised learning, and the ``extra`` (budgets, selections) as well if given;
     stops once its greedy rollout reproduces every target and the loss on them is
@@ -107,12 +131,12 @@ def imitate_prior(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tenso
     floor = -(c * np.log(c) + (1 - c) * np.log(1 - c)) if 0 < c < 1 else 0.0
     steps, loss, wrong = 0, float("nan"), -1
     for steps in range(1, cfg.prior_steps + 1):
-        out, wrong = imitation_loss(policy, feats, costs, budgets, targets, c)
+        out, wrong = imitation_loss(policy, feats, costs, budgets, targets, c, order)
         loss = float(out.detach())
         if wrong == 0 and loss < floor + 0.02:
             break
         if extra is not None:
-            out = out + imitation_loss(policy, feats, costs, extra[0], extra[1], c)[0]
+            out = out + imitation_loss(policy, feats, costs, extra[0], extra[1], c, order)[0]
         opt.zero_grad()
         out.backward()
         opt.step()
@@ -138,6 +162,7 @@ class PGTrainer:
         self.feats = torch.as_tensor(features, dtype=torch.float32)
         self.cost_t = torch.as_tensor(costs, dtype=torch.float64)
         self.policy = PolicyNetwork(self.feats.shape[1], cfg.hidden)
+        self.order = decision_order(values, np.asarray(costs), cfg.order)
         self.prior: Optional[torch.Tensor] = None
         self.prior_info: dict = {"prior_steps": 0}
         if values is not None and cfg.prior_steps > 0:
@@ -153,7 +178,8 @@ class PGTrainer:
                 extra = (xb, torch.as_tensor(xm))
             with one_thread():
                 self.prior_info = imitate_prior(self.policy, self.feats, self.cost_t,
-                                                self.budgets, self.prior, cfg, extra)
+                                                self.budgets, self.prior, cfg, extra,
+                                                self.order)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.baselines: dict[int, float] = {}
         self.iterations = 0
@@ -174,7 +200,7 @@ class PGTrainer:
         """The policy's most likely selection at each budget."""
         with torch.no_grad(), one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, self.budgets, len(self.budgets),
-                                       greedy=True)
+                                       greedy=True, order=self.order)
         return [m.numpy() for m in roll.masks]
 
     def _next_budgets(self, k: int) -> list[int]:
@@ -190,7 +216,7 @@ class PGTrainer:
         budgets = self._next_budgets(k)
         with one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen,
-                                       explore=self.explore)
+                                       explore=self.explore, order=self.order)
         keys = {np.packbits(m.numpy()).tobytes() for m in roll.masks}
         fresh = len(keys - self._sampled)
         self._sampled |= keys
@@ -227,7 +253,7 @@ class PGTrainer:
             if self.prior is not None and cfg.prior_coef > 0:
                 loss = loss + cfg.prior_coef * imitation_loss(
                     self.policy, self.feats, self.cost_t, self.budgets, self.prior,
-                    cfg.prior_confidence)[0]
+                    cfg.prior_confidence, self.order)[0]
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()

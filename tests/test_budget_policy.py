@@ -10,7 +10,7 @@ import torch
 import swr.tasks
 from swr.envs import SyntheticEvaluator, layer_features
 from swr.policies.network import PolicyNetwork
-from swr.policies.pg import PGConfig, PGSearcher, PGTrainer
+from swr.policies.pg import PGConfig, PGSearcher, PGTrainer, decision_order
 from swr.policies.pool import LocalPool
 from swr.policies.registry import SearchSettings
 from swr.policies.search import EvaluationLog, SearchRun
@@ -36,12 +36,14 @@ def fractions(costs, *shares):
     return [int(costs.sum() * s) for s in shares]
 
 
+@pytest.mark.parametrize("order", ["network", "importance"])
 @pytest.mark.parametrize("shares", [(0.05,), (0.02, 0.05, 0.1, 0.2)])
-def test_prior_makes_the_greedy_rollout_the_knapsack_selection(shares):
+def test_prior_makes_the_greedy_rollout_the_knapsack_selection(shares, order):
     costs, taylor, stats = synthetic()
     budgets = fractions(costs, *shares)
     trainer = PGTrainer(layer_features(stats), costs, budgets if len(budgets) > 1 else budgets[0],
-                        PGConfig(seed=0), values=taylor)
+                        PGConfig(seed=0, order=order), values=taylor)
+    assert (trainer.order is None) == (order == "network")
     assert trainer.prior_info["prior_wrong_decisions"] == 0
     for b, mask in zip(budgets, trainer.greedy_masks()):
         assert np.array_equal(mask, knapsack_selection(taylor, costs, b)), b
@@ -58,21 +60,37 @@ def test_without_prior_the_policy_starts_elsewhere():
     assert not all(same)
 
 
+def test_importance_order_decides_the_densest_layers_first():
+    costs, taylor, _ = synthetic()
+    order = decision_order(taylor, costs, "importance")
+    density = taylor / costs
+    assert sorted(order) == list(range(len(costs)))
+    assert all(density[a] >= density[b] for a, b in zip(order, order[1:]))
+    assert decision_order(taylor, costs, "network") is None
+    assert decision_order(None, costs, "importance") is None
+    with pytest.raises(ValueError, match="order"):
+        decision_order(taylor, costs, "random")
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_budget_conditioned_rollouts_never_exceed_their_own_budget(seed):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_budget_conditioned_rollouts_never_exceed_their_own_budget(seed, ordered):
     costs, _, stats = synthetic(seed=seed)
     g = torch.Generator().manual_seed(seed)
     policy = PolicyNetwork(layer_features(stats).shape[1])
     budgets = torch.randint(1, int(costs.sum()), (32,), generator=g).double()
+    # decided in network order, or in a shuffled one (the teacher-forced logits must follow)
+    order = torch.randperm(len(costs), generator=g).tolist() if ordered else None
     roll = policy.rollout(torch.as_tensor(layer_features(stats)),
-                          torch.as_tensor(costs, dtype=torch.float64), budgets, 32, generator=g)
+                          torch.as_tensor(costs, dtype=torch.float64), budgets, 32, generator=g,
+                          order=order)
     spent = (roll.masks.double() * torch.as_tensor(costs, dtype=torch.float64)).sum(1)
     assert bool((spent <= budgets).all())
     assert roll.masks.any()  # not trivially empty
     # the teacher-forced logits of the sampled selections agree with the rollout's log-prob
     logits, fits = policy.forced_logits(torch.as_tensor(layer_features(stats)),
                                         torch.as_tensor(costs, dtype=torch.float64), budgets,
-                                        roll.masks)
+                                        roll.masks, order)
     lp = torch.where(roll.masks, torch.nn.functional.logsigmoid(logits),
                      torch.nn.functional.logsigmoid(-logits))
     assert torch.allclose((lp * fits).sum(1), roll.log_prob, atol=1e-4)
