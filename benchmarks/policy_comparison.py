@@ -224,12 +224,21 @@ def render(cells: list[dict], args, minutes: float) -> str:
     def big(c: dict) -> bool:
         return (c.get("feasible_selections") or 0) > LARGE_SPACE * c["evaluations"]
 
+    groups = [("all", cells)]
     for label, where in ((f"> {LARGE_SPACE:,}x evaluations", big),
                          (f"<= {LARGE_SPACE:,}x evaluations", lambda c: not big(c))):
         sub = [c for c in cells if where(c)]
         if sub and len(sub) < len(cells):
             rows.append(pooled(label, sub))
+            groups.append((label, sub))
     lines += [md_table(headers, rows), ""]
+    # every two searchers, pooled the same way (the knapsack against random search, too)
+    pairs = [(a, b) for i, a in enumerate(args.policy_list) for b in args.policy_list[i + 1:]]
+    lines += ["Every two searchers, paired over the same cells (points, 95% t interval):", "",
+              md_table(["feasible selections", "cells", *[f"{a} - {b}" for a, b in pairs]],
+                       [[label, len({(c["task"], c["budget"], c["seed"]) for c in sub}),
+                         *[fmt_ci(paired(sub, a, b)) for a, b in pairs]]
+                        for label, sub in groups]), ""]
     lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
               "supernet score it found (mean):", ""]
     srows = []
