@@ -330,6 +330,8 @@ class PGSearcher(PoolSearcher):
         path = problem.out / "policy.safetensors"
         meta = {"n_features": str(features.shape[1]), "hidden": str(cfg.hidden),
                 "budgets": ",".join(map(str, budgets)),
+                # the layer indices in the order the policy decides them ("": network order)
+                "order": ",".join(map(str, trainer.order or [])),
                 **{k: str(v) for k, v in trainer.prior_info.items()}}
         save_safetensors({k: v.contiguous() for k, v in policy.state_dict().items()}, path, meta)
         return path

@@ -129,6 +129,30 @@ def test_pg_scores_the_knapsack_first_and_exactly_its_evaluations(tmp_path):
         assert any(lo < sum(by_name[n] for n in s) <= hi for s in scored), hi
 
 
+def test_the_saved_policy_replays_its_last_greedy_selections(tmp_path):
+    """policy.safetensors holds the weights and the decision order: loaded into a fresh
+    network, its greedy rollout gives the selections the search scored last."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    costs, taylor, stats = synthetic(seed=1)
+    budgets = fractions(costs, 0.02, 0.1)
+    _, _, names, _, log = pg_on_synthetic(tmp_path, budgets, 12)
+    path = tmp_path / "policy.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    order = [int(i) for i in meta["order"].split(",")]
+    assert order == decision_order(taylor, costs, "importance")
+    policy = PolicyNetwork(int(meta["n_features"]), int(meta["hidden"]))
+    policy.load_state_dict(load_file(str(path)))
+    with torch.no_grad():
+        roll = policy.rollout(torch.as_tensor(layer_features(stats), dtype=torch.float32),
+                              torch.as_tensor(costs, dtype=torch.float64), budgets,
+                              len(budgets), greedy=True, order=order)
+    greedy = {tuple(n for n, m in zip(names, mask) if m) for mask in roll.masks.numpy()}
+    assert greedy <= set(log.seen)
+
+
 def test_a_sharp_policy_still_reaches_its_evaluations(tmp_path):
     """Started near-deterministic (confidence 0.999) at a small budget, pg samples the
     same few selections; its temperature rises until it finds new ones."""
