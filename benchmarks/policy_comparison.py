@@ -234,10 +234,17 @@ def render(cells: list[dict], args, minutes: float) -> str:
     lines += [md_table(headers, rows), ""]
     # every two searchers, pooled the same way (the knapsack against random search, too)
     pairs = [(a, b) for i, a in enumerate(args.policy_list) for b in args.policy_list[i + 1:]]
-    lines += ["Every two searchers, paired over the same cells (points, 95% t interval):", "",
-              md_table(["feasible selections", "cells", *[f"{a} - {b}" for a, b in pairs]],
-                       [[label, len({(c["task"], c["budget"], c["seed"]) for c in sub}),
-                         *[fmt_ci(paired(sub, a, b)) for a, b in pairs]]
+    def complete(sub: list[dict]) -> int:  # cells every searcher has finished
+        done = {}
+        for c in sub:
+            done.setdefault((c["task"], c["budget"], c["seed"]), set()).add(c["policy"])
+        return sum(set(args.policy_list) <= ps for ps in done.values())
+
+    lines += ["Every two searchers, paired over the cells both finished (points, 95% t "
+              "interval):", "",
+              md_table(["feasible selections", "cells (all searchers)",
+                        *[f"{a} - {b}" for a, b in pairs]],
+                       [[label, complete(sub), *[fmt_ci(paired(sub, a, b)) for a, b in pairs]]
                         for label, sub in groups]), ""]
     lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
               "supernet score it found (mean):", ""]
