@@ -7,7 +7,8 @@ that task and seed, and budget with ``--supernet-gates budget``), then each sear
 final training (``swr finetune``: same epochs, learning rate and seed). The
 comparison is on final **test** accuracy, paired by (task, budget, seed): the mean
 difference ``pg - knapsack`` and ``pg - random`` with a 95% t interval, per task and
-budget and pooled over all cells. Search seconds
+budget; and every two searchers' difference pooled over all cells and apart for spaces
+over and under ``LARGE_SPACE`` times the evaluations. Search seconds
 (stage 2 only; the supernet is shared) are reported per searcher, and per task and
 budget how many selections fit (the space the evaluations are drawn from) and in how
 many cells two searchers chose the very same layers.
@@ -213,12 +214,6 @@ def render(cells: list[dict], args, minutes: float) -> str:
                 row.append(same_selection(sub, first, o))
             rows.append(row)
 
-    def pooled(label: str, sub: list[dict]) -> list:
-        return ["all", "all", label, *["" for _ in args.policy_list],
-                *[fmt_ci(paired(sub, first, o)) for o in others],
-                *[same_selection(sub, first, o) for o in others]]
-
-    rows.append(pooled("", cells))
     # random search draws under 0.1% of a space over 1,000x the evaluations: where a
     # searcher can beat it, if anywhere
     def big(c: dict) -> bool:
@@ -229,22 +224,25 @@ def render(cells: list[dict], args, minutes: float) -> str:
                          (f"<= {LARGE_SPACE:,}x evaluations", lambda c: not big(c))):
         sub = [c for c in cells if where(c)]
         if sub and len(sub) < len(cells):
-            rows.append(pooled(label, sub))
             groups.append((label, sub))
-    lines += [md_table(headers, rows), ""]
-    # every two searchers, pooled the same way (the knapsack against random search, too)
-    pairs = [(a, b) for i, a in enumerate(args.policy_list) for b in args.policy_list[i + 1:]]
+
     def complete(sub: list[dict]) -> int:  # cells every searcher has finished
         done = {}
         for c in sub:
             done.setdefault((c["task"], c["budget"], c["seed"]), set()).add(c["policy"])
         return sum(set(args.policy_list) <= ps for ps in done.values())
 
-    lines += ["Every two searchers, paired over the cells both finished (points, 95% t "
-              "interval):", "",
+    # every two searchers (the knapsack against random search, too), pooled over all cells
+    # and by the size of the space
+    pairs = [(a, b) for i, a in enumerate(args.policy_list) for b in args.policy_list[i + 1:]]
+    lines += [md_table(headers, rows), "",
+              "Pooled over cells, every two searchers (points, 95% t interval over the cells "
+              "both finished):", "",
               md_table(["feasible selections", "cells (all searchers)",
-                        *[f"{a} - {b}" for a, b in pairs]],
-                       [[label, complete(sub), *[fmt_ci(paired(sub, a, b)) for a, b in pairs]]
+                        *[f"{a} - {b}" for a, b in pairs],
+                        *[f"same selection as {o}" for o in others]],
+                       [[label, complete(sub), *[fmt_ci(paired(sub, a, b)) for a, b in pairs],
+                         *[same_selection(sub, first, o) for o in others]]
                         for label, sub in groups]), ""]
     lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
               "supernet score it found (mean):", ""]
