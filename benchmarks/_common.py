@@ -35,6 +35,15 @@ side by side in the same run.
 
 
 # -- the machine --------------------------------------------------------------------------
+def task_checkpoint(parser, item: str) -> tuple[str, str]:
+    """``--task SPEC=CHECKPOINT`` split into (spec, checkpoint folder); a parser error
+    unless the folder is a ``swr pretrain`` output."""
+    spec, sep, ckpt = item.rpartition("=")
+    if not sep or not spec or not Path(ckpt, "metrics.json").is_file():
+        parser.error(f"--task {item!r}: expected SPEC=CHECKPOINT with a swr pretrain folder")
+    return spec, ckpt
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

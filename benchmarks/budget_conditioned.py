@@ -35,7 +35,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import ROOT, fmt_ci, machine, md_table, write_section
+from _common import ROOT, fmt_ci, machine, md_table, task_checkpoint, write_section
 
 DOC = ROOT / "docs" / "SEARCH.md"
 
@@ -60,10 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--render-only", action="store_true",
                    help="run nothing: report the seeds OUT holds")
     args = p.parse_args(argv)
-    spec, sep, ckpt = args.task.rpartition("=")
-    if not sep or not spec or not Path(ckpt, "metrics.json").is_file():
-        p.error(f"--task {args.task!r}: expected SPEC=CHECKPOINT with a swr pretrain folder")
-    args.spec, args.ckpt = spec, ckpt
+    args.spec, args.ckpt = task_checkpoint(p, args.task)
     args.budget_list = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if len(args.budget_list) < 2:
         p.error(f"--budgets {args.budgets!r}: give at least two budgets")

@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import ROOT, fmt_ci, md_table, write_section
+from _common import ROOT, fmt_ci, md_table, task_checkpoint, write_section
 
 ARMS = ("knapsack", "random", "pg, network order", "pg, importance order")
 
@@ -46,12 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--render-only", action="store_true",
                    help="run no search: report the rows OUT holds for these tasks")
     args = p.parse_args(argv)
-    args.pairs = []
-    for item in args.task:
-        spec, sep, ckpt = item.rpartition("=")
-        if not sep or not spec or not Path(ckpt, "metrics.json").is_file():
-            p.error(f"--task {item!r}: expected SPEC=CHECKPOINT with a swr pretrain folder")
-        args.pairs.append((spec, ckpt))
+    args.pairs = [task_checkpoint(p, item) for item in args.task]
     return args
 
 

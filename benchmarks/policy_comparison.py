@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt_ci, machine, md_table, mean_ci95, write_section  # noqa: E402
+from _common import (fmt_ci, machine, md_table, mean_ci95, task_checkpoint,  # noqa: E402
+                     write_section)
 
 #: Spaces with more feasible selections than this many times the evaluations are pooled
 #: apart ("large"): random search scores under 1/LARGE_SPACE of them.
@@ -73,12 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run no cell: report the cells OUT holds for these tasks (for runs "
                         "made by several invocations side by side)")
     args = p.parse_args(argv)
-    args.pairs = []
-    for item in args.task:
-        spec, sep, ckpt = item.rpartition("=")
-        if not sep or not spec or not Path(ckpt, "metrics.json").is_file():
-            p.error(f"--task {item!r}: expected SPEC=CHECKPOINT with a swr pretrain folder")
-        args.pairs.append((spec, ckpt))
+    args.pairs = [task_checkpoint(p, item) for item in args.task]
     args.budget_list = [b.strip() for b in args.budgets.split(",") if b.strip()]
     args.policy_list = [x.strip() for x in args.policies.split(",") if x.strip()]
     return args

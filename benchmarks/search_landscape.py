@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import md_table, mean_ci95, write_section  # noqa: E402
+from _common import md_table, mean_ci95, task_checkpoint, write_section  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,10 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "runs" / "search_landscape"))
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
     args = p.parse_args(argv)
-    spec, sep, ckpt = args.task.rpartition("=")
-    if not sep or not spec or not Path(ckpt, "metrics.json").is_file():
-        p.error(f"--task {args.task!r}: expected SPEC=CHECKPOINT with a swr pretrain folder")
-    args.spec, args.ckpt = spec, ckpt
+    args.spec, args.ckpt = task_checkpoint(p, args.task)
     args.searchers = [x.strip() for x in args.searchers.split(",") if x.strip()]
     args.eval_list = [int(x) for x in args.evaluations.split(",") if x.strip()]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
