@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.spec, args.ckpt = task_checkpoint(p, args.task)
     args.searchers = [x.strip() for x in args.searchers.split(",") if x.strip()]
     args.eval_list = [int(x) for x in args.evaluations.split(",") if x.strip()]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.spec)
     args.folder = Path(args.out) / slug / f"b{args.budget.rstrip('%')}-s{args.seed}"
     return args
 
