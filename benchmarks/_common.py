@@ -34,7 +34,7 @@ side by side in the same run.
 """
 
 
-# -- the machine --------------------------------------------------------------------------
+# -- command lines ------------------------------------------------------------------------
 def task_checkpoint(parser, item: str) -> tuple[str, str]:
     """``--task SPEC=CHECKPOINT`` split into (spec, checkpoint folder); a parser error
     unless the folder is a ``swr pretrain`` output."""
@@ -44,6 +44,7 @@ def task_checkpoint(parser, item: str) -> tuple[str, str]:
     return spec, ckpt
 
 
+# -- the machine --------------------------------------------------------------------------
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

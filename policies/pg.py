@@ -93,15 +93,16 @@ def prior_masks(values: np.ndarray, costs: np.ndarray, budgets: Sequence[int]) -
 
 def decision_order(values: Optional[np.ndarray], costs: np.ndarray, order: str
                    ) -> Optional[list[int]]:
-    """The layers in the order the policy decides them: by ``values`` per parameter,
-    highest first (ties in network order), for ``order="importance"``; None (network
-    order) for ``"network"`` or without values."""
+    """The layers in the order the policy decides them: greedy's
+    (:func:`~swr.policies.selectors.importance_order`) for ``order="importance"``; None
+    (network order) for ``"network"`` or without values."""
     if order not in ("importance", "network"):
         raise ValueError(f"order must be 'importance' or 'network', not {order!r}")
     if order == "network" or values is None:
         return None
-    density = np.asarray(values, dtype=np.float64) / np.asarray(costs, dtype=np.float64)
-    return [int(i) for i in np.argsort(-density, kind="stable")]
+    from .selectors import importance_order
+
+    return [int(i) for i in importance_order(values, costs)]
 
 
 def imitation_loss(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tensor,

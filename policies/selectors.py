@@ -36,11 +36,17 @@ def random_selection(costs: np.ndarray, budget: int, rng: np.random.Generator) -
     return mask
 
 
+def importance_order(values: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Layer indices by value per parameter, highest first (ties in network order)."""
+    return np.argsort(-np.asarray(values, dtype=np.float64) / np.asarray(costs, dtype=np.float64),
+                      kind="stable")
+
+
 def greedy_selection(values: np.ndarray, costs: np.ndarray, budget: int) -> np.ndarray:
     """Highest value per parameter first; skip what does not fit, continue down the list."""
     mask = np.zeros(len(costs), dtype=bool)
     left = budget
-    for i in np.argsort(-values / costs, kind="stable"):
+    for i in importance_order(values, costs):
         if values[i] <= 0:
             break
         if costs[i] <= left:
