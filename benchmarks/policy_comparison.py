@@ -19,7 +19,8 @@ many cells two searchers chose the very same layers.
         --budgets 1%,5% --seeds 3 --evaluations 16 --supernet-epochs 40 --norms none
 
 Each ``--task SPEC=CHECKPOINT`` names a task and the ``swr pretrain`` folder of its base
-model. Every finished cell is appended to ``OUT/cells.jsonl`` at once, so an interrupted
+model; a cell is known by the base's backbone too, so one task can be compared on two
+backbones in one folder. Every finished cell is appended to ``OUT/cells.jsonl`` at once, so an interrupted
 run continues where it stopped (same command). Writes ``OUT/results.json``,
 ``OUT/cells.csv``, ``docs/policy-comparison.png`` and docs/SEARCH.md between the
 ``bench:policy_comparison`` markers.
@@ -74,22 +75,38 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run no cell: report the cells OUT holds for these tasks (for runs "
                         "made by several invocations side by side)")
     args = p.parse_args(argv)
-    args.pairs = [task_checkpoint(p, item) for item in args.task]
+    args.pairs = []  # (task, checkpoint, its backbone)
+    for item in args.task:
+        spec, ckpt = task_checkpoint(p, item)
+        args.pairs.append((spec, ckpt, base_of(ckpt)))
     args.budget_list = [b.strip() for b in args.budgets.split(",") if b.strip()]
     args.policy_list = [x.strip() for x in args.policies.split(",") if x.strip()]
     return args
 
 
-def cell_key(task: str, budget: str, seed: int, policy: str) -> str:
-    return f"{task}|{budget}|{seed}|{policy}"
+def base_of(ckpt: str) -> str:
+    """The backbone of a ``swr pretrain`` folder, e.g. ``timm:regnety_002``."""
+    return json.loads(Path(ckpt, "metrics.json").read_text())["backbone"]
 
 
-def cell_folder(args, task: str, budget: str, seed: int) -> Path:
-    """Where the searches and final trainings of one (task, budget, seed) go."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", task)  # kws-synth:ru?speakers=16,24,24
+def cell_id(c: dict) -> tuple:
+    """What pairs the searchers' cells: base, task, budget and seed."""
+    return c["base"], c["task"], c["budget"], c["seed"]
+
+
+def cell_key(base: str, task: str, budget: str, seed: int, policy: str) -> str:
+    return f"{base}|{task}|{budget}|{seed}|{policy}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)  # kws-synth:ru?speakers=16,24,24
+
+
+def cell_folder(args, base: str, task: str, budget: str, seed: int) -> Path:
+    """Where the searches and final trainings of one (base, task, budget, seed) go."""
     variant = ("" if args.norms == "auto" else f"-norms-{args.norms}") + (
         "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates")
-    return Path(args.out) / slug / f"b{budget.rstrip('%')}{variant}" / f"s{seed}"
+    return Path(args.out) / slug(base) / slug(task) / f"b{budget.rstrip('%')}{variant}" / f"s{seed}"
 
 
 def feasible_space(ckpt: str, delta_budget: int) -> int:
@@ -104,13 +121,14 @@ def feasible_space(ckpt: str, delta_budget: int) -> int:
     return count_feasible([c.params for c in candidates(build_supernet(base, 2))], delta_budget)
 
 
-def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) -> dict:
+def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
+             policy: str) -> dict:
     """One search and its final training; the row that goes into cells.jsonl."""
     from swr.finetune import finetune
     from swr.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
-    folder = cell_folder(args, task, budget, seed)
+    folder = cell_folder(args, base, task, budget, seed)
     search_out = folder / policy
     cfg = SearchConfig(task=task, checkpoint=ckpt, budget=budget, out=str(search_out),
                        policy=policy, seed=seed, evaluations=args.evaluations,
@@ -122,7 +140,7 @@ def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) ->
     wall = time.perf_counter() - t0
     metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
-    return {"task": task, "budget": budget, "seed": seed, "policy": policy, "norms": args.norms,
+    return {"base": base, "task": task, "budget": budget, "seed": seed, "policy": policy, "norms": args.norms,
             "supernet_gates": args.supernet_gates, "supernet_epochs": args.supernet_epochs,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
@@ -137,20 +155,20 @@ def run_cell(args, task: str, ckpt: str, budget: str, seed: int, policy: str) ->
 
 def paired(cells: list[dict], first: str, other: str, where=lambda c: True) -> list[float]:
     """Test-accuracy differences ``first - other`` (points) over matching cells."""
-    by = {(c["task"], c["budget"], c["seed"], c["policy"]): c for c in cells if where(c)}
+    by = {(*cell_id(c), c["policy"]): c for c in cells if where(c)}
     out = []
-    for (t, b, s, p), c in sorted(by.items()):
-        if p == first and (t, b, s, other) in by:
-            out.append(100 * (c["final_test_acc"] - by[(t, b, s, other)]["final_test_acc"]))
+    for (*ident, p), c in sorted(by.items()):
+        if p == first and (*ident, other) in by:
+            out.append(100 * (c["final_test_acc"] - by[(*ident, other)]["final_test_acc"]))
     return out
 
 
 def same_selection(cells: list[dict], first: str, other: str) -> str:
     """In how many paired cells ``first`` and ``other`` chose the very same layers (their
     final trainings are then identical, and so is their accuracy)."""
-    by = {(c["task"], c["budget"], c["seed"], c["policy"]): c for c in cells}
-    pairs = [(c, by[(t, b, s, other)]) for (t, b, s, p), c in by.items()
-             if p == first and (t, b, s, other) in by]
+    by = {(*cell_id(c), c["policy"]): c for c in cells}
+    pairs = [(c, by[(*ident, other)]) for (*ident, p), c in by.items()
+             if p == first and (*ident, other) in by]
     known = [(a, b) for a, b in pairs if "selection" in a and "selection" in b]
     if not known:
         return "-"
@@ -166,16 +184,16 @@ def seed_range(cells: list[dict]) -> str:
     """How many seeds the (task, budget) groups hold: "5" or "3-10"."""
     counts = {}
     for c in cells:
-        counts.setdefault((c["task"], c["budget"]), set()).add(c["seed"])
+        counts.setdefault(cell_id(c)[:3], set()).add(c["seed"])
     lo, hi = min(map(len, counts.values())), max(map(len, counts.values()))
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def render(cells: list[dict], args, minutes: float) -> str:
     first, others = args.policy_list[0], args.policy_list[1:]
-    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    tasks = list(dict.fromkeys((c["base"], c["task"]) for c in cells))
     lines = [
-        f"Tasks {', '.join(f'`{t}`' for t in tasks)}; budgets {', '.join(args.budget_list)}; "
+        f"Tasks {', '.join(f'`{t}` on `{base}`' for base, t in tasks)}; budgets {', '.join(args.budget_list)}; "
         f"{seed_range(cells)} seeds per task and budget; {args.evaluations} distinct "
         f"evaluations per searcher; task norms `--norms {args.norms}`; supernet "
         f"`--supernet-gates {args.supernet_gates}`, "
@@ -187,18 +205,18 @@ def render(cells: list[dict], args, minutes: float) -> str:
         "Final test accuracy (%), mean over seeds (each seed's value in brackets), and the "
         f"paired difference {first} - other in points with its 95% t interval over seeds "
         "(`*`: the interval excludes zero):", ""]
-    headers = ["task", "budget", "feasible selections",
+    headers = ["base", "task", "budget", "feasible selections",
                *[f"{p} test %" for p in args.policy_list],
                *[f"{first} - {o}" for o in others],
                *[f"same selection as {o}" for o in others]]
     rows = []
-    for t in tasks:
+    for base, t in tasks:
         for b in args.budget_list:
-            sub = [c for c in cells if c["task"] == t and c["budget"] == b]
+            sub = [c for c in cells if cell_id(c)[:3] == (base, t, b)]
             if not sub:
                 continue
             space = {c.get("feasible_selections") for c in sub} - {None}
-            row = [t, b, f"{max(space):,}" if space else "-"]
+            row = [base, t, b, f"{max(space):,}" if space else "-"]
             for p in args.policy_list:
                 accs = [100 * c["final_test_acc"] for c in sorted(sub, key=lambda c: c["seed"])
                         if c["policy"] == p]
@@ -221,11 +239,18 @@ def render(cells: list[dict], args, minutes: float) -> str:
         sub = [c for c in cells if where(c)]
         if sub and len(sub) < len(cells):
             groups.append((label, sub))
+    # and per base and budget, where two or more tasks share them
+    by_base = {}
+    for c in cells:
+        by_base.setdefault((c["base"], c["budget"]), []).append(c)
+    for (base, b), sub in sorted(by_base.items()):
+        if len(by_base) > 1 and len({c["task"] for c in sub}) > 1:
+            groups.append((f"{base} at {b} ({len({c['task'] for c in sub})} tasks)", sub))
 
     def complete(sub: list[dict]) -> int:  # cells every searcher has finished
         done = {}
         for c in sub:
-            done.setdefault((c["task"], c["budget"], c["seed"]), set()).add(c["policy"])
+            done.setdefault(cell_id(c), set()).add(c["policy"])
         return sum(set(args.policy_list) <= ps for ps in done.values())
 
     # every two searchers (the knapsack against random search, too), pooled over all cells
@@ -263,14 +288,15 @@ def plot(cells: list[dict], args, path: Path) -> None:
     from swr.io import save_png
 
     first, others = args.policy_list[0], args.policy_list[1:]
-    groups = [(t, b) for t in dict.fromkeys(c["task"] for c in cells) for b in args.budget_list]
+    groups = [(base, t, b) for base, t in dict.fromkeys((c["base"], c["task"]) for c in cells)
+              for b in args.budget_list]
     fig = Figure(figsize=(max(6, 1.3 * len(groups)), 4))
     ax = fig.subplots()
     width = 0.8 / max(len(others), 1)
     for j, o in enumerate(others):
         xs, ms, errs = [], [], [[], []]
-        for i, (t, b) in enumerate(groups):
-            d = paired([c for c in cells if c["task"] == t and c["budget"] == b], first, o)
+        for i, group in enumerate(groups):
+            d = paired([c for c in cells if cell_id(c)[:3] == group], first, o)
             if not d:
                 continue
             m, lo, hi = mean_ci95(d)
@@ -280,7 +306,7 @@ def plot(cells: list[dict], args, path: Path) -> None:
             errs[1].append(0 if math.isnan(hi) else hi - m)
         ax.bar(xs, ms, width, yerr=errs, capsize=3, label=f"{first} - {o}", color=f"C{j}")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(groups)), [f"{t}\n{b}" for t, b in groups], fontsize=8)
+    ax.set_xticks(range(len(groups)), [f"{t}\n{base} {b}" for base, t, b in groups], fontsize=7)
     ax.set_ylabel("test accuracy difference (points)")
     ax.set_title("Paired final test accuracy differences\n(bars: mean over seeds; whiskers: "
                  "95% t interval)", fontsize=9)
@@ -292,21 +318,20 @@ def plot(cells: list[dict], args, path: Path) -> None:
 def backfill(args, cells: list[dict]) -> None:
     """Give cells recorded before the ``selection`` and ``feasible_selections`` fields
     existed those fields, from their selection.json and the base, where they are here."""
-    ckpts = dict(args.pairs)
+    ckpts = {(t, base): ck for t, ck, base in args.pairs}
     spaces: dict[tuple[str, int], int] = {}
     for c in cells:
-        sel_file = cell_folder(args, c["task"], c["budget"], c["seed"]) / c["policy"] / \
-            "selection.json"
+        sel_file = cell_folder(args, *cell_id(c)) / c["policy"] / "selection.json"
         if "selection" in c or not sel_file.is_file():
             continue
         sel = json.loads(sel_file.read_text())
         c["selection"] = list(sel["layers"])
         if "feasible_selections" in sel:
             c["feasible_selections"] = sel["feasible_selections"]
-        elif c["task"] in ckpts:
-            key = (c["task"], sel["delta_budget_params"])
+        elif (c["task"], c["base"]) in ckpts:
+            key = (c["task"], c["base"], sel["delta_budget_params"])
             if key not in spaces:
-                spaces[key] = feasible_space(ckpts[c["task"]], sel["delta_budget_params"])
+                spaces[key] = feasible_space(ckpts[key[:2]], sel["delta_budget_params"])
             c["feasible_selections"] = spaces[key]
 
 
@@ -326,17 +351,24 @@ def main(argv=None) -> None:
     cells = [c for c in cells if c.get("norms", "auto") == args.norms
              and c.get("supernet_gates", "bernoulli") == args.supernet_gates
              and c.get("supernet_epochs", args.supernet_epochs) == args.supernet_epochs]
+    # cells recorded before they named their base: the base given for their task
+    first_base = {}
+    for t, _, base in args.pairs:
+        first_base.setdefault(t, base)
+    for c in cells:
+        c.setdefault("base", first_base.get(c["task"]))
     backfill(args, cells)
-    done = {cell_key(c["task"], c["budget"], c["seed"], c["policy"]) for c in cells}
-    todo = [(t, ck, b, s, p) for t, ck in args.pairs for s in range(args.seeds)
+    done = {cell_key(*cell_id(c), c["policy"]) for c in cells}
+    todo = [(t, ck, base, b, s, p) for t, ck, base in args.pairs for s in range(args.seeds)
             for b in args.budget_list for p in args.policy_list
-            if cell_key(t, b, s, p) not in done and not args.render_only]
-    cells = [c for c in cells if c["task"] in dict(args.pairs)]
+            if cell_key(base, t, b, s, p) not in done and not args.render_only]
+    wanted = {(t, base) for t, _, base in args.pairs}
+    cells = [c for c in cells if (c["task"], c["base"]) in wanted]
     info = machine()
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="policy comparison", unit="cell", file=sys.stderr) as bar:
-        for t, ck, b, s, p in todo:
-            row = run_cell(args, t, ck, b, s, p)
+        for t, ck, base, b, s, p in todo:
+            row = run_cell(args, t, ck, base, b, s, p)
             cells.append(row)
             with open(log_path, "a") as f:  # one whole line per finished cell
                 f.write(json.dumps(row) + "\n")
