@@ -265,17 +265,18 @@ def render(cells: list[dict], args, minutes: float) -> str:
                        [[label, complete(sub), *[fmt_ci(paired(sub, a, b)) for a, b in pairs],
                          *[same_selection(sub, first, o) for o in others]]
                         for label, sub in groups]), ""]
-    lines += ["Search cost per searcher (stage 2 only, median seconds per search) and the best "
-              "supernet score it found (mean):", ""]
+    lines += ["Search cost per base and searcher (stage 2 only, median seconds per search) and "
+              "the best supernet score it found (mean):", ""]
     srows = []
-    for p in args.policy_list:
-        sub = [c for c in cells if c["policy"] == p]
-        if sub:
-            srows.append([p, f"{statistics.median(c['search_s'] for c in sub):.1f}",
-                          f"{statistics.mean(c['evaluations'] for c in sub):.1f}",
-                          f"{statistics.mean(c['val_score'] for c in sub):.4f}",
-                          f"{statistics.mean(c['trained_params'] or 0 for c in sub):,.0f}"])
-    lines += [md_table(["searcher", "search s (median)", "distinct evaluations (mean)",
+    for base in dict.fromkeys(c["base"] for c in cells):
+        for p in args.policy_list:
+            sub = [c for c in cells if c["policy"] == p and c["base"] == base]
+            if sub:
+                srows.append([base, p, f"{statistics.median(c['search_s'] for c in sub):.1f}",
+                              f"{statistics.mean(c['evaluations'] for c in sub):.1f}",
+                              f"{statistics.mean(c['val_score'] for c in sub):.4f}",
+                              f"{statistics.mean(c['trained_params'] or 0 for c in sub):,.0f}"])
+    lines += [md_table(["base", "searcher", "search s (median)", "distinct evaluations (mean)",
                         "best supernet score (mean)", "trained params excl. head (mean)"], srows),
               "", "![paired differences](policy-comparison.png)", ""]
     return "\n".join(lines)
@@ -290,7 +291,7 @@ def plot(cells: list[dict], args, path: Path) -> None:
     first, others = args.policy_list[0], args.policy_list[1:]
     groups = [(base, t, b) for base, t in dict.fromkeys((c["base"], c["task"]) for c in cells)
               for b in args.budget_list]
-    fig = Figure(figsize=(max(6, 1.3 * len(groups)), 4))
+    fig = Figure(figsize=(max(6, 1.3 * len(groups)), 4.5))
     ax = fig.subplots()
     width = 0.8 / max(len(others), 1)
     for j, o in enumerate(others):
@@ -306,7 +307,9 @@ def plot(cells: list[dict], args, path: Path) -> None:
             errs[1].append(0 if math.isnan(hi) else hi - m)
         ax.bar(xs, ms, width, yerr=errs, capsize=3, label=f"{first} - {o}", color=f"C{j}")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(groups)), [f"{t}\n{base} {b}" for base, t, b in groups], fontsize=7)
+    # the task without its ?modifier, the backbone without timm:, the budget: one line each
+    ax.set_xticks(range(len(groups)), [f"{t.split('?')[0]}\n{base.removeprefix('timm:')}\n{b}"
+                                       for base, t, b in groups], fontsize=7)
     ax.set_ylabel("test accuracy difference (points)")
     ax.set_title("Paired final test accuracy differences\n(bars: mean over seeds; whiskers: "
                  "95% t interval)", fontsize=9)

@@ -178,7 +178,10 @@ def run(args) -> dict:
     budget, norms_trained, _ = norm_split(probe, full_budget, args.norms)
     # as swr search: with the norms untrained, stage 1 keeps the base's norms too (runs
     # made before it did are stored under the names without "-s1base")
-    name = f"{slug(args.task)}-{slug(args.budget)}-s{args.seed}{norms_tag}" + (
+    # the base's backbone leads the name: one task on two backbones makes two runs (runs
+    # made before it did are stored under names without it)
+    name = f"{slug(meta['backbone'])}-{slug(args.task)}-{slug(args.budget)}-s{args.seed}" \
+        f"{norms_tag}" + (
         "" if norms_trained else "-s1base") + (
         "-from-budget" if args.final_from == "budget" else "") + (
         # the final trainings start from the supernet: another stage 1, other trainings
@@ -264,7 +267,8 @@ def run(args) -> dict:
                *(["retest_val_acc", "retest_test_acc"] if retest else [])])
     random_rows = [r for r in rows if r["rule"] == "random"]
     return {
-        "name": name, "task": args.task, "budget": args.budget, "budget_params": budget,
+        "name": name, "task": args.task, "backbone": meta["backbone"], "budget": args.budget,
+        "budget_params": budget,
         "seed": args.seed, "selections": len(rows), "epochs": args.epochs,
         "supernet_epochs": args.supernet_epochs, "budget_supernet": args.budget_supernet,
         "norms": args.norms, "norms_trained": norms_trained, "final_from": args.final_from,
@@ -383,7 +387,8 @@ def render(results: dict) -> str:
     for r in sorted(results.values(), key=lambda r: r["name"]):
         norms = r.get("norms", "free")
         trained = "task norms trained" if r.get("norms_trained", True) else "deltas only"
-        lines += [f"### {r['task']} at {r['budget']} ({r['budget_params']:,} delta parameters), "
+        lines += [f"### {r['task']}" + (f" on {r['backbone']}" if "backbone" in r else "")
+                  + f" at {r['budget']} ({r['budget_params']:,} delta parameters), "
                   f"seed {r['seed']}, --norms {norms} ({trained})"
                   + (", final trainings from the budget-trained supernet"
                      if r.get("final_from") == "budget" else "")
