@@ -20,8 +20,8 @@ many cells two searchers chose the very same layers.
 
 Each ``--task SPEC=CHECKPOINT`` names a task and the ``swr pretrain`` folder of its base
 model; a cell is known by the base's backbone too, so one task can be compared on two
-backbones in one folder. Every finished cell is appended to ``OUT/cells.jsonl`` at once, so an interrupted
-run continues where it stopped (same command). Writes ``OUT/results.json``,
+backbones in one folder. Every finished cell is appended to ``OUT/cells.jsonl`` at once,
+so an interrupted run continues where it stopped (same command). Writes ``OUT/results.json``,
 ``OUT/cells.csv``, ``docs/policy-comparison.png`` and docs/SEARCH.md between the
 ``bench:policy_comparison`` markers.
 """
@@ -106,7 +106,8 @@ def cell_folder(args, base: str, task: str, budget: str, seed: int) -> Path:
     """Where the searches and final trainings of one (base, task, budget, seed) go."""
     variant = ("" if args.norms == "auto" else f"-norms-{args.norms}") + (
         "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates")
-    return Path(args.out) / slug(base) / slug(task) / f"b{budget.rstrip('%')}{variant}" / f"s{seed}"
+    return (Path(args.out) / slug(base) / slug(task) / f"b{budget.rstrip('%')}{variant}"
+            / f"s{seed}")
 
 
 def feasible_space(ckpt: str, delta_budget: int) -> int:
@@ -140,7 +141,8 @@ def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
     wall = time.perf_counter() - t0
     metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
-    return {"base": base, "task": task, "budget": budget, "seed": seed, "policy": policy, "norms": args.norms,
+    return {"base": base, "task": task, "budget": budget, "seed": seed, "policy": policy,
+            "norms": args.norms,
             "supernet_gates": args.supernet_gates, "supernet_epochs": args.supernet_epochs,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
@@ -181,7 +183,7 @@ def cell_minutes(cells: list[dict]) -> float:
 
 
 def seed_range(cells: list[dict]) -> str:
-    """How many seeds the (task, budget) groups hold: "5" or "3-10"."""
+    """How many seeds the (base, task, budget) groups hold: "5" or "3-10"."""
     counts = {}
     for c in cells:
         counts.setdefault(cell_id(c)[:3], set()).add(c["seed"])
@@ -193,7 +195,8 @@ def render(cells: list[dict], args, minutes: float) -> str:
     first, others = args.policy_list[0], args.policy_list[1:]
     tasks = list(dict.fromkeys((c["base"], c["task"]) for c in cells))
     lines = [
-        f"Tasks {', '.join(f'`{t}` on `{base}`' for base, t in tasks)}; budgets {', '.join(args.budget_list)}; "
+        f"Tasks {', '.join(f'`{t}` on `{base}`' for base, t in tasks)}; "
+        f"budgets {', '.join(args.budget_list)}; "
         f"{seed_range(cells)} seeds per task and budget; {args.evaluations} distinct "
         f"evaluations per searcher; task norms `--norms {args.norms}`; supernet "
         f"`--supernet-gates {args.supernet_gates}`, "
