@@ -44,6 +44,12 @@ def task_checkpoint(parser, item: str) -> tuple[str, str]:
     return spec, ckpt
 
 
+def folder_slug(text: str) -> str:
+    """``text`` as one folder name: ``kws-synth:ru?speakers=16,24,24`` ->
+    ``kws-synth_ru_speakers_16_24_24``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
 # -- the machine --------------------------------------------------------------------------
 def cpu_model() -> str:
     try:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 import time
@@ -40,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (fmt_ci, machine, md_table, mean_ci95, task_checkpoint,  # noqa: E402
-                     write_section)
+from _common import (fmt_ci, folder_slug, machine, md_table, mean_ci95,  # noqa: E402
+                     task_checkpoint, write_section)
 
 #: Spaces with more feasible selections than this many times the evaluations are pooled
 #: apart ("large"): random search scores under 1/LARGE_SPACE of them.
@@ -94,20 +93,17 @@ def cell_id(c: dict) -> tuple:
     return c["base"], c["task"], c["budget"], c["seed"]
 
 
-def cell_key(base: str, task: str, budget: str, seed: int, policy: str) -> str:
-    return f"{base}|{task}|{budget}|{seed}|{policy}"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)  # kws-synth:ru?speakers=16,24,24
+def by_cell(cells) -> dict[tuple, dict]:
+    """Cells by (base, task, budget, seed, policy)."""
+    return {(*cell_id(c), c["policy"]): c for c in cells}
 
 
 def cell_folder(args, base: str, task: str, budget: str, seed: int) -> Path:
     """Where the searches and final trainings of one (base, task, budget, seed) go."""
     variant = ("" if args.norms == "auto" else f"-norms-{args.norms}") + (
         "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates")
-    return (Path(args.out) / slug(base) / slug(task) / f"b{budget.rstrip('%')}{variant}"
-            / f"s{seed}")
+    return (Path(args.out) / folder_slug(base) / folder_slug(task)
+            / f"b{budget.rstrip('%')}{variant}" / f"s{seed}")
 
 
 def feasible_space(ckpt: str, delta_budget: int) -> int:
@@ -157,7 +153,7 @@ def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
 
 def paired(cells: list[dict], first: str, other: str, where=lambda c: True) -> list[float]:
     """Test-accuracy differences ``first - other`` (points) over matching cells."""
-    by = {(*cell_id(c), c["policy"]): c for c in cells if where(c)}
+    by = by_cell(c for c in cells if where(c))
     out = []
     for (*ident, p), c in sorted(by.items()):
         if p == first and (*ident, other) in by:
@@ -168,7 +164,7 @@ def paired(cells: list[dict], first: str, other: str, where=lambda c: True) -> l
 def same_selection(cells: list[dict], first: str, other: str) -> str:
     """In how many paired cells ``first`` and ``other`` chose the very same layers (their
     final trainings are then identical, and so is their accuracy)."""
-    by = {(*cell_id(c), c["policy"]): c for c in cells}
+    by = by_cell(cells)
     pairs = [(c, by[(*ident, other)]) for (*ident, p), c in by.items()
              if p == first and (*ident, other) in by]
     known = [(a, b) for a, b in pairs if "selection" in a and "selection" in b]
@@ -364,10 +360,10 @@ def main(argv=None) -> None:
     for c in cells:
         c.setdefault("base", first_base.get(c["task"]))
     backfill(args, cells)
-    done = {cell_key(*cell_id(c), c["policy"]) for c in cells}
+    done = set(by_cell(cells))
     todo = [(t, ck, base, b, s, p) for t, ck, base in args.pairs for s in range(args.seeds)
             for b in args.budget_list for p in args.policy_list
-            if cell_key(base, t, b, s, p) not in done and not args.render_only]
+            if (base, t, b, s, p) not in done and not args.render_only]
     wanted = {(t, base) for t, _, base in args.pairs}
     cells = [c for c in cells if (c["task"], c["base"]) in wanted]
     info = machine()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import md_table, mean_ci95, task_checkpoint, write_section  # noqa: E402
+from _common import (folder_slug, md_table, mean_ci95, task_checkpoint,  # noqa: E402
+                     write_section)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.spec, args.ckpt = task_checkpoint(p, args.task)
     args.searchers = [x.strip() for x in args.searchers.split(",") if x.strip()]
     args.eval_list = [int(x) for x in args.evaluations.split(",") if x.strip()]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.spec)
-    args.folder = Path(args.out) / slug / f"b{args.budget.rstrip('%')}-s{args.seed}"
+    args.folder = (Path(args.out) / folder_slug(args.spec)
+                   / f"b{args.budget.rstrip('%')}-s{args.seed}")
     return args
 
 
