@@ -64,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="Ray workers per search (0: none)")
     p.add_argument("--supernet-gates", default="budget", choices=["budget", "bernoulli"],
                    help="stage-1 gates (swr search --supernet-gates)")
+    p.add_argument("--evaluator", default="supernet", choices=["supernet", "trained"],
+                   help="what scores a selection in every search (swr search --evaluator)")
+    p.add_argument("--proxy-epochs", type=int, default=2,
+                   help="with --evaluator trained: its short training's epochs")
     p.add_argument("--norms", default="auto", choices=["auto", "budget", "none", "free"],
                    help="task norms in search and final training (swr search --norms); none: "
                         "deltas only, where the selection is all that differs")
@@ -101,7 +105,8 @@ def by_cell(cells) -> dict[tuple, dict]:
 def cell_folder(args, base: str, task: str, budget: str, seed: int) -> Path:
     """Where the searches and final trainings of one (base, task, budget, seed) go."""
     variant = ("" if args.norms == "auto" else f"-norms-{args.norms}") + (
-        "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates")
+        "" if args.supernet_gates == "bernoulli" else f"-{args.supernet_gates}-gates") + (
+        "" if args.evaluator == "supernet" else f"-{args.evaluator}{args.proxy_epochs}")
     return (Path(args.out) / folder_slug(base) / folder_slug(task)
             / f"b{budget.rstrip('%')}{variant}" / f"s{seed}")
 
@@ -130,6 +135,7 @@ def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
     cfg = SearchConfig(task=task, checkpoint=ckpt, budget=budget, out=str(search_out),
                        policy=policy, seed=seed, evaluations=args.evaluations,
                        workers=args.workers, device="cpu", progress=False,
+                       evaluator=args.evaluator, proxy_epochs=args.proxy_epochs,
                        norms=args.norms, supernet=SupernetConfig(epochs=args.supernet_epochs,
                                                                  gates=args.supernet_gates))
     t0 = time.perf_counter()
@@ -138,7 +144,8 @@ def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
     metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
     return {"base": base, "task": task, "budget": budget, "seed": seed, "policy": policy,
-            "norms": args.norms,
+            "norms": args.norms, "evaluator": args.evaluator,
+            "proxy_epochs": args.proxy_epochs if args.evaluator == "trained" else None,
             "supernet_gates": args.supernet_gates, "supernet_epochs": args.supernet_epochs,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
@@ -194,7 +201,10 @@ def render(cells: list[dict], args, minutes: float) -> str:
         f"Tasks {', '.join(f'`{t}` on `{base}`' for base, t in tasks)}; "
         f"budgets {', '.join(args.budget_list)}; "
         f"{seed_range(cells)} seeds per task and budget; {args.evaluations} distinct "
-        f"evaluations per searcher; task norms `--norms {args.norms}`; supernet "
+        f"evaluations per searcher"
+        + ("" if args.evaluator == "supernet" else
+           f", scored by `--evaluator trained` ({args.proxy_epochs}-epoch trainings)")
+        + f"; task norms `--norms {args.norms}`; supernet "
         f"`--supernet-gates {args.supernet_gates}`, "
         f"{args.supernet_epochs} epochs (one per task, seed"
         f"{' and budget' if args.supernet_gates == 'budget' else ''}, shared by the searchers); the "
@@ -352,7 +362,10 @@ def main(argv=None) -> None:
     # cells of other settings in the same folder are neither reused nor reported
     cells = [c for c in cells if c.get("norms", "auto") == args.norms
              and c.get("supernet_gates", "bernoulli") == args.supernet_gates
-             and c.get("supernet_epochs", args.supernet_epochs) == args.supernet_epochs]
+             and c.get("supernet_epochs", args.supernet_epochs) == args.supernet_epochs
+             and c.get("evaluator", "supernet") == args.evaluator
+             and c.get("proxy_epochs") == (args.proxy_epochs if args.evaluator == "trained"
+                                           else None)]
     # cells recorded before they named their base: the base given for their task
     first_base = {}
     for t, _, base in args.pairs:

@@ -12,8 +12,12 @@ log-probability (``loglik``), both from one scoring, with BatchNorm statistics
 recalibrated on training clips (the plain names), taken from every clip of each
 validation batch (``valbn-``) or from 32 or 16 of them (``valbn32-``, ``valbn16-``), or
 kept from the supernet (``snbn-``); with ``--budget-supernet`` the same
-on a supernet trained on budget-feasible gate sets (``budget-...``); and the summed
-Taylor importance of the selection (``taylor``, what knapsack maximises, free).
+on a supernet trained on budget-feasible gate sets (``budget-...``); the summed
+Taylor importance of the selection (``taylor``, what knapsack maximises, free); and with
+``--trained-proxy E`` the validation accuracy and log-likelihood after a short training
+of E epochs of the selection's own deltas from the supernet the final trainings start
+from (``trainedE-acc``, ``trainedE-loglik``: ``swr search --evaluator trained``; its data
+order drawn from seed + 1001, shared with neither the final training nor the retest).
 
 Reported per run: Kendall tau-b and Spearman rho (with Fisher-z 95% intervals) between
 each proxy and the final *validation* accuracy, and the headroom: the final test
@@ -27,7 +31,8 @@ Each run merges its results into ``OUT/results.json`` (``OUT/<run>/selections.cs
 per run) and rewrites the section between ``<!-- bench:proxy_fidelity -->`` markers of
 docs/SEARCH.md from every run stored there, plus one scatter plot per run in docs/.
 Final trainings already in ``OUT/<run>/sel-XX`` with the same settings are reused, so an
-interrupted run continues where it stopped.
+interrupted run continues where it stopped; so are the supernet scores of a stored run
+of the same selections (a run made again to add ``--trained-proxy`` scores only that).
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ BN_VARIANTS = {"train": ("train", None, ""), "val": ("val", None, "valbn-"),
                "supernet": ("supernet", None, "snbn-")}
 PROXIES = tuple(f"{sn}{tag}{m}" for sn in ("", "budget-") for *_, tag in BN_VARIANTS.values()
                 for m in ("acc", "loglik")) + ("taylor",)
+
+
+def proxies_of(rows) -> list[str]:
+    """:data:`PROXIES` and the trained proxies (``trainedE-...``) the rows hold."""
+    trained = sorted({k for r in rows for k in r if re.fullmatch(r"trained\d+-(acc|loglik)", k)})
+    return list(PROXIES) + trained
 
 
 def build_selections(names, costs, importance, budget, n, seed):
@@ -144,7 +155,8 @@ def retest_summary(rows, seed: int) -> dict:
             "kendall_ci": fisher_interval(tau, len(rows), "kendall"),
             "test_kendall": kendall_tau([r["test_acc"] for r in rows],
                                         [r["retest_test_acc"] for r in rows]),
-            "vs_mean": {p: c["kendall"] for p, c in correlations(mean_rows, PROXIES).items()}}
+            "vs_mean": {p: c["kendall"]
+                        for p, c in correlations(mean_rows, proxies_of(rows)).items()}}
 
 
 def slug(text: str) -> str:
@@ -157,7 +169,7 @@ def run(args) -> dict:
     from tqdm.auto import tqdm
 
     from swr.budget import resolve_budget
-    from swr.envs.evaluator import SupernetEvaluator
+    from swr.envs.evaluator import SupernetEvaluator, TrainedEvaluator
     from swr.finetune import finetune
     from swr.io import write_csv, write_json
     from swr.reparam import candidates
@@ -216,16 +228,40 @@ def run(args) -> dict:
                 row[f"{prefix}{tag}acc"], row[f"{prefix}{tag}loglik"] = s["accuracy"], s["loglik"]
             score_s.setdefault(label, (time.perf_counter() - t_score) / len(rows))
 
-    score_all(supernet, "")
+    stored = json.loads((Path(args.out) / "results.json").read_text()).get(name) \
+        if (Path(args.out) / "results.json").is_file() else None
+    if stored and [r["selection"] for r in stored["rows"]] == [r["selection"] for r in rows]:
+        # the same selections were scored by a stored run: its supernet scores hold
+        for row, old in zip(rows, stored["rows"]):
+            row.update({p: old[p] for p in proxies_of([old]) if p in old})
+        score_s.update(stored.get("score_s_by_bn_stats") or
+                       {"train": stored["score_s_per_selection"]})
+        print(f"{name}: supernet scores reused from {Path(args.out) / 'results.json'}",
+              flush=True)
+    else:
+        stored = None
+        score_all(supernet, "")
+    final_net = supernet
     if args.budget_supernet:
         bcfg = SupernetConfig(epochs=args.supernet_epochs, seed=args.seed, device="cpu",
                               progress=True, gates="budget", gate_budget_params=budget,
                               norms=norms_trained)
         bnet, _, bfolder = prepare_supernet(base, task, bcfg, meta["backbone"])
-        score_all(bnet, "budget-")
-        del bnet
-    if args.final_from == "budget":  # as swr search's default: stage 3 from that supernet
-        sfolder = bfolder
+        if stored is None:
+            score_all(bnet, "budget-")
+        if args.final_from == "budget":  # as swr search's default: stage 3 from that supernet
+            sfolder, final_net = bfolder, bnet
+    for epochs in args.trained_proxy:
+        # swr search --evaluator trained, from where the final trainings start; seed + 1000
+        # (its data order: seed + 1001) is neither the final training's seed nor the retest's
+        ev = TrainedEvaluator(final_net, task, device="cpu", epochs=epochs,
+                              seed=args.seed + 1000, norms=norms_trained)
+        t_score = time.perf_counter()
+        for row in tqdm(rows, desc=f"trained proxy, {epochs} epochs", unit="selection"):
+            sc = ev.scores(row["selection"])
+            row[f"trained{epochs}-acc"], row[f"trained{epochs}-loglik"] = (sc["accuracy"],
+                                                                          sc["loglik"])
+        score_s[f"trained, {epochs} epochs"] = (time.perf_counter() - t_score) / len(rows)
 
     settings = {"epochs": args.epochs, "seed": args.seed, "lr": 3e-3,
                 "supernet": str(sfolder), "task": args.task}
@@ -262,7 +298,7 @@ def run(args) -> dict:
             row.update(retest_val_acc=m["val_acc"], retest_test_acc=m["test_acc"])
         retest = retest_summary(rows, args.retest_seed)
     write_csv(folder / "selections.csv", rows,
-              ["id", "rule", "layers", "cost", *[p for p in PROXIES if p in rows[0]],
+              ["id", "rule", "layers", "cost", *[p for p in proxies_of(rows) if p in rows[0]],
                "val_acc", "test_acc", "train_s",
                *(["retest_val_acc", "retest_test_acc"] if retest else [])])
     random_rows = [r for r in rows if r["rule"] == "random"]
@@ -275,13 +311,15 @@ def run(args) -> dict:
         "supernet_val_acc_all_open": smeta["val_acc_all_open"],
         "score_s_per_selection": score_s["train"], "score_s_by_bn_stats": score_s,
         "train_s_median": statistics.median(r["train_s"] for r in rows),
-        "correlations": correlations(rows, PROXIES),
+        "correlations": correlations(rows, proxies_of(rows)),
         "headroom_points": headroom(rows), "retest": retest,
         "headroom_random_points": headroom(random_rows) if len(random_rows) >= 3 else None,
         "random_selections": len(random_rows),
         "final_val": [min(r["val_acc"] for r in rows), max(r["val_acc"] for r in rows)],
         "final_test": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)],
-        "command": command(), "minutes": (time.perf_counter() - t0) / 60, "rows": rows,
+        # a run that reused a stored one's scores: the minutes of both
+        "command": command(), "rows": rows,
+        "minutes": (time.perf_counter() - t0) / 60 + (stored["minutes"] if stored else 0.0),
     }
 
 
@@ -292,8 +330,8 @@ def scatter(result: dict, path: Path) -> None:
     from swr.io import save_png
 
     rows = result["rows"]
-    proxies = [p for p in PROXIES if p in result["correlations"]
-               and (p.endswith("loglik") or p == "taylor")]
+    proxies = [p for p in proxies_of(rows) if p in result["correlations"]
+               and (p.endswith("loglik") or p == "taylor" or p.startswith("trained"))]
     fig = Figure(figsize=(3.2 * len(proxies), 3.2), layout="constrained")
     for ax, p in zip(fig.subplots(1, len(proxies), squeeze=False)[0], proxies):
         rules = sorted({r["rule"] for r in rows})
@@ -352,6 +390,12 @@ def search_scoring_table(results: dict) -> list[str]:
                if big else "") + ".", ""]
 
 
+def trained_label(key: str) -> str:
+    """``"trained, 2 epochs"`` (a key of score_s_by_bn_stats) as prose."""
+    e = int(re.search(r"\d+", key).group())
+    return f"after a short training of {e} epoch{'s' * (e > 1)}"
+
+
 def render(results: dict) -> str:
     from _common import md_table, mean_ci95
 
@@ -400,7 +444,8 @@ def render(results: dict) -> str:
                   f"final training {r['epochs']} epochs each (median {r['train_s_median']:.0f} s), "
                   f"supernet {r['supernet_epochs']} epochs (all gates open: val "
                   f"{r['supernet_val_acc_all_open']:.4f}), one scoring "
-                  + (", ".join(f"{s:.2f} s with {bn} BatchNorm statistics"
+                  + (", ".join(f"{s:.2f} s " + (trained_label(bn) if bn.startswith("trained")
+                                                else f"with {bn} BatchNorm statistics")
                                for bn, s in r["score_s_by_bn_stats"].items())
                      if "score_s_by_bn_stats" in r else f"{r['score_s_per_selection']:.2f} s")
                   + ". Final validation accuracy "
@@ -420,6 +465,11 @@ def render(results: dict) -> str:
             if "taylor" in corr:
                 table.append(["-", "taylor (summed importance)", "-",
                               fmt(corr["taylor"], "kendall"), fmt(corr["taylor"], "spearman")])
+            for e in sorted({int(k[7:].split("-")[0]) for k in corr if k.startswith("trained")}):
+                table.append(["-", f"trained: short training, {e} epoch{'s' * (e > 1)}",
+                              fmt(corr[f"trained{e}-acc"], "kendall"),
+                              fmt(corr[f"trained{e}-loglik"], "kendall"),
+                              fmt(corr[f"trained{e}-loglik"], "spearman")])
             lines += [md_table(["supernet gates", "BatchNorm statistics",
                                 "Kendall tau-b, accuracy [95% CI]",
                                 "Kendall tau-b, loglik [95% CI]",
@@ -474,6 +524,9 @@ def main() -> None:
                    help="the supernet the final trainings start from: the usual one, or (with "
                         "--budget-supernet) the one trained on budget-feasible gate sets, as "
                         "swr search's default does")
+    p.add_argument("--trained-proxy", type=int, action="append", default=[], metavar="E",
+                   help="also score every selection after a short training of E epochs "
+                        "(swr search --evaluator trained --proxy-epochs E); repeat for several")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(ROOT / "runs" / "proxy_fidelity"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "SEARCH.md"))

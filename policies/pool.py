@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from swr.envs.evaluator import BN_CLIPS, Evaluator, SupernetEvaluator
+from swr.envs.evaluator import (BN_CLIPS, PROXY_EPOCHS, Evaluator, SupernetEvaluator,
+                                TrainedEvaluator)
 from swr.errors import ClusterLostError
 
 log = logging.getLogger("swr.pool")
@@ -52,6 +53,28 @@ class SupernetEvaluatorFactory:
                                  seed=self.seed,
                                  prefix_cache_mb=self.prefix_cache_mb,
                                  metric=self.metric)
+
+
+class TrainedEvaluatorFactory:
+    """Picklable recipe for a :class:`TrainedEvaluator` (sent to Ray workers)."""
+
+    def __init__(self, supernet: torch.nn.Module, task, device: str = "cpu",
+                 epochs: int = PROXY_EPOCHS,
+                 seed: int = 0, metric: str = "accuracy", norms: bool = True):
+        self.supernet, self.task, self.device = supernet, task, device
+        self.epochs, self.seed, self.metric, self.norms = epochs, seed, metric, norms
+
+    def __getstate__(self) -> dict:
+        # it trains on the train split and scores on val: the test splits stay behind
+        state = dict(self.__dict__)
+        if dataclasses.is_dataclass(self.task) and hasattr(self.task, "shift_test"):
+            state["task"] = dataclasses.replace(self.task, test=None, shift_test=None)
+        return state
+
+    def __call__(self) -> TrainedEvaluator:
+        return TrainedEvaluator(self.supernet, self.task, device=self.device,
+                                epochs=self.epochs, seed=self.seed, metric=self.metric,
+                                norms=self.norms)
 
 
 def score_with_details(evaluator: Evaluator, selection) -> tuple[float, dict | None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from swr.envs.evaluator import BN_CLIPS
+from swr.envs.evaluator import BN_CLIPS, PROXY_EPOCHS
 from swr.errors import SwrError
 from swr.selection import Searcher
 
@@ -26,6 +26,9 @@ class SearchSettings:
     ``reward``: what a selection scores on the supernet (``"loglik"`` or
     ``"accuracy"``, see :class:`~swr.envs.evaluator.SupernetEvaluator`); log-likelihood
     by default, the proxy that ranked final accuracy better in docs/SEARCH.md.
+    ``evaluator``: what scores a selection (:data:`~swr.envs.evaluator.EVALUATORS`):
+    the supernet, or a short training of ``proxy_epochs`` epochs of its own
+    (:class:`~swr.envs.evaluator.TrainedEvaluator`).
     """
 
     evaluations: int = 40
@@ -40,6 +43,8 @@ class SearchSettings:
     resume: bool = False
     progress: bool = True
     reward: str = "loglik"
+    evaluator: str = "supernet"
+    proxy_epochs: int = PROXY_EPOCHS
 
 
 SearcherFactory = Callable[[SearchSettings], Searcher]

@@ -152,12 +152,17 @@ class SearchRun:
             self._bar.close()
 
 
-def evaluator_factory(cfg: SearchSettings, supernet, task):
-    """The picklable recipe of the supernet evaluator every scoring goes through."""
+def evaluator_factory(cfg: SearchSettings, supernet, task, norms: bool = True):
+    """The picklable recipe of the evaluator every scoring goes through (``cfg.evaluator``);
+    ``norms``: whether the task norms train (as the final training's do)."""
     from swr.train import resolve_device
 
-    from .pool import SupernetEvaluatorFactory
+    from .pool import SupernetEvaluatorFactory, TrainedEvaluatorFactory
 
+    if cfg.evaluator == "trained":
+        return TrainedEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
+                                       epochs=cfg.proxy_epochs, seed=cfg.seed,
+                                       metric=cfg.reward, norms=norms)
     return SupernetEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
                                     bn_batches=cfg.bn_batches, seed=cfg.seed, metric=cfg.reward,
                                     bn_stats=cfg.bn_stats, bn_clips=cfg.bn_clips)
@@ -229,7 +234,9 @@ class PoolSearcher:
         names, costs = problem.names, problem.costs
         log = EvaluationLog(problem.out / "evaluations.jsonl", names, dict(zip(names, costs)),
                             s.resume)
-        pool = make_pool(s, evaluator_factory(s, problem.supernet, problem.task), names)
+        factory = evaluator_factory(s, problem.supernet, problem.task,
+                                    norms=problem.norms_trained)
+        pool = make_pool(s, factory, names)
         run = SearchRun(names, costs, problem.budget_params, pool, log, s.evaluations, s.progress)
         retries = 0
         per_budget_weights: list[Optional[Path]] = []

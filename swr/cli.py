@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .budget import NORM_MODES
-from .envs.evaluator import BN_CLIPS
+from .envs.evaluator import BN_CLIPS, EVALUATORS, PROXY_EPOCHS
 from .errors import ClusterLostError, SwrError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
@@ -170,9 +170,19 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "batch: budget (a random selection within --budget, the kind the search "
                    "scores; the default: it ranked final accuracy better in 15 of 19 measured "
                    "runs) or bernoulli (each gate independently)")
-    p.add_argument("--reward", default="loglik", help="what a selection scores on the "
-                   "supernet: loglik (mean log-probability of the true class on validation; "
-                   "the default, it ranks final accuracy better) or accuracy")
+    p.add_argument("--evaluator", default="supernet", choices=list(EVALUATORS),
+                   help="what scores a selection: supernet (its shared deltas on the stage-1 "
+                   "supernet; the default) or trained (a short training of the selection's "
+                   "own deltas and the head from the supernet, --proxy-epochs epochs: ranked "
+                   "final accuracy better where the delta budget is tiny, e.g. bcresnet-2 at "
+                   "1%%, worse on the image bases; docs/SEARCH.md)")
+    p.add_argument("--proxy-epochs", type=int, default=PROXY_EPOCHS, metavar="N",
+                   help="with --evaluator trained: epochs of each selection's short training "
+                        "(default: %(default)s)")
+    p.add_argument("--reward", default=None, help="what a selection scores: loglik (mean "
+                   "log-probability of the true class on validation; the supernet's default, "
+                   "it ranks final accuracy better there) or accuracy (the trained "
+                   "evaluator's default)")
     p.add_argument("--bn-stats", default="val", help="where a scoring takes BatchNorm "
                    "statistics from: val (each validation batch's own; one pass, the default), "
                    "train (recalibrate on 4 x 128 training clips first; 3x the time, ranks no "
@@ -211,7 +221,8 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        samples_per_iteration=args.samples_per_iteration,
                        supernet=SupernetConfig(epochs=args.supernet_epochs,
                                                gates=args.supernet_gates),
-                       reward=args.reward, bn_stats=args.bn_stats,
+                       reward=args.reward, evaluator=args.evaluator,
+                       proxy_epochs=args.proxy_epochs, bn_stats=args.bn_stats,
                        bn_clips=args.bn_clips or None, on_bad_file=args.on_bad_file,
                        norms=args.norms)
     r = run_search(cfg)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import tasks
-from .envs.evaluator import BN_CLIPS
+from .envs.evaluator import BN_CLIPS, PROXY_EPOCHS
 from .errors import SwrError
 from .io import out_lock, write_json
 from .methods import METHODS, SWR, register_method, swr_variant
@@ -67,7 +67,13 @@ class SearchConfig:
     #: what a selection scores on the supernet: "loglik" or "accuracy" (see
     #: swr.envs.evaluator.SupernetEvaluator); loglik ranked final accuracy better
     #: (docs/SEARCH.md, "Does the evaluator predict the final accuracy?")
-    reward: str = "loglik"
+    #: None: the evaluator's own (swr.envs.evaluator.EVALUATORS), see ``metric``
+    reward: Optional[str] = None
+    #: what scores a selection: "supernet" (its shared deltas) or "trained" (a short
+    #: training of the selection's own deltas, ``proxy_epochs`` epochs; see
+    #: swr.envs.evaluator.TrainedEvaluator)
+    evaluator: str = "supernet"
+    proxy_epochs: int = PROXY_EPOCHS
     on_bad_file: str = "fail"  # real-data tasks: "skip" drops unreadable files
     # the base as a backbone + weights file instead of a swr pretrain checkpoint
     backbone: Optional[str] = None
@@ -101,8 +107,15 @@ class SearchConfig:
             raise SwrError(f"--norms {self.norms!r} is not one of {', '.join(NORM_MODES)}")
         from .envs.evaluator import METRICS
 
-        if self.reward not in METRICS:
+        if self.reward is not None and self.reward not in METRICS:
             raise SwrError(f"--reward {self.reward!r} is not one of {', '.join(METRICS)}")
+        from .envs.evaluator import EVALUATORS
+
+        if self.evaluator not in EVALUATORS:
+            raise SwrError(f"--evaluator {self.evaluator!r} is not one of "
+                           f"{', '.join(EVALUATORS)}")
+        if self.proxy_epochs < 1:
+            raise SwrError(f"--proxy-epochs {self.proxy_epochs} must be at least 1")
         from .envs.evaluator import BN_STATS
 
         if self.bn_stats not in BN_STATS:
@@ -116,6 +129,13 @@ class SearchConfig:
         supernet.validate()
         return self
 
+    @property
+    def metric(self) -> str:
+        """What a selection scores by: ``reward``, else the evaluator's default."""
+        from .envs.evaluator import EVALUATORS
+
+        return self.reward or EVALUATORS[self.evaluator]
+
     def searcher(self) -> Searcher:
         """The searcher this configuration names, with its settings."""
         from .policies import SearchSettings, build_searcher
@@ -125,7 +145,8 @@ class SearchConfig:
             device=self.device, ray_address=self.ray_address,
             samples_per_iteration=self.samples_per_iteration, bn_batches=self.bn_batches,
             bn_stats=self.bn_stats, bn_clips=self.bn_clips, resume=self.resume,
-            progress=self.progress, reward=self.reward))
+            progress=self.progress, reward=self.metric, evaluator=self.evaluator,
+            proxy_epochs=self.proxy_epochs))
 
 
 def run_search(cfg: SearchConfig) -> dict:
@@ -140,7 +161,10 @@ def run_search(cfg: SearchConfig) -> dict:
         result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
         result["base"] = spec.to_dict()
         result["task"] = cfg.task  # the spec, so swr finetune can load the same task
-        result["reward"] = cfg.reward  # what val_score is
+        result["reward"] = cfg.metric  # what val_score is, and what scored it
+        result["evaluator"] = cfg.evaluator
+        if cfg.evaluator == "trained":
+            result["proxy_epochs"] = cfg.proxy_epochs
         # and where its BatchNorm statistics came from (those the supernet fixed, if any)
         result["bn_stats"] = result["bn_stats"] or cfg.bn_stats
         # and, for val-batch statistics, from how many clips of each batch (None: all)
@@ -150,7 +174,8 @@ def run_search(cfg: SearchConfig) -> dict:
         if "budgets" not in result:
             write_json(Path(cfg.out) / "selection.json", result)
             return result
-        shared = {k: result[k] for k in ("checkpoint", "base", "task", "reward", "bn_stats",
+        shared = {k: result[k] for k in ("checkpoint", "base", "task", "reward", "evaluator",
+                                         "bn_stats",
                                          "bn_clips", "on_bad_file", "skipped_files")}
         for entry in result["budgets"]:
             entry.update(shared)
@@ -196,7 +221,7 @@ FINGERPRINT_LABELS = {
     "evaluations": "--evaluations", "samples_per_iteration": "--samples-per-iteration",
     "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs", "norms": "--norms",
     "reward": "--reward", "supernet_gates": "--supernet-gates", "bn_stats": "--bn-stats",
-    "bn_clips": "--bn-clips",
+    "bn_clips": "--bn-clips", "evaluator": "--evaluator", "proxy_epochs": "--proxy-epochs",
 }
 
 
@@ -222,7 +247,10 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
             "norms": cfg.norms,
             "policy": cfg.policy, "seed": cfg.seed, "evaluations": cfg.evaluations,
             "samples_per_iteration": cfg.samples_per_iteration, "bn_batches": cfg.bn_batches,
-            "reward": cfg.reward, "bn_stats": cfg.bn_stats, "bn_clips": cfg.bn_clips,
+            "reward": cfg.metric, "bn_stats": cfg.bn_stats, "bn_clips": cfg.bn_clips,
+            # the default evaluator leaves the fingerprints of earlier searches unchanged
+            **({} if cfg.evaluator == "supernet" else
+               {"evaluator": cfg.evaluator, "proxy_epochs": cfg.proxy_epochs}),
             **supernet}
 
 

@@ -55,6 +55,9 @@ class SearchProblem:
     #: (``"supernet"`` for one trained with the base's norms on random gates: the
     #: statistics the final model keeps); None leaves it to the searcher's settings
     bn_stats: Optional[str] = None
+    #: whether the task norms train beside the deltas (stage 1's setting, which the
+    #: final training of a single budget shares): an evaluator that trains does the same
+    norms_trained: bool = True
 
     @property
     def budget_list(self) -> list[int]:
@@ -181,7 +184,7 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
                             # statistics, those the final model keeps; on one of budget
                             # gate sets val-batch statistics ranked better (docs/SEARCH.md)
                             bn_stats=None if supernet.norms or supernet.gates == "budget"
-                            else "supernet")
+                            else "supernet", norms_trained=supernet.norms)
     t1 = time.perf_counter()
     found = searcher(problem)
     t_search = time.perf_counter() - t1

@@ -144,8 +144,8 @@ def test_search_survives_a_dying_worker(ray_local, tiny_search, tmp_path, monkey
     """A Ray worker dies on its third scoring: retried elsewhere, same result as no fault."""
     clean = run_search(search_cfg(tiny_search, tmp_path / "clean", workers=0))  # in-process
     make = search_mod.evaluator_factory
-    monkeypatch.setattr(search_mod, "evaluator_factory", lambda cfg, supernet, task: DyingFactory(
-        make(cfg, supernet, task), tmp_path / "died"))
+    monkeypatch.setattr(search_mod, "evaluator_factory", lambda cfg, supernet, task, **kw:
+                        DyingFactory(make(cfg, supernet, task, **kw), tmp_path / "died"))
     faulty = run_search(search_cfg(tiny_search, tmp_path / "faulty"))
     assert (tmp_path / "died").exists()
     assert faulty["worker_retries"] > 0
@@ -235,7 +235,8 @@ class SlowFactory:
         return Slow(self.inner())
 
 make = search_mod.evaluator_factory
-search_mod.evaluator_factory = lambda cfg, supernet, task: SlowFactory(make(cfg, supernet, task))
+search_mod.evaluator_factory = lambda cfg, supernet, task, **kw: SlowFactory(
+    make(cfg, supernet, task, **kw))
 from swr.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swr.tasks
-from swr.envs.evaluator import BN_CLIPS
+from swr.envs.evaluator import BN_CLIPS, PROXY_EPOCHS
 from swr.errors import SwrError
 from swr.search import SearchConfig, run_search
 from swr.policies.selectors import (greedy_selection, knapsack_selection, random_selection)
@@ -222,8 +222,8 @@ def test_deltas_only_search_trains_stage_one_with_the_base_norms(tiny, tmp_path,
     used = []
     make = search_mod.evaluator_factory
     monkeypatch.setattr(search_mod, "evaluator_factory",
-                        lambda cfg, supernet, task: used.append(cfg.bn_stats) or make(
-                            cfg, supernet, task))
+                        lambda cfg, supernet, task, **kw: used.append(cfg.bn_stats) or make(
+                            cfg, supernet, task, **kw))
     small = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=2))
     assert small["norms_trained"] is False and used == ["supernet"]
     assert small["bn_stats"] == "supernet"  # selection.json says what scored it
@@ -356,3 +356,53 @@ def test_cli_reward_and_supernet_gates(tiny, tmp_path, capsys):
     assert "--bn-clips 1 must be at least 2" in capsys.readouterr().err
     assert main([*common, "--bn-clips", "0", "--out", str(tmp_path / "e")]) == 0  # every clip
     assert json.loads((tmp_path / "e" / "fingerprint.json").read_text())["bn_clips"] is None
+
+
+@pytest.mark.parametrize("norms", ["auto", "none"])
+def test_trained_evaluator_scores_what_a_short_final_training_reaches(tiny, tmp_path, norms):
+    """--evaluator trained: a selection's score is the validation accuracy a final
+    training of --proxy-epochs epochs (seed + 1) reaches from the same supernet."""
+    from swr.finetune import finetune
+
+    _, ckpt = tiny
+    r = run_search(search_cfg(tmp_path, ckpt, "random", out="tr", evaluations=4,
+                              evaluator="trained", norms=norms))
+    assert r["evaluator"] == "trained" and r["reward"] == "accuracy"
+    assert r["proxy_epochs"] == PROXY_EPOCHS
+    m = finetune(tmp_path / "tr" / "selection.json", tmp_path / "ft", epochs=PROXY_EPOCHS, seed=1,
+                 device="cpu", progress=False)
+    assert m["norms_trained"] == r["norms_trained"]
+    assert m["val_acc"] == r["val_score"]
+    fp = json.loads((tmp_path / "tr" / "fingerprint.json").read_text())
+    assert fp["evaluator"] == "trained" and fp["proxy_epochs"] == PROXY_EPOCHS
+    with pytest.raises(SwrError, match="--evaluator"):  # the same folder, another evaluator
+        run_search(search_cfg(tmp_path, ckpt, "random", out="tr", evaluations=4, resume=True,
+                              norms=norms))
+
+
+def test_trained_evaluator_leaves_the_supernet_and_random_state_as_they_were(tiny):
+    import torch
+
+    from swr.envs.evaluator import TrainedEvaluator
+    from swr.reparam import reparam_layers
+    from swr.supernet import build_supernet
+    from swr.source import load_base, base_spec
+
+    task, ckpt = tiny
+    base, _ = load_base(base_spec(str(ckpt)))
+    net = build_supernet(base, task.num_classes)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [p.requires_grad for p in net.parameters()]
+    names = list(reparam_layers(net))
+    ev = TrainedEvaluator(net, task, epochs=1, seed=3, metric="loglik")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    a = ev.scores(names[:2])
+    assert torch.equal(torch.rand(3), expected)  # the global random state is untouched
+    assert ev(names[:2]) == a["loglik"] < 0 and 0 <= a["accuracy"] <= 1  # same seed, same score
+    assert ev(names[2:4]) != a["loglik"]
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in net.parameters()] == flags
+    assert all(layer.gate == 0.0 for layer in reparam_layers(net).values())
