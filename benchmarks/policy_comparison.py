@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norms", default="auto", choices=["auto", "budget", "none", "free"],
                    help="task norms in search and final training (swr search --norms); none: "
                         "deltas only, where the selection is all that differs")
+    p.add_argument("--versus", metavar="DIR",
+                   help="another comparison folder (e.g. one scored by the other --evaluator): "
+                        "report each searcher's paired difference against its cells there")
     p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"),
                    help="folder for the runs and cells.jsonl (resumable)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
@@ -144,7 +147,7 @@ def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
     metrics = finetune(search_out / "selection.json", folder / f"{policy}-final",
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
     return {"base": base, "task": task, "budget": budget, "seed": seed, "policy": policy,
-            "norms": args.norms, "evaluator": args.evaluator,
+            "norms": args.norms, "epochs": args.epochs, "evaluator": args.evaluator,
             "proxy_epochs": args.proxy_epochs if args.evaluator == "trained" else None,
             "supernet_gates": args.supernet_gates, "supernet_epochs": args.supernet_epochs,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
@@ -291,6 +294,36 @@ def render(cells: list[dict], args, minutes: float) -> str:
     return "\n".join(lines)
 
 
+def same_settings(c: dict, args, evaluator: bool = True) -> bool:
+    """Whether cell ``c`` was made with this run's settings (and evaluator)."""
+    return (c.get("norms", "auto") == args.norms
+            and c.get("supernet_gates", "bernoulli") == args.supernet_gates
+            and c.get("supernet_epochs", args.supernet_epochs) == args.supernet_epochs
+            and c.get("epochs", args.epochs) == args.epochs
+            and (not evaluator or (
+                c.get("evaluator", "supernet") == args.evaluator
+                and c.get("proxy_epochs") == (args.proxy_epochs if args.evaluator == "trained"
+                                              else None))))
+
+
+def versus_table(cells: list[dict], other: list[dict], args) -> list[str]:
+    """Each searcher here minus the same searcher in ``other`` (points, paired by base,
+    task, budget and seed), per base, task and budget."""
+    mine, theirs = by_cell(cells), by_cell(other)
+    groups = list(dict.fromkeys(cell_id(c)[:3] for c in cells))
+    rows = []
+    for g in groups:
+        row = [*g]
+        for p in args.policy_list:
+            d = [100 * (c["final_test_acc"] - theirs[k]["final_test_acc"])
+                 for k, c in sorted(mine.items()) if k[:3] == g and k[4] == p and k in theirs]
+            row.append(fmt_ci(d) + f" ({len(d)})" if d else "-")
+        rows.append(row)
+    return [f"Each searcher here minus the same searcher in `{args.versus}` (final test "
+            "accuracy, points, paired by seed; 95% t interval; cells in brackets):", "",
+            md_table(["base", "task", "budget", *args.policy_list], rows), ""]
+
+
 def plot(cells: list[dict], args, path: Path) -> None:
     """Paired differences per (task, budget) with their 95% intervals, one colour per rival."""
     from matplotlib.figure import Figure
@@ -360,12 +393,7 @@ def main(argv=None) -> None:
     if log_path.exists():
         cells = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     # cells of other settings in the same folder are neither reused nor reported
-    cells = [c for c in cells if c.get("norms", "auto") == args.norms
-             and c.get("supernet_gates", "bernoulli") == args.supernet_gates
-             and c.get("supernet_epochs", args.supernet_epochs) == args.supernet_epochs
-             and c.get("evaluator", "supernet") == args.evaluator
-             and c.get("proxy_epochs") == (args.proxy_epochs if args.evaluator == "trained"
-                                           else None)]
+    cells = [c for c in cells if same_settings(c, args)]
     # cells recorded before they named their base: the base given for their task
     first_base = {}
     for t, _, base in args.pairs:
@@ -396,6 +424,11 @@ def main(argv=None) -> None:
                                       "minutes_this_run": minutes, "machine": info})
     plot(cells, args, out / "policy-comparison.png")
     section = render(cells, args, minutes)
+    if args.versus:
+        other_log = Path(args.versus) / "cells.jsonl"
+        other = [c for c in (json.loads(line) for line in other_log.read_text().splitlines()
+                             if line.strip()) if same_settings(c, args, evaluator=False)]
+        section += "\n" + "\n".join(versus_table(cells, other, args))
     print(section)
     if not args.no_doc:
         plot(cells, args, ROOT / "docs" / "policy-comparison.png")
