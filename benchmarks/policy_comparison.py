@@ -277,8 +277,9 @@ def render(cells: list[dict], args, minutes: float) -> str:
                        [[label, complete(sub), *[fmt_ci(paired(sub, a, b)) for a, b in pairs],
                          *[same_selection(sub, first, o) for o in others]]
                         for label, sub in groups]), ""]
+    scorer = "supernet" if args.evaluator == "supernet" else "trained-proxy"
     lines += ["Search cost per base and searcher (stage 2 only, median seconds per search) and "
-              "the best supernet score it found (mean):", ""]
+              f"the best {scorer} score it found (mean):", ""]
     srows = []
     for base in dict.fromkeys(c["base"] for c in cells):
         for p in args.policy_list:
@@ -289,7 +290,8 @@ def render(cells: list[dict], args, minutes: float) -> str:
                               f"{statistics.mean(c['val_score'] for c in sub):.4f}",
                               f"{statistics.mean(c['trained_params'] or 0 for c in sub):,.0f}"])
     lines += [md_table(["base", "searcher", "search s (median)", "distinct evaluations (mean)",
-                        "best supernet score (mean)", "trained params excl. head (mean)"], srows),
+                        f"best {scorer} score (mean)", "trained params excl. head (mean)"],
+                       srows),
               "", "![paired differences](policy-comparison.png)", ""]
     return "\n".join(lines)
 
@@ -310,13 +312,15 @@ def versus_table(cells: list[dict], other: list[dict], args) -> list[str]:
     """Each searcher here minus the same searcher in ``other`` (points, paired by base,
     task, budget and seed), per base, task and budget."""
     mine, theirs = by_cell(cells), by_cell(other)
-    groups = list(dict.fromkeys(cell_id(c)[:3] for c in cells))
+    groups = [[g] for g in dict.fromkeys(cell_id(c)[:3] for c in cells)]
+    if len(groups) > 1:
+        groups.append([g for (g,) in groups])  # and pooled over them all
     rows = []
     for g in groups:
-        row = [*g]
+        row = [*g[0]] if len(g) == 1 else ["all", "", ""]
         for p in args.policy_list:
             d = [100 * (c["final_test_acc"] - theirs[k]["final_test_acc"])
-                 for k, c in sorted(mine.items()) if k[:3] == g and k[4] == p and k in theirs]
+                 for k, c in sorted(mine.items()) if k[:3] in g and k[4] == p and k in theirs]
             row.append(fmt_ci(d) + f" ({len(d)})" if d else "-")
         rows.append(row)
     return [f"Each searcher here minus the same searcher in `{args.versus}` (final test "
