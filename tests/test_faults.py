@@ -153,6 +153,18 @@ def test_search_survives_a_dying_worker(ray_local, tiny_search, tmp_path, monkey
         (clean["layers"], clean["val_score"], clean["evaluations"])
 
 
+def test_trained_evaluator_scores_the_same_on_ray_workers(ray_local, tiny_search, tmp_path):
+    """--evaluator trained ships the train split to the workers: same scores, same result."""
+    import dataclasses
+
+    local = run_search(dataclasses.replace(search_cfg(tiny_search, tmp_path / "local", workers=0),
+                                           evaluator="trained", evaluations=4))
+    ray_run = run_search(dataclasses.replace(search_cfg(tiny_search, tmp_path / "ray"),
+                                             evaluator="trained", evaluations=4))
+    assert ray_run["layers"] == local["layers"] and ray_run["val_score"] == local["val_score"]
+    assert ray_run["evaluator"] == "trained" and ray_run["workers"] == 2
+
+
 def test_failing_ray_task_is_one_line(ray_local, tiny_search, tmp_path, capsys):
     """An SwrError raised inside a Ray task (parallel bench runs) still ends in one line, exit 2."""
     args = ["bench", "--task", "kws-synth:xx", "--checkpoint", str(tiny_search), "--methods",
