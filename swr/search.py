@@ -165,8 +165,10 @@ def run_search(cfg: SearchConfig) -> dict:
         result["evaluator"] = cfg.evaluator
         if cfg.evaluator == "trained":
             result["proxy_epochs"] = cfg.proxy_epochs
-        # and where its BatchNorm statistics came from (those the supernet fixed, if any)
-        result["bn_stats"] = result["bn_stats"] or cfg.bn_stats
+        # and where its BatchNorm statistics came from (those the supernet fixed, if any;
+        # none for the trained evaluator, whose BatchNorms train or keep the supernet's)
+        result["bn_stats"] = (None if cfg.evaluator == "trained"
+                              else result["bn_stats"] or cfg.bn_stats)
         # and, for val-batch statistics, from how many clips of each batch (None: all)
         result["bn_clips"] = cfg.bn_clips if result["bn_stats"] == "val" else None
         result["on_bad_file"] = cfg.on_bad_file

@@ -368,6 +368,7 @@ def test_trained_evaluator_scores_what_a_short_final_training_reaches(tiny, tmp_
     r = run_search(search_cfg(tmp_path, ckpt, "random", out="tr", evaluations=4,
                               evaluator="trained", norms=norms))
     assert r["evaluator"] == "trained" and r["reward"] == "accuracy"
+    assert r["bn_stats"] is None and r["bn_clips"] is None  # no scoring statistics to name
     assert r["proxy_epochs"] == PROXY_EPOCHS
     m = finetune(tmp_path / "tr" / "selection.json", tmp_path / "ft", epochs=PROXY_EPOCHS, seed=1,
                  device="cpu", progress=False)
