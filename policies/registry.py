@@ -23,9 +23,9 @@ class SearchSettings:
     ``evaluations``: distinct selections to score; ``workers``: 0 scores in this
     process, N on N Ray workers (``ray_address``: a cluster to join); ``resume``:
     serve the scores already in the output folder's log instead of recomputing them.
-    ``reward``: what a selection scores on the supernet (``"loglik"`` or
-    ``"accuracy"``, see :class:`~swr.envs.evaluator.SupernetEvaluator`); log-likelihood
-    by default, the proxy that ranked final accuracy better in docs/SEARCH.md.
+    ``reward``: what a selection scores by (``"loglik"`` or ``"accuracy"``); None takes
+    the evaluator's own (:func:`~swr.envs.evaluator.evaluator_metric`): log-likelihood on
+    the supernet, the proxy that ranked final accuracy better there in docs/SEARCH.md.
     ``evaluator``: what scores a selection (:data:`~swr.envs.evaluator.EVALUATORS`):
     the supernet, or a short training of ``proxy_epochs`` epochs of its own
     (:class:`~swr.envs.evaluator.TrainedEvaluator`).
@@ -42,7 +42,7 @@ class SearchSettings:
     bn_clips: Optional[int] = BN_CLIPS
     resume: bool = False
     progress: bool = True
-    reward: str = "loglik"
+    reward: Optional[str] = None
     evaluator: str = "supernet"
     proxy_epochs: int = PROXY_EPOCHS
 

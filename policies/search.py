@@ -155,16 +155,18 @@ class SearchRun:
 def evaluator_factory(cfg: SearchSettings, supernet, task, norms: bool = True):
     """The picklable recipe of the evaluator every scoring goes through (``cfg.evaluator``);
     ``norms``: whether the task norms train (as the final training's do)."""
+    from swr.envs.evaluator import evaluator_metric
     from swr.train import resolve_device
 
     from .pool import SupernetEvaluatorFactory, TrainedEvaluatorFactory
 
+    metric = evaluator_metric(cfg.evaluator, cfg.reward)
     if cfg.evaluator == "trained":
         return TrainedEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
                                        epochs=cfg.proxy_epochs, seed=cfg.seed,
-                                       metric=cfg.reward, norms=norms)
+                                       metric=metric, norms=norms)
     return SupernetEvaluatorFactory(supernet, task, device=str(resolve_device(cfg.device)),
-                                    bn_batches=cfg.bn_batches, seed=cfg.seed, metric=cfg.reward,
+                                    bn_batches=cfg.bn_batches, seed=cfg.seed, metric=metric,
                                     bn_stats=cfg.bn_stats, bn_clips=cfg.bn_clips)
 
 

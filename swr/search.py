@@ -132,9 +132,9 @@ class SearchConfig:
     @property
     def metric(self) -> str:
         """What a selection scores by: ``reward``, else the evaluator's default."""
-        from .envs.evaluator import EVALUATORS
+        from .envs.evaluator import evaluator_metric
 
-        return self.reward or EVALUATORS[self.evaluator]
+        return evaluator_metric(self.evaluator, self.reward)
 
     def searcher(self) -> Searcher:
         """The searcher this configuration names, with its settings."""
