@@ -23,6 +23,17 @@ from swr.errors import ClusterLostError
 log = logging.getLogger("swr.pool")
 
 
+def shipped_task(task, train: bool):
+    """``task`` as an evaluator on a worker needs it: an evaluator reads the val split and
+    (``train``) the train split, so the test splits stay in the driver, which shrinks what
+    every worker fetches. Anything other than a :class:`~swr.tasks.base.Task` is shipped
+    whole."""
+    if not (dataclasses.is_dataclass(task) and hasattr(task, "shift_test")):
+        return task
+    return dataclasses.replace(task, train=task.train if train else None, test=None,
+                               shift_test=None)
+
+
 class SupernetEvaluatorFactory:
     """Picklable recipe for a :class:`SupernetEvaluator` (sent to Ray workers)."""
 
@@ -36,15 +47,9 @@ class SupernetEvaluatorFactory:
         self.metric = metric
 
     def __getstate__(self) -> dict:
-        # An evaluator reads only the train (BN recalibration) and val splits: the test
-        # splits stay in the driver, which shrinks what every worker fetches.
-        state = dict(self.__dict__)
-        if dataclasses.is_dataclass(self.task) and hasattr(self.task, "shift_test"):
-            # and the train split only with bn_stats="train" (BN recalibration reads it)
-            train = self.task.train if self.bn_stats == "train" else None
-            state["task"] = dataclasses.replace(self.task, train=train, test=None,
-                                                shift_test=None)
-        return state
+        # the train split only with bn_stats="train" (BN recalibration reads it)
+        return {**self.__dict__,
+                "task": shipped_task(self.task, train=self.bn_stats == "train")}
 
     def __call__(self) -> SupernetEvaluator:
         return SupernetEvaluator(self.supernet, self.task, device=self.device,
@@ -65,11 +70,8 @@ class TrainedEvaluatorFactory:
         self.epochs, self.seed, self.metric, self.norms = epochs, seed, metric, norms
 
     def __getstate__(self) -> dict:
-        # it trains on the train split and scores on val: the test splits stay behind
-        state = dict(self.__dict__)
-        if dataclasses.is_dataclass(self.task) and hasattr(self.task, "shift_test"):
-            state["task"] = dataclasses.replace(self.task, test=None, shift_test=None)
-        return state
+        # it trains on the train split and scores on val
+        return {**self.__dict__, "task": shipped_task(self.task, train=True)}
 
     def __call__(self) -> TrainedEvaluator:
         return TrainedEvaluator(self.supernet, self.task, device=self.device,
