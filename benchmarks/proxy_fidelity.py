@@ -60,10 +60,17 @@ PROXIES = tuple(f"{sn}{tag}{m}" for sn in ("", "budget-") for *_, tag in BN_VARI
                 for m in ("acc", "loglik")) + ("taylor",)
 
 
+def trained_epochs(keys) -> list[int]:
+    """The epochs E of the trained proxies (``trainedE-acc``, ``trainedE-loglik``) among
+    ``keys``."""
+    return sorted({int(m.group(1)) for k in keys
+                   if (m := re.fullmatch(r"trained(\d+)-(acc|loglik)", k))})
+
+
 def proxies_of(rows) -> list[str]:
-    """:data:`PROXIES` and the trained proxies (``trainedE-...``) the rows hold."""
-    trained = sorted({k for r in rows for k in r if re.fullmatch(r"trained\d+-(acc|loglik)", k)})
-    return list(PROXIES) + trained
+    """:data:`PROXIES` and the trained proxies the rows hold."""
+    return list(PROXIES) + [f"trained{e}-{m}" for e in trained_epochs(k for r in rows for k in r)
+                            for m in ("acc", "loglik")]
 
 
 def build_selections(names, costs, importance, budget, n, seed):
@@ -230,7 +237,11 @@ def run(args) -> dict:
 
     stored = json.loads((Path(args.out) / "results.json").read_text()).get(name) \
         if (Path(args.out) / "results.json").is_file() else None
-    if stored and [r["selection"] for r in stored["rows"]] == [r["selection"] for r in rows]:
+    # the supernet scores this run makes: on the budget-trained supernet only with
+    # --budget-supernet (which does not change the run's name)
+    wanted = [p for p in PROXIES if args.budget_supernet or not p.startswith("budget-")]
+    if (stored and [r["selection"] for r in stored["rows"]] == [r["selection"] for r in rows]
+            and all(p in old for old in stored["rows"] for p in wanted)):
         # the same selections were scored by a stored run: its supernet scores hold
         for row, old in zip(rows, stored["rows"]):
             row.update({p: old[p] for p in proxies_of([old]) if p in old})
@@ -465,7 +476,7 @@ def render(results: dict) -> str:
             if "taylor" in corr:
                 table.append(["-", "taylor (summed importance)", "-",
                               fmt(corr["taylor"], "kendall"), fmt(corr["taylor"], "spearman")])
-            for e in sorted({int(k[7:].split("-")[0]) for k in corr if k.startswith("trained")}):
+            for e in trained_epochs(corr):
                 table.append(["-", f"trained: short training, {e} epoch{'s' * (e > 1)}",
                               fmt(corr[f"trained{e}-acc"], "kendall"),
                               fmt(corr[f"trained{e}-loglik"], "kendall"),
