@@ -148,7 +148,7 @@ def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
                        epochs=args.epochs, seed=seed, device="cpu", progress=False)
     return {"base": base, "task": task, "budget": budget, "seed": seed, "policy": policy,
             "norms": args.norms, "epochs": args.epochs, "evaluator": args.evaluator,
-            "proxy_epochs": args.proxy_epochs if args.evaluator == "trained" else None,
+            "proxy_epochs": proxy_epochs(args),
             "supernet_gates": args.supernet_gates, "supernet_epochs": args.supernet_epochs,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
@@ -296,6 +296,11 @@ def render(cells: list[dict], args, minutes: float) -> str:
     return "\n".join(lines)
 
 
+def proxy_epochs(args):
+    """The epochs of the trained proxy the searches score with (None: the supernet's score)."""
+    return args.proxy_epochs if args.evaluator == "trained" else None
+
+
 def same_settings(c: dict, args, evaluator: bool = True) -> bool:
     """Whether cell ``c`` was made with this run's settings (and evaluator)."""
     return (c.get("norms", "auto") == args.norms
@@ -304,8 +309,7 @@ def same_settings(c: dict, args, evaluator: bool = True) -> bool:
             and c.get("epochs", args.epochs) == args.epochs
             and (not evaluator or (
                 c.get("evaluator", "supernet") == args.evaluator
-                and c.get("proxy_epochs") == (args.proxy_epochs if args.evaluator == "trained"
-                                              else None))))
+                and c.get("proxy_epochs") == proxy_epochs(args))))
 
 
 def versus_table(cells: list[dict], other: list[dict], args) -> list[str]:
