@@ -13,7 +13,8 @@ recalibrated on training clips (the plain names), taken from every clip of each
 validation batch (``valbn-``) or from 32 or 16 of them (``valbn32-``, ``valbn16-``), or
 kept from the supernet (``snbn-``); with ``--budget-supernet`` the same
 on a supernet trained on budget-feasible gate sets (``budget-...``); the summed
-Taylor importance of the selection (``taylor``, what knapsack maximises, free); and with
+Taylor importance of the selection (``taylor``, what knapsack maximises, free); the number
+of layers it trains (``layer count``, free: the floor a proxy should clear); and with
 ``--trained-proxy E`` the validation accuracy and log-likelihood after a short training
 of E epochs of the selection's own deltas from the supernet the final trainings start
 from (``trainedE-acc``, ``trainedE-loglik``: ``swr search --evaluator trained``; its data
@@ -482,6 +483,10 @@ def render(results: dict) -> str:
             if "taylor" in corr:
                 table.append(["-", "taylor (summed importance)", "-",
                               fmt(corr["taylor"], "kendall"), fmt(corr["taylor"], "spearman")])
+            # the floor any proxy should clear: how many layers a selection trains
+            count = correlations(r["rows"], ["layers"])["layers"]
+            table.append(["-", "layer count (free)", "-", fmt(count, "kendall"),
+                          fmt(count, "spearman")])
             for e in trained_epochs(corr):
                 table.append(["-", f"trained: short training, {e} epoch{'s' * (e > 1)}",
                               fmt(corr[f"trained{e}-acc"], "kendall"),
