@@ -64,6 +64,11 @@ class PGConfig:
     # importance order it goes to the next most important layers, as a perturbed
     # knapsack's does (docs/SEARCH.md)
     order: str = "importance"
+    # add the layers a sample left out, in decision order, while they fit its budget: a
+    # sample that skips a large layer late in the order can otherwise leave budget that
+    # smaller layers could have used. The scored selection is the filled one; the
+    # gradient follows the policy's own decisions
+    fill: bool = True
 
 
 @contextmanager
@@ -103,6 +108,22 @@ def decision_order(values: Optional[np.ndarray], costs: np.ndarray, order: str
     from .selectors import importance_order
 
     return [int(i) for i in importance_order(values, costs)]
+
+
+def fill_masks(masks: torch.Tensor, costs: np.ndarray, budgets: Sequence[int],
+               order: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Each selection (a row of ``masks``) with the layers it left out added, in
+    ``order`` (default: network order), while they fit its budget."""
+    out = masks.clone()
+    costs = np.asarray(costs, dtype=np.float64)
+    seq = range(len(costs)) if order is None else order
+    for r, budget in enumerate(budgets):
+        row = out[r].numpy()
+        left = float(budget) - float(costs[row].sum())
+        for i in seq:
+            if not row[i] and costs[i] <= left:
+                row[i], left = True, left - costs[i]
+    return out
 
 
 def imitation_loss(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tensor,
@@ -202,7 +223,11 @@ class PGTrainer:
         with torch.no_grad(), one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, self.budgets, len(self.budgets),
                                        greedy=True, order=self.order)
-        return [m.numpy() for m in roll.masks]
+        return [m.numpy() for m in self._filled(roll.masks, self.budgets)]
+
+    def _filled(self, masks: torch.Tensor, budgets: Sequence[int]) -> torch.Tensor:
+        return fill_masks(masks, self.cost_t.numpy(), budgets, self.order) \
+            if self.cfg.fill else masks
 
     def _next_budgets(self, k: int) -> list[int]:
         out = [self.budgets[(self._turn + j) % len(self.budgets)] for j in range(k)]
@@ -218,14 +243,15 @@ class PGTrainer:
         with one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen,
                                        explore=self.explore, order=self.order)
-        keys = {np.packbits(m.numpy()).tobytes() for m in roll.masks}
+        masks = self._filled(roll.masks, budgets)
+        keys = {np.packbits(m.numpy()).tobytes() for m in masks}
         fresh = len(keys - self._sampled)
         self._sampled |= keys
         if fresh == 0:
             self.explore = min(0.5, max(0.05, 2 * self.explore))
         else:
             self.explore = self.explore / 2 if self.explore > 0.01 else 0.0
-        rewards = torch.tensor(score([m.numpy() for m in roll.masks]), dtype=torch.float32)
+        rewards = torch.tensor(score([m.numpy() for m in masks]), dtype=torch.float32)
         scored = ~torch.isnan(rewards)
         if int(scored.sum()) < 2:  # no spread to learn from
             return

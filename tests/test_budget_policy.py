@@ -162,6 +162,25 @@ def test_a_sharp_policy_still_reaches_its_evaluations(tmp_path):
     assert len(log.seen) == 40
 
 
+@pytest.mark.parametrize("fill", [True, False])
+def test_pg_leaves_no_budget_a_left_out_layer_fits(tmp_path, fill):
+    """With ``fill`` every selection pg scores is maximal: no layer it left out fits the
+    budget it left. Without, a policy started from random weights leaves such room."""
+    costs = synthetic(seed=1)[0]
+    budget = fractions(costs, 0.05)[0]
+    config = PGConfig(prior_steps=0, fill=fill)
+    costs, _, names, _, log = pg_on_synthetic(tmp_path, [budget], 20, config=config)
+    by_name = dict(zip(names, costs))
+
+    def room(sel):
+        left = budget - sum(by_name[n] for n in sel)
+        return any(by_name[n] <= left for n in names if n not in sel)
+
+    with_room = [s for s in log.seen if room(s)]
+    assert len(log.seen) == 20
+    assert (not with_room) if fill else with_room
+
+
 def test_pg_same_seed_same_scorings(tmp_path):
     costs = synthetic(seed=1)[0]
     budgets = fractions(costs, 0.02, 0.1)
