@@ -73,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "deltas only, where the selection is all that differs")
     p.add_argument("--versus", metavar="DIR",
                    help="another comparison folder (e.g. one scored by the other --evaluator): "
-                        "report each searcher's paired difference against its cells there")
+                        "report each searcher's paired difference against its cells there, and the first "
+                        "searcher's against every other searcher there")
     p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"),
                    help="folder for the runs and cells.jsonl (resumable)")
     p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
@@ -313,23 +314,30 @@ def same_settings(c: dict, args, evaluator: bool = True) -> bool:
 
 
 def versus_table(cells: list[dict], other: list[dict], args) -> list[str]:
-    """Each searcher here minus the same searcher in ``other`` (points, paired by base,
-    task, budget and seed), per base, task and budget."""
+    """Each searcher here minus the same searcher in ``other``, and the first searcher
+    here minus each other searcher there (points, paired by base, task, budget and
+    seed), per base, task and budget."""
     mine, theirs = by_cell(cells), by_cell(other)
+    first = args.policy_list[0]
+    rivals = [p for p in dict.fromkeys(k[4] for k in theirs) if p != first]
+    arms = [(p, p) for p in args.policy_list] + [(first, r) for r in rivals]
     groups = [[g] for g in dict.fromkeys(cell_id(c)[:3] for c in cells)]
     if len(groups) > 1:
         groups.append([g for (g,) in groups])  # and pooled over them all
     rows = []
     for g in groups:
         row = [*g[0]] if len(g) == 1 else ["all", "", ""]
-        for p in args.policy_list:
-            d = [100 * (c["final_test_acc"] - theirs[k]["final_test_acc"])
-                 for k, c in sorted(mine.items()) if k[:3] in g and k[4] == p and k in theirs]
+        for here, there in arms:
+            d = [100 * (c["final_test_acc"] - theirs[(*k[:4], there)]["final_test_acc"])
+                 for k, c in sorted(mine.items())
+                 if k[:3] in g and k[4] == here and (*k[:4], there) in theirs]
             row.append(fmt_ci(d) + f" ({len(d)})" if d else "-")
         rows.append(row)
-    return [f"Each searcher here minus the same searcher in `{args.versus}` (final test "
-            "accuracy, points, paired by seed; 95% t interval; cells in brackets):", "",
-            md_table(["base", "task", "budget", *args.policy_list], rows), ""]
+    return [f"Each searcher here minus the same searcher in `{args.versus}`, and {first} here "
+            "minus each other searcher there (final test accuracy, points, paired by seed; "
+            "95% t interval; cells in brackets):", "",
+            md_table(["base", "task", "budget", *args.policy_list,
+                      *[f"{first} - {r} there" for r in rivals]], rows), ""]
 
 
 def plot(cells: list[dict], args, path: Path) -> None:
