@@ -359,6 +359,8 @@ class PGSearcher(PoolSearcher):
                 "budgets": ",".join(map(str, budgets)),
                 # the layer indices in the order the policy decides them ("": network order)
                 "order": ",".join(map(str, trainer.order or [])),
+                # "1": its selections are its rollouts filled in that order (fill_masks)
+                "fill": str(int(cfg.fill)),
                 **{k: str(v) for k, v in trainer.prior_info.items()}}
         save_safetensors({k: v.contiguous() for k, v in policy.state_dict().items()}, path, meta)
         return path

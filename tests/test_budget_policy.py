@@ -10,7 +10,7 @@ import torch
 import swr.tasks
 from swr.envs import SyntheticEvaluator, layer_features
 from swr.policies.network import PolicyNetwork
-from swr.policies.pg import PGConfig, PGSearcher, PGTrainer, decision_order
+from swr.policies.pg import PGConfig, PGSearcher, PGTrainer, decision_order, fill_masks
 from swr.policies.pool import LocalPool
 from swr.policies.registry import SearchSettings
 from swr.policies.search import EvaluationLog, SearchRun
@@ -130,8 +130,9 @@ def test_pg_scores_the_knapsack_first_and_exactly_its_evaluations(tmp_path):
 
 
 def test_the_saved_policy_replays_its_last_greedy_selections(tmp_path):
-    """policy.safetensors holds the weights and the decision order: loaded into a fresh
-    network, its greedy rollout gives the selections the search scored last."""
+    """policy.safetensors holds the weights, the decision order and whether pg fills:
+    loaded into a fresh network, its greedy rollout, filled, gives the selections the
+    search scored last."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -143,13 +144,15 @@ def test_the_saved_policy_replays_its_last_greedy_selections(tmp_path):
         meta = f.metadata()
     order = [int(i) for i in meta["order"].split(",")]
     assert order == decision_order(taylor, costs, "importance")
+    assert meta["fill"] == "1"
     policy = PolicyNetwork(int(meta["n_features"]), int(meta["hidden"]))
     policy.load_state_dict(load_file(str(path)))
     with torch.no_grad():
         roll = policy.rollout(torch.as_tensor(layer_features(stats), dtype=torch.float32),
                               torch.as_tensor(costs, dtype=torch.float64), budgets,
                               len(budgets), greedy=True, order=order)
-    greedy = {tuple(n for n, m in zip(names, mask) if m) for mask in roll.masks.numpy()}
+    masks = fill_masks(roll.masks, costs, budgets, order)
+    greedy = {tuple(n for n, m in zip(names, mask) if m) for mask in masks.numpy()}
     assert greedy <= set(log.seen)
 
 
