@@ -19,6 +19,8 @@ cyrillic   photo      20 Cyrillic capitals (confusable CUBS: same style, new cla
                       Ш/Щ, Ь/Ъ/Ы, И/Й)                 with fine distinctions
 fine       print      12 font faces (the class is the  Cars: fine-grained; ink on
                       typeface, the letter varies)     paper
+greek-     sketch     24 Greek lower-case              new classes and a new style at
+sketch                                                 once: pencil outlines
 ========== ========== ================================ ===============================
 
 Each task has ``train``/``val``/``test`` splits rendered with its *train fonts*,
@@ -78,7 +80,7 @@ from .base import Task, tensor_split
 GLYPHS_VERSION = 1
 
 SOURCE = "source"
-TARGETS = ("sketch", "painting", "greek", "cyrillic", "fine")
+TARGETS = ("sketch", "painting", "greek", "cyrillic", "fine", "greek-sketch")
 SPLITS = ("train", "val", "test", "shift_test")
 STYLES = ("photo", "sketch", "painting", "print")
 
@@ -151,6 +153,10 @@ SPECS: dict[str, GlyphSpec] = {
     "cyrillic": GlyphSpec(
         "photo", "char", tuple("БГДЖЗИЙЛПФЦЧШЩЪЫЬЭЮЯ"), _INTL_FONTS, _INTL_SHIFT_FONTS,
         description="Cyrillic capitals with confusable pairs, photo style (new classes)"),
+    "greek-sketch": GlyphSpec(
+        "sketch", "char", tuple("αβγδεζηθικλμνξοπρστυφχψω"), _INTL_FONTS, _INTL_SHIFT_FONTS,
+        description="Greek lower-case as pencil outlines on white paper (new classes and "
+                    "a new style at once)"),
     "fine": GlyphSpec(
         "print", "font", tuple(_FINE_FONTS), tuple(_FINE_FONTS.values()),
         glyphs=tuple("aegkQRfy"), shift_glyphs=tuple("bdhsGM"),
