@@ -135,6 +135,14 @@ def headroom(rows, test_key="test_acc", val_key="val_acc"):
     return 100.0 * (best[test_key] - statistics.median(r[test_key] for r in rows))
 
 
+def headrooms(rows, test_key="test_acc") -> dict:
+    """:func:`headroom` over all rows and over the random ones (None with fewer than 3)."""
+    random_rows = [r for r in rows if r["rule"] == "random"]
+    return {"headroom_points": headroom(rows, test_key),
+            "headroom_random_points": headroom(random_rows, test_key)
+            if len(random_rows) >= 3 else None}
+
+
 def correlations(rows, proxies):
     from swr.stats import fisher_interval, kendall_tau, spearman
 
@@ -161,11 +169,7 @@ def retest_summary(rows, seed: int) -> dict:
     mean_rows = [{**r, "val_acc": (r["val_acc"] + r["retest_val_acc"]) / 2} for r in rows]
     # the first training picks, the second one scores: what choosing by one final
     # training is worth on another, free of the pick's own luck
-    random_rows = [r for r in rows if r["rule"] == "random"]
-    return {"seed": seed, "kendall": tau,
-            "headroom_points": headroom(rows, test_key="retest_test_acc"),
-            "headroom_random_points": headroom(random_rows, test_key="retest_test_acc")
-            if len(random_rows) >= 3 else None,
+    return {"seed": seed, "kendall": tau, **headrooms(rows, test_key="retest_test_acc"),
             "kendall_ci": fisher_interval(tau, len(rows), "kendall"),
             "test_kendall": kendall_tau([r["test_acc"] for r in rows],
                                         [r["retest_test_acc"] for r in rows]),
@@ -319,7 +323,6 @@ def run(args) -> dict:
               ["id", "rule", "layers", "cost", *[p for p in proxies_of(rows) if p in rows[0]],
                "val_acc", "test_acc", "train_s",
                *(["retest_val_acc", "retest_test_acc"] if retest else [])])
-    random_rows = [r for r in rows if r["rule"] == "random"]
     return {
         "name": name, "task": args.task, "backbone": meta["backbone"], "budget": args.budget,
         "budget_params": budget,
@@ -330,9 +333,8 @@ def run(args) -> dict:
         "score_s_per_selection": score_s["train"], "score_s_by_bn_stats": score_s,
         "train_s_median": statistics.median(r["train_s"] for r in rows),
         "correlations": correlations(rows, proxies_of(rows)),
-        "headroom_points": headroom(rows), "retest": retest,
-        "headroom_random_points": headroom(random_rows) if len(random_rows) >= 3 else None,
-        "random_selections": len(random_rows),
+        **headrooms(rows), "retest": retest,
+        "random_selections": sum(r["rule"] == "random" for r in rows),
         "final_val": [min(r["val_acc"] for r in rows), max(r["val_acc"] for r in rows)],
         "final_test": [min(r["test_acc"] for r in rows), max(r["test_acc"] for r in rows)],
         # a run that reused a stored one's scores: the minutes of both
@@ -512,7 +514,7 @@ def render(results: dict) -> str:
                       f"final validation accuracies the best proxy is `{best}` with tau "
                       f"{rt['vs_mean'][best]:.2f}."]
             if "headroom_points" not in rt:  # stored before it was recorded
-                rt = {**rt, **retest_summary(r["rows"], rt["seed"])}
+                rt = {**rt, **headrooms(r["rows"], test_key="retest_test_acc")}
             if rt["headroom_points"] is not None:
                 rhr = rt["headroom_random_points"]
                 lines += ["", f"Headroom free of the pick's luck (the best selection by the first "

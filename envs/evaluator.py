@@ -54,6 +54,7 @@ def evaluator_metric(evaluator: str, reward: str | None = None) -> str:
     """What ``evaluator`` scores a selection by: ``reward``, else its own default."""
     return reward or EVALUATORS[evaluator]
 
+
 #: Epochs of :class:`TrainedEvaluator`'s short training by default: on bcresnet-2 at 1%
 #: two ranked final accuracy at Kendall tau 0.65 and 0.74 (Polish, Russian), one at 0.55
 #: and 0.67 (docs/SEARCH.md).
