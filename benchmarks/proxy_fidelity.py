@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -141,6 +142,28 @@ def headrooms(rows, test_key="test_acc") -> dict:
     return {"headroom_points": headroom(rows, test_key),
             "headroom_random_points": headroom(random_rows, test_key)
             if len(random_rows) >= 3 else None}
+
+
+def top_of_proxy(rows, key: str, share: float = 1 / 3) -> Optional[dict]:
+    """How well ``key`` ranks the selections it puts on top, where a search picks: among
+    the highest-scoring ``share`` of the rows (at least 6), Kendall tau of ``key`` with
+    final validation accuracy, the same for a second final training where there is one
+    (``retest_val_acc``: its tau with the first, the noise ceiling up there), and their
+    final test accuracies (points). None when the rows lack ``key`` or are too few."""
+    from swr.stats import kendall_tau
+
+    if len(rows) < 6 or any(key not in r for r in rows):
+        return None
+    top = sorted(rows, key=lambda r: -r[key])[:max(6, round(share * len(rows)))]
+    test = [100 * r["test_acc"] for r in top]
+    out = {"key": key, "n": len(top),
+           "kendall": kendall_tau([r[key] for r in top], [r["val_acc"] for r in top]),
+           "test_min": min(test), "test_max": max(test), "test_mean": statistics.mean(test),
+           "median_all": 100 * statistics.median(r["test_acc"] for r in rows)}
+    if all("retest_val_acc" in r for r in top):
+        out["retest_kendall"] = kendall_tau([r["val_acc"] for r in top],
+                                            [r["retest_val_acc"] for r in top])
+    return out
 
 
 def correlations(rows, proxies):
@@ -524,6 +547,16 @@ def render(results: dict) -> str:
                           + (f", {rhr:+.2f} over the random ones" if rhr is not None else "")
                           + "."]
             lines += [""]
+        top = top_of_proxy(r["rows"], SEARCH_SCORING["now"])
+        if top:
+            lines += [f"**The top of the proxy.** Among the {top['n']} selections the search's "
+                      f"score (`{top['key']}`) ranks highest, its Kendall tau with final "
+                      f"validation accuracy is {top['kendall']:.2f}"
+                      + (f" (two final trainings of them agree at {top['retest_kendall']:.2f})"
+                         if "retest_kendall" in top else "")
+                      + f"; their final test accuracy spans {top['test_min']:.2f}-"
+                      f"{top['test_max']:.2f}% (mean {top['test_mean']:.2f}%, the median "
+                      f"selection's {top['median_all']:.2f}%).", ""]
         hr = r["headroom_points"]
         hrr = r["headroom_random_points"]
         lines += [f"Headroom (final test accuracy of the best selection by final validation "
