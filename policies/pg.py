@@ -69,12 +69,6 @@ class PGConfig:
     # smaller layers could have used. The scored selection is the filled one; the
     # gradient follows the policy's own decisions
     fill: bool = True
-    # which scored selection the search returns: "score" (the evaluator's best) or
-    # "score+importance" (the best by the sum of its rank by score and its rank by
-    # summed stage-1 Taylor importance among the scored selections that fit the budget;
-    # ties go to the better score): two predictors of final accuracy whose errors
-    # differ, where the score alone cannot separate the top of the search (docs/SEARCH.md)
-    pick: str = "score"
 
 
 @contextmanager
@@ -300,23 +294,6 @@ class PGTrainer:
                                "entropy": float(entropy.mean().detach()), "loss": loss})
 
 
-def pick_by_ranks(scored: Sequence[tuple[tuple[str, ...], float]], importance: dict
-                  ) -> tuple[float, tuple[str, ...]]:
-    """The (score, selection) of ``scored`` with the highest sum of its average rank by
-    score and its average rank by summed ``importance``; among equal sums the better
-    score, then the first scored. ``(-inf, ())`` when nothing was scored."""
-    from swr.stats import average_ranks
-
-    scored = [(sel, score) for sel, score in scored if not np.isnan(score)]
-    if not scored:
-        return -float("inf"), ()
-    scores = np.array([score for _, score in scored], dtype=np.float64)
-    summed = np.array([sum(importance[n] for n in sel) for sel, _ in scored])
-    ranks = average_ranks(scores) + average_ranks(summed)
-    best = max(range(len(scored)), key=lambda i: (ranks[i], scores[i], -i))
-    return float(scores[best]), scored[best][0]
-
-
 def _train_while(trainer: PGTrainer, score, evaluations_left: Callable[[], int]) -> None:
     cfg = trainer.cfg
     while trainer.iterations < cfg.max_iterations:
@@ -339,14 +316,6 @@ class PGSearcher(PoolSearcher):
         super().__init__(settings)
         # the policy's own settings (samples per iteration and seed come from ``settings``)
         self.config = config or PGConfig()
-
-    def pick(self, problem, scored):
-        if self.config.pick == "score":
-            return super().pick(problem, scored)
-        if self.config.pick != "score+importance":
-            raise ValueError(f"pick must be 'score' or 'score+importance', not "
-                             f"{self.config.pick!r}")
-        return pick_by_ranks(scored, dict(zip(problem.names, problem.importance)))
 
     def propose(self, problem, run) -> Path:
         from swr.envs.features import layer_features

@@ -229,17 +229,6 @@ class PoolSearcher:
         the policy weights written into ``problem.out``, if any."""
         raise NotImplementedError
 
-    def pick(self, problem: SearchProblem, scored: list[tuple[tuple[str, ...], float]]
-             ) -> tuple[float, tuple[str, ...]]:
-        """The (score, selection) this searcher returns among ``scored`` (selections that
-        fit the budget, with their scores, in the order they were scored): the best
-        score, the first scored among equals; ``(-inf, ())`` when there are none."""
-        best: tuple[float, tuple[str, ...]] = (-float("inf"), ())
-        for sel, score in scored:
-            if score > best[0]:
-                best = (score, sel)
-        return best
-
     def __call__(self, problem: SearchProblem) -> SearchResult:
         s = self.settings
         if problem.bn_stats is not None:  # the supernet's norms fix the statistics
@@ -280,16 +269,17 @@ class PoolSearcher:
             log.close()
             retries = pool.retries
             pool.close()
-        best_score, best_sel = self.pick(problem, list(log.seen.items()))
+        best_score, best_sel = log.best
         write_csv(problem.out / "search.csv", log.rows)
         plot_search(problem.out / "search.png", log.rows, problem.title)
         per_budget = []
         if len(problem.budget_list) > 1:
             costs_by_name = dict(zip(names, costs))
             for i, b in enumerate(problem.budget_list):
-                fit = [(sel, score) for sel, score in log.seen.items()
+                fit = [(score, sel) for sel, score in log.seen.items()
                        if sum(costs_by_name[n] for n in sel) <= b]
-                score, sel = self.pick(problem, fit)
+                # the first scored among equals, like the overall best
+                score, sel = max(fit, key=lambda x: x[0]) if fit else (-float("inf"), ())
                 w = per_budget_weights[i] if per_budget_weights else weights
                 per_budget.append(SearchResult(layers=sel, score=score, evaluations=len(log.seen),
                                                replayed=log.replayed, retries=retries,

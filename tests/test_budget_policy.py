@@ -2,7 +2,6 @@
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,34 +313,3 @@ def test_budget_list_errors(tiny, tmp_path):
         run_search(list_cfg(tmp_path, ckpt, "random", budget="5%,,10%"))
     with pytest.raises(SwrError, match="one per budget"):
         run_search(list_cfg(tmp_path, ckpt, "random", evaluations=3))
-
-
-def test_the_driver_picks_the_best_score_first_scored_among_equals():
-    from swr.policies.search import PoolSearcher
-
-    pick = PoolSearcher(SearchSettings(progress=False)).pick
-    scored = [(("a",), 0.5), (("b",), float("nan")), (("c",), 0.7), (("d",), 0.7)]
-    assert pick(None, scored) == (0.7, ("c",))
-    assert pick(None, []) == (-float("inf"), ())
-
-
-def test_pg_can_pick_by_score_and_importance_ranks():
-    """pick="score+importance": the best sum of the two ranks, not the best score; equal
-    sums go to the better score; "score" keeps the driver's pick."""
-    from swr.policies.pg import pick_by_ranks
-
-    importance = {"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.05}
-    scored = [(("a",), 0.9), (("b",), 0.8), (("c",), 0.7), (("d",), float("nan"))]
-    # ranks by score a3 b2 c1, by importance a1 b3 c2: sums 4, 5, 3
-    assert pick_by_ranks(scored, importance) == (0.8, ("b",))
-    # a and b tie on rank sum (score a2 b1, importance a1 b2): the better score wins
-    assert pick_by_ranks(scored[:2], importance) == (0.9, ("a",))
-    assert pick_by_ranks([], importance) == (-float("inf"), ())
-    problem = SearchProblem(None, None, list(importance), [1] * 4, 4,
-                            [{"taylor": v} for v in importance.values()], Path("."))
-    settings = SearchSettings(progress=False)
-    assert PGSearcher(settings, PGConfig(pick="score")).pick(problem, scored) == (0.9, ("a",))
-    assert PGSearcher(settings, PGConfig(pick="score+importance")).pick(problem, scored) == \
-        (0.8, ("b",))
-    with pytest.raises(ValueError, match="pick"):
-        PGSearcher(settings, PGConfig(pick="taylor")).pick(problem, scored)
