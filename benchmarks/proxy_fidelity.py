@@ -23,7 +23,9 @@ order drawn from seed + 1001, shared with neither the final training nor the ret
 Reported per run: Kendall tau-b and Spearman rho (with Fisher-z 95% intervals) between
 each proxy and the final *validation* accuracy, and the headroom: the final test
 accuracy of the best selection by final validation accuracy minus the median
-selection's, in points (over all N, and over the random ones alone).
+selection's, in points (over all N, and over the random ones alone); and the top of the
+proxy: Kendall tau of the search's score within the third of the selections it ranks
+highest (where a search picks), beside the retest's tau there and their test accuracies.
 
     python benchmarks/proxy_fidelity.py --checkpoint CKPT --task kws-synth:de --budget 1%
         [--selections 20] [--epochs 20] [--budget-supernet] [--out runs/proxy_fidelity]
