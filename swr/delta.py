@@ -246,10 +246,9 @@ def validate_task_delta(base_model: nn.Module, tensors: dict[str, torch.Tensor],
         if missing:
             raise _fail(path, f"lacks {kind}/{missing[0]}"
                               f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    # a layer's delta may change its weight, its bias or both: BitFit's changes only the
+    # bias of every layer that has one (squeeze-excitation convolutions, say)
     layers = {name.rpartition(".")[0] for name in seen["delta"]}
-    weightless = sorted(n for n in layers if f"{n}.weight" not in seen["delta"])
-    if weightless:
-        raise _fail(path, f"holds a bias delta but no weight delta for {weightless[0]}")
     if len(set(selection)) != len(selection) or set(selection) != layers:
         odd = sorted(set(selection) ^ layers) or ["a layer listed twice"]
         raise _fail(path, f"metadata lists selection {selection[:4]}"

@@ -211,6 +211,28 @@ def test_predict_on_image_files_uses_the_tasks_preprocessing(tmp_path, capsys):
     assert model.model.fc is base_fc and model.model.num_classes == 10
 
 
+def test_a_delta_that_changes_only_a_layers_bias_applies(tmp_path):
+    """BitFit changes the bias of a gated layer and not its weight (regnety's
+    squeeze-excitation convolutions have biases): its task delta holds that bias alone,
+    which validates and applies (swr bench stopped on it before)."""
+    torch.manual_seed(0)
+    base = timm.create_model("regnety_002", num_classes=5).eval()
+    task_model = copy.deepcopy(base)
+    with torch.no_grad():
+        task_model.s1.b1.se.fc1.bias.add_(0.5)
+    delta = tmp_path / "bias_only.safetensors"
+    write_task_delta(delta_from_folded(base, task_model), delta, base=base,
+                     backbone="timm:regnety_002")
+    tensors, meta = read_task_delta(delta)
+    assert [k for k in tensors if k.startswith("delta/")] == ["delta/s1.b1.se.fc1.bias"]
+    assert meta["selection"] == ["s1.b1.se.fc1"]
+    rebuilt = apply_task_delta(copy.deepcopy(base), delta, backbone="timm:regnety_002")
+    want, have = task_model.state_dict(), rebuilt.state_dict()
+    assert torch.allclose(have["s1.b1.se.fc1.bias"], want["s1.b1.se.fc1.bias"], atol=1e-6)
+    assert not torch.allclose(have["s1.b1.se.fc1.bias"], base.state_dict()["s1.b1.se.fc1.bias"])
+    assert all(torch.equal(have[k], want[k]) for k in want if k != "s1.b1.se.fc1.bias")
+
+
 def test_finetune_method_cli_and_its_errors(tmp_path, monkeypatch, capsys):
     task = tiny_audio_task(3)
     monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
