@@ -151,7 +151,7 @@ def top_of_proxy(rows, key: str, share: float = 1 / 3) -> Optional[dict]:
     the highest-scoring ``share`` of the rows (at least 6), Kendall tau of ``key`` with
     final validation accuracy, the same for a second final training where there is one
     (``retest_val_acc``: its tau with the first, the noise ceiling up there), and their
-    final test accuracies (points). None when the rows lack ``key`` or are too few."""
+    final test accuracies (in %). None when the rows lack ``key`` or are too few."""
     from swr.stats import kendall_tau
 
     if len(rows) < 6 or any(key not in r for r in rows):
