@@ -28,7 +28,7 @@ import numpy as np
 from swr.budget import feasible_masks
 from swr.envs.evaluator import canonical
 from swr.errors import ClusterLostError
-from swr.io import save_png, write_csv
+from swr.io import save_png, write_csv, writing_error
 from swr.selection import SearchProblem, SearchResult
 
 from .registry import SearchSettings
@@ -69,12 +69,15 @@ class EvaluationLog:
         if sel not in self.seen:
             self.seen[sel] = score
             if fresh:
-                if self._file is None:
-                    self._file = open(self.path, "a", encoding="utf-8")
-                self._file.write(json.dumps({"selection": list(sel), "score": score,
-                                             **(details or {})}) + "\n")
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                try:
+                    if self._file is None:
+                        self._file = open(self.path, "a", encoding="utf-8")
+                    self._file.write(json.dumps({"selection": list(sel), "score": score,
+                                                 **(details or {})}) + "\n")
+                    self._file.flush()
+                    os.fsync(self._file.fileno())
+                except OSError as e:  # a full disk: name the log, not nothing
+                    raise writing_error(e, self.path, None) from e
             else:
                 self.replayed += 1
             if score > self.best[0]:

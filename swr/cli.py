@@ -15,7 +15,7 @@ from typing import Callable
 
 from .budget import NORM_MODES
 from .envs.evaluator import BN_CLIPS, EVALUATORS, PROXY_EPOCHS
-from .errors import ClusterLostError, SwrError
+from .errors import ClusterLostError, SwrError, Terminated, handle_sigterm
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
@@ -25,12 +25,63 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N or auto (a GPU when there is one; default)")
 
 
+# -- numeric options: the one set of argparse types every command's numbers go through.
+# A bad value ends the command at parsing, in one line naming the option and the value.
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer of 1 or more (epochs, evaluations, seeds, samples, ...)."""
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer (1 or more)")
+    return n
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of 0 or more (a seed; 0 meaning none or off, e.g. --workers 0)."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return n
+
+
+def workers_count(text: str) -> int:
+    """``--workers`` of search, bench and demo: 0 (no Ray) or more."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (no Ray) or more")
+    return n
+
+
+def positive_finite_float(text: str) -> float:
+    """A finite number above 0 (a learning rate)."""
+    import math
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above 0, e.g. 0.003")
+    return x
+
+
 def _on_bad_file_arg(p: argparse.ArgumentParser, default: str | None = "fail") -> None:
     p.add_argument("--on-bad-file", choices=["fail", "skip"], default=default,
                    help="an unreadable audio/image file of a real dataset (imagefolder, "
                         "speechcommands, mswc): stop with its name (fail) or skip it and list "
                         "it in the results; default: "
                         + (default or "the policy the search ran with"))
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run an existing --out holds (refused without it)")
 
 
 def _base_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +113,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
                    help="bcresnet-<tau> (tau in 1,1.5,2,3,6,8) or timm:<model_name>")
     p.add_argument("--weights", help="local safetensors / torch checkpoint (optional)")
     p.add_argument("--bias-delta", action="store_true", help="count bias deltas in layer costs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fold self-check")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the fold self-check")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -113,13 +164,14 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="source task, e.g. kws-synth:en, glyphs:source")
     p.add_argument("--backbone", required=True, help="bcresnet-<tau> or timm:<model_name>")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=40)
+    p.add_argument("--lr", type=positive_finite_float, default=1e-2)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--weights", help="initialise from a local safetensors / torch checkpoint")
     _on_bad_file_arg(p)
     _device_arg(p)
+    _overwrite_arg(p)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -127,7 +179,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     m = pretrain(args.task, args.backbone, args.out, epochs=args.epochs, lr=args.lr,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,
-                 weights=args.weights, on_bad_file=args.on_bad_file)
+                 weights=args.weights, on_bad_file=args.on_bad_file, overwrite=args.overwrite)
     print(f"{args.backbone} on {args.task}: test acc {m['test_acc']:.4f}, val acc "
           f"{m['val_acc']:.4f} (best epoch {m['best_epoch']}/{m['epochs']}), "
           f"{m['seconds'] / 60:.1f} min -> {args.out}")
@@ -153,11 +205,11 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    metavar=_registered(lambda: "{" + ",".join(_searchers()) + "}", "POLICY"),
                    help=_registered(lambda: "; ".join(
                        f"{name}: {summary}" for name, (_, summary) in _searchers().items())))
-    p.add_argument("--evaluations", type=int, default=40,
+    p.add_argument("--evaluations", type=positive_int, default=40,
                    help="distinct selections to score, in total over a list of budgets (when "
                         "no more selections fit the budget, all of them are scored)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--workers", type=workers_count, default=None,
                    help="Ray workers scoring in parallel (default: one per CPU this process may "
                         "use, or per CPU of the --ray-address cluster; more are reduced to that "
                         "with a notice; 0 = no Ray)")
@@ -165,7 +217,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "local one; if its head goes away the search stops with exit status 75 and "
                    "continues with --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
-    p.add_argument("--supernet-epochs", type=int, default=10)
+    _overwrite_arg(p)
+    p.add_argument("--supernet-epochs", type=positive_int, default=10)
     p.add_argument("--supernet-gates", default="budget", help="how stage 1 opens gates per "
                    "batch: budget (a random selection within --budget, the kind the search "
                    "scores; the default: it ranked final accuracy better in 15 of 19 measured "
@@ -176,7 +229,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "own deltas and the head from the supernet, --proxy-epochs epochs: ranked "
                    "final accuracy better where the delta budget is tiny, e.g. bcresnet-2 at "
                    "1%%, worse on the image bases; docs/SEARCH.md)")
-    p.add_argument("--proxy-epochs", type=int, default=PROXY_EPOCHS, metavar="N",
+    p.add_argument("--proxy-epochs", type=positive_int, default=PROXY_EPOCHS, metavar="N",
                    help="with --evaluator trained: epochs of each selection's short training "
                         "(default: %(default)s)")
     p.add_argument("--reward", default=None, help="what a selection scores: loglik (mean "
@@ -187,11 +240,11 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "statistics from: val (each validation batch's own; one pass, the default), "
                    "train (recalibrate on 4 x 128 training clips first; 3x the time, ranks no "
                    "better) or supernet (keep stage 1's; ranks worse)")
-    p.add_argument("--bn-clips", type=int, default=BN_CLIPS or 0, metavar="N",
+    p.add_argument("--bn-clips", type=non_negative_int, default=BN_CLIPS or 0, metavar="N",
                    help="with --bn-stats val: take each validation batch's statistics from N "
                    "of its clips (a random sample) and normalise the whole batch by them; "
                    "0 = every clip (default: %(default)s)")
-    p.add_argument("--samples-per-iteration", type=int, default=8, help="K selections per policy step")
+    p.add_argument("--samples-per-iteration", type=positive_int, default=8, help="K selections per policy step")
     p.add_argument("--norms", choices=list(NORM_MODES), default="auto",
                    help="the task norms SWR trains beside the deltas: auto (default) counts them "
                         "in --budget when they fit, leaving the rest to deltas, else trains "
@@ -203,13 +256,15 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
-    from .io import check_output
-    from .search import SearchConfig, run_search
+    from .io import check_output, check_rerun
+    from .search import SEARCH_MARKERS, SearchConfig, run_search
     from .supernet import SupernetConfig
     from .tasks import task_data_path
 
     # the search writes its own files into --out (kept for --resume), it never replaces it
     _base_spec(args)  # one of the two forms, before any work
+    check_rerun(args.out, "search", SEARCH_MARKERS, resume=args.resume,
+                overwrite=args.overwrite, resumable=True)
     check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
                             "--task": task_data_path(args.task)}, replaced=False)
     # workers=None: one per available CPU, decided by swr.parallel.resolve_workers
@@ -217,7 +272,7 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        backbone=args.backbone, weights=args.weights,
                        out=args.out, policy=args.policy, seed=args.seed,
                        evaluations=args.evaluations, workers=args.workers, resume=args.resume,
-                       device=args.device, ray_address=args.ray_address,
+                       overwrite=args.overwrite, device=args.device, ray_address=args.ray_address,
                        samples_per_iteration=args.samples_per_iteration,
                        supernet=SupernetConfig(epochs=args.supernet_epochs,
                                                gates=args.supernet_gates),
@@ -265,14 +320,15 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", help="with --method: the budget of methods that size themselves "
                    "to one (lora, swr*, ...), e.g. 5%%")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, help="learning rate (default 3e-3 with --selection; the "
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--lr", type=positive_finite_float, help="learning rate (default 3e-3 with --selection; the "
                    "bench's default for the method and backbone with --method)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--from-scratch", action="store_true",
                    help="start from zero deltas and a new head instead of the supernet's")
     _on_bad_file_arg(p, default=None)
     _device_arg(p)
+    _overwrite_arg(p)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -287,7 +343,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     lr = 3e-3 if args.lr is None else args.lr
     m = finetune(args.selection, args.out, epochs=args.epochs, lr=lr, seed=args.seed,
-                 device=args.device, from_scratch=args.from_scratch, on_bad_file=args.on_bad_file)
+                 device=args.device, from_scratch=args.from_scratch, on_bad_file=args.on_bad_file,
+                 overwrite=args.overwrite)
     print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} trained "
           f"params (excl. head), task delta {m['delta_bytes']} bytes, fold error "
           f"{m['fold_max_abs_diff']:.2g} -> {args.out}")
@@ -320,7 +377,7 @@ def _finetune_method(args: argparse.Namespace) -> int:
         raise SwrError("--method needs --task, e.g. --task glyphs:sketch")
     m = finetune_method(args.method, args.task, _base_spec(args), args.out, budget=args.budget,
                         epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device,
-                        on_bad_file=args.on_bad_file or "fail")
+                        on_bad_file=args.on_bad_file or "fail", overwrite=args.overwrite)
     print(f"{args.method}: test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), "
           f"{m['updated_params']} trained params (excl. head), task delta {m['delta_bytes']} "
           f"bytes, fold error {m['fold_max_abs_diff']:.2g} -> {args.out}")
@@ -341,12 +398,14 @@ def _fold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", action="store_true",
                    help="also export base and task models to ONNX, compare their graphs, and "
                         "check each against PyTorch with onnxruntime (max abs diff <= 1e-4)")
+    _overwrite_arg(p)
 
 
 def run_fold(args: argparse.Namespace) -> int:
     from .deploy import fold_task
 
-    report = fold_task(_base_spec(args), args.delta, args.out, onnx=args.onnx)
+    report = fold_task(_base_spec(args), args.delta, args.out, onnx=args.onnx,
+                       overwrite=args.overwrite)
     line = (f"task model {report['params']:,} params (base {report['base_params']:,}; "
             f"the head differs with the class count), delta {report['delta_bytes']:,} bytes")
     if args.onnx:
@@ -402,22 +461,24 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="5%", type=_csv_list,
                    help="comma-separated budgets, e.g. 1%%,5%%,10%% (default 5%%)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs for every method")
-    p.add_argument("--lr", type=float, help="one learning rate for all methods (default: per method)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs for every method")
+    p.add_argument("--lr", type=positive_finite_float, help="one learning rate for all methods (default: per method)")
     p.add_argument("--tune", action="store_true",
                    help="first tune each method's lr and own knob on validation with Ray Tune")
-    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: one per CPU "
+    p.add_argument("--workers", type=workers_count, help="parallel runs as Ray tasks (default: one per CPU "
                    "this process may use; more are reduced to that with a notice)")
-    p.add_argument("--swr-evaluations", type=int, default=40, help="search evaluations for swr*")
+    p.add_argument("--swr-evaluations", type=positive_int, default=40, help="search evaluations for swr*")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
+    _overwrite_arg(p)
     _on_bad_file_arg(p)
     _device_arg(p)
 
 
 def run_bench_cmd(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
-    from .io import check_output
+    from .bench.run import BENCH_OUTPUTS
+    from .io import check_output, check_rerun
     from .tasks import task_data_path
 
     def data(task: str) -> str | None:  # a suite (imagenet-to-sketch:<root>) names its root
@@ -425,6 +486,8 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         return root if suite == "imagenet-to-sketch" else task_data_path(task)
 
     _base_spec(args)  # one of the two forms, before any work
+    check_rerun(args.out, "bench", BENCH_OUTPUTS, resume=args.resume, overwrite=args.overwrite,
+                resumable=True)  # before the task data is looked at (a suite renders)
     check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
                             **{f"--task {t}": data(t) for t in args.task}}, replaced=False)
     cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint or "", methods=args.methods,
@@ -432,9 +495,7 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
                       swr_evaluations=args.swr_evaluations, resume=args.resume,
-                      on_bad_file=args.on_bad_file)
-    if args.seeds < 1 or args.epochs < 1:
-        raise SwrError("--seeds and --epochs must be at least 1")
+                      overwrite=args.overwrite, on_bad_file=args.on_bad_file)
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())
     listed = Path(args.out) / "skipped_files.json"
@@ -471,7 +532,7 @@ def run_store(args: argparse.Namespace) -> int:
         if not args.delta:
             raise SwrError("swr store add needs --delta FILE")
         given = args.checkpoint or args.backbone or args.weights
-        store = create_or_open(args.store, _base_spec(args) if given else None)
+        store = create_or_open(args.store, _base_spec(args) if given else None, args.delta)
         entry = store.add(args.delta, name=args.name, classes=args.classes, replace=args.replace)
         name = next(n for n, e in store.index["tasks"].items() if e is entry)
         print(f"added task {name!r} ({len(entry['classes'])} classes, {entry['bytes']:,} bytes) "
@@ -505,8 +566,12 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="wav/flac/ogg or image files")
     p.add_argument("--store", required=True, help="task store folder (swr store add)")
     p.add_argument("--task", required=True, help="the store's task to use (swr store list)")
-    p.add_argument("--top", type=int, default=3, help="classes listed per input (default 3)")
+    p.add_argument("--top", type=positive_int, default=3, help="classes listed per input (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--on-bad-file", choices=["fail", "skip"], default="fail",
+                   help="an input that cannot be read (missing, a folder or FIFO, not decodable, "
+                        "the other modality): stop with its name (fail) or skip it, list it and "
+                        "classify the rest (skip)")
     _device_arg(p)
 
 
@@ -514,19 +579,25 @@ def run_predict(args: argparse.Namespace) -> int:
     from .store import TaskStore, predict_files
     from .train import resolve_device
 
-    if args.top < 1:
-        raise SwrError(f"--top {args.top} must be at least 1")
     store = TaskStore(args.store)
     store.entry(args.task)  # an unknown task fails before the base is loaded
     model = store.load(resolve_device(args.device))
-    rows = predict_files(model, args.task, args.inputs, top=args.top)
+    skipped: list[dict] = []
+    rows = predict_files(model, args.task, args.inputs, top=args.top,
+                         on_bad_file=args.on_bad_file, skipped=skipped)
     if args.json:
-        print(json.dumps({"task": args.task, "predictions": rows}, indent=2))
-        return 0
-    for r in rows:
-        others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
-        print(f"{r['file']}: {r['label']} ({r['probability']:.3f})"
-              + (f"; then {others}" if others else ""))
+        # strict JSON: predict_files refuses non-finite outputs, so no NaN can reach it
+        print(json.dumps({"task": args.task, "predictions": rows, "skipped": skipped},
+                         indent=2, allow_nan=False))
+    else:
+        for r in rows:
+            others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
+            print(f"{r['file']}: {r['label']} ({r['probability']:.3f})"
+                  + (f"; then {others}" if others else ""))
+        for r in skipped:
+            print(f"{r['file']}: skipped ({r['error']})")
+    _report_skipped("predict", [r["file"] for r in skipped],
+                    "the JSON's 'skipped'" if args.json else "the lines marked skipped")
     return 0
 
 
@@ -540,20 +611,21 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="kws", choices=["kws", "glyphs"],
                    help="embedded suite: multilingual spoken words (default) or glyph images")
     p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--workers", type=int, help="parallel runs as Ray tasks (default: one per CPU "
+    p.add_argument("--seeds", type=positive_int, default=1)
+    p.add_argument("--workers", type=workers_count, help="parallel runs as Ray tasks (default: one per CPU "
                    "this process may use; more are reduced to that with a notice)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    _overwrite_arg(p)
     _device_arg(p)
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .io import cache_dir, check_output
-
-    # its inputs are the cached suites and source models
-    check_output(args.out, {"$SWR_CACHE": cache_dir()}, replaced=False)
+    # its inputs, the cached suites and source models, are kept out of --out by
+    # _check_common, as for every command
     run_demo(args.out, suite=args.suite, quick=args.quick, seeds=args.seeds,
-             workers=args.workers, device=args.device)
+             workers=args.workers, device=args.device, resume=args.resume,
+             overwrite=args.overwrite)
     return 0
 
 
@@ -593,19 +665,23 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from .native import environment_error, installed_versions
+    from importlib import metadata
+
+    from .native import OTHER_CHECKS, environment_error, installed_versions
 
     line = environment_error()
     if line is not None:
         print(f"swr check: error: {line}", file=sys.stderr)
         return 1
     versions = ", ".join(f"{n} {v}" for n, v in installed_versions().items())
+    versions += ", " + ", ".join(f"{n} {metadata.version(n)}" for n in OTHER_CHECKS)
     print(f"swr check: ok: native libraries load ({versions})")
     return 0
 
 
 COMMANDS["check"] = (_check_args, run_check,
-                     "self-check of the install: torch, torchvision and torchaudio load together")
+                     "self-check of the install: torch, torchvision and torchaudio load "
+                     "together, and soundfile (libsndfile), Pillow and safetensors load")
 
 
 #: One example per command, shown at the end of its --help.
@@ -662,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Reparametrization: choose which layers get a weight delta, train, fold.",
         epilog="Exit status: 0 done; 1 broken install (one line names the clashing packages "
         "and the reinstall command; `swr check` runs that test); 2 bad input (one line says which value or file); 75 the "
-        "Ray cluster went away (rerun with --resume); 130 interrupted.")
+        "Ray cluster went away (rerun with --resume); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).")
     parser.add_argument("--version", action="version", version=f"swr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (add_args, _, help) in COMMANDS.items():
@@ -689,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _, run, _ = COMMANDS[args.command]
+    handle_sigterm()
     try:
         _check_common(args)
         return int(run(args) or 0)
@@ -709,17 +786,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swr {args.command}: error: {msg}", file=sys.stderr)
         # 75 (EX_TEMPFAIL): nothing was wrong with the input; retry with --resume
         return 75 if isinstance(e, ClusterLostError) else 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _close_progress_bars()
-        print(f"swr {args.command}: interrupted; rerun with --resume where supported",
-              file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"swr {args.command}: {how}; nothing half-written was kept; rerun with --resume "
+              "where supported", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception:
         # A native library that fails to load is a broken install, not bad input.
         if not getattr(args, "debug", False) and _report_broken_install(args.command):
             return 1
         raise
 
+
+#: Commands whose --out is replaced whole by the new run (a staged folder).
+OUT_REPLACED = ("pretrain", "finetune", "fold")
 
 #: Commands that may write the cache (supernets, generated datasets, source models).
 CACHE_WRITERS = ("pretrain", "search", "bench", "demo")
@@ -730,7 +811,7 @@ def _check_common(args: argparse.Namespace) -> None:
     accept, the device torch must be able to train on, an output folder and the cache
     that can be written, so that a bad value ends the command now instead of after
     training a model."""
-    from .io import cache_dir, unwritable_reason
+    from .io import cache_dir, check_output, unwritable_reason
     from .train import check_seed, resolve_device
 
     if getattr(args, "seed", None) is not None:
@@ -741,6 +822,9 @@ def _check_common(args: argparse.Namespace) -> None:
         reason = unwritable_reason(args.out)
         if reason is not None:
             raise SwrError(f"cannot write --out {args.out}: {reason}; choose another folder")
+        # no command writes its results into the cache (or, replacing --out whole, over it)
+        check_output(args.out, {"$SWR_CACHE": cache_dir()},
+                     replaced=args.command in OUT_REPLACED)
     if args.command in CACHE_WRITERS:
         reason = unwritable_reason(cache_dir())
         if reason is not None:

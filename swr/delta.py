@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -143,18 +145,114 @@ def save_task_delta(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     return save_safetensors(tensors, path, metadata)
 
 
-def read_task_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a task delta's tensors and decoded metadata (no code is executed)."""
+#: The tensor types a task delta may hold, by their safetensors names: a model's
+#: floating-point weights in any precision a model is kept in, and int64 (BatchNorm's
+#: ``num_batches_tracked``). Anything else is refused before any data is read.
+DELTA_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                "F64": torch.float64, "I64": torch.int64}
+_SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16",
+                       "U16": "uint16", "I32": "int32", "U32": "uint32", "U64": "uint64",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+#: The largest header a task delta may have (safetensors' own limit).
+MAX_HEADER_BYTES = 100_000_000
+
+
+class TensorSpec(NamedTuple):
+    """A tensor as a task delta's header declares it: checked before its data is read."""
+
+    dtype: torch.dtype
+    shape: torch.Size
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _unreadable(path, why: str) -> SwrError:
+    return SwrError(f"{path} is not a readable safetensors task delta ({why}); re-export it "
+                    "with swr finetune")
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """The tensors a safetensors file declares and its raw metadata, checked against the
+    file's real size: every declared byte range lies inside the file, the ranges tile
+    its data exactly, and every dtype is one of :data:`DELTA_DTYPES`."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _unreadable(path, f"{size} bytes, too short for a safetensors header")
+            n = struct.unpack("<Q", prefix)[0]
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise _unreadable(path, f"its header claims {n} bytes, but the file holds "
+                                        f"{size - 8} after the length")
+            raw = f.read(n)
+    except OSError as e:
+        raise _unreadable(path, e.strerror or str(e)) from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise _unreadable(path, f"its header is not JSON: {str(e)[:100]}") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "its header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _unreadable(path, "its metadata is not a map of strings")
+    data_bytes = size - 8 - n
+    specs: dict[str, TensorSpec] = {}
+    ranges = []
+    for key, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _unreadable(path, f"entry {key[:80]} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DELTA_DTYPES:
+            name = _SAFETENSORS_DTYPES.get(dtype, repr(dtype)[:20]) \
+                if isinstance(dtype, str) else repr(dtype)[:20]
+            raise _fail(path, f"entry {key[:80]} is {name}; a task delta holds only "
+                              f"{', '.join(_dtype_name(d) for d in DELTA_DTYPES.values())} "
+                              "tensors")
+        ints = lambda v: isinstance(v, list) and all(  # noqa: E731
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+        if not ints(shape) or not (ints(offsets) and len(offsets) == 2):
+            raise _unreadable(path, f"entry {key[:80]} has a malformed shape or byte range")
+        begin, end = offsets
+        declared = math.prod(shape) * DELTA_DTYPES[dtype].itemsize
+        if end > data_bytes or begin > end:
+            raise _unreadable(path, f"entry {key[:80]} declares bytes {begin} to {end} of the "
+                                    f"data, but the file holds {max(data_bytes, 0)} bytes of "
+                                    "data")
+        if end - begin != declared:
+            raise _unreadable(path, f"entry {key[:80]} declares shape {tuple(shape)} "
+                                    f"({declared} bytes) over a byte range of {end - begin}")
+        specs[key] = TensorSpec(DELTA_DTYPES[dtype], torch.Size(shape))
+        ranges.append((begin, end))
+    at = 0
+    for begin, end in sorted(ranges):
+        if begin != at:
+            break
+        at = end
+    if at != data_bytes:
+        raise _unreadable(path, f"its declared tensors do not tile its {data_bytes} bytes of "
+                                "data (overlapping, missing or extra bytes)")
+    return specs, meta
+
+
+def read_task_delta_header(path: str | os.PathLike
+                           ) -> tuple[dict[str, TensorSpec], dict[str, Any]]:
+    """The tensors a task delta declares and its decoded metadata, reading no tensor data.
+
+    The header is checked against the file's real size before anything is trusted
+    (see :func:`read_task_delta`); a file that is not a swr task delta raises
+    :class:`SwrError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise SwrError(f"task delta not found: {path}")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SwrError(f"{path} is not a readable safetensors task delta ({e}); "
-                       "re-export it with swr finetune") from None
+    specs, raw = _read_header(path)
     if raw.get("format") != FORMAT:
         raise SwrError(f"{path} is not a swr task delta (format {raw.get('format')!r}, "
                        f"expected {FORMAT!r})")
@@ -170,12 +268,59 @@ def read_task_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             meta[k] = v
     meta["base_hash"] = raw["base_hash"]
     meta["backbone"] = raw["backbone"]
+    return specs, meta
+
+
+def read_task_delta(path: str | os.PathLike, base_model: Optional[nn.Module] = None, *,
+                    backbone: Optional[str] = None, check_hash: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a task delta's tensors and decoded metadata (no code is executed): the one
+    way every reader (fold, ``apply_task_delta``, the task store, predict) takes one in.
+
+    Before any tensor data is read, the header is checked against the file's real size
+    (every declared byte range inside the file, dtypes of :data:`DELTA_DTYPES` only) and
+    the declared tensors go through :func:`validate_task_delta`: against ``base_model``
+    when given (names, roles, shapes, dtypes; with ``check_hash`` its base hash must be
+    the model's, else :class:`~swr.errors.ForeignDeltaError`), else its base-free part.
+    A file that declares more than the base holds is refused here, unread. The loaded
+    values are then checked too (finite, no negative running variance). Anything wrong
+    raises :class:`SwrError` naming the file and the first problem.
+    """
+    path = Path(path)
+    specs, meta = read_task_delta_header(path)
+    if base_model is not None and check_hash:
+        have = base_hash(base_model)
+        if have != meta["base_hash"]:
+            raise ForeignDeltaError(
+                f"task delta {path} was made for base weights {meta['base_hash']}, but these "
+                f"base weights hash to {have}; load the checkpoint the delta was trained from")
+    validate_task_delta(base_model, specs, meta, path, backbone=backbone)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    if {k: (t.dtype, t.shape) for k, t in tensors.items()} != \
+            {k: (s.dtype, s.shape) for k, s in specs.items()}:
+        raise _unreadable(path, "its tensors are not the ones its header declared: was it "
+                                "changed while being read?")
+    validate_task_delta(base_model, tensors, meta, path, backbone=backbone)
     return tensors, meta
 
 
 def _fail(path, what: str) -> SwrError:
     return SwrError(f"task delta {path} {what}; re-export it with swr finetune from this "
                     "base model")
+
+
+def task_delta_classes(tensors: Mapping[str, Any], meta: dict[str, Any]) -> Optional[int]:
+    """The class count of a task delta's head: ``num_classes`` of its metadata, else the
+    first dimension of its head weight; None without either."""
+    n = meta.get("num_classes")
+    if n is not None:
+        return n
+    head = meta.get("head")
+    w = tensors.get(f"head/{head}.weight") if isinstance(head, str) else None
+    return int(w.shape[0]) if w is not None and len(w.shape) else None
 
 
 def _task_delta_roles(base_model: nn.Module, head: Optional[str]) -> dict[str, set[str]]:
@@ -192,60 +337,94 @@ def _task_delta_roles(base_model: nn.Module, head: Optional[str]) -> dict[str, s
     return {"delta": deltas, "norm": norms, "head": heads}
 
 
-def validate_task_delta(base_model: nn.Module, tensors: dict[str, torch.Tensor],
+def validate_task_delta(base_model: Optional[nn.Module],
+                        tensors: Mapping[str, "torch.Tensor | TensorSpec"],
                         meta: dict[str, Any], path: str | os.PathLike = "",
                         backbone: Optional[str] = None) -> None:
-    """Check a task delta against the plain base model it is about to change.
+    """The one check of a task delta, before anything uses it.
 
-    Every tensor must have the role its prefix claims (``delta/`` a candidate layer's
-    weight or bias, ``norm/`` a norm layer's parameter or running statistic, ``head/``
-    the head), name an entry of ``base_model`` of the same shape and dtype, and hold
-    finite values; the delta must hold every norm and head entry; its metadata must
-    agree with its tensors (``selection`` lists exactly the layers with ``delta/``
-    entries, which fit ``budget_params``; ``head`` is the model's head; ``backbone``,
-    when given, is the delta's). Raises :class:`SwrError` naming the first problem.
-    The head must already have the delta's class count.
+    ``tensors`` are loaded tensors, or the :class:`TensorSpec` of a header (then values
+    are not checked yet: :func:`read_task_delta` checks the header first, the data
+    after). Without ``base_model`` only what needs no model is checked: every entry is
+    ``delta/``, ``norm/`` or ``head/`` of a dtype of :data:`DELTA_DTYPES`; floating-point
+    values are finite and a BatchNorm ``running_var`` is never below zero; the metadata
+    agrees with the tensors (``selection`` lists exactly the layers with ``delta/``
+    entries, which fit ``budget_params``; ``num_classes`` is the head weight's first
+    dimension; ``backbone``, when given, is the delta's). With ``base_model`` (the plain
+    model it is about to change) every tensor must also have the role its prefix claims
+    (``delta/`` a candidate layer's weight or bias, ``norm/`` a norm layer's parameter
+    or running statistic, ``head/`` the head) and name an entry of the model of the same
+    shape (the head's first dimension may be the delta's class count) and dtype, and the
+    delta must hold every norm and head entry. Raises :class:`SwrError` naming the first
+    problem.
     """
     if backbone is not None and meta.get("backbone") != backbone:
         raise _fail(path, f"was made for backbone {meta.get('backbone')!r}, not {backbone!r}")
-    head = head_prefix(base_model)
-    if meta.get("head") != head:
-        raise _fail(path, f"names head {meta.get('head')!r}, but the base model's head is "
-                          f"{head!r}; was it made for another backbone?")
+    head = meta.get("head")
+    if base_model is not None and head != head_prefix(base_model):
+        raise _fail(path, f"names head {head!r}, but the base model's head is "
+                          f"{head_prefix(base_model)!r}; was it made for another backbone?")
+    if head is not None and not isinstance(head, str):
+        raise _fail(path, f"names head {head!r}: expected a module name")
+    n = meta.get("num_classes")
+    if n is not None:
+        weight = tensors.get(f"head/{head}.weight") if head else None
+        if not (isinstance(n, int) and not isinstance(n, bool) and n > 0) or weight is None \
+                or not len(weight.shape) or weight.shape[0] != n:
+            raise _fail(path, f"has malformed head metadata (head {head!r}, num_classes {n!r}, "
+                              "no head weight with that many rows)")
     selection = meta.get("selection")
-    if not (isinstance(selection, list) and all(isinstance(n, str) for n in selection)):
+    if not (isinstance(selection, list) and all(isinstance(s, str) for s in selection)):
         raise _fail(path, f"has no selection list in its metadata (got {selection!r})")
     budget = meta.get("budget_params")
     if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
                                or budget <= 0):
         raise _fail(path, f"has budget_params {budget!r}: expected a positive integer")
-    roles = _task_delta_roles(base_model, head)
-    state = base_model.state_dict()
-    seen: dict[str, set[str]] = {kind: set() for kind in roles}
+    if base_model is not None:
+        roles = _task_delta_roles(base_model, head)
+        state = base_model.state_dict()
+        base_w = state.get(f"{head}.weight") if head else None
+        base_n = int(base_w.shape[0]) if base_w is not None and base_w.dim() else None
+        classes = task_delta_classes(tensors, meta)
+    seen: dict[str, set[str]] = {"delta": set(), "norm": set(), "head": set()}
+    allowed = set(DELTA_DTYPES.values())
     for key, t in tensors.items():
         kind, _, name = key.partition("/")
-        if kind not in roles:
+        if kind not in seen or not name:
             raise _fail(path, f"holds an unknown entry {key} (expected delta/, norm/ or head/)")
-        if name not in roles[kind]:
-            what = {"delta": "a gated layer's weight or bias", "norm": "a norm layer's entry",
-                    "head": "an entry of the head"}[kind]
-            where = "the base model lacks it" if name not in state else "it is not"
-            raise _fail(path, f"entry {key} must name {what} of the base model, but {where}")
-        target = state[name]
-        if t.shape != target.shape:
-            raise _fail(path, f"entry {key} has shape {tuple(t.shape)}, the base model's "
-                              f"{name} {tuple(target.shape)}")
-        if t.dtype != target.dtype:
-            raise _fail(path, f"entry {key} is {str(t.dtype).removeprefix('torch.')}, the base "
-                              f"model's {name} {str(target.dtype).removeprefix('torch.')}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise _fail(path, f"entry {key} holds NaN or infinite values")
+        if base_model is not None:
+            if name not in roles[kind]:
+                what = {"delta": "a gated layer's weight or bias",
+                        "norm": "a norm layer's entry", "head": "an entry of the head"}[kind]
+                where = "the base model lacks it" if name not in state else "it is not"
+                raise _fail(path, f"entry {key} must name {what} of the base model, but {where}")
+            target = state[name]
+            want = tuple(target.shape)
+            if kind == "head" and want and want[0] == base_n and classes is not None:
+                want = (classes, *want[1:])  # the head is resized to the task's classes
+            if tuple(t.shape) != want:
+                raise _fail(path, f"entry {key} has shape {tuple(t.shape)}, the base model's "
+                                  f"{name} {want}")
+            if t.dtype != target.dtype:
+                raise _fail(path, f"entry {key} is {_dtype_name(t.dtype)}, the base model's "
+                                  f"{name} {_dtype_name(target.dtype)}")
+        elif t.dtype not in allowed:
+            raise _fail(path, f"entry {key} is {_dtype_name(t.dtype)}; a task delta holds only "
+                              f"{', '.join(_dtype_name(d) for d in DELTA_DTYPES.values())} "
+                              "tensors")
+        if isinstance(t, torch.Tensor):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _fail(path, f"entry {key} holds NaN or infinite values")
+            if kind == "norm" and name.endswith("running_var") and bool((t < 0).any()):
+                raise _fail(path, f"entry {key} holds negative values, but a running "
+                                  "variance is never below zero")
         seen[kind].add(name)
-    for kind in ("norm", "head"):
-        missing = sorted(roles[kind] - seen[kind])
-        if missing:
-            raise _fail(path, f"lacks {kind}/{missing[0]}"
-                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    if base_model is not None:
+        for kind in ("norm", "head"):
+            missing = sorted(roles[kind] - seen[kind])
+            if missing:
+                raise _fail(path, f"lacks {kind}/{missing[0]}"
+                                  f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
     # a layer's delta may change its weight, its bias or both: BitFit's changes only the
     # bias of every layer that has one (squeeze-excitation convolutions, say)
     layers = {name.rpartition(".")[0] for name in seen["delta"]}
@@ -271,46 +450,31 @@ def apply_task_delta(base_model: nn.Module, path: str | os.PathLike,
     for other base weights raises :class:`~swr.errors.ForeignDeltaError`; one whose
     tensors or metadata do not fit the model (see :func:`validate_task_delta`;
     ``backbone`` is the base model's backbone id, checked when given) raises
-    :class:`~swr.errors.SwrError` before any weight is changed (a head resized for it
-    is put back). Returns the model in eval mode.
+    :class:`~swr.errors.SwrError` before any weight is changed: it is read and checked
+    by :func:`read_task_delta` against ``base_model`` first. Returns the model in eval
+    mode.
     """
     if reparam_layers(base_model):
         raise SwrError("apply_task_delta expects the plain base model, not a reparametrized one")
-    tensors, meta = read_task_delta(path)
-    if check_hash:
-        have = base_hash(base_model)
-        if have != meta["base_hash"]:
-            raise ForeignDeltaError(
-                f"task delta {path} was made for base weights {meta['base_hash']}, but these "
-                f"base weights hash to {have}; load the checkpoint the delta was trained from")
-    head = meta.get("head")
-    n = meta.get("num_classes")
-    resized = None  # (the head it had, its class count) when resized below
+    tensors, meta = read_task_delta(path, base_model, backbone=backbone, check_hash=check_hash)
+    head, n = meta.get("head"), task_delta_classes(tensors, meta)
     if head and n is not None:
-        weight = tensors.get(f"head/{head}.weight") if isinstance(head, str) else None
-        if not isinstance(n, int) or weight is None or weight.dim() == 0 or weight.shape[0] != n:
-            raise SwrError(f"task delta {path} has malformed head metadata (head {head!r}, "
-                           f"num_classes {n!r}, no matching head weight); re-export it with "
-                           "swr finetune")
-        if head != head_prefix(base_model):
-            raise SwrError(f"task delta {path} names head {head!r} that the base model lacks; "
-                           "was it made for another backbone?")
         current = base_model.get_submodule(head)
-        if getattr(current, "weight", None) is None or current.weight.shape[0] != n:
-            dtype = current.weight.dtype if getattr(current, "weight", None) is not None \
-                else None
-            resized = (current, getattr(base_model, "num_classes", None))
+        weight = getattr(current, "weight", None)
+        if weight is None or weight.shape[0] != n:
+            classes = getattr(base_model, "num_classes", None)
             base_model.reset_classifier(n)
-            if dtype is not None:  # a freshly built head is fp32; keep the model's dtype
-                base_model.get_submodule(head).to(dtype)
-    try:
-        validate_task_delta(base_model, tensors, meta, path, backbone=backbone)
-    except SwrError:
-        if resized is not None:  # a refused delta leaves the model as it came
-            replace_module(base_model, head, resized[0])
-            if resized[1] is not None:
-                base_model.num_classes = resized[1]
-        raise
+            if weight is not None:  # a freshly built head is fp32; keep the model's dtype
+                base_model.get_submodule(head).to(weight.dtype)
+            state = base_model.state_dict()
+            odd = [k for k, t in tensors.items()
+                   if k.startswith("head/") and (state.get(k[5:]) is None
+                                                 or state[k[5:]].shape != t.shape)]
+            if odd:  # a refused delta leaves the model as it came
+                replace_module(base_model, head, current)
+                if classes is not None:
+                    base_model.num_classes = classes
+                raise _fail(path, f"entry {odd[0]} does not fit the head resized to {n} classes")
     state = base_model.state_dict()
     for key, t in tensors.items():
         kind, _, name = key.partition("/")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .bench import BenchConfig, run_bench, summarize
 from .errors import SwrError
-from .io import save_png, write_text
+from .io import check_rerun, out_lock, save_png, write_text
 from .pretrain import default_checkpoint, load_pretrained
 from .reparam import candidates
 
@@ -28,13 +28,28 @@ SUITES = {
 QUICK_METHODS = ["linear", "norm", "full", "wise-ft", "swr"]
 
 
+#: What a demo writes into its ``--out``: a folder holding one holds a demo.
+DEMO_OUTPUTS = ("report.md", "summary.json", "selection_map.png", "bench")
+
+
 def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: int = 1,
-             workers: int | None = None, device: str = "auto",
-             log: Callable[[str], None] = print) -> dict:
-    """Run the demo and write ``out/report.md``; returns a summary dict."""
+             workers: int | None = None, device: str = "auto", resume: bool = False,
+             overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run the demo and write ``out/report.md``; returns a summary dict.
+
+    ``out`` is locked while the demo runs; one that holds an earlier demo is refused
+    unless ``resume`` (its bench continues; other settings are refused) or
+    ``overwrite`` (its bench is replaced).
+    """
     if suite not in SUITES:
         raise SwrError(f"--suite {suite!r}: choose one of {', '.join(SUITES)}")
-    out = Path(out)
+    with out_lock(out, "demo"):
+        check_rerun(out, "demo", DEMO_OUTPUTS, resume=resume, overwrite=overwrite,
+                    resumable=True)
+        return _run_demo(Path(out), suite, quick, seeds, workers, device, resume, overwrite, log)
+
+
+def _run_demo(out: Path, suite, quick, seeds, workers, device, resume, overwrite, log) -> dict:
     start = time.perf_counter()
     targets, methods = SUITES[suite]
     if quick:
@@ -46,7 +61,7 @@ def run_demo(out: str | Path, suite: str = "kws", quick: bool = False, seeds: in
     cfg = BenchConfig(tasks=targets, checkpoint=str(ckpt), methods=methods, budgets=["5%"],
                       out=str(out / "bench"), seeds=seeds, epochs=4 if quick else 12,
                       device=device, workers=workers, swr_evaluations=24 if quick else 120,
-                      supernet_epochs=3 if quick else 10)
+                      supernet_epochs=3 if quick else 10, resume=resume, overwrite=overwrite)
     rows = run_bench(cfg, log=log)
     table = (out / "bench" / "results.md").read_text()
     base, _ = load_pretrained(ckpt)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .delta import apply_task_delta, read_task_delta
 from .errors import SwrError
-from .io import atomic_path, check_output, check_run_folder, staged_folder, write_json
+from .io import atomic_path, check_output, check_run_folder, run_folder, write_json
 from .source import BaseSpec, load_base
 
 #: Largest max-abs difference between onnxruntime's and PyTorch's fp32 outputs
@@ -75,12 +75,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path,
 
 
 def fold_task(checkpoint: "str | Path | BaseSpec", delta: str | Path, out: str | Path,
-              onnx: bool = False) -> dict:
+              onnx: bool = False, overwrite: bool = False) -> dict:
     """Rebuild a task model from a base checkpoint and its task delta into folder ``out``.
 
     Writes ``model.safetensors`` and ``fold.json`` (with ``--onnx`` also ``model.onnx``
     and ``base.onnx``, each checked with onnxruntime). ``out`` may be neither an input
-    nor hold one; it is replaced whole once every file is written. Returns the report.
+    nor hold one; it is locked while written, replaced whole once every file is written,
+    and refused when it holds an earlier run unless ``overwrite``. Returns the report.
     """
     from .tasks.backbones import input_shape, save_checkpoint
 
@@ -96,7 +97,7 @@ def fold_task(checkpoint: "str | Path | BaseSpec", delta: str | Path, out: str |
               "params": count(task_model), "base_params": count(base),
               "same_module_types": [type(m).__name__ for m in task_model.modules()]
               == [type(m).__name__ for m in base.modules()]}
-    with staged_folder(out, OUTPUTS) as stage:
+    with run_folder(out, "fold", OUTPUTS, overwrite=overwrite) as stage:
         save_checkpoint(task_model, stage / "model.safetensors", backbone=meta["backbone"],
                         task=str(delta_meta.get("task", "")))
         if onnx:

@@ -22,3 +22,31 @@ class ForeignDeltaError(SwrError):
 
 class ClusterLostError(SwrError):
     """The Ray cluster a run had joined stopped answering (its head went away)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as for Ctrl-C: staged
+    folders and temporary files are removed, locks released, one line printed."""
+
+
+_SIGTERM_HANDLED = False
+
+
+def handle_sigterm(again: bool = False) -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (as Ctrl-C raises
+    ``KeyboardInterrupt``). The CLI calls it at start; ``again=True`` (after
+    ``ray.init``, which installs a handler that exits mid-write) re-installs it only
+    where the CLI had, so a notebook's own handling is left alone."""
+    import signal
+    import threading
+
+    global _SIGTERM_HANDLED
+    if again and not _SIGTERM_HANDLED:
+        return
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise)
+        _SIGTERM_HANDLED = True

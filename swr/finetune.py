@@ -20,18 +20,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .budget import NORM_MODES, check_selection, cost_report
+from .budget import NORM_MODES, backbone_params, check_selection, cost_report
 from .delta import export_task_delta
 from .errors import BudgetError, SwrError
 from .fold import fold, same_architecture
-from .io import check_output, check_run_folder, read_json, staged_folder, write_json
+from .io import check_output, check_run_folder, read_json, run_folder, write_json
 from .source import BaseSpec, load_base, load_task, task_preprocess
 from .reparam import reparam_layers, restore_norms, set_selection, set_trainable, unwrap
 from .runlog import TRAINING_LOGS
 from .supernet import SupernetConfig, build_supernet, new_supernet
 from .tasks import task_data_path
-from .train import (TrainConfig, evaluate, freeze_batchnorm, resolve_device, steps_in_an_epoch,
-                    train)
+from .train import (TrainConfig, check_finite_weights, evaluate, freeze_batchnorm,
+                    resolve_device, steps_in_an_epoch, train)
 
 #: Optimizer steps below which ``swr finetune`` suggests more epochs. On
 #: glyphs:fine?images=30,60,100 (360 training images, 6 batches an epoch; 1%, deltas
@@ -47,12 +47,14 @@ OUTPUTS = {"task_delta.safetensors", "model.safetensors", "history.json", "metri
 def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: float = 3e-3,
              batch_size: int = 64, seed: int = 0, device: str = "auto",
              from_scratch: bool = False, progress: bool = True,
-             layers: Optional[list[str]] = None, on_bad_file: Optional[str] = None) -> dict:
+             layers: Optional[list[str]] = None, on_bad_file: Optional[str] = None,
+             overwrite: bool = False) -> dict:
     """Final training of a selection written by ``swr search``; returns the metrics.
 
-    ``on_bad_file`` defaults to the policy the search ran with.
+    ``on_bad_file`` defaults to the policy the search ran with. ``out`` is locked while
+    the run goes on and replaced only once every file (live logs included) is
+    written; one that holds an earlier run is refused unless ``overwrite``.
     """
-    from .runlog import reset as reset_runlog
     from .tasks.backbones import save_checkpoint
 
     sel = read_json(selection_file, "selection file")
@@ -69,6 +71,9 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
         raise SwrError(f"selection file {selection_file} is malformed: 'layers' must be a list of "
                        "layer names, 'task' and 'checkpoint' strings, 'budget_params' an integer; "
                        "write it with swr search")
+    if budget < 1:
+        raise SwrError(f"selection file {selection_file} states budget_params {budget}: a budget "
+                       "is a positive number of parameters; write it with swr search")
     # the base: a swr pretrain folder ('checkpoint') or a backbone + weights file ('base')
     if sel.get("base") is not None:
         spec = BaseSpec.from_dict(sel["base"], f"selection file {selection_file}")
@@ -93,65 +98,68 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
                        if isinstance(sel.get("supernet"), str) else None,
                        "the selection's task data": task_data_path(sel["task"])})
     check_run_folder(out, OUTPUTS)
-    base, meta = load_base(spec)
-    task = load_task(sel["task"], meta,
-                     on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
-    # the new head is drawn from the seed: --from-scratch runs are reproducible too
-    model = new_supernet(base, task.num_classes, SupernetConfig(seed=seed))
-    report = cost_report(model, chosen)
-    counted = report["norms"] if norms_trained and norms_mode in ("auto", "budget") else 0
-    try:
-        cost = check_selection(model, chosen, int(sel["budget_params"]) - counted)
-    except BudgetError as e:
-        if not counted:
-            raise
-        raise BudgetError(f"{e} (the budget of {sel['budget_params']} less the {counted} task "
-                          "norm parameters it counts)") from None
-    if not from_scratch:
-        # never a silent fallback to zero deltas and a new head: that is --from-scratch
-        named = sel.get("supernet")
-        if not isinstance(named, str) or not named:
-            raise SwrError(f"selection file {selection_file} names no supernet to start from; "
-                           "re-run swr search or pass --from-scratch")
-        supernet_weights = Path(named) / "supernet.safetensors"
-        if not supernet_weights.is_file():
-            raise SwrError(f"the supernet {supernet_weights} named in {selection_file} is gone "
-                           "(a cleared or moved cache?); re-run swr search or pass "
-                           "--from-scratch")
+    with run_folder(out, "finetune", OUTPUTS, overwrite=overwrite) as stage:
+        base, meta = load_base(spec)
+        total = backbone_params(base)
+        if budget > total:  # a budget no search could state (swr search refuses it)
+            raise SwrError(f"selection file {selection_file} states budget_params {budget}, above "
+                           f"the backbone's {total} parameters (100%); write it with swr search")
+        task = load_task(sel["task"], meta,
+                         on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
+        # the new head is drawn from the seed: --from-scratch runs are reproducible too
+        model = new_supernet(base, task.num_classes, SupernetConfig(seed=seed))
+        report = cost_report(model, chosen)
+        counted = report["norms"] if norms_trained and norms_mode in ("auto", "budget") else 0
         try:
-            model.load_state_dict(load_file(str(supernet_weights)))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise SwrError(f"supernet {supernet_weights} named in {selection_file} does not load "
-                           f"({str(e).splitlines()[0][:200]}); re-run swr search or pass "
-                           "--from-scratch") from None
-    if not norms_trained:  # the supernet's norms were trained in stage 1: keep the base's
-        restore_norms(model, base)
-    set_selection(model, chosen)
-    if from_scratch:
+            cost = check_selection(model, chosen, int(sel["budget_params"]) - counted)
+        except BudgetError as e:
+            if not counted:
+                raise
+            raise BudgetError(f"{e} (the budget of {sel['budget_params']} less the {counted} task "
+                              "norm parameters it counts)") from None
+        if not from_scratch:
+            # never a silent fallback to zero deltas and a new head: that is --from-scratch
+            named = sel.get("supernet")
+            if not isinstance(named, str) or not named:
+                raise SwrError(f"selection file {selection_file} names no supernet to start from; "
+                               "re-run swr search or pass --from-scratch")
+            supernet_weights = Path(named) / "supernet.safetensors"
+            if not supernet_weights.is_file():
+                raise SwrError(f"the supernet {supernet_weights} named in {selection_file} is gone "
+                               "(a cleared or moved cache?); re-run swr search or pass "
+                               "--from-scratch")
+            try:
+                model.load_state_dict(load_file(str(supernet_weights)))
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise SwrError(f"supernet {supernet_weights} named in {selection_file} does not load "
+                               f"({str(e).splitlines()[0][:200]}); re-run swr search or pass "
+                               "--from-scratch") from None
+        if not norms_trained:  # the supernet's norms were trained in stage 1: keep the base's
+            restore_norms(model, base)
+        set_selection(model, chosen)
+        if from_scratch:
+            with torch.no_grad():
+                for layer in reparam_layers(model).values():
+                    layer.delta.zero_()
+        # deltas of unselected layers stay in the model with closed gates: they are
+        # neither trained nor exported
+        params = set_trainable(model, deltas=chosen, norms=norms_trained, head=True)
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                          progress=progress, desc="finetune", log_dir=str(stage))
+        start = time.perf_counter()
+        # untrained norms keep the base's BatchNorm statistics too, as every method's do
+        result = train(model, task, params, cfg,
+                       before_batch=None if norms_trained else lambda step: freeze_batchnorm(model))
+        check_finite_weights(model, "the final training", lr)  # before anything is written
+        dev = resolve_device(device)
+        test_acc = evaluate(model, task.test, dev)
+        model.cpu()
+        folded = fold(model)
+        plain = unwrap(build_supernet(base, task.num_classes))
+        x = next(iter(torch.utils.data.DataLoader(task.val, batch_size=16)))[0]
         with torch.no_grad():
-            for layer in reparam_layers(model).values():
-                layer.delta.zero_()
-    # deltas of unselected layers stay in the model with closed gates: they are
-    # neither trained nor exported
-    params = set_trainable(model, deltas=chosen, norms=norms_trained, head=True)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                      progress=progress, desc="finetune", log_dir=str(out))
-    reset_runlog(out)
-    start = time.perf_counter()
-    # untrained norms keep the base's BatchNorm statistics too, as every method's do
-    result = train(model, task, params, cfg,
-                   before_batch=None if norms_trained else lambda step: freeze_batchnorm(model))
-    dev = resolve_device(device)
-    test_acc = evaluate(model, task.test, dev)
-    model.cpu()
-    folded = fold(model)
-    plain = unwrap(build_supernet(base, task.num_classes))
-    x = next(iter(torch.utils.data.DataLoader(task.val, batch_size=16)))[0]
-    with torch.no_grad():
-        fold_diff = float((model(x) - folded(x)).abs().max())
-    shift_test_acc = evaluate(folded, task.shift_test) if task.shift_test is not None else None
-    # every file goes to a staged folder that replaces ``out`` only once all are written
-    with staged_folder(out, OUTPUTS, carry=TRAINING_LOGS) as stage:
+            fold_diff = float((model(x) - folded(x)).abs().max())
+        shift_test_acc = evaluate(folded, task.shift_test) if task.shift_test is not None else None
         delta_bytes = export_task_delta(model, stage / "task_delta.safetensors",
                                         backbone=meta["backbone"],
                                         budget_params=int(sel["budget_params"]), task=sel["task"],
@@ -177,5 +185,5 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
         }
         write_json(stage / "history.json", result.history)
         write_json(stage / "metrics.json", metrics)
-    return metrics
+        return metrics
 

@@ -26,22 +26,82 @@ from safetensors.torch import save_file
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    An ``OSError`` while writing (a full disk, a quota, a read-only file system) is
+    raised again naming ``path``, the file being written, not the temporary file or
+    the file being copied from (:func:`writing_error`).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise writing_error(e, path, None) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            # mkstemp makes the file private (0600); give it the mode a plain open() would
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
+            os.replace(tmp_path, path)
+        except OSError as e:
+            raise writing_error(e, path, tmp_path) from e
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: errno values that mean the write itself failed, whatever file the error names
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def writing_error(e: OSError, path: str | os.PathLike, tmp: str | os.PathLike | None
+                  ) -> OSError:
+    """``e`` naming ``path``, the file being written, when it is an error of writing it:
+    one naming the temporary file ``tmp`` (or none), or a full disk, quota or read-only
+    file system (``shutil.copyfile`` names its source even then). Any other error (an
+    input that cannot be read) is returned as it is."""
+    named = {str(n) for n in (e.filename, e.filename2) if n is not None}
+    ours = not named or (tmp is not None and str(tmp) in named) or str(path) in named
+    if not (ours or e.errno in _WRITE_ERRNOS) or named == {str(path)}:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
+@contextlib.contextmanager
+def left_as_found_on_refusal(out: str | os.PathLike, results: tuple[str, ...] = ()
+                             ) -> Iterator[None]:
+    """A command refused (:class:`~swr.errors.SwrError`) leaves folder ``out`` as it found
+    it: the entries it made there (a fingerprint, a lock, empty folders) are removed,
+    and ``out`` itself when the command made it. Once one of ``results`` (the files
+    that hold finished work, kept for ``--resume``) has been made, everything stays.
+    A lost cluster (exit 75, work kept for ``--resume``) is not a refusal. Enter it with
+    :func:`out_lock` held, so that only this command's entries can be taken back."""
+    from .errors import ClusterLostError, SwrError
+
+    out = Path(out)
+    before = set(os.listdir(out)) if out.is_dir() else None
+    try:
+        yield
+    except SwrError as e:
+        if not isinstance(e, ClusterLostError):
+            made = (set(os.listdir(out)) if out.is_dir() else set()) - (before or set())
+            if not made & set(results):
+                for name in made:
+                    path = out / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            path.unlink()
+                if before is None:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+        raise
 
 
 def check_output(out: str | os.PathLike, inputs: dict[str, Any], option: str = "--out",
@@ -84,13 +144,55 @@ def check_run_folder(out: str | os.PathLike, outputs: set[str], option: str = "-
     if out.exists() and not out.is_dir():
         raise SwrError(f"{option} {out} is a file; give a folder")
     if out.is_dir():
-        # hidden *.tmp files are what an interrupted atomic write leaves behind
+        # hidden *.tmp files are what an interrupted atomic write leaves behind; .lock is
+        # the lock of the command writing the folder (:func:`out_lock`)
         foreign = sorted(p.name for p in out.iterdir() if p.name not in outputs
+                         and p.name != LOCK_FILE
                          and not (p.name.startswith(".") and p.name.endswith(".tmp")))
         if foreign:
             raise SwrError(f"{option} {out} holds files this command does not write "
                            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                            "replacing the folder would lose them: choose a new or empty folder")
+
+
+def check_rerun(out: str | os.PathLike, command: str, markers: "set[str] | tuple[str, ...]",
+                resume: bool = False, overwrite: bool = False, option: str = "--out",
+                resumable: bool = False) -> None:
+    """Refuse an ``out`` that holds an earlier run, unless ``resume`` or ``overwrite``.
+
+    The one rule for every command that writes a run folder: a folder holding any of
+    ``markers`` (the files a finished or started run of ``command`` leaves) is another
+    run, and replacing it silently would lose it. ``--resume`` (where ``resumable``)
+    continues it after the caller's fingerprint check; ``--overwrite`` replaces it.
+    """
+    from .errors import SwrError
+
+    out = Path(out)
+    if resume or overwrite or not out.is_dir():
+        return
+    found = sorted(m for m in markers if (out / m).exists())
+    if found:
+        how = "--resume to continue it, --overwrite to replace it" if resumable \
+            else "--overwrite to replace it"
+        raise SwrError(f"{option} {out} holds an earlier swr {command} run ({found[0]}); pass "
+                       f"{how}, or choose another {option}")
+
+
+@contextlib.contextmanager
+def run_folder(out: str | os.PathLike, command: str, outputs: set[str],
+               overwrite: bool = False, option: str = "--out") -> Iterator[Path]:
+    """Lock ``out``, refuse it if it holds an earlier run (unless ``overwrite``), and
+    yield a staged folder that replaces it once the run has written everything.
+
+    Everything the run writes, its live logs included (``epochs.csv``, TensorBoard
+    events), goes to the staged folder, so an interrupted or failed run leaves ``out``
+    exactly as it was: all new or all old. See :func:`out_lock`, :func:`check_rerun`,
+    :func:`staged_folder`.
+    """
+    with out_lock(out, command, option):
+        check_rerun(out, command, outputs, overwrite=overwrite, option=option)
+        with staged_folder(out, outputs, option) as stage:
+            yield stage
 
 
 @contextlib.contextmanager
@@ -121,7 +223,8 @@ def staged_folder(out: str | os.PathLike, outputs: set[str],
         umask = os.umask(0)  # mkdtemp makes the folder private (0700); give it mkdir's mode
         os.umask(umask)
         os.chmod(stage, 0o777 & ~umask)
-        for name in carry:
+        # the lock moves with the folder: the same file (inode) stays locked at out/.lock
+        for name in (*carry, LOCK_FILE):
             if (out / name).exists() and not (stage / name).exists():
                 os.replace(out / name, stage / name)
         _swap_in(stage, out)
@@ -284,9 +387,13 @@ def unwritable_reason(folder: str | os.PathLike) -> str | None:
 
 _HELD_LOCKS: dict[Path, int] = {}
 
+#: the lock file :func:`out_lock` holds inside the folder a command writes
+LOCK_FILE = ".lock"
+
 
 @contextlib.contextmanager
-def out_lock(out: str | os.PathLike, command: str, option: str = "--out") -> Iterator[Path]:
+def out_lock(out: str | os.PathLike, command: str, option: str = "--out",
+             wait: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive lock on folder ``out`` (``out/.lock``) while a command writes it.
 
     A second process that tries to write the same folder is refused at once with one
@@ -295,9 +402,11 @@ def out_lock(out: str | os.PathLike, command: str, option: str = "--out") -> Ite
     even when killed. On a normal exit ``.lock`` is removed again, and ``out`` too if
     this call made it and nothing else was written (a command refused early leaves
     nothing behind). Re-entrant within one process (a command's library call nested
-    in the command). Raises :class:`SwrError` when another process holds it.
+    in the command). Raises :class:`SwrError` when another process holds it for more
+    than ``wait`` seconds (short edits, such as a task store's, wait their turn).
     """
     import fcntl
+    import time
 
     from .errors import SwrError
 
@@ -311,12 +420,17 @@ def out_lock(out: str | os.PathLike, command: str, option: str = "--out") -> Ite
         return
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".lock"
+    path = folder / LOCK_FILE
+    deadline = time.monotonic() + wait
     while True:
         f = open(path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            if time.monotonic() < deadline:
+                f.close()
+                time.sleep(0.1)
+                continue
             f.seek(0)
             holder = f.read().strip()[:40] or "unknown"
             f.close()

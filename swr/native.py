@@ -34,6 +34,38 @@ def _load_torchvision() -> None:
 _CHECKS = {"torchvision": _load_torchvision, "torchaudio": _load_torchaudio}
 
 
+def _load_soundfile() -> None:
+    import io
+
+    import numpy as np
+    import soundfile as sf  # loads libsndfile: every audio file swr reads goes through it
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(160, dtype=np.float32), 16000, format="WAV")
+    buf.seek(0)
+    sf.read(buf)
+
+
+def _load_pillow() -> None:
+    from PIL import Image  # loads PIL's _imaging: every image file swr reads goes through it
+
+    Image.new("RGB", (2, 2)).convert("L")
+
+
+def _load_safetensors() -> None:
+    import safetensors._safetensors_rust  # noqa: F401  (every weights and delta file)
+
+
+#: The other native libraries swr loads, outside the trio: what each must be able to
+#: do, and how to put it back when it cannot.
+OTHER_CHECKS = {
+    "soundfile": (_load_soundfile, "install the libsndfile system library (e.g. apt-get "
+                  "install libsndfile1) or reinstall it: pip install --force-reinstall soundfile"),
+    "pillow": (_load_pillow, "reinstall it: pip install --force-reinstall pillow"),
+    "safetensors": (_load_safetensors, "reinstall it: pip install --force-reinstall safetensors"),
+}
+
+
 def installed_versions() -> dict[str, str]:
     """The installed version of each package of the trio (``"missing"`` if absent)."""
     out = {}
@@ -92,13 +124,33 @@ def _reason(e: BaseException) -> str:
     return text[:200] or type(e).__name__
 
 
+def other_problems() -> list[str]:
+    """One line per native library outside the trio (:data:`OTHER_CHECKS`) that does not
+    load, each with how to put it back (empty: all fine)."""
+    problems = []
+    for name, (check, fix) in OTHER_CHECKS.items():
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+            try:
+                version = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                version = "missing"
+            problems.append(f"{name} {version} does not load ({_reason(e)}); {fix}")
+    return problems
+
+
 def environment_error() -> str | None:
-    """The one line that reports a broken install, or None when the trio loads."""
+    """The one line that reports a broken install, or None when every native library
+    swr uses loads (the trio together, soundfile's libsndfile, Pillow, safetensors)."""
     problems = native_problems()
-    if not problems:
+    others = other_problems()
+    if not problems and not others:
         return None
-    pins = pinned_versions()
-    wanted = ", ".join(f"{n} {pins[n]}" for n in TRIO if n in pins)
-    return ("broken install: " + "; ".join(problems)
-            + (f"; swr needs {wanted} together" if wanted else "")
-            + f"; reinstall them with: {reinstall_command()}")
+    line = "broken install: "
+    if problems:
+        pins = pinned_versions()
+        wanted = ", ".join(f"{n} {pins[n]}" for n in TRIO if n in pins)
+        line += ("; ".join(problems) + (f"; swr needs {wanted} together" if wanted else "")
+                 + f"; reinstall them with: {reinstall_command()}" + ("; " if others else ""))
+    return line + "; ".join(others)

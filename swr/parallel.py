@@ -18,7 +18,7 @@ import sys
 import ray
 import torch
 
-from swr.errors import SwrError
+from swr.errors import SwrError, handle_sigterm
 
 # A local instance only ships small observations and env factories; Ray's default
 # (30% of RAM) would reserve gigabytes of shared memory for nothing.
@@ -26,6 +26,9 @@ LOCAL_OBJECT_STORE_BYTES = 200 * 1024**2
 # How long to wait for a cluster's head to accept a TCP connection: Ray's own
 # connect loop retries for minutes before giving up.
 PROBE_TIMEOUT_S = 5.0
+# How long to wait for what accepted the connection to answer like a Ray head (gRPC);
+# a server of another kind (an HTTP server) would otherwise leave ray.init waiting.
+HANDSHAKE_TIMEOUT_S = 5.0
 
 _started_here = False
 
@@ -102,11 +105,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         hint = "start it with `ray start --head` or drop --ray-address"
         # Ray's C++ client writes a warning per retry straight to file descriptor 2
         # (a refused token among them): held back, and read to tell why it failed
+        check_head(address)  # in seconds, not after Ray's minutes of retries
         held = _stderr_held()
         try:
-            _probe(address)
             with held:
                 ray.init(address=address, **quiet)
+            handle_sigterm(again=True)  # ray.init installed one that exits mid-write
         except Exception as e:
             if _auth_refused(e, held.text):
                 raise SwrError(
@@ -121,6 +125,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     # (Ray would otherwise join it, and refuse the num_cpus given here)
     ray.init(address="local", num_cpus=num_cpus or local_cpus(),
              object_store_memory=object_store_memory or LOCAL_OBJECT_STORE_BYTES, **quiet)
+    handle_sigterm(again=True)  # ray.init installed one that exits mid-write
     _started_here = True
 
 
@@ -232,6 +237,84 @@ def cluster_address() -> str:
         return (ray.get_runtime_context().gcs_address or "") if ray.is_initialized() else ""
     except AttributeError:
         return ""
+
+
+def check_ray_address(address: str, option: str = "--ray-address") -> str:
+    """``address`` if it has the form of a Ray head's address: ``host:port`` (the head's
+    GCS port, as ``ray start --head`` prints it), ``ray://host:port`` (Ray Client) or
+    ``auto``; else :class:`SwrError` naming it. Checks the form only (no connection)."""
+    fix = (f"give the head's host:port as `ray start --head` prints it (e.g. 10.0.0.5:6379), "
+           f"ray://host:port or auto, or drop {option}")
+    if address == "auto":
+        return address
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    if scheme not in ("", "ray"):
+        raise SwrError(f"{option} {address!r}: {scheme}:// is not a Ray address; {fix}")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or any(c in host for c in "/?#@ ") or not (
+            port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise SwrError(f"{option} {address!r} is not of the form host:port with a port from "
+                       f"1 to 65535; {fix}")
+    return address
+
+
+def check_head(address: str, option: str = "--ray-address") -> None:
+    """:class:`SwrError` (one line) unless ``address`` has a Ray head's form
+    (:func:`check_ray_address`), accepts a TCP connection within
+    :data:`PROBE_TIMEOUT_S` and answers like a Ray head within
+    :data:`HANDSHAKE_TIMEOUT_S`. Called before any work, so a wrong address costs
+    seconds; ``auto`` is left to Ray."""
+    check_ray_address(address, option)
+    if address == "auto":
+        return
+    try:
+        _probe(address)
+    except OSError as e:
+        raise SwrError(f"cannot reach Ray cluster at {address}: {e}; start it with "
+                       f"`ray start --head` or drop {option}") from None
+    _check_head_answers(address, option=option)
+
+
+def _check_head_answers(address: str, timeout: float = HANDSHAKE_TIMEOUT_S,
+                        option: str = "--ray-address") -> None:
+    """:class:`SwrError` unless what listens at ``address`` speaks HTTP/2 as a Ray head's
+    gRPC server does: it answers a client preface with a SETTINGS frame. Anything else
+    (an HTTP/1 server, silence) is named in the line instead of leaving ``ray.init``
+    waiting for minutes. ``auto`` is left to Ray."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(9))  # + empty SETTINGS
+            reply = b""
+            while len(reply) < 9:
+                chunk = conn.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
+    except socket.timeout:
+        reply = None
+    except OSError as e:
+        raise SwrError(f"cannot reach Ray cluster at {address}: {e}; start it with "
+                       f"`ray start --head` or drop {option}") from None
+    if reply is not None and len(reply) >= 9 and reply[3] == 0x04:  # an HTTP/2 SETTINGS frame
+        return
+    if reply is None:
+        seen = f"it accepted a connection but sent nothing within {timeout:g} s"
+    elif not reply:
+        seen = "it closed the connection without a word"
+    else:
+        text = reply.split(b"\n", 1)[0].decode("ascii", "replace").strip()
+        shown = "".join(c if c.isprintable() else "?" for c in text)[:60]
+        head = reply[:512].lower()
+        web = reply[:5] == b"HTTP/" or b"<html" in head or b"<!doctype html" in head
+        seen = f"{'an HTTP server' if web else 'it'} answered {shown!r}"
+    raise SwrError(f"{option} {address}: what listens there is not a Ray head ({seen}); "
+                   "give the GCS address `ray start --head` printed (default port 6379)")
 
 
 def _probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:

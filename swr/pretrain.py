@@ -16,7 +16,7 @@ from torch import nn
 
 from . import tasks
 from .errors import SwrError
-from .io import cache_dir, check_output, check_run_folder, read_json, staged_folder, write_json
+from .io import cache_dir, check_output, check_run_folder, read_json, run_folder, write_json
 from .runlog import TRAINING_LOGS
 from .tasks.backbones import backbone_data_config, create_backbone, save_checkpoint
 from .train import TrainConfig, evaluate, resolve_device, train
@@ -40,17 +40,24 @@ OUTPUTS = {"model.safetensors", "history.json", "metrics.json",
 def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
              lr: float = 1e-2, batch_size: int = 64, seed: int = 0, device: str = "auto",
              weights: Optional[str] = None, progress: bool = True,
-             on_bad_file: str = "fail") -> dict:
+             on_bad_file: str = "fail", overwrite: bool = False) -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``.
 
     Started from ``weights`` (pre-trained elsewhere), image tasks are prepared with the
     backbone's own timm data config, which ``metrics.json`` records for the commands
-    that use this checkpoint.
+    that use this checkpoint. ``out`` is locked while the run goes on; one that holds
+    an earlier checkpoint is refused unless ``overwrite``. The run, its live logs
+    included, is staged and replaces ``out`` only once complete.
     """
-    from . import runlog
-
     check_output(out, {"--weights": weights, "--task": tasks.task_data_path(task_spec)})
     check_run_folder(out, OUTPUTS)
+    with run_folder(out, "pretrain", OUTPUTS, overwrite=overwrite) as stage:
+        return _pretrain(task_spec, backbone, stage, epochs, lr, batch_size, seed, device,
+                         weights, progress, on_bad_file)
+
+
+def _pretrain(task_spec, backbone, stage: Path, epochs, lr, batch_size, seed, device, weights,
+              progress, on_bad_file) -> dict:
     data_config = backbone_data_config(backbone) if weights is not None else None
     task = tasks.get_task(task_spec, on_bad_file=on_bad_file, data_config=data_config)
     torch.manual_seed(seed)
@@ -59,8 +66,7 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                       weight_decay=1e-3, warmup_epochs=min(2.0, epochs / 5), label_smoothing=0.05,
                       progress=progress, desc=f"pretrain {backbone} on {task_spec}",
-                      log_dir=str(out))
-    runlog.reset(out)
+                      log_dir=str(stage))
     start = time.perf_counter()
     result = train(model, task, params, cfg)
     dev = resolve_device(device)
@@ -73,12 +79,10 @@ def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
         "params": sum(p.numel() for p in model.parameters()),
         "skipped_files": list(task.info.get("skipped", [])), "data_config": data_config,
     }
-    # a checkpoint folder is all new or all old
-    with staged_folder(out, OUTPUTS, carry=TRAINING_LOGS) as stage:
-        save_checkpoint(model.cpu(), stage / "model.safetensors", backbone=backbone,
-                        task=task_spec, classes=task.class_names)
-        write_json(stage / "history.json", result.history)
-        write_json(stage / "metrics.json", metrics)
+    save_checkpoint(model.cpu(), stage / "model.safetensors", backbone=backbone,
+                    task=task_spec, classes=task.class_names)
+    write_json(stage / "history.json", result.history)
+    write_json(stage / "metrics.json", metrics)
     return metrics
 
 
@@ -90,6 +94,13 @@ def checkpoint_metrics(checkpoint: str | Path) -> dict:
     metrics = read_json(ckpt / "metrics.json", "checkpoint metrics")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("backbone"), str):
         raise SwrError(f"{ckpt / 'metrics.json'} names no backbone; re-run swr pretrain")
+    from .tasks.backbones import check_backbone_name
+
+    try:  # the name typed and the name read from a file pass the same check
+        check_backbone_name(metrics["backbone"])
+    except SwrError as e:
+        raise SwrError(f"{ckpt / 'metrics.json'}: backbone {metrics['backbone']!r} is not a "
+                       f"backbone swr knows ({e}); re-run swr pretrain or fix the key") from None
     return metrics
 
 

@@ -29,9 +29,10 @@ from typing import Optional
 from . import tasks
 from .envs.evaluator import BN_CLIPS, PROXY_EPOCHS
 from .errors import SwrError
-from .io import out_lock, write_json
+from .io import check_rerun, left_as_found_on_refusal, out_lock, write_json
 from .methods import METHODS, SWR, register_method, swr_variant
-from .selection import Searcher, budget_folder, budget_list, search_selection, supernet_settings
+from .selection import (Searcher, budget_folder, budget_list, check_search_val, search_selection,
+                        supernet_settings)
 from .source import base_spec, load_base, load_task
 from .supernet import SupernetConfig
 
@@ -49,6 +50,8 @@ class SearchConfig:
     # swr.parallel.resolve_workers); None: one per available CPU
     workers: Optional[int] = 0
     resume: bool = False
+    #: replace the search an existing ``out`` holds (refused without it or ``resume``)
+    overwrite: bool = False
     device: str = "auto"
     ray_address: Optional[str] = None
     samples_per_iteration: int = 8
@@ -101,6 +104,13 @@ class SearchConfig:
                            "budgets of --budget; give at least one per budget")
         if self.workers is not None and self.workers < 0:
             raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
+        if self.ray_address is not None:
+            from .parallel import check_ray_address
+
+            if self.workers == 0:
+                raise SwrError(f"--ray-address {self.ray_address} with --workers 0: workers 0 "
+                               "scores in this process, without Ray; drop one of the two")
+            check_ray_address(self.ray_address)
         from .budget import NORM_MODES
 
         if self.norms not in NORM_MODES:
@@ -153,8 +163,15 @@ def run_search(cfg: SearchConfig) -> dict:
     """Load the base (checkpoint or backbone + weights) and task named in ``cfg``, search,
     write ``selection.json``."""
     cfg.validate()
+    if cfg.ray_address is not None:  # an address that is no Ray head: refused before any work
+        from .parallel import check_head
+
+        check_head(cfg.ray_address)
     spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
-    with out_lock(cfg.out, "search"):  # before any work: another search there is refused now
+    # before any work: another search there is refused now; a refusal before the first
+    # scoring leaves --out as it was found
+    # (taken back while the lock is held: nothing of another process is touched)
+    with out_lock(cfg.out, "search"), left_as_found_on_refusal(cfg.out, ("evaluations.jsonl",)):
         base_model, ckpt_meta = load_base(spec)
         task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
         result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
@@ -201,18 +218,25 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
     from .runlog import reset as reset_runlog
 
     cfg.validate()
+    check_search_val(task)  # before anything is written to --out or Ray is joined
     # at most the CPUs there are; joining a cluster here fails before stage 1
     cfg.workers = resolve_workers(cfg.workers, cfg.ray_address)
     searcher = cfg.searcher()
     supernet = replace(supernet_settings(cfg.supernet, cfg.seed, cfg.device, cfg.progress),
                        log_dir=str(cfg.out))
     with out_lock(cfg.out, "search"):
-        # before stage 1: a resume of another search is refused at once
+        # before stage 1: another search there is refused at once, unless resumed or replaced
+        check_rerun(cfg.out, "search", SEARCH_MARKERS, resume=cfg.resume,
+                    overwrite=cfg.overwrite, resumable=True)
         check_fingerprint(Path(cfg.out), search_fingerprint(base_model, task, cfg), cfg.resume)
         if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
             reset_runlog(cfg.out, ("epochs",))
         return search_selection(base_model, task, cfg.budget, searcher, supernet, cfg.out,
                                 backbone, norms=cfg.norms)
+
+
+#: The files a search leaves in its ``--out``: a folder holding one holds a search.
+SEARCH_MARKERS = ("fingerprint.json", "evaluations.jsonl", "selection.json", "selections.json")
 
 
 #: How each fingerprint entry is named to the user, in the order differences are listed.

@@ -21,11 +21,28 @@ from torch import nn
 
 from .budget import (backbone_params, count_feasible, resolve_budget, selection_cost,
                      split_budget)
+from .errors import SwrError
 from .reparam import candidates, norm_parameters
 from .supernet import SupernetConfig, build_supernet, prepare_supernet
 from .train import steps_in_an_epoch
 
 Selection = tuple[str, ...]
+
+#: The fewest validation examples a search scores selections on. A selection's accuracy
+#: on n examples takes one of n + 1 values: on one example every selection scores 0 or
+#: 1 and the search cannot tell them apart; from 10 on, scores can order selections.
+MIN_VAL_EXAMPLES = 10
+
+
+def check_search_val(task) -> None:
+    """Raise :class:`SwrError` if ``task``'s validation split is too small to search on
+    (fewer than :data:`MIN_VAL_EXAMPLES` examples), naming the task and the minimum."""
+    n = len(task.val)
+    if n < MIN_VAL_EXAMPLES:
+        raise SwrError(f"task {task.id} has {n} validation example(s); a search scores "
+                       f"selections on them and needs at least {MIN_VAL_EXAMPLES} (on fewer, "
+                       f"selections score alike): add examples (an image folder's validation "
+                       f"split is held out of its train/ images)")
 
 
 @dataclass
@@ -143,13 +160,15 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     :data:`swr.budget.NORM_MODES`) says whether the task norms train and count against
     each budget (:func:`swr.budget.split_budget`); the searcher is handed what is left
     for the deltas. A budget no layer fits in, or ``norms="budget"`` with norms that do
-    not fit, fails before stage 1. A supernet with ``gates="budget"`` and no
+    not fit, fails before stage 1, as does a validation split of fewer than
+    :data:`MIN_VAL_EXAMPLES` examples. A supernet with ``gates="budget"`` and no
     ``gate_budget_params`` of its own trains on gate sets within the deltas' largest share.
     Each budget's result records ``norms``,
     ``norms_trained``, ``norm_params`` (the task norms' size), ``delta_budget_params``
     and ``trained_params`` (deltas + trained norms). The supernet is returned with
     every gate closed.
     """
+    check_search_val(task)
     budgets = budget_list(budget)
     probe = build_supernet(base_model, task.num_classes, bias_delta=supernet.bias_delta)
     budgets_params = [resolve_budget(probe, b) for b in budgets]

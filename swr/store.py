@@ -22,22 +22,26 @@ saved copies (it never subtracts); ``set_task(None)`` gives back the base bit-ex
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .delta import base_hash, read_task_delta
+from .delta import base_hash, read_task_delta, read_task_delta_header
 from .errors import ForeignDeltaError, SwrError
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, out_lock, read_json, write_json
 from .reparam import head_prefix, replace_module
 
 FORMAT = "swr-task-store/1"
+#: seconds a store change waits for another one to finish before it is refused
+LOCK_WAIT = 600.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -48,8 +52,115 @@ def task_name(text: str) -> str:
     return name[:100] or "task"
 
 
+def store_path(root: Path, rel: object, what: str, index: Path) -> Path:
+    """``root / rel`` for a path ``store.json`` names, refused unless it lies inside ``root``.
+
+    A store file is untrusted input: an absolute path, ``..`` or a symlink that leads
+    out of the store would make ``store remove`` delete, or ``store load`` read, a
+    file elsewhere.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel or Path(rel).is_absolute():
+        raise SwrError(f"{index}: {what} {rel!r} is not a relative path inside the store; "
+                       "the store is damaged, recreate it")
+    top = root.resolve()
+    path = (root / rel).resolve()
+    if top not in path.parents:
+        raise SwrError(f"{index}: {what} {rel!r} leads outside the store {root}; the store is "
+                       "damaged, recreate it")
+    return root / rel
+
+
+def _damaged(index: Path, key: str, why: str) -> SwrError:
+    return SwrError(f"{index}: {key} {why}; the store is damaged, recreate it or remove the task")
+
+
+def _check_preprocess(pre: object, index: Path, key: str) -> None:
+    if pre is None:
+        return
+    if not isinstance(pre, dict) or pre.get("modality") not in ("audio", "image"):
+        raise _damaged(index, key, "must be an object with modality 'audio' or 'image'")
+    if pre["modality"] != "image":
+        return
+    size = pre.get("image_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
+                                 and 8 <= size <= 4096):
+        raise _damaged(index, f"{key}.image_size", f"{size!r} must be a whole number of pixels "
+                       "from 8 to 4096")
+    for name, positive in (("mean", False), ("std", True)):
+        v = pre.get(name)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (x > 0 if positive else True) for x in v)):
+            raise _damaged(index, f"{key}.{name}", f"{v!r} must be 3 finite numbers"
+                           + (", each above 0" if positive else ""))
+    crop = pre.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and not isinstance(crop, bool)
+                                 and 0 < crop <= 1):
+        raise _damaged(index, f"{key}.crop_pct", f"{crop!r} must be in (0, 1]")
+
+
+def validate_index(data: object, root: Path, index: Path) -> dict:
+    """The one check of a ``store.json``: its shape, its names and every path it holds.
+
+    Returns ``data``; anything else raises :class:`SwrError` naming the file and key.
+    """
+    if not isinstance(data, dict) or data.get("format") != FORMAT \
+            or not isinstance(data.get("tasks"), dict):
+        raise SwrError(f"{index} is not a swr task store index (format {FORMAT}); "
+                       "recreate the store")
+    from .tasks.backbones import check_backbone_name
+
+    backbone = data.get("backbone")
+    if not isinstance(backbone, str):
+        raise _damaged(index, "backbone", "must be a backbone name")
+    try:
+        check_backbone_name(backbone)
+    except SwrError as e:
+        raise _damaged(index, "backbone", f"{backbone!r} is not a backbone swr knows ({e})")
+    if not isinstance(data.get("base_hash"), str) or not data["base_hash"]:
+        raise _damaged(index, "base_hash", "must be the base's hash")
+    store_path(root, data.get("base_file"), "base_file", index)
+    for name, entry in data["tasks"].items():
+        key = f"tasks.{name}"
+        if not _NAME.match(name):
+            raise _damaged(index, key, "is not a valid task name")
+        if not isinstance(entry, dict):
+            raise _damaged(index, key, "must be an object")
+        file = store_path(root, entry.get("file"), f"{key}.file", index)
+        if file.parent.resolve() != (root / "tasks").resolve():
+            raise _damaged(index, f"{key}.file", f"{entry.get('file')!r} must lie in tasks/")
+        classes = entry.get("classes")
+        if not (isinstance(classes, list) and len(classes) >= 2
+                and all(isinstance(c, str) and c for c in classes)):
+            raise _damaged(index, f"{key}.classes", "must list at least two class names")
+        if len(set(classes)) != len(classes):
+            raise _damaged(index, f"{key}.classes", "names a class twice")
+        _check_preprocess(entry.get("preprocess"), index, f"{key}.preprocess")
+    return data
+
+
+def clean_temporary_files(root: Path) -> None:
+    """Delete what interrupted writes left in a store (hidden ``*.tmp`` files).
+
+    Called only while holding the store's lock, so no running write loses its file.
+    """
+    for folder in (root, root / "tasks"):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file() \
+                        and not p.is_symlink():
+                    p.unlink(missing_ok=True)
+
+
 class TaskStore:
-    """A store folder (see the module docstring); open one with ``TaskStore(root)``."""
+    """A store folder (see the module docstring); open one with ``TaskStore(root)``.
+
+    Every change (:meth:`add`, :meth:`remove`, :meth:`create`) holds the store's lock
+    (``.lock``) and reads ``store.json`` afresh under it, so two writers never lose
+    each other's task; a second writer while one runs is refused with one line.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -57,11 +168,24 @@ class TaskStore:
         if not index.is_file():
             raise SwrError(f"{self.root} is not a task store (no store.json); create it with "
                            "swr store add --checkpoint DIR (or --backbone NAME --weights FILE)")
-        self.index = read_json(index, "task store index")
-        if not isinstance(self.index, dict) or self.index.get("format") != FORMAT \
-                or not isinstance(self.index.get("tasks"), dict):
-            raise SwrError(f"{index} is not a swr task store index (format {FORMAT}); "
-                           "recreate the store")
+        self.index = self._read()
+        # temporary files of a killed write are removed when no writer holds the store
+        with contextlib.suppress(SwrError):
+            with out_lock(self.root, "store", option="store"):
+                clean_temporary_files(self.root)
+
+    def _read(self) -> dict:
+        path = self.root / "store.json"
+        return validate_index(read_json(path, "task store index"), self.root, path)
+
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[dict]:
+        """Hold the store's lock and yield ``store.json`` read afresh; saved on success."""
+        with out_lock(self.root, "store", option="store", wait=LOCK_WAIT):
+            self.index = self._read()
+            clean_temporary_files(self.root)
+            yield self.index
+            self._save()
 
     # -- creating and editing -------------------------------------------------------
     @classmethod
@@ -71,15 +195,16 @@ class TaskStore:
         from .tasks.backbones import save_checkpoint
 
         root = Path(root)
-        if (root / "store.json").exists():
-            raise SwrError(f"{root} already holds a task store; add tasks to it, or pick "
-                           "another folder")
-        save_checkpoint(base, root / "base.safetensors", backbone=backbone)
-        write_json(root / "store.json", {
-            "format": FORMAT, "backbone": backbone, "base_hash": base_hash(base),
-            "data_config": data_config, "base": source or {}, "base_file": "base.safetensors",
-            "tasks": {}})
-        return cls(root)
+        with out_lock(root, "store", option="store", wait=LOCK_WAIT):
+            if (root / "store.json").exists():
+                raise SwrError(f"{root} already holds a task store; add tasks to it, or pick "
+                               "another folder")
+            save_checkpoint(base, root / "base.safetensors", backbone=backbone)
+            write_json(root / "store.json", {
+                "format": FORMAT, "backbone": backbone, "base_hash": base_hash(base),
+                "data_config": data_config, "base": source or {},
+                "base_file": "base.safetensors", "tasks": {}})
+            return cls(root)
 
     @property
     def backbone(self) -> str:
@@ -96,12 +221,18 @@ class TaskStore:
         class names in the delta's metadata (else ``class_0``, ``class_1``, ...). A delta
         made for other base weights raises :class:`~swr.errors.ForeignDeltaError`.
         """
-        tensors, meta = read_task_delta(delta)
+        with self._editing():
+            return self._add(delta, name, classes, replace)
+
+    def _add(self, delta, name, classes, replace) -> dict:
+        _, meta = read_task_delta_header(delta)
         if meta["base_hash"] != self.index["base_hash"]:
             raise ForeignDeltaError(
                 f"task delta {delta} was made for base weights {meta['base_hash']}, but this "
                 f"store's base hashes to {self.index['base_hash']}; add it to a store of the "
                 "base it was trained from")
+        # the check every reader makes, against this store's base, before it is copied in
+        tensors, meta = read_task_delta(delta, self.load().model, backbone=self.backbone)
         name = name or task_name(str(meta.get("task") or Path(delta).stem))
         if not _NAME.match(name):
             raise SwrError(f"task name {name!r}: use letters, digits, '-', '_' and '.' "
@@ -119,6 +250,10 @@ class TaskStore:
         if classes is None:
             classes = [f"class_{i}" for i in range(int(n or 0))]
         classes = [str(c) for c in classes]
+        if len(set(classes)) != len(classes):
+            twice = next(c for c in classes if classes.count(c) > 1)
+            raise SwrError(f"class name {twice!r} is given twice for task delta {delta}; "
+                           "class names must differ")
         if n is not None and len(classes) != n:
             raise SwrError(f"{len(classes)} class names given for task delta {delta}, whose head "
                            f"has {n} classes")
@@ -129,18 +264,21 @@ class TaskStore:
                  "classes": classes, "preprocess": meta.get("preprocess"),
                  "bytes": (self.root / rel).stat().st_size,
                  "layers": len(meta.get("selection") or [])}
-        self.index["tasks"][name] = entry
-        self._save()  # the index names the task only once its file is complete
+        self.index["tasks"][name] = entry  # saved by _editing: named once its file is complete
         return entry
 
     def remove(self, name: str) -> None:
         """Remove task ``name`` (its index entry first, then its file)."""
-        entry = self.index["tasks"].pop(name, None)
-        if entry is None:
-            raise SwrError(f"no task {name!r} in {self.root}; it holds: "
-                           f"{', '.join(self.index['tasks']) or 'none'}")
-        self._save()
-        (self.root / entry["file"]).unlink(missing_ok=True)
+        with self._editing():
+            entry = self.index["tasks"].pop(name, None)
+            if entry is None:
+                raise SwrError(f"no task {name!r} in {self.root}; it holds: "
+                               f"{', '.join(self.index['tasks']) or 'none'}")
+            file = store_path(self.root, entry["file"], f"tasks.{name}.file",
+                              self.root / "store.json")
+        # the index no longer names it: a crash now leaves an unlisted file, never a lost task
+        if file.is_file() and not file.is_symlink():
+            file.unlink(missing_ok=True)
 
     def list(self) -> list[dict]:
         """One dict per task: name, task id, method, classes, delta file size in bytes."""
@@ -161,7 +299,8 @@ class TaskStore:
         """Load the base once and return the switchable model (no task active)."""
         from .tasks.backbones import create_backbone
 
-        model = create_backbone(self.backbone, weights=self.root / self.index["base_file"])
+        model = create_backbone(self.backbone, weights=store_path(
+            self.root, self.index["base_file"], "base_file", self.root / "store.json"))
         have = base_hash(model)
         if have != self.index["base_hash"]:
             raise SwrError(f"{self.root / self.index['base_file']} hashes to {have}, not the "
@@ -193,10 +332,14 @@ class MultiTaskModel(nn.Module):
 
     def _delta(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._deltas:  # read once, kept in memory: later switches read nothing
-            tensors, meta = read_task_delta(self.store.root / self.store.entry(name)["file"])
+            path = store_path(self.store.root, self.store.entry(name)["file"],
+                              f"tasks.{name}.file", self.store.root / "store.json")
+            _, meta = read_task_delta_header(path)
             if meta["base_hash"] != self.store.index["base_hash"]:
                 raise ForeignDeltaError(f"task {name!r} of {self.store.root} was made for other "
                                         "base weights; remove and re-add it")
+            # checked as every reader checks a delta (the model's structure is the base's)
+            tensors, _ = read_task_delta(path, self.model, backbone=self.store.backbone)
             self._deltas[name] = tensors
         return self._deltas[name]
 
@@ -308,9 +451,15 @@ def task_preprocess_of(store: TaskStore, name: str) -> dict:
 
 def load_input(path: str | os.PathLike, pre: dict) -> torch.Tensor:
     """One model input from a wav/flac/ogg or image file, prepared as ``pre`` says."""
+    from .tasks.base import not_a_regular_file
+
     path = Path(path)
-    if not path.is_file():
+    reason = not_a_regular_file(path)  # stat only: a FIFO is never opened (it would block)
+    if reason == "file not found":
         raise SwrError(f"input file not found: {path}")
+    if reason is not None:
+        raise SwrError(f"input {path}: {reason}; give wav/flac/ogg or image files, or pass "
+                       "--on-bad-file skip")
     audio = path.suffix.lower() in AUDIO_SUFFIXES
     if audio != (pre["modality"] == "audio"):
         raise SwrError(f"{path} is {'an audio' if audio else 'an image'} file, but the task "
@@ -320,20 +469,41 @@ def load_input(path: str | os.PathLike, pre: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_files(model: MultiTaskModel, name: str, files: Sequence[str | os.PathLike],
-                  top: int = 3) -> list[dict]:
+                  top: int = 3, on_bad_file: str = "fail",
+                  skipped: Optional[list[dict]] = None) -> list[dict]:
     """Switch ``model`` to task ``name`` and classify ``files``; one dict per file.
 
     Each holds ``file``, ``label`` (the most probable class), ``probability`` and
-    ``top``, the ``top`` most probable classes with their probabilities.
+    ``top``, the ``top`` most probable classes with their probabilities. A file that
+    cannot be read as the task's input raises :class:`SwrError` naming it, or with
+    ``on_bad_file="skip"`` is left out and listed in ``skipped`` as
+    ``{"file", "error"}``.
     """
+    from .tasks.datasets import check_on_bad_file
+
+    check_on_bad_file(on_bad_file)
     model.set_task(name)
     pre = task_preprocess_of(model.store, name)
     classes = model.classes(name)
     device = next(model.model.parameters()).device
     out = []
     for f in files:
-        x = load_input(f, pre).unsqueeze(0).to(device)
+        try:
+            x = load_input(f, pre).unsqueeze(0).to(device)
+        except SwrError as e:
+            if on_bad_file == "fail":
+                raise
+            if skipped is not None:
+                skipped.append({"file": str(f), "error": " ".join(str(e).split())})
+            continue
+        if not bool(torch.isfinite(x).all()):
+            raise SwrError(f"input file {f} holds NaN or infinite values; fix or replace it")
         probs = torch.softmax(model(x).float(), dim=-1)[0].cpu()
+        # a probability is a number: never print 'nan' or write NaN into the JSON
+        if not bool(torch.isfinite(probs).all()):
+            raise SwrError(f"task {name!r} of {model.store.root} gives NaN or infinite outputs "
+                           f"for {f}; its delta or the store's base is damaged: remove the "
+                           "task and add its delta again")
         k = min(top, len(classes))
         p, idx = probs.topk(k)
         ranked = [{"label": classes[i], "probability": float(q)}
@@ -343,10 +513,20 @@ def predict_files(model: MultiTaskModel, name: str, files: Sequence[str | os.Pat
     return out
 
 
-def create_or_open(root: str | os.PathLike, base_spec=None) -> TaskStore:
-    """Open the store at ``root``, or create it from ``base_spec`` (a :class:`BaseSpec`)."""
+def create_or_open(root: str | os.PathLike, base_spec=None, delta=None) -> TaskStore:
+    """Open the store at ``root``, or create it from ``base_spec`` (a :class:`BaseSpec`).
+
+    A new store is created only if task delta file ``delta`` (when given: the one about
+    to be added) passes :func:`~swr.delta.read_task_delta` against its base, so a refused
+    first delta leaves no empty store behind.
+    """
     from .source import load_base
 
+    with out_lock(root, "store", option="store", wait=LOCK_WAIT):
+        return _create_or_open(root, base_spec, load_base, delta)
+
+
+def _create_or_open(root, base_spec, load_base, delta=None) -> TaskStore:
     if (Path(root) / "store.json").is_file():
         store = TaskStore(root)
         if base_spec is not None:
@@ -359,6 +539,8 @@ def create_or_open(root: str | os.PathLike, base_spec=None) -> TaskStore:
         raise SwrError(f"{root} holds no task store yet; the first add needs its base: "
                        "--checkpoint DIR or --backbone NAME --weights FILE")
     model, desc = load_base(base_spec)
+    if delta is not None:
+        read_task_delta(delta, model, backbone=desc["backbone"], check_hash=True)
     return TaskStore.create(root, model, desc["backbone"], desc.get("data_config"),
                             desc.get("base"))
 

@@ -272,6 +272,18 @@ def _as_task(task):
     return task
 
 
+def check_finite_weights(model: nn.Module, what: str, lr: float) -> None:
+    """Raise :class:`SwrError` when a floating-point tensor of ``model`` (parameters and
+    buffers) holds NaN or infinite values: a run that diverged, checked before anything
+    of it is written. ``what`` names the run; ``lr`` is its learning rate."""
+    bad = [k for k, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise SwrError(f"{what} diverged at learning rate {lr:g}: {len(bad)} tensor(s) of the "
+                       f"trained model hold NaN or infinite values (e.g. {bad[0]}); nothing was "
+                       "written: lower --lr")
+
+
 def steps_in_an_epoch(train_split, batch_size: int) -> int:
     """Optimizer steps :func:`train` takes per epoch over ``train_split`` (the last batch
     may be short; a DataLoader keeps its own batches)."""

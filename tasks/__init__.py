@@ -21,6 +21,10 @@ Any task takes a ``?shots=N`` suffix (``kws-synth:de?shots=8``): at most N train
 examples per class, drawn with the seed (:func:`.base.few_shot`); validation and test
 stay whole.
 
+Every size an option asks for is bounded before any data is made or read: each option
+declares its maximum and, where it generates data, an estimate of the memory the task
+would hold (:mod:`.options`, :data:`.options.MAX_TASK_BYTES`).
+
 Suites (``kws-synth:all``, ``glyphs:all``, ``imagenet-to-sketch:<root>``,
 ``mswc:<path>:<lang1>,<lang2>``) name several tasks: ``get_suite`` in :mod:`.suites`
 expands them; ``get_task`` refuses them with a line naming their tasks.
@@ -66,13 +70,12 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
     check_single_task(spec)
     base_spec, value = split_shots(spec)
     if value is not None:
-        if not value.isdigit() or int(value) < 1:
-            raise SwrError(f"task {spec!r}: shots must be a positive integer, e.g. "
-                           f"{base_spec}?shots=8")
         from .base import few_shot
+        from .options import SHOTS, parse_values
 
+        (shots,) = parse_values(SHOTS, value, spec)  # bounded before any data is read
         return few_shot(get_task(base_spec, seed=seed, on_bad_file=on_bad_file,
-                                 data_config=data_config, **kwargs), int(value), seed=seed)
+                                 data_config=data_config, **kwargs), shots, seed=seed)
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SwrError(f"task {spec!r} is not of a known form: {', '.join(TASK_FORMS)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +26,27 @@ from .heads import head_prefix
 BACKBONE_FORMS = [f"bcresnet-{t:g}" for t in BCRESNET_TAUS] + ["timm:<model_name>"]
 
 
+_TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)?$")
+
+
+def check_backbone_name(name: object) -> str:
+    """``name`` if it names a backbone swr can build, else :class:`SwrError` (one line).
+
+    The one check of a backbone name, whether typed or read from a file
+    (``metrics.json``, ``store.json``, a delta's metadata).
+    """
+    if not isinstance(name, str) or not name:
+        raise SwrError(f"backbone {name!r} is not a name; known: {', '.join(BACKBONE_FORMS)}")
+    if name.startswith("timm:"):
+        _timm_name(name)
+        return name
+    if name in BACKBONE_FORMS:
+        return name
+    if name.startswith("bcresnet-"):
+        create_bcresnet(name)  # its own one-line error naming the taus
+    raise SwrError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_FORMS)}")
+
+
 def _timm_name(name: str) -> str:
     import timm
 
@@ -32,6 +54,9 @@ def _timm_name(name: str) -> str:
     if not model or model.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         raise SwrError(f"backbone {name!r}: hub and remote weights are not used; give a "
                        "timm architecture name and --weights PATH to a local file")
+    if not _TIMM_NAME.match(model):
+        raise SwrError(f"backbone {name!r} is not a timm model name (letters, digits and '_', "
+                       "optionally '.<tag>'); see swr list backbones 'timm:*'")
     arch = model.split(".")[0]
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch[:6]}*")[:8]

@@ -21,14 +21,13 @@ from collections import defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Literal, Sequence
 
-import soundfile as sf
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from swr.errors import SwrError
 
-from .audio import BadAudioFile, check_rate
-from .base import materialize, not_a_regular_file, tensor_split
+from .audio import audio_header
+from .base import materialize, tensor_split
 from .features import LogMel
 
 log = logging.getLogger(__name__)
@@ -110,6 +109,24 @@ def probe_items(items: Sequence[Item], probe: Callable[[Path], None], on_bad_fil
             continue
         kept.append((path, label))
     return kept
+
+
+def check_no_class_lost(before: Sequence[Item], after: Sequence[Item],
+                        class_names: Sequence[str], split: str, where: object) -> None:
+    """Raise :class:`SwrError` if a class with files in ``before`` has none in ``after``.
+
+    ``after`` is what :func:`probe_items` kept of ``before`` with ``on_bad_file="skip"``:
+    a class whose every training file was unreadable would be trained without a single
+    example, never predicted, and scored as if absent. The error names the class, the
+    split, ``where`` (the dataset) and one of its files.
+    """
+    left = {label for _, label in after}
+    for path, label in before:
+        if label not in left:
+            n = sum(1 for _, y in before if y == label)
+            raise SwrError(f"class {class_names[label]!r} has no readable {split} file left in "
+                           f"{where}: its {n} file(s) were unreadable and skipped (e.g. {path}); "
+                           f"fix or replace them, or remove the class")
 
 
 class FileDataset(Dataset):
@@ -264,17 +281,9 @@ def deterministic_subset(items: Sequence[Item], n: int, seed: int, *keys: object
 # Audio clips, shared by the Speech Commands and MSWC loaders.
 
 def probe_audio(path: Path) -> None:
-    """Raise :class:`BadAudioFile` unless ``path`` has a readable audio header with samples."""
-    reason = not_a_regular_file(path)
-    if reason is not None:  # never opened: a FIFO would block forever
-        raise BadAudioFile(path, reason)
-    try:
-        info = sf.info(str(path))
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise BadAudioFile(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if info.frames == 0:
-        raise BadAudioFile(path, "it holds no samples")
-    check_rate(path, info.samplerate)
+    """Raise :class:`~.audio.BadAudioFile` unless ``path``'s header passes
+    :func:`~.audio.audio_header`, the check :func:`~.audio.read_audio` makes first."""
+    audio_header(path)
 
 
 class ClipLogMel:

@@ -75,6 +75,7 @@ from swr.errors import SwrError
 from swr.io import cache_dir
 
 from .base import Task, tensor_split
+from .options import SpecOption, parse_options
 
 #: Bump when rendering code changes so that old caches are regenerated.
 GLYPHS_VERSION = 1
@@ -719,14 +720,12 @@ def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 
     image_size = int(image_size)
     suffix = ""
     if per_class is not None:
-        per_class = tuple(per_class)
+        per_class = tuple(int(n) if isinstance(n, np.integer) else n for n in per_class)
+        # bounded before any image is rendered (a Python caller's counts as a spec's)
+        images = dataclasses.replace(IMAGES, estimate=lambda t, v: _estimate(t, v, image_size))
+        per_class = images.check(per_class, f"glyphs:{target}", target)
         if len(per_class) == 3:
             per_class += (per_class[2],)
-        if len(per_class) != 4 or any(not isinstance(n, (int, np.integer)) or n < 1
-                                      for n in per_class):
-            raise SwrError(f"glyphs per_class must be 3 or 4 positive counts (train, val, "
-                           f"test[, shift_test]), got {per_class!r}")
-        per_class = tuple(int(n) for n in per_class)
         suffix = "-images-" + "-".join(map(str, per_class))
     spec = _spec(target, per_class)
     config = _config(spec, target, int(seed), image_size)
@@ -757,21 +756,30 @@ def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 
     )
 
 
+def _estimate(target: str, per_class: tuple[int, ...], image_size: int = 32
+              ) -> tuple[float, str]:
+    """Bytes the task of ``per_class`` images holds (float32 RGB) and its image count."""
+    n_classes = len(SPECS[target].classes) if target in SPECS else len(SPECS[SOURCE].classes)
+    per_class = tuple(per_class) + ((per_class[2],) if len(per_class) == 3 else ())
+    images = sum(per_class) * n_classes
+    return images * 3 * image_size * image_size * 4, f"{images} images"
+
+
+#: ``glyphs:<target>?images=T,V,E[,S]``; 5000 a class and split is 170x the default.
+IMAGES = SpecOption("images", (3, 4), 5000,
+                    "images per class and split: train, val, test[, shift_test]", "30,60,100",
+                    _estimate)
+
+
 def load_glyphs_spec(rest: str, seed: int = 0, **kwargs) -> Task:
     """The task of a ``glyphs:<rest>`` spec: ``<target>`` or ``<target>?images=T,V,E[,S]``.
 
     The second form renders T/V/E (and S, else E) images per class for train, val, test
     (and shift_test), cached apart from the default-size task; its task id keeps the
     modifier (``glyphs:fine?images=30,60,100``)."""
-    target, sep, modifier = rest.partition("?")
-    if not sep:
-        return load_glyphs(rest, seed=seed, **kwargs)
-    key, _, value = modifier.partition("=")
-    parts = value.split(",")
-    if key != "images" or len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0
-                                                                for p in parts):
-        raise SwrError(f"task 'glyphs:{rest}': write the images per class of train, val and "
-                       f"test (and shift_test) as positive integers, e.g. "
-                       f"glyphs:{target}?images=30,60,100")
-    task = load_glyphs(target, seed=seed, per_class=[int(p) for p in parts], **kwargs)
+    target, options = parse_options(f"glyphs:{rest}", rest, {"images": IMAGES})
+    if "images" not in options:
+        return load_glyphs(target, seed=seed, **kwargs)
+    parts = [str(n) for n in options["images"]]
+    task = load_glyphs(target, seed=seed, per_class=options["images"], **kwargs)
     return dataclasses.replace(task, id=f"glyphs:{target}?images={','.join(parts)}")

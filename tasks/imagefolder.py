@@ -5,28 +5,45 @@ class and seeded. Images are decoded lazily; the per-image train augmentation
 (random resized crop, flip) runs in ``__getitem__`` because images of different
 sizes cannot be batched before they are resized, so ``Task.train_transform`` stays
 ``None``.
+
+Every image file (of every loader, and of ``swr.store``'s predictions) is read through
+:func:`read_image`, the way image viewers show it: EXIF orientation applied, 16-bit grey
+scaled by its bit depth, transparency composited on white; an image of more than
+:data:`MAX_IMAGE_PIXELS` is refused in one line before it is decoded.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from swr.errors import SwrError
 
 from .base import Task, not_a_regular_file
-from .datasets import (FileDataset, Item, OnBadFile, check_fraction, check_on_bad_file,
-                       class_counts, probe_items, stratified_holdout)
+from .datasets import (FileDataset, Item, OnBadFile, check_fraction, check_no_class_lost,
+                       check_on_bad_file, class_counts, probe_items, stratified_holdout)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 0.875  # resize to S/0.875 then center-crop S: the usual ImageNet eval
+#: The most pixels an image read here may have (8192 x 8192, 64 Mpx: 192 MiB as RGB).
+#: Above it an image is refused before its pixels are decoded: a 41 KB PNG can claim
+#: 12000 x 12000. Set as PIL's own cap too, so PIL refuses at open what is above it.
+MAX_IMAGE_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# PIL modes of one integer channel wider than 8 bits, and their bit depth ("I": 16-bit
+# PNG and PGM data as older Pillow opens them; values above 16 bits are clipped)
+_DEEP_GREY_BITS = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class BadImageFile(SwrError):
@@ -49,29 +66,82 @@ def _check_regular(path: Path) -> None:
         raise BadImageFile(path, reason)
 
 
-def probe_image(path: Path) -> None:
-    """Raise :class:`BadImageFile` unless PIL recognises ``path`` and its structure verifies.
+def _too_large(pixels: int | None) -> str:
+    size = f"{pixels:,} pixels" if pixels is not None else "more pixels"
+    return (f"it has {size}, over the {MAX_IMAGE_PIXELS:,} an image read here may have "
+            f"(a decompression bomb, or a picture to downscale)")
 
-    ``verify()`` checks headers (and chunk CRCs for PNG) without decoding pixels; a
-    truncated JPEG can pass it and is caught by :func:`read_image` on access. A path
-    that is not a regular file (a FIFO named ``x.png``) is refused without opening it.
+
+def open_image(path: Path) -> Image.Image:
+    """``path`` opened by PIL (header read, pixels not decoded), within the pixel cap.
+
+    Raises :class:`BadImageFile` naming the file for a path that is not a regular file
+    (never opened: a FIFO named ``x.png`` would block), a file PIL cannot identify, and
+    an image of more than :data:`MAX_IMAGE_PIXELS` pixels: one line, where PIL would
+    warn (``DecompressionBombWarning``) and decode it anyway. The caller closes it.
     """
     _check_regular(path)
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise BadImageFile(path, _too_large(int(found.group(1)) if found else None)) from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
         raise BadImageFile(path, _reason(e)) from None
+    if im.width * im.height > MAX_IMAGE_PIXELS:  # PIL's cap may have been changed since
+        im.close()
+        raise BadImageFile(path, _too_large(im.width * im.height))
+    return im
+
+
+def probe_image(path: Path) -> None:
+    """Raise :class:`BadImageFile` unless :func:`open_image` opens ``path`` and its structure
+    verifies.
+
+    ``verify()`` checks headers (and chunk CRCs for PNG) without decoding pixels; a
+    truncated JPEG can pass it and is caught by :func:`read_image` on access.
+    """
+    with open_image(path) as im:
+        try:
+            im.verify()
+        except Exception as e:
+            raise BadImageFile(path, _reason(e)) from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB, as image viewers and torchvision show it.
+
+    Integer grey deeper than 8 bits (16-bit PNG, mode ``I;16``) is scaled by its bit
+    depth (65535 -> 255), not clipped; an image with transparency (an alpha channel,
+    or a palette or colour marked transparent) is composited on white, so a drawing
+    made in the alpha channel alone shows; palette, CMYK and the rest are converted.
+    """
+    bits = _DEEP_GREY_BITS.get(im.mode)
+    if bits is not None:
+        top = (1 << bits) - 1
+        deep = np.clip(np.asarray(im, dtype=np.int64), 0, top)
+        im = Image.fromarray(((deep * 255 + top // 2) // top).astype(np.uint8))  # mode L
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def read_image(path: Path) -> Image.Image:
-    """Decode ``path`` fully to an RGB PIL image (grey, palette, RGBA and CMYK converted)."""
-    _check_regular(path)
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise BadImageFile(path, _reason(e)) from None
+    """Decode ``path`` to an RGB PIL image: the one reader of every image file.
+
+    Opened within the pixel cap (:func:`open_image`), turned upright by its EXIF
+    orientation (``ImageOps.exif_transpose``), then converted by :func:`to_rgb`.
+    Raises :class:`BadImageFile` naming the file when it cannot be read.
+    """
+    with open_image(path) as im:
+        try:
+            return to_rgb(ImageOps.exif_transpose(im))
+        except Exception as e:
+            raise BadImageFile(path, _reason(e)) from None
 
 
 def image_transforms(image_size: int, cropped: bool = False, mean: tuple = IMAGENET_MEAN,
@@ -180,7 +250,8 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
     uses the eval transform. Every file's header is checked at load; an unreadable
     image raises :class:`SwrError` naming it, or with ``on_bad_file="skip"`` is dropped
     and listed in ``task.info["skipped"]`` (files that fail only on full decode are
-    found on access and added there). See :func:`image_transforms` for the transforms;
+    found on access and added there); a class left without a readable train image is an
+    error. See :func:`image_transforms` for the transforms;
     ``data_config`` (a backbone's timm data config) sets their size, mean, std,
     interpolation and crop pct in place of ``image_size`` and the ImageNet defaults.
     """
@@ -220,7 +291,9 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
         raise SwrError(f"{root / 'train'} has too few images to hold out a validation split "
                        f"(every class has a single image); add images")
     skipped: list[str] = []
-    train_items = probe_items(train_items, probe_image, policy, skipped)
+    probed = probe_items(train_items, probe_image, policy, skipped)
+    check_no_class_lost(train_items, probed, class_names, "train", root / "train")
+    train_items = probed
     val_items = probe_items(val_items, probe_image, policy, skipped)
     test_items = probe_items(items(test_listing), probe_image, policy, skipped)
     for split, split_items in (("train", train_items), ("validation", val_items),

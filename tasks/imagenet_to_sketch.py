@@ -36,8 +36,9 @@ from PIL import Image
 from swr.errors import SwrError
 
 from .base import Task
-from .datasets import (FileDataset, Item, OnBadFile, check_fraction, check_on_bad_file,
-                       class_counts, probe_items, resolve_inside, stratified_holdout)
+from .datasets import (FileDataset, Item, OnBadFile, check_fraction, check_no_class_lost,
+                       check_on_bad_file, class_counts, probe_items, resolve_inside,
+                       stratified_holdout)
 from .imagefolder import _list_split, image_transforms, probe_image, read_image
 from .matfile import read_mat
 
@@ -96,6 +97,8 @@ def image_task(task_id: str, root: Path, class_names: Sequence[str], train: list
     lists = {}
     for split, items in (("train", train), ("val", val), ("test", test)):
         lists[split] = probe_items(items, probe_image, policy, skipped)
+        if split == "train":
+            check_no_class_lost(items, lists[split], class_names, split, root)
         if not lists[split]:
             raise SwrError(f"no readable images in the {split} split of {root}")
     crop = bool(boxes) if cropped is None else cropped

@@ -66,6 +66,7 @@ from swr.io import cache_dir, write_json
 from .audio import CLIP_SAMPLES, SAMPLE_RATE, fix_length, write_wav
 from .base import Task, tensor_split
 from .features import LogMel, SpecAugment
+from .options import SpecOption, parse_options
 
 try:  # advisory locking keeps concurrent loaders (e.g. Ray workers) from racing
     import fcntl
@@ -309,6 +310,19 @@ def _with_shift_test(speakers: tuple) -> tuple:
     return speakers + (speakers[2],) if len(speakers) == 3 else speakers
 
 
+def _estimate(lang: str, speakers: tuple[int, ...]) -> tuple[float, str]:
+    """Bytes the task of ``speakers`` holds (log-mel float32 clips) and its clip count."""
+    reps = _SOURCE_REPS if lang == SOURCE_LANG else _TARGET_REPS
+    words = len(LANGUAGES.get(lang, LANGUAGES[SOURCE_LANG])) + 2  # + unknown, silence
+    clips = sum(_with_shift_test(tuple(speakers))) * reps * words
+    return clips * 40 * 101 * 4, f"{clips} clips"
+
+
+#: ``kws-synth:<lang>?speakers=T,V,E[,S]``; 1000 speakers a split is 60x the default.
+SPEAKERS = SpecOption("speakers", (3, 4), 1000,
+                      "speakers per split: train, val, test[, shift_test]", "16,24,24", _estimate)
+
+
 def _config(lang: str, seed: int, speakers: Sequence[int] | None,
             reps: int | None) -> dict:
     """Everything that determines the generated data; its hash keys the cache."""
@@ -317,10 +331,8 @@ def _config(lang: str, seed: int, speakers: Sequence[int] | None,
         raise SwrError(f"kws-synth seed must be a non-negative integer, got {seed!r}")
     if speakers is None:
         speakers = _SOURCE_SPEAKERS if lang == SOURCE_LANG else _TARGET_SPEAKERS
-    speakers = _with_shift_test(tuple(speakers))
-    if len(speakers) != 4 or any(not isinstance(n, int) or n < 1 for n in speakers):
-        raise SwrError(f"speakers must be 3 or 4 positive counts (train, val, test"
-                       f"[, shift_test]), got {speakers!r}")
+    # bounded before any clip is spoken (a Python caller's counts as a spec's)
+    speakers = _with_shift_test(SPEAKERS.check(speakers, f"kws-synth:{lang}", lang))
     if reps is None:
         reps = _SOURCE_REPS if lang == SOURCE_LANG else _TARGET_REPS
     if not isinstance(reps, int) or reps < 1:
@@ -827,17 +839,11 @@ def load_kws_synth_spec(rest: str, seed: int = 0, **kwargs: Any) -> Task:
     A speaker-count variant is cached under its own root
     (``<cache>/speakers-T-V-E-S/<lang>``), so it never replaces the default-size task's
     cache, and its task id keeps the modifier (``kws-synth:ru?speakers=16,24,24``)."""
-    lang, sep, modifier = rest.partition("?")
-    if not sep:
-        return load_kws_synth(rest, seed=seed, **kwargs)
-    example = f"kws-synth:{lang}?speakers=16,24,24"
-    key, _, value = modifier.partition("=")
-    parts = value.split(",")
-    if key != "speakers" or len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0
-                                                                  for p in parts):
-        raise SwrError(f"task 'kws-synth:{rest}': write the speaker counts of train, val and "
-                       f"test (and shift_test) as positive integers, e.g. {example}")
-    speakers = _with_shift_test(tuple(int(p) for p in parts))
+    lang, options = parse_options(f"kws-synth:{rest}", rest, {"speakers": SPEAKERS})
+    if "speakers" not in options:
+        return load_kws_synth(lang, seed=seed, **kwargs)
+    parts = [str(n) for n in options["speakers"]]
+    speakers = _with_shift_test(options["speakers"])
     root = _cache_root(kwargs.pop("root", None)) / ("speakers-" + "-".join(map(str, speakers)))
     task = load_kws_synth(lang, root=root, seed=seed, speakers=speakers, **kwargs)
     return dataclasses.replace(task, id=f"kws-synth:{lang}?speakers={','.join(parts)}")

@@ -30,8 +30,8 @@ from swr.errors import SwrError
 from .audio import CLIP_SAMPLES, read_audio
 from .base import Task
 from .datasets import (ClipLogMel, FileDataset, GeneratedDataset, Item, OnBadFile,
-                       check_fraction, check_on_bad_file, check_relative_path, class_counts,
-                       probe_audio, probe_items, seeded_rng)
+                       check_fraction, check_no_class_lost, check_on_bad_file,
+                       check_relative_path, class_counts, probe_audio, probe_items, seeded_rng)
 from .features import SpecAugment
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,8 @@ def load_mswc(path: str | os.PathLike, lang: str, n_keywords: int = 10, min_coun
     for split in n_known:
         unknown = [(_clip_path(clips, link), unknown_label) for link in sorted(reservoir[split])]
         split_items = probe_items(known[split] + unknown, probe_audio, policy, skipped)
+        if split == "train":
+            check_no_class_lost(known[split] + unknown, split_items, class_names, split, table)
         features = ClipLogMel()
         n_silence = math.ceil(silence_fraction * n_known[split])
         silence = NoiseClips(seeded_rng(seed, "silence", split).getrandbits(48))

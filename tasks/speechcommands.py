@@ -28,8 +28,9 @@ from swr.errors import SwrError
 from .audio import CLIP_SAMPLES, fix_length, read_audio
 from .base import Task
 from .datasets import (ClipLogMel, FileDataset, GeneratedDataset, Item, OnBadFile,
-                       check_fraction, check_on_bad_file, check_relative_path, class_counts,
-                       deterministic_subset, probe_audio, probe_items, record_skip, seeded_rng)
+                       check_fraction, check_no_class_lost, check_on_bad_file,
+                       check_relative_path, class_counts, deterministic_subset, probe_audio,
+                       probe_items, record_skip, seeded_rng)
 from .features import SpecAugment
 
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -205,6 +206,8 @@ def load_speechcommands(path: str | os.PathLike, on_bad_file: OnBadFile = "fail"
         unknown = deterministic_subset(unknown, math.ceil(unknown_fraction * len(known)),
                                        seed, "unknown", split)
         items[split] = probe_items(known + unknown, probe_audio, policy, skipped)
+        if split == "train":
+            check_no_class_lost(known + unknown, items[split], CLASS_NAMES, split, root)
         n_silence[split] = math.ceil(silence_fraction * len(known))
 
     bank = (_load_noise_bank(root, policy, skipped)

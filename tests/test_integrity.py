@@ -322,7 +322,7 @@ def test_full_disk_during_finetune_keeps_the_old_run(world, capsys, monkeypatch,
                            "task_delta.safetensors"]
     written = full_disk_on_file(monkeypatch, 2, how)
     capsys.readouterr()
-    code = main(finetune_args(world, out, "--seed", "1", "--lr", "0.05"))
+    code = main(finetune_args(world, out, "--seed", "1", "--lr", "0.05", "--overwrite"))
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if "error" in line]  # beside the progress bars
     assert code == 2 and len(err) == 1 and "Traceback" not in stderr, stderr
@@ -334,7 +334,7 @@ def test_full_disk_during_finetune_keeps_the_old_run(world, capsys, monkeypatch,
     assert not list(world.d.glob(f".{out.name}.*"))  # no staged folder left behind
     monkeypatch.undo()
     monkeypatch.setattr(swr.tasks, "get_task", get_task)
-    assert main(finetune_args(world, out, "--seed", "1", "--lr", "0.05")) == 0
+    assert main(finetune_args(world, out, "--seed", "1", "--lr", "0.05", "--overwrite")) == 0
     new = snapshot(out)
     assert new.keys() == old.keys()
     assert all(new[k] != old[k] for k in ("task_delta.safetensors", "model.safetensors",
@@ -349,7 +349,7 @@ def test_full_disk_during_fold_keeps_the_old_folder(world, capsys, monkeypatch):
     assert sorted(old) == ["fold.json", "model.safetensors"]
     written = full_disk_on_file(monkeypatch, 2, "oserror")
     capsys.readouterr()
-    assert main(fold_args(world, out, delta=world.delta2)) == 2
+    assert main([*fold_args(world, out, delta=world.delta2), "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0], err
     print(f"BAD-INPUT | fold … --out …/{out.name} (a full disk on its 2nd file) | {err[0]}")
@@ -358,7 +358,7 @@ def test_full_disk_during_fold_keeps_the_old_folder(world, capsys, monkeypatch):
     assert not list(world.d.glob(".folded.*"))
     monkeypatch.undo()
     monkeypatch.setattr(swr.tasks, "get_task", get_task)
-    assert main(fold_args(world, out, delta=world.delta2)) == 0
+    assert main([*fold_args(world, out, delta=world.delta2), "--overwrite"]) == 0
     assert snapshot(out)["model.safetensors"] != old["model.safetensors"]
 
 
@@ -370,7 +370,7 @@ def test_full_disk_during_pretrain_keeps_the_old_checkpoint(world, capsys, monke
     assert main(args) == 0
     old = snapshot(out)
     written = full_disk_on_file(monkeypatch, 2, "oserror")
-    assert main([*args, "--seed", "1"]) == 2
+    assert main([*args, "--seed", "1", "--overwrite"]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert written == ["model.safetensors", "history.json"]
     assert snapshot(out) == old and not list(world.d.glob(".pre_run.*"))
@@ -469,7 +469,7 @@ def test_fold_onnx_compares_outputs_with_onnxruntime(world, capsys, monkeypatch)
     real_run = onnxruntime.InferenceSession.run
     monkeypatch.setattr(onnxruntime.InferenceSession, "run",
                         lambda self, *a, **k: [y + 1e-3 for y in real_run(self, *a, **k)])
-    args = [*fold_args(world, out, delta=world.delta2), "--onnx"]
+    args = [*fold_args(world, out, delta=world.delta2), "--onnx", "--overwrite"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("swr fold: error: the ONNX export model.onnx"), err

@@ -30,7 +30,8 @@ def _task(shape, seed=0):
     def split(n):
         return tensor_split(torch.randn(n, *shape, generator=g), torch.arange(n) % 3)
 
-    return Task("toy", "image", ["a", "b", "c"], split(8), split(4), split(4), shape,
+    # 10 validation examples: the fewest a search scores on (swr.selection.MIN_VAL_EXAMPLES)
+    return Task("toy", "image", ["a", "b", "c"], split(8), split(10), split(4), shape,
                 shift_test=split(2))
 
 

@@ -210,7 +210,8 @@ def world(tmp_path_factory):
 def search_args(w, out, *extra, task="tiny", budget="10%"):
     return ["search", "--task", task, "--checkpoint", str(w.ckpt), f"--budget={budget}",
             "--out", str(w.d / out), "--workers", "0", "--device", "cpu",
-            "--supernet-epochs", "1", "--evaluations", "4", "--policy", "random", *extra]
+            "--supernet-epochs", "1", "--evaluations", "4", "--policy", "random",
+            "--overwrite", *extra]
 
 
 def pretrain_args(w, task, *extra, backbone="bcresnet-1"):
@@ -553,7 +554,7 @@ def test_interrupted_search_resumes_to_the_same_result(world, reference_search, 
         raise KeyboardInterrupt
 
     interrupt_after(monkeypatch, 7, ctrl_c)
-    assert main(pg_args(out)) == 130
+    assert main([*pg_args(out), "--overwrite"]) == 130
     assert "--resume" in capsys.readouterr().err
     # the previous result is intact, the log holds the scorings of finished batches
     assert json.loads((out / "selection.json").read_text()) == {"previous": True}

@@ -190,7 +190,9 @@ def test_fresh_search_drops_the_old_log_before_stage_1(world, searched, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(swr.selection, "prepare_supernet", interrupted)
-    assert main(search_args(out, world.ckpt, seed="5")) == 130
+    assert main(search_args(out, world.ckpt, seed="5")) == 2  # holds a search: refused
+    assert (out / "evaluations.jsonl").exists()
+    assert main([*search_args(out, world.ckpt, seed="5"), "--overwrite"]) == 130
     assert not (out / "evaluations.jsonl").exists()
     assert json.loads((out / "fingerprint.json").read_text())["seed"] == 5
 

@@ -47,6 +47,8 @@ class BenchConfig:
     device: str = "auto"
     workers: Optional[int] = None
     resume: bool = False
+    #: replace the bench an existing ``out`` holds (refused without it or ``resume``)
+    overwrite: bool = False
     tune: bool = False
     tune_trials: int = 6
     swr_evaluations: int = 40

@@ -13,15 +13,18 @@ task_delta.safetensors`` (deployable with ``swr fold`` or a task store). The bas
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..budget import Budget, backbone_params
 from ..errors import BudgetError, SwrError
-from ..io import out_lock, write_csv, write_json, write_text
+from ..io import (check_rerun, left_as_found_on_refusal, out_lock, write_csv, write_json,
+                  write_text)
 from ..source import base_spec, checkpoint_backbone
 from ..robustness import cell_name, ensemble_rows
 from ..search import check_fingerprint, register_swr_methods
@@ -198,12 +201,43 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     refused) and records :func:`bench_fingerprint` in ``out/fingerprint.json``; a
     ``--resume`` with other settings is refused with one line saying what differs.
     """
-    with out_lock(cfg.out, "bench"):
+    check_tasks(cfg)  # a bad task is refused here, before --out is touched or a worker starts
+    # refused before its first result: --out as it was found (taken back while the lock is
+    # held, so nothing of another process is touched; out_lock removes a folder it made)
+    with out_lock(cfg.out, "bench"), left_as_found_on_refusal(cfg.out, ("results.csv",)):
         return _run_bench(cfg, log)
+
+
+def check_tasks(cfg: BenchConfig) -> None:
+    """Load the base and every task of ``cfg`` once, in this process, before any run: a
+    missing folder, an unreadable file or a bounded option (:mod:`swr.tasks.options`)
+    ends the bench with its one line instead of failing in each Ray worker."""
+    from ..source import load_base, load_task
+
+    cfg.tasks = expand_tasks(cfg.tasks)
+    plan(cfg)  # unknown methods and budgets first: they cost nothing to check
+    _, meta = load_base(base_spec(cfg.checkpoint, cfg.backbone, cfg.weights))
+    for task in cfg.tasks:
+        load_task(task, meta, on_bad_file=cfg.on_bad_file)
+
+
+#: What a bench writes into its ``--out``: a folder holding one holds a bench, and
+#: ``--overwrite`` removes these (and nothing else) before the new bench starts.
+BENCH_OUTPUTS = ("fingerprint.json", "results.csv", "results.md", "pareto.png", "robustness.png",
+                 "ensembles.csv", "skipped_files.json", "runs", "preds")
 
 
 def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     out = Path(cfg.out)
+    check_rerun(out, "bench", BENCH_OUTPUTS, resume=cfg.resume, overwrite=cfg.overwrite,
+                resumable=True)
+    if cfg.overwrite and not cfg.resume:
+        for name in BENCH_OUTPUTS:
+            old = out / name
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     cfg.tasks = expand_tasks(cfg.tasks)
     cells = plan(cfg)
@@ -294,16 +328,20 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
         threads = worker_threads(workers)
         pending = {}
         queue = list(todo)
-        while queue or pending:
-            while queue and len(pending) < workers:
-                cell = queue.pop(0)
-                a = list(job_args(cell))
-                a[7] = threads
-                pending[remote.remote(*a)] = cell
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                pending.pop(ref)
-                finished(ray.get(ref))
+        try:
+            while queue or pending:
+                while queue and len(pending) < workers:
+                    cell = queue.pop(0)
+                    a = list(job_args(cell))
+                    a[7] = threads
+                    pending[remote.remote(*a)] = cell
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    pending.pop(ref)
+                    finished(ray.get(ref))
+        except BaseException:
+            _abandon(pending)  # the error's line stays the only one printed
+            raise
     else:
         for cell in todo:
             finished(run_job(*job_args(cell)))
@@ -330,11 +368,24 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
 
 
 
+def _abandon(refs) -> None:
+    """Cancel the Ray runs still pending when a bench stops, and collect their outcome,
+    so that Ray does not print an "Unhandled error" traceback for each at exit."""
+    import ray
+
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.get(ref, timeout=5)
+
+
 def finetune_method(method: str, task_spec: str, base, out: str | Path,
                     budget: Optional[str] = None, epochs: int = 20, lr: Optional[float] = None,
                     batch_size: int = 64, seed: int = 0, device: str = "auto",
                     progress: bool = True, on_bad_file: str = "fail",
-                    knobs: Optional[dict] = None) -> dict:
+                    knobs: Optional[dict] = None, overwrite: bool = False) -> dict:
     """Train any foldable method on ``task_spec`` from ``base`` and keep the result
     (``swr finetune --method``).
 
@@ -348,7 +399,7 @@ def finetune_method(method: str, task_spec: str, base, out: str | Path,
     methods that size themselves to one (``lora``, ``swr``, ...).
     """
     from ..finetune import OUTPUTS
-    from ..io import check_output, check_run_folder, staged_folder
+    from ..io import check_output, check_run_folder, run_folder
     from ..methods import get_method, run_method
     from ..source import load_base, load_task
     from ..tasks import task_data_path
@@ -376,7 +427,7 @@ def finetune_method(method: str, task_spec: str, base, out: str | Path,
     lr = method_lr(method, cfg, desc["backbone"])
     tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                      progress=progress, desc=method)
-    with staged_folder(out, outputs) as stage:
+    with run_folder(out, "finetune", outputs, overwrite=overwrite) as stage:
         chosen = configure_method(method, cfg, seed, desc["backbone"], knobs or {},
                                   str(stage / "search"), progress)
         row = run_method(chosen, base_model, task, budget_params, tc, export=str(stage),

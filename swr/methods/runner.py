@@ -17,7 +17,7 @@ from torch import nn
 from ..flops import count_flops
 from ..fold import same_architecture
 from ..robustness import save_predictions
-from ..train import TrainConfig, batches, evaluate, resolve_device
+from ..train import TrainConfig, batches, check_finite_weights, evaluate, resolve_device
 from .base import Method, get_method
 
 #: Largest fold error accepted in fp32, relative to the outputs' scale (at least 1).
@@ -72,7 +72,9 @@ def run_method(method_name: str | Method, base_model: nn.Module, task,
     metadata names ``backbone``, the method, the task's classes and preprocessing) and,
     with ``export_model``, the deployed task model (base + delta) to
     ``export/model.safetensors`` and the training history to ``history.json``; the row then also holds ``delta_file``,
-    ``delta_bytes`` and ``rebuild_max_abs_diff``.
+    ``delta_bytes`` and ``rebuild_max_abs_diff``. A trained model that holds NaN or
+    infinite values (the training diverged) raises :class:`~swr.errors.SwrError` instead,
+    before anything is exported.
 
     A fold that does not give the base architecture raises; a fold whose outputs
     drift beyond :data:`FOLD_TOLERANCE` (relative to the output scale) warns.
@@ -115,6 +117,8 @@ def run_method(method_name: str | Method, base_model: nn.Module, task,
     extra_flops = count_flops(task_model, x[:1]) - count_flops(reference, x[:1])
     exported: dict = {}
     if export is not None and method.foldable:
+        # a run that diverged exports nothing: its delta would be refused by every reader
+        check_finite_weights(model, f"the training of method {method.name!r}", cfg.lr)
         exported = _export(method, base_model, model, task_model, task, budget_params, backbone,
                            Path(export), export_model, x, result.history)
 
