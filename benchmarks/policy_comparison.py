@@ -153,7 +153,7 @@ def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
             "supernet_gates": args.supernet_gates, "supernet_epochs": args.supernet_epochs,
             "val_score": sel["val_score"], "evaluations": sel["evaluations"],
             "cost": sel["cost"], "budget_params": sel["budget_params"],
-            "trained_params": metrics.get("trained_params", metrics.get("updated_params")),
+            "updated_params": metrics["updated_params"],
             "layers": len(sel["layers"]), "selection": list(sel["layers"]),
             "feasible_selections": sel["feasible_selections"],
             "search_s": sel["seconds"]["search"],
@@ -289,7 +289,7 @@ def render(cells: list[dict], args, minutes: float) -> str:
                 srows.append([base, p, f"{statistics.median(c['search_s'] for c in sub):.1f}",
                               f"{statistics.mean(c['evaluations'] for c in sub):.1f}",
                               f"{statistics.mean(c['val_score'] for c in sub):.4f}",
-                              f"{statistics.mean(c['trained_params'] or 0 for c in sub):,.0f}"])
+                              f"{statistics.mean(c['updated_params'] or 0 for c in sub):,.0f}"])
     lines += [md_table(["base", "searcher", "search s (median)", "distinct evaluations (mean)",
                         f"best {scorer} score (mean)", "trained params excl. head (mean)"],
                        srows),

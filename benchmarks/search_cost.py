@@ -102,7 +102,7 @@ def run_arm(spec: str, checkpoint: str, name: str, s_epochs: int, f_epochs: int,
             "other_s": t_search - sec["supernet"] - sec["search"], "final_s": t_final,
             "total_s": t_search + t_final, "evaluations": result["evaluations"],
             "val_acc": m["val_acc"], "test_acc": m["test_acc"], "layers": len(m["layers"]),
-            "trained": m["trained_params"], "budget": m["budget_params"]}
+            "trained": m["updated_params"], "budget": m["budget_params"]}
 
 
 def run_task(spec: str, checkpoint: str, args, tmp: Path) -> tuple[str, list[list]]:

@@ -265,9 +265,9 @@ class TrainedEvaluator:
     """Validation score of a selection after a short training of its own deltas.
 
     Per selection: start from the supernet (its trained deltas, head and norms, where a
-    final training starts), train the selection's deltas and the head (and the task norms
+    final training with ``init="supernet"`` starts), train the selection's deltas and the head (and the task norms
     when ``norms``; else BatchNorm keeps the supernet's statistics) for ``epochs`` with the
-    final training's recipe (:func:`swr.train.train`: AdamW, cosine schedule, ``lr``,
+    final training's loop (:func:`swr.train.train`: AdamW, cosine schedule, ``lr``,
     ``batch_size``), keep the best state on validation, and score validation. The
     supernet's state is restored after every scoring, and the global random state too.
 

@@ -113,7 +113,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
                    help="bcresnet-<tau> (tau in 1,1.5,2,3,6,8) or timm:<model_name>")
     p.add_argument("--weights", help="local safetensors / torch checkpoint (optional)")
     p.add_argument("--bias-delta", action="store_true", help="count bias deltas in layer costs")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the fold self-check")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold self-check")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -167,7 +167,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--lr", type=positive_finite_float, default=1e-2)
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", help="initialise from a local safetensors / torch checkpoint")
     _on_bad_file_arg(p)
     _device_arg(p)
@@ -208,7 +208,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluations", type=positive_int, default=40,
                    help="distinct selections to score, in total over a list of budgets (when "
                         "no more selections fit the budget, all of them are scored)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=workers_count, default=None,
                    help="Ray workers scoring in parallel (default: one per CPU this process may "
                         "use, or per CPU of the --ray-address cluster; more are reduced to that "
@@ -286,14 +286,14 @@ def run_search_cmd(args: argparse.Namespace) -> int:
             norms = " + norms" if e["norms_trained"] else ""
             print(f"{r['policy']} at {e['budget']}: val {r['reward']} {e['val_score']:.4f} with "
                   f"{len(e['layers'])} layers, trained {e['cost']} delta{norms} = "
-                  f"{e['trained_params']}/{e['budget_params']} params "
+                  f"{e['updated_params']}/{e['budget_params']} params "
                   f"-> {args.out}/{e['selection_file']}")
         print(f"{r['evaluations']} evaluations in all -> {args.out}/selections.json")
         _report_skipped("search", r.get("skipped_files", []), f"{args.out}/selections.json")
         return 0
     norms = (f" + {r['norm_params']} norm" if r["norms_trained"] else " (norms not trained)")
     print(f"{r['policy']}: val {r['reward']} {r['val_score']:.4f} with {len(r['layers'])} layers, "
-          f"trained {r['cost']} delta{norms} = {r['trained_params']}/{r['budget_params']} params "
+          f"trained {r['cost']} delta{norms} = {r['updated_params']}/{r['budget_params']} params "
           f"(--norms {r['norms']}), {r['evaluations']} evaluations"
           + ("" if r.get("feasible_selections") is None else
              f" of {r['feasible_selections']:,} feasible selections"
@@ -321,11 +321,14 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    "to one (lora, swr*, ...), e.g. 5%%")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--lr", type=positive_finite_float, help="learning rate (default 3e-3 with --selection; the "
-                   "bench's default for the method and backbone with --method)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--from-scratch", action="store_true",
-                   help="start from zero deltas and a new head instead of the supernet's")
+    p.add_argument("--lr", type=positive_finite_float, help="learning rate (default: the "
+                   "backbone family's for the method; SWR's with --selection)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", choices=["probe", "supernet"], default="probe",
+                   help="with --selection, where training starts: probe (the linear probe's "
+                        "head, zero deltas, base norms: LP-FT; the default) or supernet (stage "
+                        "1's deltas, norms and head)")
+    p.add_argument("--from-scratch", action="store_true", help=argparse.SUPPRESS)  # = --init probe
     _on_bad_file_arg(p, default=None)
     _device_arg(p)
     _overwrite_arg(p)
@@ -341,10 +344,9 @@ def run_finetune(args: argparse.Namespace) -> int:
                        "--method; a --selection file names its own")
     from .finetune import finetune
 
-    lr = 3e-3 if args.lr is None else args.lr
-    m = finetune(args.selection, args.out, epochs=args.epochs, lr=lr, seed=args.seed,
-                 device=args.device, from_scratch=args.from_scratch, on_bad_file=args.on_bad_file,
-                 overwrite=args.overwrite)
+    m = finetune(args.selection, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                 device=args.device, init=args.init, from_scratch=args.from_scratch,
+                 on_bad_file=args.on_bad_file, overwrite=args.overwrite)
     print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} trained "
           f"params (excl. head), task delta {m['delta_bytes']} bytes, fold error "
           f"{m['fold_max_abs_diff']:.2g} -> {args.out}")

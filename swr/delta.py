@@ -216,7 +216,7 @@ def _read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
                               f"{', '.join(_dtype_name(d) for d in DELTA_DTYPES.values())} "
                               "tensors")
         ints = lambda v: isinstance(v, list) and all(  # noqa: E731
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v)
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 63 for d in v)
         if not ints(shape) or not (ints(offsets) and len(offsets) == 2):
             raise _unreadable(path, f"entry {key[:80]} has a malformed shape or byte range")
         begin, end = offsets
@@ -226,7 +226,7 @@ def _read_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
                                     f"data, but the file holds {max(data_bytes, 0)} bytes of "
                                     "data")
         if end - begin != declared:
-            raise _unreadable(path, f"entry {key[:80]} declares shape {tuple(shape)} "
+            raise _unreadable(path, f"entry {key[:80]} declares shape {str(tuple(shape))[:80]} "
                                     f"({declared} bytes) over a byte range of {end - begin}")
         specs[key] = TensorSpec(DELTA_DTYPES[dtype], torch.Size(shape))
         ranges.append((begin, end))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .delta import apply_task_delta, read_task_delta
+from .delta import apply_task_delta, read_task_delta_header
 from .errors import SwrError
 from .io import atomic_path, check_output, check_run_folder, run_folder, write_json
 from .source import BaseSpec, load_base
@@ -90,7 +90,7 @@ def fold_task(checkpoint: "str | Path | BaseSpec", delta: str | Path, out: str |
                        "--delta": delta})
     check_run_folder(out, OUTPUTS)
     task_model, base, meta = rebuild(spec, delta)
-    _, delta_meta = read_task_delta(delta)
+    _, delta_meta = read_task_delta_header(delta)  # checked in full by rebuild
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     report = {"backbone": meta["backbone"], "task": delta_meta.get("task"),
               "delta_bytes": Path(delta).stat().st_size,

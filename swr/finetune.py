@@ -1,37 +1,28 @@
-"""Stage 3: train only the selected deltas (+ task norms + head), fold, export.
+"""``swr finetune --selection``: train a selection written by ``swr search``, fold, export.
 
-Starts from the supernet's trained deltas, norms and head (they already fit the
-task; ``from_scratch=True`` starts from zero deltas and a fresh head instead),
-keeps the best state on validation, reports test accuracy, folds, checks the fold
-against the trained model, and writes the task delta and the folded model.
-
-The task norms train when the selection says so (``norms_trained``, decided by
-``swr search --norms``; selection files written before it train them). When they do
-not, the model keeps the base's norms and BatchNorm statistics, not the supernet's.
+SWR's stage 3 itself is the method's (:class:`swr.methods.swr.SWR`: the linear probe
+first, then the selected deltas, the task norms when the budget holds them and the
+head from it, the better of the two on validation); this module reads and checks the
+selection file and runs it as every bench row is run, so a fine-tuned selection and
+a bench row are trained, folded, checked and exported by the same code.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from .budget import NORM_MODES, backbone_params, check_selection, cost_report
-from .delta import export_task_delta
 from .errors import BudgetError, SwrError
-from .fold import fold, same_architecture
 from .io import check_output, check_run_folder, read_json, run_folder, write_json
-from .source import BaseSpec, load_base, load_task, task_preprocess
-from .reparam import reparam_layers, restore_norms, set_selection, set_trainable, unwrap
+from .methods import run_method
+from .methods.base import default_lr
+from .methods.swr import SWR
 from .runlog import TRAINING_LOGS
-from .supernet import SupernetConfig, build_supernet, new_supernet
+from .source import BaseSpec, load_base, load_task
+from .supernet import SupernetConfig, new_supernet
 from .tasks import task_data_path
-from .train import (TrainConfig, check_finite_weights, evaluate, freeze_batchnorm,
-                    resolve_device, steps_in_an_epoch, train)
+from .train import TrainConfig, steps_in_an_epoch
 
 #: Optimizer steps below which ``swr finetune`` suggests more epochs. On
 #: glyphs:fine?images=30,60,100 (360 training images, 6 batches an epoch; 1%, deltas
@@ -44,18 +35,24 @@ OUTPUTS = {"task_delta.safetensors", "model.safetensors", "history.json", "metri
            *TRAINING_LOGS}
 
 
-def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: float = 3e-3,
+def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20,
+             lr: Optional[float] = None,
              batch_size: int = 64, seed: int = 0, device: str = "auto",
-             from_scratch: bool = False, progress: bool = True,
+             init: str = "probe", from_scratch: bool = False, progress: bool = True,
              layers: Optional[list[str]] = None, on_bad_file: Optional[str] = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, probe_lr: Optional[float] = None,
+             warmup: float = 0.1) -> dict:
     """Final training of a selection written by ``swr search``; returns the metrics.
 
-    ``on_bad_file`` defaults to the policy the search ran with. ``out`` is locked while
-    the run goes on and replaced only once every file (live logs included) is
-    written; one that holds an earlier run is refused unless ``overwrite``.
+    The selection is trained by SWR's one stage 3 (:class:`swr.methods.swr.SWR`, run as
+    every bench row is by :func:`swr.methods.run_method`): ``init="probe"`` (LP-FT,
+    the default) or ``"supernet"`` (stage 1's deltas, norms and head, from the supernet
+    the selection names); ``from_scratch`` is ``init="probe"``. ``on_bad_file``
+    defaults to the policy the search ran with. ``out`` is locked while the run goes on
+    and replaced only once every file (live logs included) is written; one that holds
+    an earlier run is refused unless ``overwrite``. The metrics are the bench row's
+    keys plus the selection's.
     """
-    from .tasks.backbones import save_checkpoint
 
     sel = read_json(selection_file, "selection file")
     if not isinstance(sel, dict):
@@ -106,84 +103,46 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20, lr: 
                            f"the backbone's {total} parameters (100%); write it with swr search")
         task = load_task(sel["task"], meta,
                          on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
-        # the new head is drawn from the seed: --from-scratch runs are reproducible too
+        init = "probe" if from_scratch else init
+        supernet_file = None
+        if init == "supernet":
+            # never a silent fallback to another start: that is --init probe
+            named = sel.get("supernet")
+            if not isinstance(named, str) or not named:
+                raise SwrError(f"selection file {selection_file} names no supernet to start from; "
+                               "re-run swr search or use --init probe")
+            supernet_file = Path(named) / "supernet.safetensors"
+            if not supernet_file.is_file():
+                raise SwrError(f"the supernet {supernet_file} named in {selection_file} is gone "
+                               "(a cleared or moved cache?); re-run swr search or use "
+                               "--init probe")
+        method = SWR(selection=chosen, norms=norms_mode, norms_trained=norms_trained, init=init,
+                     supernet_file=str(supernet_file) if supernet_file else None, seed=seed,
+                     device=device, warmup=warmup)
+        # the selection must fit the budget it was searched under (norms counted as it says)
         model = new_supernet(base, task.num_classes, SupernetConfig(seed=seed))
         report = cost_report(model, chosen)
         counted = report["norms"] if norms_trained and norms_mode in ("auto", "budget") else 0
         try:
-            cost = check_selection(model, chosen, int(sel["budget_params"]) - counted)
+            cost = check_selection(model, chosen, budget - counted)
         except BudgetError as e:
             if not counted:
                 raise
-            raise BudgetError(f"{e} (the budget of {sel['budget_params']} less the {counted} task "
+            raise BudgetError(f"{e} (the budget of {budget} less the {counted} task "
                               "norm parameters it counts)") from None
-        if not from_scratch:
-            # never a silent fallback to zero deltas and a new head: that is --from-scratch
-            named = sel.get("supernet")
-            if not isinstance(named, str) or not named:
-                raise SwrError(f"selection file {selection_file} names no supernet to start from; "
-                               "re-run swr search or pass --from-scratch")
-            supernet_weights = Path(named) / "supernet.safetensors"
-            if not supernet_weights.is_file():
-                raise SwrError(f"the supernet {supernet_weights} named in {selection_file} is gone "
-                               "(a cleared or moved cache?); re-run swr search or pass "
-                               "--from-scratch")
-            try:
-                model.load_state_dict(load_file(str(supernet_weights)))
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise SwrError(f"supernet {supernet_weights} named in {selection_file} does not load "
-                               f"({str(e).splitlines()[0][:200]}); re-run swr search or pass "
-                               "--from-scratch") from None
-        if not norms_trained:  # the supernet's norms were trained in stage 1: keep the base's
-            restore_norms(model, base)
-        set_selection(model, chosen)
-        if from_scratch:
-            with torch.no_grad():
-                for layer in reparam_layers(model).values():
-                    layer.delta.zero_()
-        # deltas of unselected layers stay in the model with closed gates: they are
-        # neither trained nor exported
-        params = set_trainable(model, deltas=chosen, norms=norms_trained, head=True)
+        lr = default_lr(SWR.lr_family, meta["backbone"]) if lr is None else lr
+        probe_lr = default_lr("head", meta["backbone"]) if probe_lr is None else probe_lr
+        method.probe_lr = probe_lr
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                           progress=progress, desc="finetune", log_dir=str(stage))
-        start = time.perf_counter()
-        # untrained norms keep the base's BatchNorm statistics too, as every method's do
-        result = train(model, task, params, cfg,
-                       before_batch=None if norms_trained else lambda step: freeze_batchnorm(model))
-        check_finite_weights(model, "the final training", lr)  # before anything is written
-        dev = resolve_device(device)
-        test_acc = evaluate(model, task.test, dev)
-        model.cpu()
-        folded = fold(model)
-        plain = unwrap(build_supernet(base, task.num_classes))
-        x = next(iter(torch.utils.data.DataLoader(task.val, batch_size=16)))[0]
-        with torch.no_grad():
-            fold_diff = float((model(x) - folded(x)).abs().max())
-        shift_test_acc = evaluate(folded, task.shift_test) if task.shift_test is not None else None
-        delta_bytes = export_task_delta(model, stage / "task_delta.safetensors",
-                                        backbone=meta["backbone"],
-                                        budget_params=int(sel["budget_params"]), task=sel["task"],
-                                        extra={"method": "swr", "classes": list(task.class_names),
-                                               "preprocess": task_preprocess(task)})
-        save_checkpoint(folded, stage / "model.safetensors", backbone=meta["backbone"],
-                        task=sel["task"], classes=task.class_names)
-        trained = cost + (report["norms"] if norms_trained else 0)
+        row = run_method(method, base, task, budget, cfg, export=str(stage), export_model=True,
+                         backbone=meta["backbone"])
         metrics = {
-            "test_acc": test_acc, "val_acc": result.val_acc, "shift_test_acc": shift_test_acc,
-            # one quantity with the bench: every parameter trained outside the head
-            "updated_params": trained, "trained_params": trained, "delta_params": cost,
-            "budget_params": int(sel["budget_params"]),
-            "norm_params": report["norms"] if norms_trained else 0, "norms": norms_mode,
-            "norms_trained": norms_trained, "head_params": report["head"],
-            "delta_bytes": delta_bytes, "seconds": time.perf_counter() - start,
-            "fold_max_abs_diff": fold_diff, "same_architecture": same_architecture(folded, plain),
-            "layers": chosen, "task": sel["task"], "backbone": meta["backbone"],
-            "epochs": epochs, "best_epoch": result.best_epoch, "seed": seed,
-            "steps": epochs * steps_in_an_epoch(task.train, batch_size),
-            "from_scratch": from_scratch, "policy": sel.get("policy"),
-            "skipped_files": list(task.info.get("skipped", [])),
+            **row, "delta_params": cost, "norms_trained": norms_trained, "layers": chosen,
+            "task": sel["task"], "backbone": meta["backbone"], "epochs": epochs, "seed": seed,
+            "lr": lr, "steps": epochs * steps_in_an_epoch(task.train, batch_size), "init": init,
+            "policy": sel.get("policy"), "skipped_files": list(task.info.get("skipped", [])),
         }
-        write_json(stage / "history.json", result.history)
         write_json(stage / "metrics.json", metrics)
         return metrics
 

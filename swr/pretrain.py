@@ -73,7 +73,7 @@ def _pretrain(task_spec, backbone, stage: Path, epochs, lr, batch_size, seed, de
     metrics = {
         "task": task_spec, "backbone": backbone, "classes": task.class_names,
         "val_acc": result.val_acc, "test_acc": evaluate(model, task.test, dev),
-        "shift_test_acc": evaluate(model, task.shift_test, dev) if task.shift_test is not None else None,
+        "shift_acc": evaluate(model, task.shift_test, dev) if task.shift_test is not None else None,
         "epochs": epochs, "best_epoch": result.best_epoch, "seed": seed, "lr": lr,
         "seconds": time.perf_counter() - start, "device": str(dev),
         "params": sum(p.numel() for p in model.parameters()),

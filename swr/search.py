@@ -205,7 +205,7 @@ def run_search(cfg: SearchConfig) -> dict:
                                                    if k != "selection_file"})
         summary = {k: v for k, v in result.items() if k != "budgets"}
         summary["budgets"] = [{k: e[k] for k in ("budget", "budget_params", "val_score", "cost",
-                                                 "norms_trained", "trained_params", "layers",
+                                                 "norms_trained", "updated_params", "layers",
                                                  "selection_file")}
                               for e in result["budgets"]]
         write_json(Path(cfg.out) / "selections.json", summary)

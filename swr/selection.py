@@ -165,7 +165,7 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     ``gate_budget_params`` of its own trains on gate sets within the deltas' largest share.
     Each budget's result records ``norms``,
     ``norms_trained``, ``norm_params`` (the task norms' size), ``delta_budget_params``
-    and ``trained_params`` (deltas + trained norms). The supernet is returned with
+    and ``updated_params`` (deltas + trained norms). The supernet is returned with
     every gate closed.
     """
     check_search_val(task)
@@ -222,7 +222,7 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
             "norms": norms, "norms_trained": norms_trained, "norm_params": norm_count,
             "delta_budget_params": delta_budget,
             "feasible_selections": feasible,
-            "trained_params": cost + (norm_count if norms_trained else 0),
+            "updated_params": cost + (norm_count if norms_trained else 0),
             "backbone_params": backbone_params(model), "val_score": res.score,
             "policy": info.get("policy", searcher.name), "seed": info.get("seed"),
             "evaluations": found.evaluations,
@@ -241,7 +241,7 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
         return entry(found, 0, budgets[0]), model
     largest = budgets_params.index(max(budgets_params))
     result = {k: v for k, v in entry(found, largest, shown).items()
-              if k not in ("layers", "cost", "val_score", "norms_trained", "trained_params")}
+              if k not in ("layers", "cost", "val_score", "norms_trained", "updated_params")}
     result["budgets"] = [entry(res, i, label) for i, (res, label)
                          in enumerate(zip(found.per_budget, budgets))]
     return result, model

@@ -10,6 +10,7 @@ which is many times faster than a DataLoader's per-sample path on small inputs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -395,6 +396,90 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
     model.eval()
     return TrainResult(val_acc=best_acc, best_epoch=best_epoch,
                        seconds=time.perf_counter() - start, history=history, precision=precision)
+
+
+#: Passes over the cached features :func:`fit_head` takes: a linear problem on a few
+#: thousand feature vectors, so many passes cost less than one epoch of the backbone.
+HEAD_EPOCHS = 100
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, ds: Dataset, device: torch.device,
+                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head of ``model`` (in eval mode) receives for every sample of ``ds``, and
+    the labels: the frozen features a linear probe is fitted on."""
+    from .tasks.heads import head_module
+
+    head = head_module(model)
+    if head is None:
+        raise SwrError(f"{type(model).__name__} has no classifier head (get_classifier())")
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().float()))
+    try:
+        model.eval()
+        labels = []
+        for x, y in batches(ds, batch_size):
+            model(x.to(device))
+            labels.append(y)
+    finally:
+        hook.remove()
+    return torch.cat(seen), torch.cat(labels).to(device)
+
+
+def fit_head(model: nn.Module, task, cfg: TrainConfig, epochs: int = HEAD_EPOCHS) -> TrainResult:
+    """Fit the head of ``model`` alone on its frozen features (the linear probe).
+
+    The backbone runs once over ``task.train`` and ``task.val`` in eval mode (base
+    BatchNorm statistics, no dropout, no augmentation); the head then trains ``epochs``
+    passes over those features with AdamW at ``cfg.lr`` and a cosine schedule, keeping
+    the state of best validation accuracy. The model ends with that head, in eval mode.
+    """
+    from .tasks.heads import head_module
+
+    task = _as_task(task)
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    model.to(device)
+    start = time.perf_counter()
+    train_x, train_y = head_inputs(model, task.train, device)
+    val_x, val_y = head_inputs(model, task.val, device)
+    head = head_module(model)
+    params = [p for p in head.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = epochs * max(1, math.ceil(len(train_x) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def val_acc() -> float:
+        with torch.no_grad():
+            return float((head(val_x).argmax(-1) == val_y).float().mean()) if len(val_y) else 0.0
+
+    best_acc, best_epoch, best_state = val_acc(), 0, copy.deepcopy(head.state_dict())
+    history = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_x), generator=g).to(device)
+        loss_sum = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx],
+                                   label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+        acc = val_acc()
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, len(train_x)),
+                        "val_acc": acc})
+        if acc > best_acc:
+            best_acc, best_epoch, best_state = acc, epoch + 1, copy.deepcopy(head.state_dict())
+    head.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(val_acc=best_acc, best_epoch=best_epoch,
+                       seconds=time.perf_counter() - start, history=history)
 
 
 class _NoBar:

@@ -169,7 +169,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Any = "checkpoint",
                backbone: str = "") -> None:
     """Load ``state`` strictly; mismatches name the missing/unexpected keys, and
-    non-float or non-finite values where the model has float weights are refused."""
+    non-float or non-finite values where the model has float weights, and a negative
+    BatchNorm running variance, are refused."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -196,6 +197,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Any = "
         if not bool(torch.isfinite(t).all()):
             raise SwrError(f"weights {source}: {key} holds NaN or infinite values (a diverged "
                            "or damaged checkpoint); give finite weights")
+        # as in a task delta: a negative variance makes BatchNorm output NaN for every input
+        if key.endswith("running_var") and bool((t < 0).any()):
+            raise SwrError(f"weights {source}: {key} holds negative values, but a running "
+                           "variance is never below zero (a damaged checkpoint); give the "
+                           "checkpoint as it was saved")
     model.load_state_dict(state, strict=True)
 
 

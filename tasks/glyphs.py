@@ -766,8 +766,8 @@ def _estimate(target: str, per_class: tuple[int, ...], image_size: int = 32
 
 
 #: ``glyphs:<target>?images=T,V,E[,S]``; 5000 a class and split is 170x the default.
-IMAGES = SpecOption("images", (3, 4), 5000,
-                    "images per class and split: train, val, test[, shift_test]", "30,60,100",
+IMAGES = SpecOption("images", (3, 4), 5000, "images per class and split",
+                    "images per class of train, val, test[, shift_test]", "30,60,100",
                     _estimate)
 
 

@@ -319,8 +319,8 @@ def _estimate(lang: str, speakers: tuple[int, ...]) -> tuple[float, str]:
 
 
 #: ``kws-synth:<lang>?speakers=T,V,E[,S]``; 1000 speakers a split is 60x the default.
-SPEAKERS = SpecOption("speakers", (3, 4), 1000,
-                      "speakers per split: train, val, test[, shift_test]", "16,24,24", _estimate)
+SPEAKERS = SpecOption("speakers", (3, 4), 1000, "speakers per split",
+                      "speaker counts of train, val, test[, shift_test]", "16,24,24", _estimate)
 
 
 def _config(lang: str, seed: int, speakers: Sequence[int] | None,

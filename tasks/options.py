@@ -31,16 +31,17 @@ class SpecOption:
     """One ``?name=N[,N...]`` option of a task spec.
 
     ``counts``: how many comma-separated values it takes (``(1,)``, ``(3, 4)``);
-    ``maximum``: the largest value of each; ``meaning``: what the values count, said in
-    messages; ``example``: values that work; ``estimate``: for an option that makes
-    data, ``(bytes, what)`` the task would hold given the spec's base (a language, a
-    target) and the values, e.g. ``(2.3e9, "144000 clips")``, checked against
-    :data:`MAX_TASK_BYTES`.
+    ``maximum``: the largest value of each, in ``unit`` (``"speakers per split"``);
+    ``meaning``: what the values are, said when their form is wrong; ``example``:
+    values that work; ``estimate``: for an option that makes data, ``(bytes, what)``
+    the task would hold given the spec's base (a language, a target) and the values,
+    e.g. ``(2.3e9, "144000 clips")``, checked against :data:`MAX_TASK_BYTES`.
     """
 
     name: str
     counts: tuple[int, ...]
     maximum: int
+    unit: str
     meaning: str
     example: str
     estimate: Optional[Callable[[str, tuple[int, ...]], tuple[float, str]]] = None
@@ -51,7 +52,6 @@ class SpecOption:
         :class:`SwrError` naming ``spec`` and the limit. Used by the spec parser and by
         the loaders' Python arguments alike."""
         values = tuple(values)
-        fix = f"e.g. {spec.split('?')[0]}?{self.name}={self.example}"
         if len(values) not in self.counts or any(
                 isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
             raise self.form_error(spec)
@@ -63,27 +63,31 @@ class SpecOption:
             if size > MAX_TASK_BYTES:
                 raise SwrError(f"task {spec!r} would hold about {_gib(size)} ({what}), above "
                                f"the limit of {_gib(MAX_TASK_BYTES)} per task; ask for fewer "
-                               f"{self.name}, {fix}")
+                               f"{self.name}, {self.for_example(spec)}")
         return values
+
+    def for_example(self, spec: str) -> str:
+        return f"e.g. {spec.split('?')[0]}?{self.name}={self.example}"
 
     def limit_error(self, spec: str, value: str) -> SwrError:
         """The line for a value above :attr:`maximum`."""
         shown = value if len(value) <= 20 else value[:17] + "..."
         return SwrError(f"task {spec!r}: {self.name} {shown} is above the limit of "
-                        f"{self.maximum} ({self.meaning}); ask for at most {self.maximum}, "
-                        f"e.g. {spec.split('?')[0]}?{self.name}={self.example}")
+                        f"{self.maximum} {self.unit}; ask for at most {self.maximum}, "
+                        f"{self.for_example(spec)}")
 
     def form_error(self, spec: str) -> SwrError:
         """The line for values not of this option's form."""
         form = ("a positive integer" if self.counts == (1,) else
-                f"{' or '.join(map(str, self.counts))} comma-separated positive integers")
-        return SwrError(f"task {spec!r}: {self.name} must be {form}, e.g. "
-                        f"{spec.split('?')[0]}?{self.name}={self.example}: the {self.meaning}")
+                f"the {self.meaning} as {' or '.join(map(str, self.counts))} comma-separated "
+                "positive integers")
+        return SwrError(f"task {spec!r}: {self.name} must be {form}, {self.for_example(spec)}")
 
 
 #: ``?shots=N``, taken by every task: at most N training examples per class. It only
 #: ever takes fewer examples, so its maximum keeps the number readable, nothing more.
-SHOTS = SpecOption("shots", (1,), 100_000, "training examples per class", "8")
+SHOTS = SpecOption("shots", (1,), 100_000, "examples per class",
+                   "the training examples per class", "8")
 
 
 def parse_values(option: SpecOption, text: str, spec: str, base: str = "") -> tuple[int, ...]:
@@ -110,9 +114,10 @@ def parse_options(spec: str, rest: str, declared: Mapping[str, SpecOption]
     for modifier in modifiers:
         name, sep, value = modifier.partition("=")
         if name not in declared or not sep:
-            known = ", ".join(f"?{o.name}={o.example}" for o in declared.values())
+            known = "; ".join(f"?{o.name}= (the {o.meaning}), {o.for_example(spec)}"
+                              for o in declared.values())
             raise SwrError(f"task {spec!r}: unknown option {('?' + modifier)!r}; this task "
-                           f"takes {known or 'no options'} (and ?shots=N, last)")
+                           f"takes {known or 'no options'}; and any task ?shots=N, last")
         if name in found:
             raise SwrError(f"task {spec!r} gives ?{name}= twice; give it once")
         found[name] = parse_values(declared[name], value, spec, base)

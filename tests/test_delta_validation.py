@@ -344,6 +344,24 @@ def test_finetune_refuses_a_base_with_non_finite_weights(world, tmp_path, capsys
     assert not out.exists()
 
 
+def test_a_base_with_a_negative_running_variance_is_refused(world, tmp_path, capsys):
+    """The rule of task deltas holds for base weights too: refused on load, file named."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "ckpt_negvar"
+    ckpt.mkdir()
+    state = load_file(str(world.ckpt / "model.safetensors"))
+    state["stem.1.running_var"] = -state["stem.1.running_var"].abs() - 1.0
+    save_file(state, str(ckpt / "model.safetensors"))
+    (ckpt / "metrics.json").write_text((world.ckpt / "metrics.json").read_text())
+    out = tmp_path / "f"
+    assert main(["fold", "--checkpoint", str(ckpt), "--delta", str(world.good),
+                 "--out", str(out)]) == 2
+    assert_one_line(capsys.readouterr().err, "swr fold: error:", str(ckpt / "model.safetensors"),
+                    "stem.1.running_var", "never below zero")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ selection budget
 
 @pytest.mark.parametrize("budget, wanted", [(99_999_999, "above the backbone's"),

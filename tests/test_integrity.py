@@ -165,7 +165,7 @@ def fold_args(w, out, delta=None, checkpoint=None):
 
 def finetune_args(w, out, *extra):
     return ["finetune", "--selection", str(w.selection), "--out", str(out), "--epochs", "1",
-            "--device", "cpu", "--from-scratch", *extra]
+            "--device", "cpu", *extra]
 
 
 # (id, arguments built from the world, words the one line must contain)

@@ -519,26 +519,26 @@ def test_finetune_refuses_a_selection_whose_supernet_is_gone(world, searched, tm
     gone = {**sel, "supernet": str(tmp_path / "cleared-cache" / "supernets" / "abc")}
     moved.write_text(json.dumps(gone))
     args = ["finetune", "--selection", str(moved), "--out", str(tmp_path / "ft"), "--epochs", "1",
-            "--device", "cpu"]
+            "--device", "cpu", "--init", "supernet"]
     line = one_line(capsys, main(args))
-    assert "is gone" in line and "re-run swr search or pass --from-scratch" in line, line
+    assert "is gone" in line and "re-run swr search or use --init probe" in line, line
     assert not (tmp_path / "ft").exists()
     report(capsys, f"swr finetune --selection …/selection.json --out …/ft (its supernet "
           f"deleted from the cache) | {line.replace(str(tmp_path), '…')}")
     unnamed = tmp_path / "unnamed.json"
     unnamed.write_text(json.dumps({k: v for k, v in sel.items() if k != "supernet"}))
     line = one_line(capsys, main([*args[:2], str(unnamed), *args[3:]]))
-    assert "names no supernet" in line and "--from-scratch" in line, line
+    assert "names no supernet" in line and "--init probe" in line, line
     report(capsys, f"swr finetune --selection …/selection.json --out …/ft (no 'supernet' "
           f"entry) | {line.replace(str(tmp_path), '…')}")
 
 
-def test_finetune_from_scratch_depends_only_on_the_seed(world, searched, tmp_path):
+def test_finetune_from_the_probe_depends_only_on_the_seed(world, searched, tmp_path):
     selection = searched / "selection.json"
     for run, noise in (("s1", 0), ("s2", 99)):
         torch.manual_seed(noise)  # whatever ran before in this process
         assert main(["finetune", "--selection", str(selection), "--out", str(tmp_path / run),
-                     "--epochs", "1", "--device", "cpu", "--from-scratch"]) == 0
+                     "--epochs", "1", "--device", "cpu", "--init", "probe"]) == 0
     for name in ("task_delta.safetensors", "model.safetensors"):
         assert (tmp_path / "s1" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
-    assert json.loads((tmp_path / "s1" / "metrics.json").read_text())["from_scratch"] is True
+    assert json.loads((tmp_path / "s1" / "metrics.json").read_text())["init"] == "probe"

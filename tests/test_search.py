@@ -100,7 +100,7 @@ def test_finetune_folds_exactly_and_fold_cli_rebuilds(tiny, tmp_path, capsys):
     run_search(search_cfg(tmp_path, ckpt, "knapsack", evaluations=4))
     m = finetune(tmp_path / "out" / "selection.json", tmp_path / "final", epochs=1,
                  device="cpu", progress=False)
-    assert m["same_architecture"] and m["fold_max_abs_diff"] <= 1e-5
+    assert m["fold_max_abs_diff"] <= 1e-5  # run_method refuses a fold to another architecture
     assert m["updated_params"] <= m["budget_params"]
     assert m["delta_bytes"] == (tmp_path / "final" / "task_delta.safetensors").stat().st_size
     assert 0.0 <= m["test_acc"] <= 1.0
@@ -196,11 +196,11 @@ def test_search_counts_task_norms_in_the_budget_when_they_fit(tiny, tmp_path):
     assert sel["norm_params"] == norms == big["norm_params"]
     assert sel["delta_budget_params"] == sel["budget_params"] - norms
     assert sel["layers"] and sel["cost"] <= sel["delta_budget_params"]
-    assert sel["trained_params"] == sel["cost"] + norms <= sel["budget_params"]
+    assert sel["updated_params"] == sel["cost"] + norms <= sel["budget_params"]
     small = run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=4))
     assert small["norms_trained"] is False and small["budget_params"] < norms
     assert small["delta_budget_params"] == small["budget_params"]
-    assert small["trained_params"] == small["cost"] <= small["budget_params"]
+    assert small["updated_params"] == small["cost"] <= small["budget_params"]
     # the mode is part of what a search is: a resume with another one is refused
     with pytest.raises(SwrError, match="--norms: auto there, free now"):
         run_search(search_cfg(tmp_path, ckpt, "knapsack", out="small", evaluations=4,
@@ -270,7 +270,7 @@ def test_finetune_trains_norms_only_when_the_selection_says_so(tiny, tmp_path):
     sel_file = tmp_path / "out" / "selection.json"
     m = finetune(sel_file, tmp_path / "deltas", epochs=1, device="cpu", progress=False)
     assert m["norms_trained"] is False and m["norm_params"] == 0
-    assert m["trained_params"] == m["updated_params"] == m["delta_params"] <= m["budget_params"]
+    assert m["updated_params"] == m["delta_params"] <= m["budget_params"]
     # the task delta carries the base's norms (affines and BatchNorm statistics) unchanged
     delta = load_file(str(tmp_path / "deltas" / "task_delta.safetensors"))
     for name, module in norm_modules(base).items():
@@ -279,13 +279,13 @@ def test_finetune_trains_norms_only_when_the_selection_says_so(tiny, tmp_path):
     # a selection file from before --norms: norms trained, as then (outside the budget)
     old = json.loads(sel_file.read_text())
     for key in ("norms", "norms_trained", "norm_params", "delta_budget_params",
-                "trained_params"):
+                "updated_params"):
         del old[key]
     (tmp_path / "old.json").write_text(json.dumps(old))
     m = finetune(tmp_path / "old.json", tmp_path / "old", epochs=1, device="cpu",
                  progress=False)
     assert m["norms_trained"] is True and m["norms"] == "free" and m["norm_params"] == norms
-    assert m["trained_params"] == m["delta_params"] + norms
+    assert m["updated_params"] == m["delta_params"] + norms
     delta = load_file(str(tmp_path / "old" / "task_delta.safetensors"))
     assert any(not torch.equal(delta[f"norm/{name}.weight"], module.weight)
                for name, module in norm_modules(base).items() if module.weight is not None)
@@ -370,8 +370,9 @@ def test_trained_evaluator_scores_what_a_short_final_training_reaches(tiny, tmp_
     assert r["evaluator"] == "trained" and r["reward"] == "accuracy"
     assert r["bn_stats"] is None and r["bn_clips"] is None  # no scoring statistics to name
     assert r["proxy_epochs"] == PROXY_EPOCHS
+    # the proxy is stage 3 started from the supernet, without warm-up, at its own rate
     m = finetune(tmp_path / "tr" / "selection.json", tmp_path / "ft", epochs=PROXY_EPOCHS, seed=1,
-                 device="cpu", progress=False)
+                 device="cpu", progress=False, init="supernet", warmup=0.0, lr=3e-3)
     assert m["norms_trained"] == r["norms_trained"]
     assert m["val_acc"] == r["val_score"]
     fp = json.loads((tmp_path / "tr" / "fingerprint.json").read_text())

@@ -1,8 +1,8 @@
 """``swr bench`` configuration: the cells to run, result columns, default learning rates.
 
 :class:`BenchConfig` is what the CLI validates and passes down; :func:`expand_tasks`
-turns suite names into tasks; :data:`DEFAULT_LR` holds the learning rates used when
-not tuned, by backbone family and each method's learning-rate family.
+turns suite names into tasks; :func:`method_lr` gives each method's learning rate
+(:data:`swr.methods.base.DEFAULT_LR` when neither tuned nor given).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..budget import Budget
+from ..methods.base import default_lr
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
            "updated_params", "budget_params", "within_budget", "norm_params", "norms",
@@ -61,25 +62,9 @@ class BenchConfig:
     weights: Optional[str] = None
 
 
-#: Learning rates used when not tuned (``--tune``), by backbone family and the method's
-#: learning-rate family (:attr:`swr.methods.Method.lr_family`; ``default``: every other
-#: method). timm backbones pre-trained on large data take small steps, a head- or
-#: norm-only problem a larger one than a whole backbone. BC-ResNet (small, a BatchNorm
-#: after every convolution, pre-trained here from scratch at 1e-2) wants steps about ten
-#: times larger: these were chosen on kws-synth:de validation accuracy from 1e-3 / 5e-3,
-#: 2e-2 and 5e-2 (docs/BENCH.md, "Learning rates").
-DEFAULT_LR = {
-    "timm": {"full": 1e-3, "low-rank": 3e-3, "adapter": 3e-3, "default": 5e-3},
-    "bcresnet": {"head": 5e-2, "norm": 5e-2, "low-rank": 5e-2, "default": 2e-2},
-}
-
-
 def family_lr(family: str, cfg: BenchConfig, backbone: str = "") -> float:
     """The learning rate of a learning-rate family: ``--lr``, else the default table."""
-    if cfg.lr is not None:
-        return cfg.lr
-    table = DEFAULT_LR["bcresnet" if backbone.startswith("bcresnet") else "timm"]
-    return table.get(family, table["default"])
+    return cfg.lr if cfg.lr is not None else default_lr(family, backbone)
 
 
 def method_lr(method: str, cfg: BenchConfig, backbone: str = "") -> float:

@@ -168,6 +168,26 @@ class Method(ABC):
         return None
 
 
+#: Learning rates used when not tuned (``--tune``), by backbone family and the method's
+#: learning-rate family (:attr:`swr.methods.Method.lr_family`; ``default``: every other
+#: method). timm backbones pre-trained on large data take small steps, a head- or
+#: norm-only problem a larger one than a whole backbone. BC-ResNet (small, a BatchNorm
+#: after every convolution, pre-trained here from scratch at 1e-2) wants steps about ten
+#: times larger: these were chosen on kws-synth:de validation accuracy from 1e-3 / 5e-3,
+#: 2e-2 and 5e-2 (see the bench's learning-rate notes).
+DEFAULT_LR = {
+    "timm": {"full": 1e-3, "low-rank": 3e-3, "adapter": 3e-3, "default": 5e-3},
+    "bcresnet": {"head": 5e-2, "norm": 5e-2, "low-rank": 5e-2, "default": 2e-2},
+}
+
+
+def default_lr(family: str, backbone: str = "") -> float:
+    """The learning rate of a method's learning-rate ``family`` on ``backbone`` when none
+    is given (:data:`DEFAULT_LR`)."""
+    table = DEFAULT_LR["bcresnet" if backbone.startswith("bcresnet") else "timm"]
+    return table.get(family, table["default"])
+
+
 # -- the registry ---------------------------------------------------------------------------
 MethodFactory = Callable[..., Method]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from ..reparam import head_parameters
+from ..train import TrainConfig, TrainResult, fit_head
 from .base import Method, frozen_copy, head_state, new_head, train_only
 
 
@@ -31,6 +33,12 @@ class LinearProbe(Method):
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return list(head_parameters(model).values())
+
+    def fit(self, model: nn.Module, task, cfg: TrainConfig) -> TrainResult:
+        """The head fitted on the frozen features (:func:`swr.train.fit_head`): the same
+        solution SWR's stage 3 starts from, so SWR keeps it unless it beats it."""
+        return fit_head(model, task, dataclasses.replace(cfg, weight_decay=0.0,
+                                                         label_smoothing=0.0))
 
     def updated_params(self, model: nn.Module) -> int:
         return 0

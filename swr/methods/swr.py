@@ -1,9 +1,20 @@
-"""SWR itself as a PETL method, so ``swr bench`` runs it beside the baselines.
+"""SWR itself as a PETL method: the one stage 3, used by ``swr bench`` and ``swr finetune``.
 
 ``prepare`` runs stage 1 (the supernet, :func:`swr.supernet.prepare_supernet`) and
 stage 2 (the search, by the *searcher* it is handed) and returns the supernet with
-the chosen gates open; ``fit`` is stage 3 (train the selected deltas + task norms +
-head, warm-started from the supernet); ``fold`` gives the base architecture.
+the chosen gates open; given a ``selection`` instead (``swr finetune --selection``), it
+skips both. ``fit`` is stage 3, a recipe that cannot end below what its own subsets
+reach on validation:
+
+1. the head is fitted on the frozen base features (the linear probe's solution,
+   :func:`swr.train.fit_head`) with the deltas at zero and the base's norms (LP-FT);
+2. the selected deltas, the task norms (when the budget holds them) and the head then
+   train from there at the backbone family's learning rate, with a step-based linear
+   warm-up and cosine decay, keeping the epoch of best validation accuracy;
+3. the probe is kept instead when no epoch beats it on validation.
+
+``init="supernet"`` starts step 2 from stage 1's trained deltas, norms and head instead
+(the warm start; no probe). ``fold`` gives the base architecture.
 
 The ``norms`` knob says how the task norms relate to the budget
 (:func:`swr.budget.split_budget`): ``auto`` (default) trains and counts them when they
@@ -26,16 +37,23 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from ..budget import NORM_MODES, selection_cost
 from ..delta import task_delta_tensors
 from ..errors import BudgetError, SwrError
 from ..fold import fold
-from ..reparam import norm_parameters, restore_norms, set_selection, set_trainable
+from ..reparam import (norm_parameters, reparam_layers, restore_norms, set_selection,
+                       set_trainable)
 from ..selection import Searcher, search_selection
-from ..supernet import SupernetConfig
+from ..supernet import SupernetConfig, new_supernet
+from ..train import TrainConfig, TrainResult, fit_head, train
 from .base import Method
+
+#: where stage 3 starts (:attr:`SWR.init`)
+INITS = ("probe", "supernet")
 
 
 @dataclass
@@ -48,6 +66,8 @@ class SWR(Method):
     context_knobs: ClassVar[tuple[str, ...]] = ("evaluations", "supernet_epochs", "seed",
                                                 "device", "out")
 
+    lr_knobs: ClassVar[dict[str, str]] = {"probe_lr": "head"}  # the probe trains a head
+
     selector: str = "pg"  # the searcher's name, as the application resolves it
     norms: str = "auto"  # how task norms count against the budget (swr.budget.NORM_MODES)
     evaluations: int = 40
@@ -56,13 +76,29 @@ class SWR(Method):
     seed: int = 0
     device: str = "auto"
     out: Optional[str] = None
+    #: a selection to train as given (no stage 1 or 2); filled by the search otherwise
     selection: list[str] = field(default_factory=list)
     search_val_score: Optional[float] = None
-    #: filled by ``prepare``: whether the task norms train (``auto`` may leave them out)
-    norms_trained: Optional[bool] = field(default=None, init=False)
+    #: whether the task norms train: with a given selection, as it says; else filled by
+    #: ``prepare`` (``auto`` may leave them out)
+    norms_trained: Optional[bool] = None
+    #: where stage 3 starts: "probe" (LP-FT: the linear probe's head, zero deltas, base
+    #: norms) or "supernet" (stage 1's deltas, norms and head)
+    init: str = "probe"
+    #: with ``init="supernet"`` and a given selection: the stage-1 supernet's weights file
+    supernet_file: Optional[str] = None
+    #: the probe's learning rate (``swr bench`` gives it the linear probe's)
+    probe_lr: Optional[float] = None
+    #: fraction of stage 3's optimizer steps spent in linear warm-up
+    warmup: float = 0.1
     searcher: Optional[Searcher] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise SwrError(f"method {self.name!r}: init={self.init!r} is not one of "
+                           f"{', '.join(INITS)}")
+        if not 0 <= self.warmup < 1:
+            raise SwrError(f"method {self.name!r}: warmup={self.warmup!r} must be in [0, 1)")
         if self.norms not in NORM_MODES:
             raise SwrError(f"method {self.name!r}: norms={self.norms!r} is not one of "
                            f"{', '.join(NORM_MODES)}")
@@ -84,6 +120,23 @@ class SWR(Method):
     def prepare(self, model: nn.Module, task, budget_params: Optional[int]) -> nn.Module:
         if budget_params is None:
             raise BudgetError(f"method {self.name!r} needs a budget")
+        if self.searcher is None and self.selection:
+            supernet = self._given_selection(model, task)
+        else:
+            supernet = self._search(model, task, budget_params)
+        if self.init == "probe":  # the base itself: zero deltas, base norms (the head is fitted)
+            restore_norms(supernet, model)
+            with torch.no_grad():
+                for layer in reparam_layers(supernet).values():
+                    layer.delta.zero_()
+        elif not self.norms_trained:  # stage 1 trained the supernet's norms; these stay base
+            restore_norms(supernet, model)
+        set_selection(supernet, self.selection)
+        set_trainable(supernet, deltas=self.selection, norms=self.norms_trained, head=True)
+        return supernet
+
+    def _search(self, model: nn.Module, task, budget_params: int) -> nn.Module:
+        """Stages 1 and 2: the trained supernet, with ``selection`` and ``norms_trained`` set."""
         if self.searcher is None:
             raise SwrError(f"method {self.name!r} needs a searcher: set searcher= to one made by "
                            f"swr.policies.build_searcher({self.selector!r}, ...)")
@@ -95,11 +148,51 @@ class SWR(Method):
         self.selection = list(result["layers"])
         self.search_val_score = result["val_score"]
         self.norms_trained = bool(result["norms_trained"])
-        if not self.norms_trained:  # stage 1 trained the supernet's norms; these stay base
-            restore_norms(supernet, model)
-        set_selection(supernet, self.selection)
-        set_trainable(supernet, deltas=self.selection, norms=self.norms_trained, head=True)
         return supernet
+
+    def _given_selection(self, model: nn.Module, task) -> nn.Module:
+        """The model to train for a selection given as it is (``swr finetune --selection``)."""
+        if self.norms_trained is None:
+            raise SwrError(f"method {self.name!r}: a given selection needs norms_trained "
+                           "(whether its task norms train)")
+        supernet = new_supernet(model, task.num_classes, SupernetConfig(seed=self.seed))
+        if self.init == "supernet":
+            if not self.supernet_file:
+                raise SwrError(f"method {self.name!r}: init='supernet' with a given selection "
+                               "needs supernet_file")
+            try:
+                supernet.load_state_dict(load_file(str(self.supernet_file)))
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise SwrError(f"supernet {self.supernet_file} does not load "
+                               f"({str(e).splitlines()[0][:200]}); re-run swr search or use "
+                               "--init probe") from None
+        return supernet
+
+    def fit(self, model: nn.Module, task, cfg: TrainConfig) -> TrainResult:
+        """Stage 3 (see the module docstring): probe, then deltas + norms + head from it,
+        the better of the two on validation."""
+        history: list[dict] = []
+        probe = probe_state = None
+        if self.init == "probe":
+            probe = fit_head(model, task, dataclasses.replace(
+                cfg, lr=self.probe_lr or 10 * cfg.lr, weight_decay=0.0, label_smoothing=0.0))
+            probe_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append({"epoch": 0, "phase": "probe", "val_acc": probe.val_acc,
+                            "seconds": probe.seconds})
+        params = set_trainable(model, deltas=self.selection, norms=bool(self.norms_trained),
+                               head=True)
+        tuned = train(model, task, params,
+                      dataclasses.replace(cfg, warmup_epochs=self.warmup * cfg.epochs),
+                      before_batch=self.before_batch(model), regularizer=self.regularizer(model))
+        history += tuned.history
+        if probe is not None and tuned.val_acc < probe.val_acc:
+            model.load_state_dict(probe_state)  # no epoch beat the probe on validation
+            model.eval()
+            return TrainResult(val_acc=probe.val_acc, best_epoch=0,
+                               seconds=probe.seconds + tuned.seconds, history=history)
+        seconds = tuned.seconds + (probe.seconds if probe is not None else 0.0)
+        return TrainResult(val_acc=tuned.val_acc, best_epoch=tuned.best_epoch, seconds=seconds,
+                           history=history, precision=tuned.precision)
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
