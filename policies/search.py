@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
-from swr.budget import feasible_masks
+from swr.budget import feasible_masks, random_feasible_gates
 from swr.envs.evaluator import canonical
 from swr.errors import ClusterLostError
 from swr.io import save_png, write_csv, writing_error
@@ -201,6 +202,10 @@ def _cluster_lost(error: Exception, cfg: SearchSettings) -> bool:
     return not cluster_alive()
 
 
+#: Random draws per missing evaluation before :meth:`PoolSearcher._top_up` gives up.
+TOP_UP_DRAWS = 200
+
+
 class PoolSearcher:
     """The driver every searcher shares; a subclass implements :meth:`propose`.
 
@@ -259,6 +264,7 @@ class PoolSearcher:
                 per_budget_weights = self._propose_per_budget(problem, run)
             else:
                 weights = self.propose(problem, run)
+            topped_up = self._top_up(problem, run)
         except Exception as e:
             if not _cluster_lost(e, s):
                 raise
@@ -273,6 +279,13 @@ class PoolSearcher:
             retries = pool.retries
             pool.close()
         best_score, best_sel = log.best
+        short = None
+        if len(log.seen) < s.evaluations:
+            space = problem.feasible_selections
+            short = (f"every one of the {space} selections that fit the budget was scored"
+                     if space is not None and len(log.seen) >= space else
+                     f"no new selection was found in {TOP_UP_DRAWS} random draws per "
+                     "missing evaluation")
         write_csv(problem.out / "search.csv", log.rows)
         plot_search(problem.out / "search.png", log.rows, problem.title)
         per_budget = []
@@ -290,7 +303,26 @@ class PoolSearcher:
         return SearchResult(layers=best_sel, score=best_score, evaluations=len(log.seen),
                             replayed=log.replayed, retries=retries,
                             policy_weights=str(weights) if weights else None, rows=log.rows,
-                            per_budget=per_budget)
+                            per_budget=per_budget, topped_up=topped_up, short=short)
+
+    def _top_up(self, problem: SearchProblem, run: SearchRun) -> int:
+        """Score distinct random feasible selections until ``run`` has none left, when the
+        searcher stopped short of its evaluations (a policy that keeps sampling what it
+        has scored); returns how many. Equal evaluations per searcher is what makes
+        searchers comparable, so none ends with fewer unless the space runs out."""
+        left = run.evaluations_left()
+        if left <= 0:
+            return 0
+        g = torch.Generator().manual_seed(self.settings.seed + 7919)
+        costs = list(problem.costs)
+        before = left
+        for _ in range(TOP_UP_DRAWS * before):
+            if run.evaluations_left() <= 0:
+                break
+            mask = np.asarray(random_feasible_gates(costs, problem.budget_params, g))
+            if run.is_new(mask):
+                run.score([mask])
+        return before - max(run.evaluations_left(), 0)
 
     def _propose_per_budget(self, problem: SearchProblem, run: SearchRun) -> list[Optional[Path]]:
         """Search the budgets one after another, each with an equal share of the

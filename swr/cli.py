@@ -281,6 +281,15 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        bn_clips=args.bn_clips or None, on_bad_file=args.on_bad_file,
                        norms=args.norms)
     r = run_search(cfg)
+    first = r["budgets"][0] if "budgets" in r else r
+    if first.get("evaluations_topped_up"):
+        print(f"swr search: {r['policy']} stopped proposing new selections after "
+              f"{r['evaluations'] - first['evaluations_topped_up']}; "
+              f"{first['evaluations_topped_up']} random feasible selections made up the "
+              f"{cfg.evaluations} evaluations (recorded in selection.json)", file=sys.stderr)
+    if first.get("evaluations_short"):
+        print(f"swr search: scored {r['evaluations']} of {cfg.evaluations} evaluations: "
+              f"{first['evaluations_short']}", file=sys.stderr)
     if "budgets" in r:
         for e in r["budgets"]:
             norms = " + norms" if e["norms_trained"] else ""

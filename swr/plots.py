@@ -65,11 +65,14 @@ def _caption(fig: Figure, text: str) -> None:
     fig.supxlabel(text, fontsize=7, color="0.3", wrap=True)
 
 
-def pareto_figure(summary: Sequence[dict], title: str = "") -> Figure:
+def pareto_figure(summary: Sequence[dict], title: str = "",
+                  best: Sequence[tuple[int, str]] = ()) -> Figure:
     """Test accuracy against updated backbone parameters (log), one panel per task.
 
     ``summary``: rows with ``task, method, budget, n, test_acc, test_std,
-    updated_params`` (what :func:`swr.bench.summarize` returns).
+    updated_params`` (what :func:`swr.bench.summarize` returns). ``best``: per budget,
+    ``(trained parameters, method)`` of the best method at or below it (over all
+    tasks), drawn as a dotted line and named in the caption.
     """
     tasks = sorted({s["task"] for s in summary})
     fig, axes = _axes_row(max(1, len(tasks)), 6.2, 4.6)
@@ -102,6 +105,8 @@ def pareto_figure(summary: Sequence[dict], title: str = "") -> Figure:
                 if s["budget"] != "natural":
                     ax.annotate(str(s["budget"]), (x, y), textcoords="offset points",
                                 xytext=(4, 4), fontsize=7, color=colour)
+        for limit, _ in best:
+            ax.axvline(limit, color="0.5", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("trained parameters, excl. head (log scale)")
         ax.set_ylabel("test accuracy")
@@ -111,7 +116,9 @@ def pareto_figure(summary: Sequence[dict], title: str = "") -> Figure:
     seeds_text = "/".join(str(n) for n in seeds)
     _caption(fig, f"Mean over seeds (n={seeds_text}); error bars and bands: ±1 standard "
                   "deviation over seeds. Labels: the budget of budgeted methods. Methods that "
-                  "update no backbone parameter are dashed lines.")
+                  "update no backbone parameter are dashed lines."
+             + "".join(f" Best at <= {limit:,} trained parameters (dotted), over all tasks: "
+                       f"{method}." for limit, method in best))
     return fig
 
 

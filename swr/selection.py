@@ -108,6 +108,9 @@ class SearchResult:
     ``rows``: one record per distinct selection, in the order they were scored.
     ``per_budget``: for a search of several budgets, the best selection at each
     (``layers``, ``score``, ``policy_weights``; their ``evaluations`` the search's total).
+    ``topped_up``: of ``evaluations``, the random feasible selections the driver scored
+    after the searcher stopped short of its count; ``short``: why fewer than asked were
+    scored (None when the count was reached).
     """
 
     layers: Selection
@@ -118,6 +121,8 @@ class SearchResult:
     policy_weights: Optional[str] = None
     rows: list[dict] = field(default_factory=list)
     per_budget: list["SearchResult"] = field(default_factory=list)
+    topped_up: int = 0
+    short: Optional[str] = None
 
 
 def budget_folder(label: str) -> str:
@@ -226,6 +231,9 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
             "backbone_params": backbone_params(model), "val_score": res.score,
             "policy": info.get("policy", searcher.name), "seed": info.get("seed"),
             "evaluations": found.evaluations,
+            "evaluations_requested": getattr(getattr(searcher, "settings", None),
+                                             "evaluations", None),
+            "evaluations_topped_up": found.topped_up, "evaluations_short": found.short,
             "replayed_evaluations": found.replayed, "worker_retries": found.retries,
             "task": task.id, "backbone": backbone,
             "supernet": str(folder), "supernet_val_acc_all_open": meta["val_acc_all_open"],

@@ -1,7 +1,6 @@
-"""Rank statistics for comparing a proxy score with what it should predict.
-
-Kendall's tau-b and Spearman's rho, both with ties handled the standard way, and a
-Fisher-z 95% interval for a correlation; numpy only.
+"""Statistics for comparisons: the paired difference of two methods with its 95%
+interval, and rank statistics (Kendall's tau-b and Spearman's rho, ties handled the
+standard way, a Fisher-z 95% interval for a correlation); numpy only.
 """
 
 from __future__ import annotations
@@ -88,3 +87,25 @@ def fisher_interval(r: float, n: int, kind: str = "spearman", z: float = 1.95996
     r = min(max(r, -0.999999), 0.999999)
     centre, half = math.atanh(r), z * se[kind]()
     return (math.tanh(centre - half), math.tanh(centre + half))
+
+
+#: Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(differences: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of paired ``differences`` and its 95% t-interval: ``(mean, low, high)``.
+
+    NaN bounds with fewer than two pairs (no spread to estimate).
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or not len(d) or not np.isfinite(d).all():
+        raise SwrError("a paired interval needs finite differences")
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan")
+    t = _T975[len(d) - 2] if len(d) - 1 <= len(_T975) else 1.959964
+    half = t * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return mean, mean - half, mean + half

@@ -272,25 +272,39 @@ def test_bench_of_a_missing_folder_is_refused_before_any_worker(ckpt, tmp_path, 
 
 
 def test_bench_refused_after_its_lock_leaves_out_as_found(ckpt, tmp_path, capsys, monkeypatch):
-    """A refusal after ``--out`` was locked and the fingerprint written (here: the
-    workers' Ray start) takes back what the bench made there."""
-    import swr.parallel
+    """A refusal after ``--out`` was locked, the fingerprint written and ``preds/`` made
+    (here: by its first run) takes back what the bench made there."""
+    import swr.bench.run
 
     def refuse(*a, **k):
         raise SwrError("refused for the test")
 
-    monkeypatch.setattr(swr.parallel, "resolve_workers", refuse)
+    monkeypatch.setattr(swr.bench.run, "run_job", refuse)
     real = swr.tasks.get_task
     monkeypatch.setattr(swr.tasks, "get_task",
                         lambda spec, **kw: TINY if spec == "tiny" else real(spec, **kw))
     out = tmp_path / "b"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    line = one_line(capsys, ["bench", "--task", "tiny", "--checkpoint", str(ckpt), "--methods",
-                             "linear", "--out", str(out), "--epochs", "1", "--seeds", "1",
-                             "--workers", "1", "--device", "cpu"])
-    assert "refused for the test" in line
+    assert main(["bench", "--task", "tiny", "--checkpoint", str(ckpt), "--methods", "linear",
+                 "--out", str(out), "--epochs", "1", "--seeds", "1", "--workers", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln]  # beside the progress bar
+    assert lines == ["swr bench: error: refused for the test"] and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_search_refused_after_its_fingerprint_leaves_out_as_found(ckpt, tmp_path, capsys,
+                                                                   tiny):
+    """A budget below the cheapest layer is found once the model is loaded, after
+    ``fingerprint.json`` used to be written (and then refused a rerun as an earlier run)."""
+    out = tmp_path / "o"
+    args = search_args(ckpt, out, "--workers", "0")
+    args[args.index("10%")] = "3"
+    for _ in range(2):  # the same line again: nothing of the first try is in the way
+        line = one_line(capsys, args)
+        assert "is below the cheapest layer" in line and not out.exists()
 
 
 @pytest.mark.parametrize("command", ["search", "bench", "fold", "pretrain"])

@@ -313,3 +313,32 @@ def test_budget_list_errors(tiny, tmp_path):
         run_search(list_cfg(tmp_path, ckpt, "random", budget="5%,,10%"))
     with pytest.raises(SwrError, match="one per budget"):
         run_search(list_cfg(tmp_path, ckpt, "random", evaluations=3))
+
+
+def test_a_searcher_that_stops_short_is_topped_up_to_its_evaluations(tmp_path, monkeypatch):
+    """pg capped at two iterations proposes far fewer distinct selections than asked: the
+    driver makes up the rest with random feasible ones, says how many, and a space smaller
+    than the count ends at its size with the reason recorded."""
+    import swr.policies.search as driver
+    from swr.policies.pg import PGConfig
+
+    costs, _, stats = synthetic(seed=1)
+    names = [s["name"] for s in stats]
+    evaluator = SyntheticEvaluator(costs, seed=3, names=names)
+    monkeypatch.setattr(driver, "evaluator_factory", lambda *a, **k: None)
+    monkeypatch.setattr(driver, "make_pool", lambda *a, **k: LocalPool(evaluator))
+    monkeypatch.setattr(driver, "plot_search", lambda *a, **k: None)
+    budget = fractions(costs, 0.1)[0]
+    problem = SearchProblem(None, None, names, list(costs), budget, stats, tmp_path)
+    settings = SearchSettings(evaluations=40, seed=0, progress=False, samples_per_iteration=4)
+    found = PGSearcher(settings, PGConfig(max_iterations=2))(problem)
+    assert found.evaluations == 40 == evaluator.calls
+    assert 0 < found.topped_up <= 40 - 4 and found.short is None
+    # a space of 3 selections (empty, a, b): every one scored, and the reason given
+    tiny = SearchProblem(None, None, names[:2], [costs[0], costs[1]], max(costs[:2]),
+                         stats[:2], tmp_path / "tiny")
+    (tmp_path / "tiny").mkdir()
+    found = PGSearcher(replace(settings, evaluations=40),
+                       PGConfig(max_iterations=2))(tiny)
+    assert found.evaluations == tiny.feasible_selections < 40
+    assert "every one of the" in found.short

@@ -4,6 +4,7 @@ ensembles (``results.md``)."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from typing import Optional
 
@@ -66,6 +67,97 @@ def results_markdown(rows: list[dict]) -> str:
             avg = f"{statistics.mean(known):.4f}" if len(known) == len(tasks) else "(incomplete)"
             lines.append(f"| {method} | {budget} | {cells} | {avg} |")
     return "\n".join(lines) + "\n"
+
+
+def _is_swr(method: str) -> bool:
+    return method == "swr" or method.startswith("swr-")
+
+
+def budget_groups(rows: list[dict]) -> list[dict]:
+    """Methods side by side at equal trained parameters.
+
+    For every budget of the bench (its ``budget_params``), the methods that fit it: the
+    budgeted ones run at that budget, and every natural-size method (linear probe,
+    BitFit, norm tuning, ...) whose trained parameters (excl. head) are at most the
+    budget. Natural-size methods above every budget are references. Per group and
+    method: mean test accuracy over tasks and seeds, and for the group's SWR method
+    (``swr``, else the first ``swr-*``) its paired difference against each other
+    method over the (task, seed) pairs both ran, with its 95% interval.
+    """
+    from ..stats import paired_interval
+
+    runs: dict[tuple[str, str], dict[tuple[str, int], dict]] = {}
+    for r in rows:
+        runs.setdefault((r["method"], str(r["budget"])), {})[(r["task"], int(r["seed"]))] = r
+    budgets = sorted({(str(r["budget"]), int(float(r["budget_params"])))
+                      for r in rows if str(r["budget"]) != "natural" and _f(r.get("budget_params"))},
+                     key=lambda b: b[1])
+    natural = {m: rs for (m, b), rs in runs.items() if b == "natural"}
+    groups = []
+    for label, limit in budgets:
+        members = {m: rs for (m, b), rs in runs.items() if b == label}
+        members.update({m: rs for m, rs in natural.items()
+                        if max(_f(r["updated_params"]) for r in rs.values()) <= limit})
+        swr = "swr" if "swr" in members else next((m for m in sorted(members) if _is_swr(m)),
+                                                  None)
+        entries = []
+        for m, rs in members.items():
+            entry = {"method": m, "budget": label, "limit": limit, "n": len(rs),
+                     "test_acc": statistics.mean(_f(r["test_acc"]) for r in rs.values()),
+                     "updated_params": statistics.mean(_f(r["updated_params"])
+                                                       for r in rs.values())}
+            if swr is not None and m != swr:
+                common = sorted(set(rs) & set(members[swr]))
+                if common:
+                    d = [_f(members[swr][k]["test_acc"]) - _f(rs[k]["test_acc"]) for k in common]
+                    entry["swr_minus"], entry["low"], entry["high"] = paired_interval(d)
+                    entry["pairs"] = len(common)
+            entries.append(entry)
+        entries.sort(key=lambda e: -e["test_acc"])
+        groups.append({"budget": label, "limit": limit, "swr": swr, "methods": entries,
+                       "best": entries[0]["method"] if entries else None})
+    refs = {m for m, rs in natural.items()} - {e["method"] for g in groups for e in g["methods"]}
+    if groups or refs:
+        entries = [{"method": m, "budget": "natural", "n": len(natural[m]),
+                    "test_acc": statistics.mean(_f(r["test_acc"]) for r in natural[m].values()),
+                    "updated_params": statistics.mean(_f(r["updated_params"])
+                                                      for r in natural[m].values())}
+                   for m in sorted(refs)]
+        groups.append({"budget": "references", "limit": None, "swr": None,
+                       "methods": sorted(entries, key=lambda e: -e["test_acc"]), "best": None})
+    return groups
+
+
+def budget_markdown(rows: list[dict]) -> str:
+    """:func:`budget_groups` as markdown: one table per budget, then the references."""
+    lines = []
+    for g in budget_groups(rows):
+        if g["limit"] is None:
+            if g["methods"]:
+                lines += ["", "References (train more than every budget):", "",
+                          "| method | trained params (excl. head) | test acc | runs |",
+                          "|---|---|---|---|"]
+                lines += [f"| {e['method']} | {e['updated_params']:,.0f} | {e['test_acc']:.4f} | "
+                          f"{e['n']} |" for e in g["methods"]]
+            continue
+        who = g["swr"] or "SWR"
+        lines += ["", f"At {g['budget']} ({g['limit']:,} trained parameters): best at <= "
+                  f"{g['limit']:,} trained parameters: **{g['best']}**", "",
+                  f"| method | trained params (excl. head) | test acc | {who} minus it "
+                  "[95% interval] (pairs) |", "|---|---|---|---|"]
+        for e in g["methods"]:
+            diff = ""
+            if "swr_minus" in e:
+                ci = ("" if math.isnan(e["low"]) else
+                      f" [{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]")
+                diff = f"{100 * e['swr_minus']:+.1f} points{ci} ({e['pairs']})"
+            lines.append(f"| {e['method']} | {e['updated_params']:,.0f} | {e['test_acc']:.4f} "
+                         f"| {diff} |")
+    if not lines:
+        return ""
+    return ("\n## At equal trained parameters\n\nTest accuracy averaged over tasks and seeds; "
+            "differences are paired by task and seed, in points, with a 95% t-interval.\n"
+            + "\n".join(lines) + "\n")
 
 
 def _mean(values) -> Optional[float]:

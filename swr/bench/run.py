@@ -31,7 +31,7 @@ from ..search import check_fingerprint, register_swr_methods
 from .config import (COLUMNS, ENSEMBLE_COLUMNS, NATURAL, BenchConfig, budget_order, expand_tasks,
                      family_lr, method_lr)
 from .plots import plot_pareto, plot_robustness
-from .report import _f, results_markdown, robustness_markdown
+from .report import _f, budget_markdown, results_markdown, robustness_markdown
 
 # swr-ppo, swr-random, ...: SWR with each registered searcher, in every process that benches
 register_swr_methods()
@@ -354,7 +354,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     write_rows(out / "ensembles.csv", pairs, ENSEMBLE_COLUMNS)
     bad_notes = "".join(f"\n- `{t}`: {len(v)} file(s), e.g. `{sorted(v)[0]}`"
                         for t, v in sorted(bad_files.items()))
-    write_text(out / "results.md", results_markdown(rows)
+    write_text(out / "results.md", results_markdown(rows) + budget_markdown(rows)
                + (f"\nMethods that cannot fit a budget:{notes}\n" if notes else "")
                + (f"\nUnreadable data files left out (`--on-bad-file skip`; all listed in "
                   f"skipped_files.json):{bad_notes}\n" if bad_notes else "")
