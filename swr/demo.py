@@ -83,19 +83,77 @@ def _run_demo(out: Path, suite, quick, seeds, workers, device, resume, overwrite
           if (out / "bench" / "robustness.png").is_file() else []),
         "## Which layers each target chose (SWR)", "",
         "![selection map](selection_map.png)" if selection_map else "(no SWR runs)", "",
-        "Methods: `linear` head only; `norm` norm affines; `lora` LoRA through peft at the "
-        "budget; `full` every weight; `wise-ft` linear probe, then every weight from it, then "
-        "the weight-space interpolation between the two chosen on validation; `swr` SWR with "
-        "the policy network; `swr-knapsack` SWR with the knapsack selector over stage-1 "
-        "Taylor importance. Ensembles average the class probabilities of two of these runs.",
-        "",
+        "## What the names mean", "",
+        *[f"- `{m}`: {METHOD_NOTES[m]}" for m in sorted({r['method'] for r in rows})
+          if m in METHOD_NOTES],
+        "- budget `natural`: a method of fixed size (it trains what it trains, whatever the "
+        "budget); its trained parameters are counted like everyone's.",
+        "- norms `auto:none`: SWR's task norms did not fit the budget, so it trained deltas "
+        "(and the head) only; `auto`: they fit and were counted in it.",
+        "- Ensembles average the class probabilities of two of these runs.", "",
     ]
+    report[report.index("## Results"):report.index("## Results")] = [
+        "## Verdict", "", verdict(rows, targets, seeds), ""]
     write_text(out / "report.md", "\n".join(report))
     summary = {"seconds": seconds, "source": source, "rows": summarize(rows)}
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     log("\n" + table)
     log(f"demo: done in {seconds / 60:.1f} min -> {out / 'report.md'}")
     return summary
+
+
+#: One line per method, for the report's legend (only the methods that ran are listed).
+METHOD_NOTES = {
+    "linear": "a new head on the frozen base (the linear probe)",
+    "norm": "the norm layers' affines and statistics, and the head",
+    "bitfit": "every bias, and the head",
+    "lora": "LoRA (peft) at the largest rank within the budget, and the head",
+    "full": "every weight (full fine-tuning)",
+    "wise-ft": "linear probe, then every weight from it, then the weight-space interpolation "
+               "between the two chosen on validation",
+    "swr": "SWR: deltas on the layers the policy network chose within the budget, the task "
+           "norms when they fit, the head; started from the linear probe",
+    "swr-knapsack": "SWR with the exact knapsack over stage-1 Taylor importance in place of "
+                    "the policy",
+}
+
+
+def verdict(rows: list[dict], targets: list[str], seeds: int) -> str:
+    """One paragraph on SWR's place, read off the comparison at equal trained parameters:
+    at each budget, SWR against every method that fits it (paired differences with their
+    95% intervals) and against the references that train more."""
+    from .bench.report import budget_groups
+
+    groups = budget_groups(rows)
+    refs = next((g["methods"] for g in groups if g["limit"] is None), [])
+    parts = []
+    for g in groups:
+        if g["limit"] is None or g["swr"] is None:
+            continue
+        me = next(e for e in g["methods"] if e["method"] == g["swr"])
+        others = [e for e in g["methods"] if "swr_minus" in e]
+        said = []
+        for e in others:
+            ci = ("" if e["low"] != e["low"] else
+                  f" [{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]")
+            sure = ("" if e["low"] != e["low"] else " (an interval above zero)" if e["low"] > 0
+                    else " (an interval below zero)" if e["high"] < 0 else
+                    " (the interval holds zero: no difference shown)")
+            said.append(f"{e['method']} {100 * e['swr_minus']:+.1f} points{ci}{sure}")
+        place = ("the best" if g["best"] == g["swr"] else
+                 f"behind {g['best']}")
+        parts.append(f"At {g['budget']} ({g['limit']:,} trained parameters) `{g['swr']}` "
+                     f"averages {100 * me['test_acc']:.1f}% and is {place} among the methods "
+                     f"that fit; SWR minus each: " + "; ".join(said) + ".")
+        for r in refs:
+            parts.append(f"`{r['method']}` trains {r['updated_params']:,.0f} parameters "
+                         f"({r['updated_params'] / max(1, g['limit']):.0f}x the budget) and "
+                         f"averages {100 * r['test_acc']:.1f}% "
+                         f"({100 * (me['test_acc'] - r['test_acc']):+.1f} points for SWR).")
+    n = len(targets) * seeds
+    return (" ".join(parts) + f" Averages over {', '.join(targets)} and {seeds} seed(s) "
+            f"({n} pairs per difference); intervals are 95% paired t-intervals.") if parts \
+        else "No SWR run to compare."
 
 
 def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str],

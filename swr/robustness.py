@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -141,9 +142,26 @@ def ensemble_rows(runs: list[dict], pred_dir: str | os.PathLike) -> list[dict]:
 
 
 def cell_name(task: str, method: str, budget: str, seed) -> str:
-    """A file-name-safe name of one bench cell."""
-    safe = task.replace(":", "_").replace("/", "_").replace(os.sep, "_")
-    return f"{safe}-{method}-{budget}-s{int(seed)}"
+    """A short, shell-safe name of one bench cell (letters, digits, '.', '_', '-').
+
+    A task named by a path or with options (``imagefolder:/home/me/digits?shots=30``)
+    is shortened to its kind and last path part plus a hash of the whole spec
+    (``imagefolder_digits-3f2a1c``), so no folder name holds an absolute path or a
+    glob character; the full spec is in each run's ``metrics.json``. ``%`` becomes
+    ``pct``.
+    """
+    import hashlib
+
+    kind, _, rest = task.partition(":")
+    plain = re.fullmatch(r"[A-Za-z0-9._-]*", rest) is not None
+    if plain:
+        short = f"{kind}_{rest}" if rest else kind
+    else:
+        last = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(rest.split("?")[0].rstrip("/\\")).name)
+        digest = hashlib.sha256(task.encode()).hexdigest()[:6]
+        short = f"{kind}_{last[:40]}-{digest}" if last else f"{kind}-{digest}"
+    safe = lambda text: re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("%", "pct"))  # noqa: E731
+    return f"{safe(short)}-{safe(method)}-{safe(str(budget))}-s{int(seed)}"
 
 
 @torch.no_grad()

@@ -459,7 +459,6 @@ def fit_head(model: nn.Module, task, cfg: TrainConfig, epochs: int = HEAD_EPOCHS
 
     best_acc, best_epoch, best_state = val_acc(), 0, copy.deepcopy(head.state_dict())
     history = []
-    runlog = RunLog(cfg.log_dir, "epochs", tag=cfg.desc) if cfg.log_dir else None
     for epoch in range(epochs):
         order = torch.randperm(len(train_x), generator=g).to(device)
         loss_sum = 0.0
@@ -475,14 +474,14 @@ def fit_head(model: nn.Module, task, cfg: TrainConfig, epochs: int = HEAD_EPOCHS
         acc = val_acc()
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, len(train_x)),
                         "val_acc": acc})
-        if runlog is not None:
-            runlog.record(epoch + 1, {"phase": f"{cfg.desc} (head on frozen features)",
-                                      "lr": sched.get_last_lr()[0], "train_loss":
-                                      history[-1]["train_loss"], "val_acc": acc,
-                                      "seconds": time.perf_counter() - start})
         if acc > best_acc:
             best_acc, best_epoch, best_state = acc, epoch + 1, copy.deepcopy(head.state_dict())
-    if runlog is not None:
+    runlog = RunLog(cfg.log_dir, "epochs", tag=cfg.desc) if cfg.log_dir else None
+    if runlog is not None:  # one record for the whole fit: its passes cost next to nothing
+        runlog.record(1, {"phase": f"{cfg.desc} (head on frozen features, {epochs} passes)",
+                          "lr": cfg.lr, "train_loss": history[-1]["train_loss"] if history
+                          else None, "val_acc": best_acc,
+                          "seconds": time.perf_counter() - start})
         runlog.close()
     head.load_state_dict(best_state)
     model.eval()

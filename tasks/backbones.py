@@ -29,6 +29,17 @@ BACKBONE_FORMS = [f"bcresnet-{t:g}" for t in BCRESNET_TAUS] + ["timm:<model_name
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)?$")
 
 
+def similar_names(name: str, known: list[str], n: int = 8) -> list[str]:
+    """The ``n`` names of ``known`` closest to ``name``: those it starts (or that start
+    it), nearest in length first, then the closest by edit-distance ratio."""
+    import difflib
+
+    prefix = sorted((k for k in known if k.startswith(name) or name.startswith(k)),
+                    key=lambda k: (abs(len(k) - len(name)), k))
+    close = difflib.get_close_matches(name, known, n=n, cutoff=0.6)
+    return list(dict.fromkeys(prefix[:n // 2] + close + prefix[n // 2:]))[:n]
+
+
 def check_backbone_name(name: object) -> str:
     """``name`` if it names a backbone swr can build, else :class:`SwrError` (one line).
 
@@ -59,7 +70,7 @@ def _timm_name(name: str) -> str:
                        "optionally '.<tag>'); see swr list backbones 'timm:*'")
     arch = model.split(".")[0]
     if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch[:6]}*")[:8]
+        close = similar_names(arch, timm.list_models())
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise SwrError(f"unknown timm model {arch!r}{hint}")
     return model

@@ -62,7 +62,7 @@ def test_bench_with_own_timm_weights_without_pretrain(tmp_path):
     assert any(k.startswith("norm/") for k in norm_delta)
     assert not any(k.startswith("delta/") for k in norm_delta)
     # LoRA's deltas are dense W_task - W_base of the layers it adapted
-    lora_delta, lora_meta = read_task_delta(out / "runs" / "glyphs_sketch-lora-5%-s0"
+    lora_delta, lora_meta = read_task_delta(out / "runs" / "glyphs_sketch-lora-5pct-s0"
                                             / "task_delta.safetensors")
     # (every delta carries the task's whole norm state besides)
     assert lora_meta["selection"] and all(k.startswith(("delta/", "norm/"))
