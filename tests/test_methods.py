@@ -431,3 +431,34 @@ def test_swr_deltas_only_keeps_the_base_norms(families, tmp_path):
         get_method("swr-deltas", norms="free")
     with pytest.raises(SwrError, match="norms"):
         get_method("swr", norms="sometimes")
+
+
+def test_swr_stage_3_never_ends_below_its_linear_probe_on_validation():
+    """LP-FT: the head is fitted on frozen features first; when no epoch of the deltas'
+    training beats that probe on validation (a learning rate that wrecks the model),
+    the probe is what SWR keeps: zero deltas, the base's norms, the probe's head."""
+    from swr.methods.swr import SWR
+    from swr.reparam import reparam_layers
+
+    from fixtures import tiny_audio_task
+
+    torch.manual_seed(0)
+    base = create_backbone("bcresnet-1", num_classes=4).eval()
+    task = tiny_audio_task(4, per_class=24, seed=5)
+    layers = [c.name for c in candidates(base)][-3:]
+    method = SWR(selection=layers, norms_trained=True, init="probe", seed=0, probe_lr=5e-2)
+    model = method.prepare(copy.deepcopy(base), task, budget_params=10**6)
+    cfg = TrainConfig(epochs=2, lr=50.0, batch_size=32, device="cpu", progress=False)
+    result = method.fit(model, task, cfg)
+    probe = result.history[0]
+    assert probe["phase"] == "probe" and result.best_epoch == 0
+    assert result.val_acc == probe["val_acc"] >= max(h["val_acc"] for h in result.history[1:])
+    assert all(float(layer.delta.detach().abs().max()) == 0 for layer in reparam_layers(model).values())
+    for name, m in norm_modules(base).items():
+        assert torch.equal(model.get_submodule(name).running_var, m.running_var), name
+    # with a sane rate the deltas train and are kept when they beat the probe on validation
+    method = SWR(selection=layers, norms_trained=True, init="probe", seed=0, probe_lr=5e-2)
+    model = method.prepare(copy.deepcopy(base), task, budget_params=10**6)
+    result = method.fit(model, task, TrainConfig(epochs=3, lr=2e-2, batch_size=32,
+                                                 device="cpu", progress=False))
+    assert result.val_acc >= result.history[0]["val_acc"]
