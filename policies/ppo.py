@@ -24,7 +24,7 @@ import torch
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
-from tqdm.auto import tqdm
+from swr.progress import progress_bar
 
 from swr.parallel import limit_threads
 from .ray_vecenv import RayVecEnv, SyncVecEnv
@@ -99,8 +99,8 @@ class _EpisodeCallback(BaseCallback):
                  stop: Callable[[], bool] | None = None):
         super().__init__()
         self.tally, self.stop = tally, stop
-        self.bar = tqdm(total=total_timesteps, desc="ppo", unit="step", leave=False,
-                        dynamic_ncols=True, disable=not progress)
+        self.bar = progress_bar(total_timesteps, "ppo", "step", leave=False,
+                                disable=not progress)
 
     def _on_step(self) -> bool:
         for i, info in enumerate(self.locals["infos"]):

@@ -108,9 +108,9 @@ class SearchRun:
         self.pool, self.log, self.limit = pool, log, limit
         self._bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from swr.progress import progress_bar
 
-            self._bar = tqdm(total=limit, desc="search", unit="eval", dynamic_ncols=True)
+            self._bar = progress_bar(limit, "search", "eval")
 
     def evaluations_left(self) -> int:
         return self.limit - len(self.log.seen)

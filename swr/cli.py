@@ -777,6 +777,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, run, _ = COMMANDS[args.command]
     handle_sigterm()
+    if getattr(args, "debug", False):  # Ray's own notices too (swr.parallel.init_ray)
+        import logging
+
+        logging.getLogger("swr").setLevel(logging.DEBUG)
     try:
         _check_common(args)
         return int(run(args) or 0)

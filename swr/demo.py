@@ -25,7 +25,7 @@ SUITES = {
     "glyphs": (["glyphs:sketch", "glyphs:painting", "glyphs:greek"],
                ["linear", "norm", "lora", "full", "wise-ft", "swr-knapsack", "swr"]),
 }
-QUICK_METHODS = ["linear", "norm", "full", "wise-ft", "swr"]
+QUICK_METHODS = ["linear", "bitfit", "lora", "norm", "full", "swr"]
 
 
 #: What a demo writes into its ``--out``: a folder holding one holds a demo.
@@ -59,7 +59,7 @@ def _run_demo(out: Path, suite, quick, seeds, workers, device, resume, overwrite
     source = json.loads((ckpt / "metrics.json").read_text())
     log(f"demo: source {source['backbone']} on {source['task']}: test acc {source['test_acc']:.4f}")
     cfg = BenchConfig(tasks=targets, checkpoint=str(ckpt), methods=methods, budgets=["5%"],
-                      out=str(out / "bench"), seeds=seeds, epochs=4 if quick else 12,
+                      out=str(out / "bench"), seeds=seeds, epochs=10 if quick else 12,
                       device=device, workers=workers, swr_evaluations=24 if quick else 120,
                       supernet_epochs=3 if quick else 10, resume=resume, overwrite=overwrite)
     rows = run_bench(cfg, log=log)
@@ -93,7 +93,7 @@ def _run_demo(out: Path, suite, quick, seeds, workers, device, resume, overwrite
         "- Ensembles average the class probabilities of two of these runs.", "",
     ]
     report[report.index("## Results"):report.index("## Results")] = [
-        "## Verdict", "", verdict(rows, targets, seeds), ""]
+        "## Verdict", "", verdict(rows, targets, seeds, out / "bench" / "preds"), ""]
     write_text(out / "report.md", "\n".join(report))
     summary = {"seconds": seconds, "source": source, "rows": summarize(rows)}
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
@@ -118,13 +118,13 @@ METHOD_NOTES = {
 }
 
 
-def verdict(rows: list[dict], targets: list[str], seeds: int) -> str:
+def verdict(rows: list[dict], targets: list[str], seeds: int, pred_dir=None) -> str:
     """One paragraph on SWR's place, read off the comparison at equal trained parameters:
     at each budget, SWR against every method that fits it (paired differences with their
     95% intervals) and against the references that train more."""
     from .bench.report import budget_groups
 
-    groups = budget_groups(rows)
+    groups = budget_groups(rows, pred_dir)
     refs = next((g["methods"] for g in groups if g["limit"] is None), [])
     parts = []
     for g in groups:
@@ -139,7 +139,8 @@ def verdict(rows: list[dict], targets: list[str], seeds: int) -> str:
             sure = ("" if e["low"] != e["low"] else " (an interval above zero)" if e["low"] > 0
                     else " (an interval below zero)" if e["high"] < 0 else
                     " (the interval holds zero: no difference shown)")
-            said.append(f"{e['method']} {100 * e['swr_minus']:+.1f} points{ci}{sure}")
+            said.append(f"{e['method']} {100 * e['swr_minus']:+.1f} points{ci}{sure}, over "
+                        f"{e['pairs']} {e['unit']}")
         place = ("the best" if g["best"] == g["swr"] else
                  f"behind {g['best']}")
         parts.append(f"At {g['budget']} ({g['limit']:,} trained parameters) `{g['swr']}` "
@@ -150,10 +151,10 @@ def verdict(rows: list[dict], targets: list[str], seeds: int) -> str:
                          f"({r['updated_params'] / max(1, g['limit']):.0f}x the budget) and "
                          f"averages {100 * r['test_acc']:.1f}% "
                          f"({100 * (me['test_acc'] - r['test_acc']):+.1f} points for SWR).")
-    n = len(targets) * seeds
-    return (" ".join(parts) + f" Averages over {', '.join(targets)} and {seeds} seed(s) "
-            f"({n} pairs per difference); intervals are 95% paired t-intervals.") if parts \
-        else "No SWR run to compare."
+    return (" ".join(parts) + f" Averages over {', '.join(targets)} and {seeds} seed(s); "
+            "intervals are 95% intervals of the paired difference (over runs, or over test "
+            "clips when there are few runs: then the spread of training seeds is not in "
+            "them).") if parts else "No SWR run to compare."
 
 
 def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str],

@@ -99,6 +99,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     global _started_here
     if ray.is_initialized():
         return
+    if not logging.getLogger("swr").isEnabledFor(logging.DEBUG):
+        # Ray's notices on every start (token authentication on or off, for a local
+        # instance of this process alone) are not the user's business unless --debug
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
              "logging_level": logging.WARNING}
     if address is not None:

@@ -498,7 +498,7 @@ class _NoBar:
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    return progress_bar(total, desc, "batch", leave=False)
 

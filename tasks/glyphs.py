@@ -69,7 +69,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
+from swr.progress import progress_bar
 
 from swr.errors import SwrError
 from swr.io import cache_dir
@@ -527,7 +527,7 @@ def _config_hash(config: dict) -> str:
 
 
 def _render_split(spec: GlyphSpec, target: str, split: str, seed: int, image_size: int,
-                  bar: tqdm) -> tuple[torch.Tensor, torch.Tensor]:
+                  bar) -> tuple[torch.Tensor, torch.Tensor]:
     per_class = dict(spec.per_class)[split]
     shifted = split == "shift_test"
     strength = SHIFT_STRENGTH if shifted else 1.0
@@ -558,8 +558,8 @@ def _generate(spec: GlyphSpec, target: str, seed: int, image_size: int, folder: 
     try:
         start = time.perf_counter()
         counts = {}
-        with tqdm(total=total, desc=f"rendering glyphs:{target}", unit="img", file=sys.stderr,
-                  disable=not progress, leave=False) as bar:
+        with progress_bar(total, f"rendering glyphs:{target}", "img", leave=False,
+                          disable=not progress) as bar:
             for split in SPLITS:
                 x, y = _render_split(spec, target, split, seed, image_size, bar)
                 save_file({"x": x, "y": y}, str(tmp / f"{split}.safetensors"))

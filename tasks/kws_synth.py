@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torchaudio
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from swr.progress import progress_bar
 
 from swr.errors import SwrError
 from swr.io import cache_dir, write_json
@@ -663,8 +663,8 @@ def _render_all(cfg: dict, speakers: list[dict], work: Path, keep_wav: bool,
         path.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
         jobs.append(path)
     total = len(speakers) * cfg["reps"] * (len(cfg["keywords"]) + 2)
-    with tqdm(total=total, desc=f"kws-synth:{cfg['lang']}", unit="clip",
-              disable=not progress) as bar:
+    with progress_bar(total, f"kws-synth:{cfg['lang']}", "clip",
+                      disable=not progress) as bar:
         runner = _Workers(bar.update)
         pool = ThreadPoolExecutor(max_workers=workers or min(n_streams, os.cpu_count() or 1))
         try:

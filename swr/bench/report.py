@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 from typing import Optional
 
 from .config import ENSEMBLE_COLUMNS, budget_order
@@ -73,7 +74,29 @@ def _is_swr(method: str) -> bool:
     return method == "swr" or method.startswith("swr-")
 
 
-def budget_groups(rows: list[dict]) -> list[dict]:
+#: Fewer (task, seed) pairs than this, and the per-test-clip interval is reported instead.
+MIN_PAIRS = 6
+
+
+def _clip_differences(a: dict, b: dict, pred_dir) -> Optional[list[float]]:
+    """Per test clip, correct under run ``a`` minus correct under run ``b`` (the same
+    clips, one bench cell each), or None when either cell kept no predictions."""
+    from ..robustness import cell_name, load_predictions
+
+    out = []
+    for key in sorted(set(a) & set(b)):
+        paths = [pred_dir / f"{cell_name(r['task'], r['method'], r['budget'], r['seed'])}"
+                 f".safetensors" for r in (a[key], b[key])]
+        if not all(p.is_file() for p in paths):
+            return None
+        (pa, la), (pb, lb) = (load_predictions(p)["test"] for p in paths)
+        if not (la.shape == lb.shape and bool((la == lb).all())):
+            return None
+        out += ((pa.argmax(-1) == la).float() - (pb.argmax(-1) == lb).float()).tolist()
+    return out or None
+
+
+def budget_groups(rows: list[dict], pred_dir=None) -> list[dict]:
     """Methods side by side at equal trained parameters.
 
     For every budget of the bench (its ``budget_params``), the methods that fit it: the
@@ -82,7 +105,10 @@ def budget_groups(rows: list[dict]) -> list[dict]:
     budget. Natural-size methods above every budget are references. Per group and
     method: mean test accuracy over tasks and seeds, and for the group's SWR method
     (``swr``, else the first ``swr-*``) its paired difference against each other
-    method over the (task, seed) pairs both ran, with its 95% interval.
+    method with its 95% interval: over the (task, seed) pairs both ran (``unit``
+    "runs"), or, with fewer than :data:`MIN_PAIRS` pairs and the bench's predictions
+    in ``pred_dir``, over the test clips they were scored on (``unit`` "test clips": the
+    interval of the test sample, one training per task and seed).
     """
     from ..stats import paired_interval
 
@@ -108,10 +134,15 @@ def budget_groups(rows: list[dict]) -> list[dict]:
                                                        for r in rs.values())}
             if swr is not None and m != swr:
                 common = sorted(set(rs) & set(members[swr]))
-                if common:
-                    d = [_f(members[swr][k]["test_acc"]) - _f(rs[k]["test_acc"]) for k in common]
+                d, unit = None, "runs"
+                if common and len(common) < MIN_PAIRS and pred_dir is not None:
+                    d, unit = _clip_differences(members[swr], rs, Path(pred_dir)), "test clips"
+                if d is None and common:
+                    d, unit = [_f(members[swr][k]["test_acc"]) - _f(rs[k]["test_acc"])
+                               for k in common], "runs"
+                if d:
                     entry["swr_minus"], entry["low"], entry["high"] = paired_interval(d)
-                    entry["pairs"] = len(common)
+                    entry["pairs"], entry["unit"] = len(d), unit
             entries.append(entry)
         entries.sort(key=lambda e: -e["test_acc"])
         groups.append({"budget": label, "limit": limit, "swr": swr, "methods": entries,
@@ -128,10 +159,10 @@ def budget_groups(rows: list[dict]) -> list[dict]:
     return groups
 
 
-def budget_markdown(rows: list[dict]) -> str:
+def budget_markdown(rows: list[dict], pred_dir=None) -> str:
     """:func:`budget_groups` as markdown: one table per budget, then the references."""
     lines = []
-    for g in budget_groups(rows):
+    for g in budget_groups(rows, pred_dir):
         if g["limit"] is None:
             if g["methods"]:
                 lines += ["", "References (train more than every budget):", "",
@@ -144,19 +175,21 @@ def budget_markdown(rows: list[dict]) -> str:
         lines += ["", f"At {g['budget']} ({g['limit']:,} trained parameters): best at <= "
                   f"{g['limit']:,} trained parameters: **{g['best']}**", "",
                   f"| method | trained params (excl. head) | test acc | {who} minus it "
-                  "[95% interval] (pairs) |", "|---|---|---|---|"]
+                  "[95% interval] (paired over) |", "|---|---|---|---|"]
         for e in g["methods"]:
             diff = ""
             if "swr_minus" in e:
                 ci = ("" if math.isnan(e["low"]) else
                       f" [{100 * e['low']:+.1f}, {100 * e['high']:+.1f}]")
-                diff = f"{100 * e['swr_minus']:+.1f} points{ci} ({e['pairs']})"
+                diff = f"{100 * e['swr_minus']:+.1f} points{ci} ({e['pairs']} {e['unit']})"
             lines.append(f"| {e['method']} | {e['updated_params']:,.0f} | {e['test_acc']:.4f} "
                          f"| {diff} |")
     if not lines:
         return ""
     return ("\n## At equal trained parameters\n\nTest accuracy averaged over tasks and seeds; "
-            "differences are paired by task and seed, in points, with a 95% t-interval.\n"
+            "differences in points, paired by task and seed (runs: a t-interval over the "
+            "runs) or, with few runs, by test clip (an interval over the clips, which leaves "
+            "training-seed variance out).\n"
             + "\n".join(lines) + "\n")
 
 

@@ -290,9 +290,9 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     # after the resumed state is checked: an error is then the only line printed
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="bench", unit="run", dynamic_ncols=True)
+        bar = progress_bar(len(todo), "bench", "run")
 
     def finished(row: dict) -> None:
         new_bad = [p for p in row.pop("skipped_files", []) if p not in bad_files.get(row["task"], [])]
@@ -354,7 +354,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     write_rows(out / "ensembles.csv", pairs, ENSEMBLE_COLUMNS)
     bad_notes = "".join(f"\n- `{t}`: {len(v)} file(s), e.g. `{sorted(v)[0]}`"
                         for t, v in sorted(bad_files.items()))
-    write_text(out / "results.md", results_markdown(rows) + budget_markdown(rows)
+    write_text(out / "results.md", results_markdown(rows) + budget_markdown(rows, out / "preds")
                + (f"\nMethods that cannot fit a budget:{notes}\n" if notes else "")
                + (f"\nUnreadable data files left out (`--on-bad-file skip`; all listed in "
                   f"skipped_files.json):{bad_notes}\n" if bad_notes else "")
