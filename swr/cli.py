@@ -644,6 +644,45 @@ COMMANDS["demo"] = (_demo_args, run_demo_cmd,
                     "the main job: pretrain, then SWR vs baselines on several target tasks")
 
 
+# -- swr evaluate ---------------------------------------------------------------------
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--delta", help="task_delta.safetensors to evaluate on its base (give the "
+                   "base with --checkpoint or --backbone/--weights)")
+    _base_args(p)
+    p.add_argument("--store", help="task store folder: evaluate its task --name instead")
+    p.add_argument("--name", help="with --store: the task's name (swr store list)")
+    p.add_argument("--task", help="the task whose split to score (default: the task the "
+                   "model was made for)")
+    p.add_argument("--split", default="test", choices=["test", "val", "shift_test", "train"])
+    p.add_argument("--folder", help="score the files of FOLDER/<class>/ instead of a task split")
+    p.add_argument("--out", required=True, help="folder for metrics.json, confusion.csv and "
+                   "confusion.png")
+    _on_bad_file_arg(p)
+    _device_arg(p)
+    _overwrite_arg(p)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    given = args.checkpoint or args.backbone or args.weights
+    m = evaluate(args.out, delta=args.delta, base=_base_spec(args) if given else None,
+                 store=args.store, name=args.name, task=args.task, split=args.split,
+                 folder=args.folder, device=args.device, on_bad_file=args.on_bad_file,
+                 overwrite=args.overwrite)
+    worst = sorted(((v["accuracy"], c) for c, v in m["per_class"].items()
+                    if v["accuracy"] is not None))[:3]
+    print(f"accuracy {m['accuracy']:.4f} on {m['n']} inputs ({m.get('task') or m.get('folder')}"
+          f"{', ' + m['split'] if 'split' in m else ''}); weakest classes: "
+          + ", ".join(f"{c} {a:.2f}" for a, c in worst) + f" -> {args.out}")
+    return 0
+
+
+COMMANDS["evaluate"] = (_evaluate_args, run_evaluate,
+                        "score a task model (a task delta on its base, or a store's task): "
+                        "accuracy, per-class accuracy, confusion matrix")
+
+
 # -- swr list -------------------------------------------------------------------------
 def _list_args(p: argparse.ArgumentParser) -> None:
     from .catalog import KINDS
@@ -711,6 +750,7 @@ EXAMPLES = {
     "store": "swr store add tasks --checkpoint ckpt/en --delta runs/de/final/task_delta.safetensors "
              "--name de",
     "predict": "swr predict --store tasks --task de clip1.wav clip2.wav --json",
+    "evaluate": "swr evaluate --checkpoint ckpt/en --delta runs/de/final/task_delta.safetensors --out runs/de/eval",
 }
 
 

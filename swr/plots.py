@@ -224,3 +224,27 @@ def selection_map_figure(picks: dict[str, Iterable[str]], layer_names: Sequence[
                             Patch(facecolor=cmap(0.0), edgecolor="0.6", label="frozen")],
                    loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     return fig
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str],
+                     title: str = "") -> Figure:
+    """A confusion matrix (rows: true class, columns: predicted), counts in the cells,
+    each row shaded by its share so small classes read as clearly as large ones."""
+    n = len(classes)
+    size = min(12.0, 2.5 + 0.45 * n)
+    fig = Figure(figsize=(size, size), layout="constrained")
+    ax = fig.subplots()
+    shares = [[c / max(1, sum(row)) for c in row] for row in matrix]
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(n), [str(c) for c in classes], rotation=90, fontsize=7)
+    ax.set_yticks(range(n), [str(c) for c in classes], fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 30:
+        for i, row in enumerate(matrix):
+            for j, c in enumerate(row):
+                if c:
+                    ax.text(j, i, str(c), ha="center", va="center", fontsize=6,
+                            color="white" if shares[i][j] > 0.5 else "black")
+    ax.set_title(title, fontsize=9)
+    return fig

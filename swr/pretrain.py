@@ -77,13 +77,33 @@ def _pretrain(task_spec, backbone, stage: Path, epochs, lr, batch_size, seed, de
         "epochs": epochs, "best_epoch": result.best_epoch, "seed": seed, "lr": lr,
         "seconds": time.perf_counter() - start, "device": str(dev),
         "params": sum(p.numel() for p in model.parameters()),
-        "skipped_files": list(task.info.get("skipped", [])), "data_config": data_config,
+        "skipped_files": list(task.info.get("skipped", [])),
+        # how its inputs were prepared: the tasks that use this checkpoint prepare theirs
+        # the same way (size, mean, std), not at a default 224 px
+        "data_config": data_config if data_config is not None else trained_data_config(task),
     }
     save_checkpoint(model.cpu(), stage / "model.safetensors", backbone=backbone,
                     task=task_spec, classes=task.class_names)
     write_json(stage / "history.json", result.history)
     write_json(stage / "metrics.json", metrics)
     return metrics
+
+
+def trained_data_config(task) -> Optional[dict]:
+    """The timm-style data config of the inputs an image ``task`` was prepared as (None
+    for audio): what a model trained on it expects of any other image task."""
+    from .source import task_preprocess
+
+    if task.modality != "image":
+        return None
+    pre = task_preprocess(task)
+    size = int(pre.get("image_size") or task.input_shape[-1])
+    out = {"input_size": [3, size, size], "interpolation": pre.get("interpolation") or "bilinear",
+           "crop_pct": float(pre.get("crop_pct") or 1.0)}
+    for key in ("mean", "std"):
+        if pre.get(key):
+            out[key] = [float(v) for v in pre[key]]
+    return out
 
 
 def checkpoint_metrics(checkpoint: str | Path) -> dict:

@@ -144,30 +144,56 @@ def read_image(path: Path) -> Image.Image:
             raise BadImageFile(path, _reason(e)) from None
 
 
+#: Training augmentations an image task may declare: ``none``; ``light`` (shifts of up
+#: to 1/16 of the size, edges repeated, no flip: digits, glyphs, text, where a flip or a
+#: tight crop changes the class); ``timm`` (RandomResizedCrop + horizontal flip, the
+#: usual recipe for natural photographs).
+AUGMENTATIONS = ("none", "light", "timm")
+
+#: Largest image size for which :func:`default_augment` picks ``light``.
+SMALL_IMAGE = 64
+
+
+def default_augment(image_size: int) -> str:
+    """The augmentation an image task gets when none is declared: ``light`` for small
+    images (digits, icons, glyphs: at most :data:`SMALL_IMAGE` px), ``timm`` otherwise."""
+    return "light" if image_size <= SMALL_IMAGE else "timm"
+
+
 def image_transforms(image_size: int, cropped: bool = False, mean: tuple = IMAGENET_MEAN,
                      std: tuple = IMAGENET_STD, interpolation: str = "bilinear",
-                     crop_pct: float = EVAL_CROP_RATIO
+                     crop_pct: float = EVAL_CROP_RATIO, augment: str = "timm"
                      ) -> tuple[Callable[[Image.Image], torch.Tensor],
                                 Callable[[Image.Image], torch.Tensor]]:
     """``(train, eval)`` transforms from a PIL image to a normalised ``(3, S, S)`` float tensor.
 
-    Train: RandomResizedCrop(S) + horizontal flip; eval: Resize(S/crop_pct) + CenterCrop(S).
+    Eval: Resize(S/crop_pct) + CenterCrop(S). Train: as eval, then ``augment`` (see
+    :data:`AUGMENTATIONS`; ``timm`` replaces the resize and crop by RandomResizedCrop).
     ``cropped`` (CUB/Cars cropped to the object): a plain Resize((S, S)) for both, the
-    train side keeping the flip. Both normalise with ``mean``/``std`` (ImageNet's by
-    default; a backbone's own data config supplies its values, see :func:`data_config_kwargs`).
+    train side keeping the flip under ``timm``. Both normalise with ``mean``/``std``
+    (ImageNet's by default; a backbone's own data config supplies its values, see
+    :func:`data_config_kwargs`).
     """
+    if augment not in AUGMENTATIONS:
+        raise SwrError(f"image augmentation {augment!r} is not one of {', '.join(AUGMENTATIONS)}")
     mode = v2.InterpolationMode(interpolation)
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
             v2.ToPureTensor()]
     if cropped:
-        train = [v2.ToImage(), v2.Resize((image_size, image_size), interpolation=mode),
-                 v2.RandomHorizontalFlip()]
         evaluate = [v2.ToImage(), v2.Resize((image_size, image_size), interpolation=mode)]
+    else:
+        evaluate = [v2.ToImage(), v2.Resize(int(image_size / crop_pct), interpolation=mode),
+                    v2.CenterCrop(image_size)]
+    if augment == "none":
+        train = list(evaluate)
+    elif augment == "light":
+        train = [*evaluate, v2.RandomCrop(image_size, padding=max(1, image_size // 16),
+                                          padding_mode="edge")]
+    elif cropped:
+        train = [*evaluate, v2.RandomHorizontalFlip()]
     else:
         train = [v2.ToImage(), v2.RandomResizedCrop(image_size, interpolation=mode),
                  v2.RandomHorizontalFlip()]
-        evaluate = [v2.ToImage(), v2.Resize(int(image_size / crop_pct), interpolation=mode),
-                    v2.CenterCrop(image_size)]
     return v2.Compose(train + tail), v2.Compose(evaluate + tail)
 
 
@@ -240,7 +266,7 @@ def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
 
 def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fraction: float = 0.1,
                      seed: int = 0, cropped: bool = False, on_bad_file: OnBadFile = "fail",
-                     data_config: Optional[dict] = None) -> Task:
+                     data_config: Optional[dict] = None, augment: Optional[str] = None) -> Task:
     """An image classification task from ``<path>/{train,test}/<class>/<images>``.
 
     Class names are the sorted folder names of ``train/``; ``test/`` must hold the
@@ -252,8 +278,11 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
     and listed in ``task.info["skipped"]`` (files that fail only on full decode are
     found on access and added there); a class left without a readable train image is an
     error. See :func:`image_transforms` for the transforms;
-    ``data_config`` (a backbone's timm data config) sets their size, mean, std,
-    interpolation and crop pct in place of ``image_size`` and the ImageNet defaults.
+    ``data_config`` (a backbone's timm data config, or the one a ``swr pretrain``
+    checkpoint records) sets their size, mean, std, interpolation and crop pct in place
+    of ``image_size`` and the ImageNet defaults. ``augment`` (:data:`AUGMENTATIONS`;
+    default :func:`default_augment` of the size) is the training augmentation, recorded
+    in ``task.info["augment"]``.
     """
     root = Path(path)
     tf_kwargs = {"image_size": image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
@@ -301,7 +330,8 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
         if not split_items:
             raise SwrError(f"no readable images left in the {split} split of {root}")
 
-    train_tf, eval_tf = image_transforms(cropped=cropped, **tf_kwargs)
+    augment = augment or default_augment(image_size)
+    train_tf, eval_tf = image_transforms(cropped=cropped, augment=augment, **tf_kwargs)
     splits = {
         "train": FileDataset(train_items, read_image, train_tf, policy, skipped),
         "val": FileDataset(val_items, read_image, eval_tf, policy, skipped),
@@ -311,7 +341,7 @@ def load_imagefolder(path: str | os.PathLike, image_size: int = 224, val_fractio
         id=f"imagefolder:{path}", modality="image", class_names=class_names,
         input_shape=(3, image_size, image_size), **splits,
         info={"root": str(root), "skipped": skipped, "val_fraction": val_fraction, "seed": seed,
-              "cropped": cropped, "image_size": image_size,
+              "cropped": cropped, "image_size": image_size, "augment": augment,
               "preprocess": {**tf_kwargs, "mean": list(tf_kwargs["mean"]),
                              "std": list(tf_kwargs["std"]),
                              "crop_pct": None if cropped else tf_kwargs["crop_pct"]},

@@ -258,3 +258,35 @@ def test_finetune_method_cli_and_its_errors(tmp_path, monkeypatch, capsys):
         assert main(["finetune", *args, "--out", str(tmp_path / "x")]) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and any(m in err for m in message.split("|")), err
+
+
+def test_evaluate_scores_a_delta_and_a_store_task_as_the_bench_did(three_tasks, tmp_path,
+                                                                   monkeypatch):
+    """swr evaluate on a run's task delta (on its base) and on the same task in a store:
+    the accuracy of the deployed model on the test split is the run's test accuracy, and
+    metrics.json, confusion.csv and confusion.png say the same."""
+    import csv
+
+    from swr.evaluate import evaluate
+
+    tmp, weights, tasks, runs = three_tasks
+    monkeypatch.setattr(swr.tasks, "get_task", lambda s, **kw: tasks[s])
+    spec = BaseSpec(backbone=BACKBONE, weights=str(weights))
+    for name in ("a", "b", "c"):
+        delta = tmp / name / "task_delta.safetensors"
+        m = evaluate(tmp_path / f"eval-{name}", delta=str(delta), base=spec, device="cpu")
+        assert m["task"] == name and m["split"] == "test"
+        assert m["accuracy"] == pytest.approx(runs[name]["test_acc"], abs=1e-12), name
+        rows = list(csv.DictReader(open(tmp_path / f"eval-{name}" / "confusion.csv")))
+        assert sum(int(r[r["true"]]) for r in rows) == round(m["accuracy"] * m["n"])
+        assert (tmp_path / f"eval-{name}" / "confusion.png").stat().st_size > 1000
+    store = create_or_open(tmp_path / "st", spec)
+    store.add(tmp / "b" / "task_delta.safetensors", name="b")
+    m = evaluate(tmp_path / "eval-store", store=str(tmp_path / "st"), name="b", device="cpu")
+    assert m["accuracy"] == pytest.approx(runs["b"]["test_acc"], abs=1e-12)
+    # per-class accuracies add up to the overall one
+    per = m["per_class"]
+    assert sum(v["accuracy"] * v["n"] for v in per.values()) == pytest.approx(
+        m["accuracy"] * m["n"])
+    with pytest.raises(SwrError, match="--name"):
+        evaluate(tmp_path / "e2", store=str(tmp_path / "st"), device="cpu")
