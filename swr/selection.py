@@ -125,6 +125,24 @@ class SearchResult:
     short: Optional[str] = None
 
 
+def selection_memory(model: nn.Module, task, layers, norms_trained: bool,
+                     batch_size: int) -> dict:
+    """:func:`swr.memory.training_memory` of training ``layers`` (and the task norms when
+    ``norms_trained``, and the head) on a copy of supernet ``model``, on one batch of
+    ``task.train``; the supernet itself is left as it was."""
+    import copy
+
+    from .memory import training_memory
+    from .reparam import set_selection, set_trainable
+    from .train import batches
+
+    trial = copy.deepcopy(model).cpu()
+    set_selection(trial, layers)
+    params = set_trainable(trial, deltas=list(layers), norms=norms_trained, head=True)
+    x = next(batches(task.train, batch_size))[0]
+    return training_memory(trial, x, params)
+
+
 def budget_folder(label: str) -> str:
     """The sub-folder of a search of several budgets that holds budget ``label``'s
     selection (``budget-5%``)."""
@@ -243,6 +261,10 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
             "seconds": {"supernet": t_supernet, "search": t_search},
             "policy_weights": res.policy_weights,
             "workers": info.get("workers", 0),
+            # one training step of the final training of this selection at the supernet's
+            # batch size: activations saved for backward, and gradients + AdamW moments
+            "training_memory": selection_memory(model, task, res.layers, norms_trained,
+                                                supernet.batch_size),
         }
 
     if not many:

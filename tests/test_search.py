@@ -98,6 +98,8 @@ def test_finetune_folds_exactly_and_fold_cli_rebuilds(tiny, tmp_path, capsys):
 
     task, ckpt = tiny
     run_search(search_cfg(tmp_path, ckpt, "knapsack", evaluations=4))
+    mem = json.loads((tmp_path / "out" / "selection.json").read_text())["training_memory"]
+    assert mem["saved_bytes"] > 0 and mem["bytes"] == mem["saved_bytes"] + mem["state_bytes"]
     m = finetune(tmp_path / "out" / "selection.json", tmp_path / "final", epochs=1,
                  device="cpu", progress=False)
     assert m["fold_max_abs_diff"] <= 1e-5  # run_method refuses a fold to another architecture
