@@ -79,6 +79,30 @@ def _on_bad_file_arg(p: argparse.ArgumentParser, default: str | None = "fail") -
                         + (default or "the policy the search ran with"))
 
 
+#: Whether the advanced options are shown (``swr <command> --help-advanced``).
+_SHOW_ADVANCED = False
+
+
+class _Advanced:
+    """Options a user rarely sets (research knobs, recovery): parsed always, listed only
+    by ``--help-advanced``, so ``--help`` shows what a user chooses."""
+
+    def __init__(self, p: argparse.ArgumentParser):
+        self.group = p.add_argument_group("advanced options") if _SHOW_ADVANCED else p
+
+    def add_argument(self, *args, **kwargs):
+        if not _SHOW_ADVANCED:
+            kwargs["help"] = argparse.SUPPRESS
+        return self.group.add_argument(*args, **kwargs)
+
+
+def _advanced(p: argparse.ArgumentParser) -> _Advanced:
+    if not any(a.dest == "help_advanced" for a in p._actions):
+        p.add_argument("--help-advanced", action="help",
+                       help="show this help with the advanced options too")
+    return _Advanced(p)
+
+
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run an existing --out holds (refused without it)")
@@ -213,46 +237,42 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help="Ray workers scoring in parallel (default: one per CPU this process may "
                         "use, or per CPU of the --ray-address cluster; more are reduced to that "
                         "with a notice; 0 = no Ray)")
-    p.add_argument("--ray-address", help="join a Ray cluster (ray start --head) instead of a "
-                   "local one; if its head goes away the search stops with exit status 75 and "
-                   "continues with --resume")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
-    _overwrite_arg(p)
-    p.add_argument("--supernet-epochs", type=positive_int, default=10)
-    p.add_argument("--supernet-gates", default="budget", help="how stage 1 opens gates per "
-                   "batch: budget (a random selection within --budget, the kind the search "
-                   "scores; the default: it ranked final accuracy better in 15 of 19 measured "
-                   "runs) or bernoulli (each gate independently)")
-    p.add_argument("--evaluator", default="supernet", choices=list(EVALUATORS),
-                   help="what scores a selection: supernet (its shared deltas on the stage-1 "
-                   "supernet; the default) or trained (a short training of the selection's "
-                   "own deltas and the head from the supernet, --proxy-epochs epochs: ranked "
-                   "final accuracy better where the delta budget is tiny, e.g. bcresnet-2 at "
-                   "1%%, worse on the image bases; docs/SEARCH.md)")
-    p.add_argument("--proxy-epochs", type=positive_int, default=PROXY_EPOCHS, metavar="N",
-                   help="with --evaluator trained: epochs of each selection's short training "
-                        "(default: %(default)s)")
-    p.add_argument("--reward", default=None, help="what a selection scores: loglik (mean "
-                   "log-probability of the true class on validation; the supernet's default, "
-                   "it ranks final accuracy better there) or accuracy (the trained "
-                   "evaluator's default)")
-    p.add_argument("--bn-stats", default="val", help="where a scoring takes BatchNorm "
-                   "statistics from: val (each validation batch's own; one pass, the default), "
-                   "train (recalibrate on 4 x 128 training clips first; 3x the time, ranks no "
-                   "better) or supernet (keep stage 1's; ranks worse)")
-    p.add_argument("--bn-clips", type=non_negative_int, default=BN_CLIPS or 0, metavar="N",
-                   help="with --bn-stats val: take each validation batch's statistics from N "
-                   "of its clips (a random sample) and normalise the whole batch by them; "
-                   "0 = every clip (default: %(default)s)")
-    p.add_argument("--samples-per-iteration", type=positive_int, default=8, help="K selections per policy step")
-    p.add_argument("--norms", choices=list(NORM_MODES), default="auto",
-                   help="the task norms SWR trains beside the deltas: auto (default) counts them "
-                        "in --budget when they fit, leaving the rest to deltas, else trains "
-                        "deltas only; budget counts them or stops; none trains deltas only; "
-                        "free trains them outside the budget (the accounting of earlier "
-                        "releases)")
-    _on_bad_file_arg(p)
     _device_arg(p)
+    adv = _advanced(p)
+    adv.add_argument("--ray-address", help="join a Ray cluster (ray start --head) instead of a "
+                     "local one; if its head goes away the search stops with exit status 75 and "
+                     "continues with --resume")
+    _overwrite_arg(adv)
+    adv.add_argument("--norms", choices=list(NORM_MODES), default="auto",
+                     help="the task norms SWR trains beside the deltas: auto (default) counts "
+                          "them in --budget when they fit, leaving the rest to deltas, else "
+                          "trains deltas only; budget counts them or stops; none trains deltas "
+                          "only; free trains them outside the budget")
+    _on_bad_file_arg(adv)
+    adv.add_argument("--supernet-epochs", type=positive_int, default=10,
+                     help="epochs of stage 1 (the supernet)")
+    adv.add_argument("--supernet-gates", default="budget", help="how stage 1 opens gates per "
+                     "batch: budget (a random selection within --budget, the kind the search "
+                     "scores) or bernoulli (each gate independently)")
+    adv.add_argument("--evaluator", default="supernet", choices=list(EVALUATORS),
+                     help="what scores a selection: supernet (its shared deltas on the stage-1 "
+                     "supernet) or trained (a short training of the selection's own deltas "
+                     "and the head from the supernet, --proxy-epochs epochs)")
+    adv.add_argument("--proxy-epochs", type=positive_int, default=PROXY_EPOCHS, metavar="N",
+                     help="with --evaluator trained: epochs of each selection's short training "
+                          "(default: %(default)s)")
+    adv.add_argument("--reward", default=None, help="what a selection scores: loglik (mean "
+                     "log-probability of the true class on validation; the supernet's "
+                     "default) or accuracy (the trained evaluator's default)")
+    adv.add_argument("--bn-stats", default="val", help="where a scoring takes BatchNorm "
+                     "statistics from: val (each validation batch's own), train (recalibrate "
+                     "on 4 x 128 training clips first) or supernet (keep stage 1's)")
+    adv.add_argument("--bn-clips", type=non_negative_int, default=BN_CLIPS or 0, metavar="N",
+                     help="with --bn-stats val: take each validation batch's statistics from N "
+                     "of its clips (a random sample); 0 = every clip (default: %(default)s)")
+    adv.add_argument("--samples-per-iteration", type=positive_int, default=8,
+                     help="selections sampled per policy step")
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
@@ -781,8 +801,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(advanced: bool = False) -> argparse.ArgumentParser:
+    """The ``swr`` parser; ``advanced`` lists the advanced options in the help too."""
     from ._version import __version__
+
+    global _SHOW_ADVANCED
+    _SHOW_ADVANCED = advanced
 
     parser = _Parser(
         prog="swr", description="Budget-constrained transfer learning by Scalable Weight "
@@ -797,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter,
                            epilog=f"example:\n  {example}" if example else None)
         add_args(p)
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        _advanced(p).add_argument("--debug", action="store_true",
+                                  help="show tracebacks on errors")
         for action in p._actions:  # argparse prints nothing, not even the default, without help
             if action.help is None and action.option_strings and not action.required:
                 action.help = "(default: %(default)s)"
@@ -813,7 +838,7 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(advanced="--help-advanced" in (sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     _, run, _ = COMMANDS[args.command]
     handle_sigterm()

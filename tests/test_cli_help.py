@@ -10,8 +10,8 @@ import pytest
 from swr.cli import COMMANDS, EXAMPLES, build_parser, main
 
 
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
+def _subparsers(advanced: bool = True) -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser(advanced=advanced)
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
@@ -19,7 +19,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_help_shows_every_default_and_a_working_example(name, capsys):
     with pytest.raises(SystemExit):
-        main([name, "--help"])
+        main([name, "--help-advanced"])  # every option, the advanced ones too
     out = capsys.readouterr().out
     body = out[out.index("\noptions:"):]
     # every optional value (not a flag, not required) says its default
@@ -37,6 +37,23 @@ def test_help_shows_every_default_and_a_working_example(name, capsys):
     argv = shlex.split(example)
     assert argv[:2] == ["swr", name]
     build_parser().parse_args(argv[1:])
+
+
+def test_the_short_help_shows_what_a_user_chooses(capsys):
+    """swr search --help: at most 12 options besides the help flags; research knobs are
+    parsed but listed only by --help-advanced."""
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    out = capsys.readouterr().out
+    usage = out[:out.index("\n\n")]
+    shown = {w.strip("[]").split()[0] for w in usage.replace("\n", " ").split(" [")[1:]}
+    shown |= {w for w in usage.split() if w.startswith("--") and not w.startswith("--help")}
+    shown = {w.strip("[]") for w in shown if w.startswith("-")} - {"-h", "--help-advanced"}
+    assert len(shown) <= 12, sorted(shown)
+    assert "--bn-clips" not in out and "--help-advanced" in out
+    args = build_parser().parse_args(["search", "--task", "t", "--checkpoint", "c", "--budget",
+                                      "5%", "--out", "o", "--bn-clips", "4"])
+    assert args.bn_clips == 4
 
 
 def test_list_prints_the_registries(capsys):
