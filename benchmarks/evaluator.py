@@ -352,7 +352,7 @@ The same {len(fid_sels)} random selections scored (log-likelihood, plain path) w
 sources of BatchNorm statistics, against statistics from every clip of each validation
 batch (the default before `bn_clips`). Agreement with those scores is not the goal: the
 rank agreement with *final* accuracy is, and benchmarks/proxy_fidelity.py measures it
-(docs/SEARCH.md).
+(experiments/SEARCH.md).
 
 {md_table(fid_headers, fid_rows)}
 """

@@ -46,7 +46,7 @@ def canonical(selection: Iterable[str], names: Sequence[str]) -> Selection:
 METRICS = ("accuracy", "loglik")
 
 #: The evaluators a search can score with (``swr search --evaluator``), and the metric
-#: each ranks final accuracy best by when none is given (docs/SEARCH.md).
+#: each ranks final accuracy best by when none is given (experiments/SEARCH.md).
 EVALUATORS = {"supernet": "loglik", "trained": "accuracy"}
 
 
@@ -57,7 +57,7 @@ def evaluator_metric(evaluator: str, reward: str | None = None) -> str:
 
 #: Epochs of :class:`TrainedEvaluator`'s short training by default: on bcresnet-2 at 1%
 #: two ranked final accuracy at Kendall tau 0.65 and 0.74 (Polish, Russian), one at 0.55
-#: and 0.67 (docs/SEARCH.md).
+#: and 0.67 (experiments/SEARCH.md).
 PROXY_EPOCHS = 2
 
 #: Where :class:`SupernetEvaluator` takes BatchNorm statistics from (``bn_stats``).
@@ -65,7 +65,7 @@ BN_STATS = ("train", "val", "supernet")
 
 #: How many clips of each validation batch the ``"val"`` statistics come from by default
 #: (``bn_clips``; None: all of them). With 32, selections ranked by final accuracy within
-#: noise of the whole batch's statistics (docs/SEARCH.md), at the cost measured in
+#: noise of the whole batch's statistics (experiments/SEARCH.md), at the cost measured in
 #: docs/PERFORMANCE.md.
 BN_CLIPS = 32
 
@@ -114,7 +114,7 @@ class SupernetEvaluator:
       it: the statistics pass, the one cost a scoring has over a plain forward, shrinks
       in proportion (default :data:`BN_CLIPS`); ``None`` takes them from the whole
       batch (BatchNorm in training mode). It ranks selections by final accuracy as well
-      as ``"train"`` at a fraction of the cost (docs/SEARCH.md, "Does the evaluator
+      as ``"train"`` at a fraction of the cost (experiments/SEARCH.md, "Does the evaluator
       predict...").
     * ``"train"``: recalibrate on ``bn_batches x bn_batch_size`` training clips
       (cumulative average), then score in eval mode; about 3x the cost of the
@@ -276,7 +276,7 @@ class TrainedEvaluator:
     supernet's shared deltas do not predict what a selection's own deltas learn, it
     ranks final accuracy better: on bcresnet-2 at 1% (265 delta parameters) Kendall tau
     0.74 and 0.65 against the supernet score's 0.35 and 0.34. At 5% the two are level;
-    on resnet10t's image tasks it ranks far worse (docs/SEARCH.md, "A trained proxy").
+    on resnet10t's image tasks it ranks far worse (experiments/SEARCH.md, "A trained proxy").
 
     Every selection trains on the same data order, drawn from ``seed`` + 1: not the
     order of a final training with the search's own seed, whose luck the score would

@@ -62,7 +62,7 @@ class PGConfig:
     # "network". In network order a sample that leaves out a layer spends the freed
     # budget on whatever comes later in the network, or leaves it unspent; in
     # importance order it goes to the next most important layers, as a perturbed
-    # knapsack's does (docs/SEARCH.md)
+    # knapsack's does (experiments/SEARCH.md)
     order: str = "importance"
     # add the layers a sample left out, in decision order, while they fit its budget: a
     # sample that skips a large layer late in the order can otherwise leave budget that

@@ -25,7 +25,7 @@ class SearchSettings:
     serve the scores already in the output folder's log instead of recomputing them.
     ``reward``: what a selection scores by (``"loglik"`` or ``"accuracy"``); None takes
     the evaluator's own (:func:`~swr.envs.evaluator.evaluator_metric`): log-likelihood on
-    the supernet, the proxy that ranked final accuracy better there in docs/SEARCH.md.
+    the supernet, the proxy that ranked final accuracy better there in experiments/SEARCH.md.
     ``evaluator``: what scores a selection (:data:`~swr.envs.evaluator.EVALUATORS`):
     the supernet, or a short training of ``proxy_epochs`` epochs of its own
     (:class:`~swr.envs.evaluator.TrainedEvaluator`).

@@ -27,7 +27,7 @@ from .train import TrainConfig, steps_in_an_epoch
 #: Optimizer steps below which ``swr finetune`` suggests more epochs. On
 #: glyphs:fine?images=30,60,100 (360 training images, 6 batches an epoch; 1%, deltas
 #: only, 20 selections) 240 steps in place of 60 raised the median final test accuracy
-#: from 72.3% to 88.1% (docs/SEARCH.md).
+#: from 72.3% to 88.1% (experiments/SEARCH.md).
 SUGGESTED_STEPS = 240
 
 #: Every file ``finetune`` writes: the run folder it replaces may hold only these.

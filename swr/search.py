@@ -57,7 +57,7 @@ class SearchConfig:
     samples_per_iteration: int = 8
     #: stage 1 on budget-feasible gate sets, the kind the search scores: scored with
     #: val-batch statistics, its rank agreement with final accuracy was higher in 15 of
-    #: 19 measured runs (docs/SEARCH.md). A SupernetConfig passed here keeps its own
+    #: 19 measured runs (experiments/SEARCH.md). A SupernetConfig passed here keeps its own
     #: gates (its default: "bernoulli")
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(gates="budget"))
     bn_batches: int = 4
@@ -69,7 +69,7 @@ class SearchConfig:
     progress: bool = True
     #: what a selection scores on the supernet: "loglik" or "accuracy" (see
     #: swr.envs.evaluator.SupernetEvaluator); loglik ranked final accuracy better
-    #: (docs/SEARCH.md, "Does the evaluator predict the final accuracy?")
+    #: (experiments/SEARCH.md, "Does the evaluator predict the final accuracy?")
     #: None: the evaluator's own (swr.envs.evaluator.EVALUATORS), see ``metric``
     reward: Optional[str] = None
     #: what scores a selection: "supernet" (its shared deltas) or "trained" (a short

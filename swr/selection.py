@@ -224,7 +224,7 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
                             budget_labels=[str(b) for b in budgets] if many else [],
                             # deltas only on a supernet of random gate sets: its
                             # statistics, those the final model keeps; on one of budget
-                            # gate sets val-batch statistics ranked better (docs/SEARCH.md)
+                            # gate sets val-batch statistics ranked better (experiments/SEARCH.md)
                             bn_stats=None if supernet.norms or supernet.gates == "budget"
                             else "supernet", norms_trained=supernet.norms)
     t1 = time.perf_counter()

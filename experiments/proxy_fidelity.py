@@ -32,7 +32,7 @@ highest (where a search picks), beside the retest's tau there and their test acc
 
 Each run merges its results into ``OUT/results.json`` (``OUT/<run>/selections.csv``
 per run) and rewrites the section between ``<!-- bench:proxy_fidelity -->`` markers of
-docs/SEARCH.md from every run stored there, plus one scatter plot per run in docs/.
+experiments/SEARCH.md from every run stored there, plus one scatter plot per run in experiments/.
 Final trainings already in ``OUT/<run>/sel-XX`` with the same settings are reused, so an
 interrupted run continues where it stopped; so are the supernet scores of a stored run
 of the same selections (a run made again to add ``--trained-proxy`` scores only that).
@@ -52,7 +52,7 @@ from typing import Optional
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 #: where each scoring takes BatchNorm statistics from (SupernetEvaluator's bn_stats and
 #: bn_clips), by label, and the prefix of its proxy names ("" for recalibration on
@@ -599,7 +599,7 @@ def main() -> None:
                         "(swr search --evaluator trained --proxy-epochs E); repeat for several")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(ROOT / "runs" / "proxy_fidelity"))
-    p.add_argument("--doc", default=str(ROOT / "docs" / "SEARCH.md"))
+    p.add_argument("--doc", default=str(ROOT / "experiments" / "SEARCH.md"))
     p.add_argument("--render-only", action="store_true",
                    help="rewrite the doc section from OUT/results.json without running")
     args = p.parse_args()

@@ -13,10 +13,12 @@ training: ``benchmarks/policy_comparison.py`` measures what the choices train to
         --budget 5% --seeds 8 --evaluations 16 --supernet-epochs 40 --norms none
 
 Rows go to ``OUT/rows.jsonl`` as they finish (an interrupted run continues where it
-stopped); the table goes into docs/SEARCH.md between the ``bench:pg_order`` markers.
+stopped); the table goes into experiments/SEARCH.md between the ``bench:pg_order`` markers.
 """
 
 from __future__ import annotations
+
+import sys
 
 import argparse
 import json
@@ -25,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _common
 from _common import ROOT, fmt_ci, md_table, task_checkpoint, write_section
 
 ARMS = ("knapsack", "random", "pg, network order", "pg, importance order")
@@ -42,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--supernet-epochs", type=int, default=40)
     p.add_argument("--norms", default="none", choices=["auto", "budget", "none", "free"])
     p.add_argument("--out", default=str(ROOT / "runs" / "pg_order"))
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite experiments/SEARCH.md")
     p.add_argument("--render-only", action="store_true",
                    help="run no search: report the rows OUT holds for these tasks")
     args = p.parse_args(argv)
@@ -134,7 +137,7 @@ def main(argv=None) -> None:
     print(body)
     if not args.no_doc:
         write_section("pg_order", "The order pg decides layers in (`benchmarks/pg_order.py`)",
-                      body, doc=ROOT / "docs" / "SEARCH.md")
+                      body, doc=ROOT / "experiments" / "SEARCH.md")
 
 
 if __name__ == "__main__":

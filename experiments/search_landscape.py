@@ -19,7 +19,7 @@ the replays' intervals cover the search's randomness only.
 The scoring (one process) comes first; final trainings go to ``OUT/finals-<part>.jsonl``
 as they finish, so ``--parts N`` runs N processes side by side and an interrupted run
 continues where it stopped. A run without ``--part`` trains what is left, replays the
-searchers and writes ``OUT/results.json`` and docs/SEARCH.md
+searchers and writes ``OUT/results.json`` and experiments/SEARCH.md
 between the ``bench:search_landscape`` markers (one section for all stored landscapes).
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from _common import (folder_slug, md_table, mean_ci95, task_checkpoint,  # noqa: E402
                      write_section)
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--part", type=int, default=None, help="final-train only this part ...")
     p.add_argument("--parts", type=int, default=1, help="... of this many")
     p.add_argument("--out", default=str(ROOT / "runs" / "search_landscape"))
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite experiments/SEARCH.md")
     args = p.parse_args(argv)
     args.spec, args.ckpt = task_checkpoint(p, args.task)
     args.searchers = [x.strip() for x in args.searchers.split(",") if x.strip()]
@@ -474,7 +474,7 @@ def main(argv=None) -> None:
             found[key] = r
     if not args.no_doc:
         write_section("search_landscape", "A whole search space, scored and final-trained",
-                      render(list(found.values())), doc=ROOT / "docs" / "SEARCH.md")
+                      render(list(found.values())), doc=ROOT / "experiments" / "SEARCH.md")
 
 
 if __name__ == "__main__":

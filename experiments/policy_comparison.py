@@ -22,7 +22,7 @@ Each ``--task SPEC=CHECKPOINT`` names a task and the ``swr pretrain`` folder of 
 model; a cell is known by the base's backbone too, so one task can be compared on two
 backbones in one folder. Every finished cell is appended to ``OUT/cells.jsonl`` at once,
 so an interrupted run continues where it stopped (same command). Writes ``OUT/results.json``,
-``OUT/cells.csv``, ``docs/policy-comparison.png`` and docs/SEARCH.md between the
+``OUT/cells.csv``, ``experiments/policy-comparison.png`` and experiments/SEARCH.md between the
 ``bench:policy_comparison`` markers.
 """
 
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from _common import (fmt_ci, folder_slug, machine, md_table, mean_ci95,  # noqa: E402
                      task_checkpoint, write_section)
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "searcher's against every other searcher there")
     p.add_argument("--out", default=str(ROOT / "runs" / "policy_comparison"),
                    help="folder for the runs and cells.jsonl (resumable)")
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite experiments/SEARCH.md")
     p.add_argument("--render-only", action="store_true",
                    help="run no cell: report the cells OUT holds for these tasks (for runs "
                         "made by several invocations side by side)")
@@ -447,10 +447,10 @@ def main(argv=None) -> None:
         section += "\n" + "\n".join(versus_table(cells, other, args))
     print(section)
     if not args.no_doc:
-        plot(cells, args, ROOT / "docs" / "policy-comparison.png")
+        plot(cells, args, ROOT / "experiments" / "policy-comparison.png")
         write_section("policy_comparison", "The learned policy against the reference selectors "
                       "(`benchmarks/policy_comparison.py`)", section, info,
-                      doc=ROOT / "docs" / "SEARCH.md")
+                      doc=ROOT / "experiments" / "SEARCH.md")
 
 
 if __name__ == "__main__":

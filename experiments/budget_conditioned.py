@@ -23,7 +23,7 @@ Seeds whose supernets are already cached report stage 1 as the cache load, so me
 stage 1 with seeds (``--first-seed``) or a ``SWR_CACHE`` no earlier run used. Each
 finished seed is appended to ``OUT/seeds.jsonl`` (an interrupted run continues; runs
 with other ``--first-seed`` can go side by side with ``--no-doc``); the run that ends
-with the report writes ``OUT/results.json`` and docs/SEARCH.md between the
+with the report writes ``OUT/results.json`` and experiments/SEARCH.md between the
 ``bench:budget_conditioned`` markers (``--render-only``: report what OUT holds).
 """
 
@@ -35,9 +35,10 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _common
 from _common import ROOT, fmt_ci, machine, md_table, task_checkpoint, write_section
 
-DOC = ROOT / "docs" / "SEARCH.md"
+DOC = ROOT / "experiments" / "SEARCH.md"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how the task norms meet the budget (swr search --norms)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(ROOT / "runs" / "budget_conditioned"))
-    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/SEARCH.md")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite experiments/SEARCH.md")
     p.add_argument("--render-only", action="store_true",
                    help="run nothing: report the seeds OUT holds")
     args = p.parse_args(argv)

@@ -15,6 +15,8 @@ averaged over the problems.
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -22,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # _common
 from _common import ROOT, machine, md_table, print_table, write_section
 
-DOC = ROOT / "docs" / "SEARCH.md"
+DOC = ROOT / "experiments" / "SEARCH.md"
 SHARES = (0.01, 0.02, 0.05, 0.1)
 
 #: variant name -> (searcher, PGConfig overrides)
