@@ -394,7 +394,7 @@ def _suggest_more_steps(steps: int, epochs: int) -> None:
     per_epoch = max(1, steps // max(1, epochs))
     print(f"swr: the final training took {steps} optimizer steps ({epochs} "
           f"epoch{'s' * (epochs != 1)} of {per_epoch}); on small tasks {SUGGESTED_STEPS} or more "
-          f"gave clearly more accurate models (experiments/SEARCH.md): --epochs "
+          f"gave clearly more accurate models: --epochs "
           f"{-(-SUGGESTED_STEPS // per_epoch)}", file=sys.stderr)
 
 

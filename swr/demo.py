@@ -25,7 +25,7 @@ SUITES = {
     "glyphs": (["glyphs:sketch", "glyphs:painting", "glyphs:greek"],
                ["linear", "norm", "lora", "full", "wise-ft", "swr-knapsack", "swr"]),
 }
-QUICK_METHODS = ["linear", "bitfit", "lora", "norm", "full", "swr"]
+QUICK_METHODS = ["linear", "norm", "full", "swr"]
 
 
 #: What a demo writes into its ``--out``: a folder holding one holds a demo.

@@ -24,10 +24,8 @@ from .supernet import SupernetConfig, new_supernet
 from .tasks import task_data_path
 from .train import TrainConfig, steps_in_an_epoch
 
-#: Optimizer steps below which ``swr finetune`` suggests more epochs. On
-#: glyphs:fine?images=30,60,100 (360 training images, 6 batches an epoch; 1%, deltas
-#: only, 20 selections) 240 steps in place of 60 raised the median final test accuracy
-#: from 72.3% to 88.1% (experiments/SEARCH.md).
+#: Optimizer steps below which ``swr finetune`` suggests more epochs: a final training
+#: of a few dozen steps leaves small tasks clearly short of what the selection reaches.
 SUGGESTED_STEPS = 240
 
 #: Every file ``finetune`` writes: the run folder it replaces may hold only these.

@@ -172,7 +172,7 @@ def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch, capsys):
     notice = [line for line in capsys.readouterr().err.splitlines() if "optimizer steps" in line]
     assert notice == [f"swr: the final training took {per_epoch} optimizer steps (1 epoch of "
                       f"{per_epoch}); on small tasks {SUGGESTED_STEPS} or more gave clearly more "
-                      f"accurate models (experiments/SEARCH.md): --epochs "
+                      f"accurate models: --epochs "
                       f"{-(-SUGGESTED_STEPS // per_epoch)}"]
     assert main(["fold", *base, "--delta", str(final / "task_delta.safetensors"),
                  "--out", str(folded)]) == 0
