@@ -15,7 +15,7 @@ from typing import Callable
 
 from .budget import NORM_MODES
 from .envs.evaluator import BN_CLIPS, EVALUATORS, PROXY_EPOCHS
-from .errors import ClusterLostError, SwrError, Terminated, handle_sigterm
+from .errors import ClusterLostError, SwrError, handle_sigterm, was_terminated
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
@@ -868,10 +868,11 @@ def main(argv: list[str] | None = None) -> int:
         return 75 if isinstance(e, ClusterLostError) else 2
     except KeyboardInterrupt as e:
         _close_progress_bars()
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        term = was_terminated(e)
+        how = "terminated (SIGTERM)" if term else "interrupted"
         print(f"swr {args.command}: {how}; nothing half-written was kept; rerun with --resume "
               "where supported", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if term else 130
     except Exception:
         # A native library that fails to load is a broken install, not bad input.
         if not getattr(args, "debug", False) and _report_broken_install(args.command):

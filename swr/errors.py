@@ -30,6 +30,12 @@ class Terminated(KeyboardInterrupt):
 
 
 _SIGTERM_HANDLED = False
+_TERMINATED = False
+
+
+def was_terminated(error: BaseException) -> bool:
+    """Whether ``error`` (a ``KeyboardInterrupt``) came from SIGTERM rather than Ctrl-C."""
+    return isinstance(error, Terminated) or _TERMINATED
 
 
 def handle_sigterm(again: bool = False) -> None:
@@ -45,6 +51,8 @@ def handle_sigterm(again: bool = False) -> None:
         return
 
     def _raise(signum, frame):
+        global _TERMINATED
+        _TERMINATED = True  # libraries (Ray) may catch it and raise a plain KeyboardInterrupt
         raise Terminated()
 
     if threading.current_thread() is threading.main_thread():

@@ -255,3 +255,28 @@ def test_a_terminated_rerun_leaves_the_old_run_whole_logs_included(tmp_path, sig
         in lines[0], err
     assert snapshot(out) == before
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".ckpt.")]
+
+
+@pytest.mark.ray
+def test_sigterm_during_a_ray_search_is_one_line_and_exit_143(tmp_path):
+    """With Ray workers, SIGTERM still ends the search with one line and 143 (Ray installs
+    a handler of its own, and turns the interrupt it catches into a plain one)."""
+    env = {**os.environ, "SWR_CACHE": str(tmp_path / "cache")}
+    ckpt = tmp_path / "ckpt"
+    assert swr("pretrain", "--task", SOURCE, "--backbone", "timm:resnet10t", "--epochs", 1,
+               "--out", ckpt, "--device", "cpu", env=env).returncode == 0
+    p = subprocess.Popen([sys.executable, "-m", "swr.cli", "search", "--task",
+                          "glyphs:sketch?images=12,4,4", "--checkpoint", str(ckpt), "--budget",
+                          "5%", "--out", str(tmp_path / "s"), "--workers", "2", "--evaluations",
+                          "400", "--device", "cpu", "--supernet-epochs", "1"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "s" / "evaluations.jsonl").exists():  # scoring on the workers
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln
+             and "rendered" not in ln]
+    assert p.returncode == 143, err
+    assert len(lines) == 1 and "terminated" in lines[0], err
