@@ -500,6 +500,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=workers_count, help="parallel runs as Ray tasks (default: one per CPU "
                    "this process may use; more are reduced to that with a notice)")
     p.add_argument("--swr-evaluations", type=positive_int, default=40, help="search evaluations for swr*")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size of every run")
+    p.add_argument("--supernet-epochs", type=positive_int, default=8,
+                   help="stage 1 epochs of swr* runs")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
     _overwrite_arg(p)
     _on_bad_file_arg(p)
@@ -526,7 +529,8 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
                       budgets=args.budgets, out=args.out, seeds=args.seeds, epochs=args.epochs,
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
                       swr_evaluations=args.swr_evaluations, resume=args.resume,
-                      overwrite=args.overwrite, on_bad_file=args.on_bad_file)
+                      overwrite=args.overwrite, on_bad_file=args.on_bad_file,
+                      batch_size=args.batch_size, supernet_epochs=args.supernet_epochs)
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())
     listed = Path(args.out) / "skipped_files.json"

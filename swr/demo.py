@@ -59,7 +59,7 @@ def _run_demo(out: Path, suite, quick, seeds, workers, device, resume, overwrite
     source = json.loads((ckpt / "metrics.json").read_text())
     log(f"demo: source {source['backbone']} on {source['task']}: test acc {source['test_acc']:.4f}")
     cfg = BenchConfig(tasks=targets, checkpoint=str(ckpt), methods=methods, budgets=["5%"],
-                      out=str(out / "bench"), seeds=seeds, epochs=10 if quick else 12,
+                      out=str(out / "bench"), seeds=seeds, epochs=8 if quick else 12,
                       device=device, workers=workers, swr_evaluations=24 if quick else 120,
                       supernet_epochs=3 if quick else 10, resume=resume, overwrite=overwrite)
     rows = run_bench(cfg, log=log)
