@@ -687,7 +687,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     given = args.checkpoint or args.backbone or args.weights
     m = evaluate(args.out, delta=args.delta, base=_base_spec(args) if given else None,

@@ -92,7 +92,7 @@ def _pretrain(task_spec, backbone, stage: Path, epochs, lr, batch_size, seed, de
 def trained_data_config(task) -> Optional[dict]:
     """The timm-style data config of the inputs an image ``task`` was prepared as (None
     for audio): what a model trained on it expects of any other image task."""
-    from .source import task_preprocess
+    from .tasks.base import task_preprocess
 
     if task.modality != "image":
         return None

@@ -28,6 +28,7 @@ from torch import nn
 from .errors import SwrError
 # the data-config helpers live with the backbones; re-exported as part of this module's API
 from .tasks.backbones import backbone_data_config, model_data_config  # noqa: F401
+from .tasks.base import task_preprocess  # noqa: F401  (re-exported: where users found it)
 
 
 @dataclass(frozen=True)
@@ -149,23 +150,6 @@ def load_task(task_spec: str, desc: dict, on_bad_file: str = "fail", **kwargs: A
 
     return get_task(task_spec, on_bad_file=on_bad_file, data_config=desc.get("data_config"),
                     **kwargs)
-
-
-def task_preprocess(task) -> dict:
-    """How to turn one input file into a model input for ``task`` (stored with its delta).
-
-    Audio: 1 s mono 16 kHz clip -> log-mel ``(1, 40, 101)``. Images: the evaluation
-    transform the task used (size, crop, mean, std, interpolation).
-    """
-    info = getattr(task, "info", {}) or {}
-    if task.modality == "audio":
-        return {"modality": "audio", "input_shape": list(task.input_shape)}
-    pre = info.get("preprocess")
-    if isinstance(pre, dict):
-        return {"modality": "image", **pre}
-    size = int(task.input_shape[-1])
-    return {"modality": "image", "image_size": size, "crop_pct": None,
-            "interpolation": "bilinear", "mean": info.get("mean"), "std": info.get("std")}
 
 
 __all__ = ["BaseSpec", "backbone_data_config", "base_spec", "checkpoint_backbone", "file_sha256",

@@ -213,3 +213,20 @@ def few_shot(task: Task, shots: int, seed: int = 0) -> Task:
     out = dataclasses.replace(task, id=f"{task.id}?shots={shots}", train=train, info=info)
     out.__dict__.pop("_data_hash", None)
     return out
+
+
+def task_preprocess(task) -> dict:
+    """How to turn one input file into a model input for ``task`` (stored with its delta).
+
+    Audio: 1 s mono 16 kHz clip -> log-mel ``(1, 40, 101)``. Images: the evaluation
+    transform the task used (size, crop, mean, std, interpolation).
+    """
+    info = getattr(task, "info", {}) or {}
+    if task.modality == "audio":
+        return {"modality": "audio", "input_shape": list(task.input_shape)}
+    pre = info.get("preprocess")
+    if isinstance(pre, dict):
+        return {"modality": "image", **pre}
+    size = int(task.input_shape[-1])
+    return {"modality": "image", "image_size": size, "crop_pct": None,
+            "interpolation": "bilinear", "mean": info.get("mean"), "std": info.get("std")}

@@ -162,8 +162,10 @@ def swr_cli(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def assert_one_line(text: str, *wanted: str) -> str:
-    # as a terminal shows it: a progress bar redraws itself with '\r' and is cleared
-    lines = [seg for line in text.split("\n") if (seg := line.rsplit("\r", 1)[-1].strip())]
+    # as a terminal shows it: a progress bar redraws itself with '\r' and is cleared; in a
+    # log (not a terminal) its progress lines stand apart from the error's one line
+    lines = [seg for line in text.split("\n") if (seg := line.rsplit("\r", 1)[-1].strip())
+             and "%|" not in seg]
     assert len(lines) == 1, text
     assert "Traceback" not in text
     for w in wanted:

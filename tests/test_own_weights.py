@@ -207,8 +207,10 @@ def test_pretrain_from_weights_records_the_data_config(tmp_path, monkeypatch):
     assert seen["data_config"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     _, desc = load_base(BaseSpec(checkpoint=str(tmp_path / "ckpt")))
     assert desc["data_config"] == seen["data_config"]  # the checkpoint's users prepare alike
-    # from scratch: no data config, the suite's own preprocessing
+    # from scratch: the suite's own preprocessing, recorded as the checkpoint's data config
+    # (its size), so the tasks that use the checkpoint are prepared at that size
     pretrain("images", "timm:resnet10t", tmp_path / "scratch", epochs=1, device="cpu",
              progress=False)
     assert seen["data_config"] is None
-    assert load_base(BaseSpec(checkpoint=str(tmp_path / "scratch")))[1]["data_config"] is None
+    recorded = load_base(BaseSpec(checkpoint=str(tmp_path / "scratch")))[1]["data_config"]
+    assert recorded["input_size"] == [3, 16, 16]

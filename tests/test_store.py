@@ -267,7 +267,7 @@ def test_evaluate_scores_a_delta_and_a_store_task_as_the_bench_did(three_tasks, 
     metrics.json, confusion.csv and confusion.png say the same."""
     import csv
 
-    from swr.evaluate import evaluate
+    from swr.evaluation import evaluate
 
     tmp, weights, tasks, runs = three_tasks
     monkeypatch.setattr(swr.tasks, "get_task", lambda s, **kw: tasks[s])
