@@ -170,7 +170,8 @@ class TaskStore:
                            "swr store add --checkpoint DIR (or --backbone NAME --weights FILE)")
         self.index = self._read()
         # temporary files of a killed write are removed when no writer holds the store
-        with contextlib.suppress(SwrError):
+        # (a store on read-only storage is read as it is)
+        with contextlib.suppress(SwrError, OSError):
             with out_lock(self.root, "store", option="store"):
                 clean_temporary_files(self.root)
 
