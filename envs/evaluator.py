@@ -55,18 +55,17 @@ def evaluator_metric(evaluator: str, reward: str | None = None) -> str:
     return reward or EVALUATORS[evaluator]
 
 
-#: Epochs of :class:`TrainedEvaluator`'s short training by default: on bcresnet-2 at 1%
-#: two ranked final accuracy at Kendall tau 0.65 and 0.74 (Polish, Russian), one at 0.55
-#: and 0.67 (experiments/SEARCH.md).
+#: Epochs of :class:`TrainedEvaluator`'s short training by default: a proxy, so short;
+#: how well it ranks final accuracy is measured in experiments/SEARCH.md.
 PROXY_EPOCHS = 2
 
 #: Where :class:`SupernetEvaluator` takes BatchNorm statistics from (``bn_stats``).
 BN_STATS = ("train", "val", "supernet")
 
 #: How many clips of each validation batch the ``"val"`` statistics come from by default
-#: (``bn_clips``; None: all of them). With 32, selections ranked by final accuracy within
-#: noise of the whole batch's statistics (experiments/SEARCH.md), at the cost measured in
-#: docs/PERFORMANCE.md.
+#: (``bn_clips``; None: all of them): enough to rank selections as the whole batch's
+#: statistics do, at a fraction of the statistics pass (experiments/SEARCH.md,
+#: docs/PERFORMANCE.md).
 BN_CLIPS = 32
 
 
@@ -271,12 +270,10 @@ class TrainedEvaluator:
     ``batch_size``), keep the best state on validation, and score validation. The
     supernet's state is restored after every scoring, and the global random state too.
 
-    A scoring costs a short final training: on bcresnet-2 (6 batches an epoch) 6-8 s for
-    two epochs against 1.5-1.9 s for a :class:`SupernetEvaluator` scoring. Where the
-    supernet's shared deltas do not predict what a selection's own deltas learn, it
-    ranks final accuracy better: on bcresnet-2 at 1% (265 delta parameters) Kendall tau
-    0.74 and 0.65 against the supernet score's 0.35 and 0.34. At 5% the two are level;
-    on resnet10t's image tasks it ranks far worse (experiments/SEARCH.md, "A trained proxy").
+    A scoring costs a short final training, several times a :class:`SupernetEvaluator`
+    scoring. It is meant for where the supernet's shared deltas do not predict what a
+    selection's own deltas learn (tiny delta budgets); where and how well it ranks is
+    measured in experiments/SEARCH.md ("A trained proxy").
 
     Every selection trains on the same data order, drawn from ``seed`` + 1: not the
     order of a final training with the search's own seed, whose luck the score would

@@ -55,10 +55,9 @@ class SearchConfig:
     device: str = "auto"
     ray_address: Optional[str] = None
     samples_per_iteration: int = 8
-    #: stage 1 on budget-feasible gate sets, the kind the search scores: scored with
-    #: val-batch statistics, its rank agreement with final accuracy was higher in 15 of
-    #: 19 measured runs (experiments/SEARCH.md). A SupernetConfig passed here keeps its own
-    #: gates (its default: "bernoulli")
+    #: stage 1 on budget-feasible gate sets, the kind of selection the search scores, so
+    #: the supernet is trained where it is asked to rank (experiments/SEARCH.md). A
+    #: SupernetConfig passed here keeps its own gates (its default: "bernoulli")
     supernet: SupernetConfig = field(default_factory=lambda: SupernetConfig(gates="budget"))
     bn_batches: int = 4
     #: where a scoring takes BatchNorm statistics from (swr.envs.evaluator.BN_STATS)
