@@ -12,15 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .budget import NORM_MODES, backbone_params, check_selection, cost_report
-from .errors import BudgetError, SwrError
+from .budget import NORM_MODES, backbone_params
+from .errors import SwrError
 from .io import check_output, check_run_folder, read_json, run_folder, write_json
 from .methods import run_method
 from .methods.base import default_lr
 from .methods.swr import SWR
 from .runlog import TRAINING_LOGS
 from .source import BaseSpec, load_base, load_task
-from .supernet import SupernetConfig, new_supernet
 from .tasks import task_data_path
 from .train import TrainConfig, steps_in_an_epoch
 
@@ -114,29 +113,19 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20,
                 raise SwrError(f"the supernet {supernet_file} named in {selection_file} is gone "
                                "(a cleared or moved cache?); re-run swr search or use "
                                "--init probe")
+        lr = default_lr(SWR.lr_family, meta["backbone"]) if lr is None else lr
+        # the selection must fit the budget it was searched under: SWR checks it (norms
+        # counted as the selection says) before anything trains
         method = SWR(selection=chosen, norms=norms_mode, norms_trained=norms_trained, init=init,
                      supernet_file=str(supernet_file) if supernet_file else None, seed=seed,
-                     device=device, warmup=warmup)
-        # the selection must fit the budget it was searched under (norms counted as it says)
-        model = new_supernet(base, task.num_classes, SupernetConfig(seed=seed))
-        report = cost_report(model, chosen)
-        counted = report["norms"] if norms_trained and norms_mode in ("auto", "budget") else 0
-        try:
-            cost = check_selection(model, chosen, budget - counted)
-        except BudgetError as e:
-            if not counted:
-                raise
-            raise BudgetError(f"{e} (the budget of {budget} less the {counted} task "
-                              "norm parameters it counts)") from None
-        lr = default_lr(SWR.lr_family, meta["backbone"]) if lr is None else lr
-        probe_lr = default_lr("head", meta["backbone"]) if probe_lr is None else probe_lr
-        method.probe_lr = probe_lr
+                     device=device, warmup=warmup,
+                     probe_lr=default_lr("head", meta["backbone"]) if probe_lr is None else probe_lr)
         cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
                           progress=progress, desc="finetune", log_dir=str(stage))
         row = run_method(method, base, task, budget, cfg, export=str(stage), export_model=True,
                          backbone=meta["backbone"])
         metrics = {
-            **row, "delta_params": cost, "norms_trained": norms_trained, "layers": chosen,
+            **row, "delta_params": row["updated_params"] - row["norm_params"], "norms_trained": norms_trained, "layers": chosen,
             "task": sel["task"], "backbone": meta["backbone"], "epochs": epochs, "seed": seed,
             "lr": lr, "steps": epochs * steps_in_an_epoch(task.train, batch_size), "init": init,
             "policy": sel.get("policy"), "skipped_files": list(task.info.get("skipped", [])),

@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..budget import NORM_MODES, selection_cost
+from ..budget import NORM_MODES, check_selection, selection_cost
 from ..delta import task_delta_tensors
 from ..errors import BudgetError, SwrError
 from ..fold import fold
@@ -121,7 +121,7 @@ class SWR(Method):
         if budget_params is None:
             raise BudgetError(f"method {self.name!r} needs a budget")
         if self.searcher is None and self.selection:
-            supernet = self._given_selection(model, task)
+            supernet = self._given_selection(model, task, budget_params)
         else:
             supernet = self._search(model, task, budget_params)
         if self.init == "probe":  # the base itself: zero deltas, base norms (the head is fitted)
@@ -150,12 +150,23 @@ class SWR(Method):
         self.norms_trained = bool(result["norms_trained"])
         return supernet
 
-    def _given_selection(self, model: nn.Module, task) -> nn.Module:
-        """The model to train for a selection given as it is (``swr finetune --selection``)."""
+    def _given_selection(self, model: nn.Module, task, budget_params: int) -> nn.Module:
+        """The model to train for a selection given as it is (``swr finetune --selection``),
+        once the selection is checked to fit ``budget_params`` less the task norms it
+        counts there (``norms`` ``auto`` or ``budget`` with the norms trained)."""
         if self.norms_trained is None:
             raise SwrError(f"method {self.name!r}: a given selection needs norms_trained "
                            "(whether its task norms train)")
         supernet = new_supernet(model, task.num_classes, SupernetConfig(seed=self.seed))
+        counted = (sum(p.numel() for p in norm_parameters(supernet).values())
+                   if self.norms_trained and self.norms in ("auto", "budget") else 0)
+        try:
+            check_selection(supernet, self.selection, budget_params - counted)
+        except BudgetError as e:
+            if not counted:
+                raise
+            raise BudgetError(f"{e} (the budget of {budget_params} less the {counted} task "
+                              "norm parameters it counts)") from None
         if self.init == "supernet":
             if not self.supernet_file:
                 raise SwrError(f"method {self.name!r}: init='supernet' with a given selection "
