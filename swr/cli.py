@@ -34,28 +34,24 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
 
 
-def positive_int(text: str) -> int:
-    """An integer of 1 or more (epochs, evaluations, seeds, samples, ...)."""
-    n = _int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer (1 or more)")
-    return n
+def _int_at_least(minimum: int, bound: str, doc: str) -> Callable[[str], int]:
+    """An argparse type: an integer of ``minimum`` or more, else "``text`` must be
+    ``bound``"."""
+    def check(text: str) -> int:
+        n = _int(text)
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return n
+
+    check.__doc__ = doc
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """An integer of 0 or more (a seed; 0 meaning none or off, e.g. --workers 0)."""
-    n = _int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return n
-
-
-def workers_count(text: str) -> int:
-    """``--workers`` of search, bench and demo: 0 (no Ray) or more."""
-    n = _int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (no Ray) or more")
-    return n
+positive_int = _int_at_least(1, "a positive integer (1 or more)",
+                             "An integer of 1 or more (epochs, evaluations, samples, ...).")
+non_negative_int = _int_at_least(0, "0 or more", "An integer of 0 or more (0: none or off).")
+workers_count = _int_at_least(0, "0 (no Ray) or more",
+                              "``--workers`` of search, bench and demo: 0 (no Ray) or more.")
 
 
 def positive_finite_float(text: str) -> float:
