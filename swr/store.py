@@ -275,8 +275,7 @@ class TaskStore:
             if entry is None:
                 raise SwrError(f"no task {name!r} in {self.root}; it holds: "
                                f"{', '.join(self.index['tasks']) or 'none'}")
-            file = store_path(self.root, entry["file"], f"tasks.{name}.file",
-                              self.root / "store.json")
+            file = self.root / entry["file"]  # inside the store: validate_index checked it
         # the index no longer names it: a crash now leaves an unlisted file, never a lost task
         if file.is_file() and not file.is_symlink():
             file.unlink(missing_ok=True)
@@ -300,8 +299,8 @@ class TaskStore:
         """Load the base once and return the switchable model (no task active)."""
         from .tasks.backbones import create_backbone
 
-        model = create_backbone(self.backbone, weights=store_path(
-            self.root, self.index["base_file"], "base_file", self.root / "store.json"))
+        # every path of the index lies inside the store: validate_index checked it on reading
+        model = create_backbone(self.backbone, weights=self.root / self.index["base_file"])
         have = base_hash(model)
         if have != self.index["base_hash"]:
             raise SwrError(f"{self.root / self.index['base_file']} hashes to {have}, not the "
@@ -333,8 +332,7 @@ class MultiTaskModel(nn.Module):
 
     def _delta(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._deltas:  # read once, kept in memory: later switches read nothing
-            path = store_path(self.store.root, self.store.entry(name)["file"],
-                              f"tasks.{name}.file", self.store.root / "store.json")
+            path = self.store.root / self.store.entry(name)["file"]  # validated on reading
             _, meta = read_task_delta_header(path)
             if meta["base_hash"] != self.store.index["base_hash"]:
                 raise ForeignDeltaError(f"task {name!r} of {self.store.root} was made for other "
