@@ -272,15 +272,13 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
-    from .io import check_output, check_rerun
-    from .search import SEARCH_MARKERS, SearchConfig, run_search
+    from .io import check_output
+    from .search import SearchConfig, run_search
     from .supernet import SupernetConfig
     from .tasks import task_data_path
 
     # the search writes its own files into --out (kept for --resume), it never replaces it
     _base_spec(args)  # one of the two forms, before any work
-    check_rerun(args.out, "search", SEARCH_MARKERS, resume=args.resume,
-                overwrite=args.overwrite, resumable=True)
     check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
                             "--task": task_data_path(args.task)}, replaced=False)
     # workers=None: one per available CPU, decided by swr.parallel.resolve_workers
@@ -507,8 +505,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def run_bench_cmd(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
-    from .bench.run import BENCH_OUTPUTS
-    from .io import check_output, check_rerun
+    from .io import check_output
     from .tasks import task_data_path
 
     def data(task: str) -> str | None:  # a suite (imagenet-to-sketch:<root>) names its root
@@ -516,8 +513,6 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
         return root if suite == "imagenet-to-sketch" else task_data_path(task)
 
     _base_spec(args)  # one of the two forms, before any work
-    check_rerun(args.out, "bench", BENCH_OUTPUTS, resume=args.resume, overwrite=args.overwrite,
-                resumable=True)  # before the task data is looked at (a suite renders)
     check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
                             **{f"--task {t}": data(t) for t in args.task}}, replaced=False)
     cfg = BenchConfig(tasks=args.task, checkpoint=args.checkpoint or "", methods=args.methods,

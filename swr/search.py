@@ -171,6 +171,9 @@ def run_search(cfg: SearchConfig) -> dict:
     # scoring leaves --out as it was found
     # (taken back while the lock is held: nothing of another process is touched)
     with out_lock(cfg.out, "search"), left_as_found_on_refusal(cfg.out, ("evaluations.jsonl",)):
+        # another search there is refused before the base and task are loaded
+        check_rerun(cfg.out, "search", SEARCH_MARKERS, resume=cfg.resume,
+                    overwrite=cfg.overwrite, resumable=True)
         base_model, ckpt_meta = load_base(spec)
         task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
         result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])

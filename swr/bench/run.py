@@ -201,10 +201,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     refused) and records :func:`bench_fingerprint` in ``out/fingerprint.json``; a
     ``--resume`` with other settings is refused with one line saying what differs.
     """
-    check_tasks(cfg)  # a bad task is refused here, before --out is touched or a worker starts
     # refused before its first result: --out as it was found (taken back while the lock is
     # held, so nothing of another process is touched; out_lock removes a folder it made)
     with out_lock(cfg.out, "bench"), left_as_found_on_refusal(cfg.out, ("results.csv",)):
+        # another bench there is refused before any work (loading a suite renders it)
+        check_rerun(cfg.out, "bench", BENCH_OUTPUTS, resume=cfg.resume,
+                    overwrite=cfg.overwrite, resumable=True)
+        check_tasks(cfg)  # a bad task is refused here, before any worker starts
         return _run_bench(cfg, log)
 
 
@@ -229,9 +232,7 @@ BENCH_OUTPUTS = ("fingerprint.json", "results.csv", "results.md", "pareto.png", 
 
 def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     out = Path(cfg.out)
-    check_rerun(out, "bench", BENCH_OUTPUTS, resume=cfg.resume, overwrite=cfg.overwrite,
-                resumable=True)
-    if cfg.overwrite and not cfg.resume:
+    if cfg.overwrite and not cfg.resume:  # run_bench allowed it: the old bench goes
         for name in BENCH_OUTPUTS:
             old = out / name
             if old.is_dir() and not old.is_symlink():
