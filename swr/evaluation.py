@@ -21,7 +21,8 @@ from torch import nn
 
 from .errors import SwrError
 from .io import run_folder, save_png, write_csv, write_json
-from .train import batches, resolve_device
+from .robustness import predict
+from .train import resolve_device
 
 #: Every file ``swr evaluate`` writes into its ``--out``.
 OUTPUTS = {"metrics.json", "confusion.csv", "confusion.png"}
@@ -46,17 +47,6 @@ def scores(matrix: torch.Tensor, classes: Sequence[str]) -> dict:
                  for i, c in enumerate(classes)}
     return {"accuracy": float(matrix.diag().sum()) / total if total else None,
             "n": total, "per_class": per_class}
-
-
-@torch.no_grad()
-def predict_split(model: nn.Module, ds, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and predicted classes of ``model`` (eval mode) on dataset ``ds``."""
-    model.eval()
-    labels, predicted = [], []
-    for x, y in batches(ds, 256):
-        predicted.append(model(x.to(device)).argmax(-1).cpu())
-        labels.append(y)
-    return torch.cat(labels), torch.cat(predicted)
 
 
 @torch.no_grad()
@@ -150,7 +140,8 @@ def evaluate(out: str | Path, *, delta: Optional[str] = None, base=None,
             if ds is None:
                 raise SwrError(f"task {spec} has no {split} split")
             classes = list(data.class_names)
-            labels, predicted = predict_split(model, ds, dev)
+            probs, labels = predict(model, ds, dev)
+            predicted = probs.argmax(-1)
             on = {"task": spec, "split": split}
         matrix = confusion(labels, predicted, len(classes))
         metrics = {"model": info["source"], **on, "classes": classes,
