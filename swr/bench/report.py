@@ -96,6 +96,14 @@ def _clip_differences(a: dict, b: dict, pred_dir) -> Optional[list[float]]:
     return out or None
 
 
+def _averages(method: str, runs: dict) -> dict:
+    """A method's runs (by task and seed) as one entry: their count and mean test accuracy
+    and trained parameters."""
+    return {"method": method, "n": len(runs),
+            "test_acc": statistics.mean(_f(r["test_acc"]) for r in runs.values()),
+            "updated_params": statistics.mean(_f(r["updated_params"]) for r in runs.values())}
+
+
 def budget_groups(rows: list[dict], pred_dir=None) -> list[dict]:
     """Methods side by side at equal trained parameters.
 
@@ -128,10 +136,7 @@ def budget_groups(rows: list[dict], pred_dir=None) -> list[dict]:
                                                   None)
         entries = []
         for m, rs in members.items():
-            entry = {"method": m, "budget": label, "limit": limit, "n": len(rs),
-                     "test_acc": statistics.mean(_f(r["test_acc"]) for r in rs.values()),
-                     "updated_params": statistics.mean(_f(r["updated_params"])
-                                                       for r in rs.values())}
+            entry = {**_averages(m, rs), "budget": label, "limit": limit}
             if swr is not None and m != swr:
                 common = sorted(set(rs) & set(members[swr]))
                 d, unit = None, "runs"
@@ -149,11 +154,7 @@ def budget_groups(rows: list[dict], pred_dir=None) -> list[dict]:
                        "best": entries[0]["method"] if entries else None})
     refs = {m for m, rs in natural.items()} - {e["method"] for g in groups for e in g["methods"]}
     if groups or refs:
-        entries = [{"method": m, "budget": "natural", "n": len(natural[m]),
-                    "test_acc": statistics.mean(_f(r["test_acc"]) for r in natural[m].values()),
-                    "updated_params": statistics.mean(_f(r["updated_params"])
-                                                      for r in natural[m].values())}
-                   for m in sorted(refs)]
+        entries = [{**_averages(m, natural[m]), "budget": "natural"} for m in sorted(refs)]
         groups.append({"budget": "references", "limit": None, "swr": None,
                        "methods": sorted(entries, key=lambda e: -e["test_acc"]), "best": None})
     return groups
