@@ -2,6 +2,7 @@
 and folds exactly (or reports its extra inference cost)."""
 
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -462,3 +463,39 @@ def test_swr_stage_3_never_ends_below_its_linear_probe_on_validation():
     result = method.fit(model, task, TrainConfig(epochs=3, lr=2e-2, batch_size=32,
                                                  device="cpu", progress=False))
     assert result.val_acc >= result.history[0]["val_acc"]
+
+
+def test_swr_probe_is_the_linear_probes_own_solution():
+    """Stage 3's probe starts from the head the linear probe draws (same seed, same
+    rate), though stages 1 and 2 drew from the generator before it: when no epoch beats
+    the probe SWR ends with the linear probe's own head, and otherwise above it on
+    validation. SWR cannot score below its own subset there."""
+    from swr.methods.linear import LinearProbe
+    from swr.methods.swr import SWR
+    from swr.search import attach_searcher
+
+    from fixtures import tiny_audio_task
+
+    torch.manual_seed(0)
+    base = create_backbone("bcresnet-1", num_classes=4).eval()
+    task = tiny_audio_task(4, per_class=24, seed=5)
+    budget = sum(c.params for c in candidates(base)) // 20
+    cfg = TrainConfig(epochs=2, lr=5e-2, batch_size=32, device="cpu", progress=False, seed=3)
+
+    def fitted(method, budget_params, lr):  # as the runner runs a method: seeded, then prepared
+        torch.manual_seed(cfg.seed)
+        model = method.prepare(copy.deepcopy(base), task, budget_params)
+        return model, method.fit(model, task, dataclasses.replace(cfg, lr=lr))
+
+    def swr():
+        method = SWR(selector="random", evaluations=3, supernet_epochs=1, norms="none",
+                     seed=3, probe_lr=5e-2)
+        attach_searcher(method)
+        return method
+
+    probe, linear = fitted(LinearProbe(), None, 5e-2)
+    model, wrecked = fitted(swr(), budget, 50.0)
+    assert wrecked.best_epoch == 0 and wrecked.val_acc == linear.val_acc
+    for key, value in probe.get_classifier().state_dict().items():
+        assert torch.equal(model.get_classifier().state_dict()[key], value), key
+    assert fitted(swr(), budget, 2e-2)[1].val_acc >= linear.val_acc

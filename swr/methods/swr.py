@@ -50,7 +50,7 @@ from ..reparam import (norm_parameters, reparam_layers, restore_norms, set_selec
 from ..selection import Searcher, search_selection
 from ..supernet import SupernetConfig, new_supernet
 from ..train import TrainConfig, TrainResult, fit_head, train
-from .base import Method
+from .base import Method, new_head
 
 #: where stage 3 starts (:attr:`SWR.init`)
 INITS = ("probe", "supernet")
@@ -120,6 +120,9 @@ class SWR(Method):
     def prepare(self, model: nn.Module, task, budget_params: Optional[int]) -> nn.Module:
         if budget_params is None:
             raise BudgetError(f"method {self.name!r} needs a budget")
+        # the generator as the runner seeded it: the probe's head is drawn from it, so the
+        # probe is the linear probe's own solution, not one from another starting point
+        seeded = torch.get_rng_state()
         if self.searcher is None and self.selection:
             supernet = self._given_selection(model, task, budget_params)
         else:
@@ -129,6 +132,9 @@ class SWR(Method):
             with torch.no_grad():
                 for layer in reparam_layers(supernet).values():
                     layer.delta.zero_()
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(seeded)
+                new_head(supernet, task)
         elif not self.norms_trained:  # stage 1 trained the supernet's norms; these stay base
             restore_norms(supernet, model)
         set_selection(supernet, self.selection)
