@@ -159,13 +159,25 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return out
 
 
+#: Largest fold error accepted in fp32, relative to the outputs' scale (at least 1).
+FOLD_TOLERANCE = 1e-5
+
+
+def fold_tolerance(dtype: torch.dtype, scale: float) -> float:
+    """Accepted fold error: :data:`FOLD_TOLERANCE` in fp32, ten rounding steps in lower
+    precision, times the outputs' scale when it is above 1."""
+    eps = FOLD_TOLERANCE if dtype == torch.float32 else 10 * torch.finfo(dtype).eps
+    return eps * max(1.0, scale)
+
+
 @torch.no_grad()
 def fold_check(model: nn.Module, example: torch.Tensor, seed: int = 0,
                gate_p: float = 0.5, bias_delta: bool = True) -> dict[str, Any]:
     """Self-check on a plain model: random deltas behind random gates, fold, compare.
 
     Returns ``max_abs_diff`` between the reparametrized and folded outputs (eval
-    mode), ``same_architecture`` against the unwrapped model, and the gates opened.
+    mode), its ``tolerance`` (:func:`fold_tolerance`), ``same_architecture`` against the
+    unwrapped model, the gates opened, and ``ok`` (within tolerance, same architecture).
     """
     from .reparam import reparametrize, sample_gates
 
@@ -182,9 +194,14 @@ def fold_check(model: nn.Module, example: torch.Tensor, seed: int = 0,
     y_super = supernet(example)
     y_fold = folded(example)
     y_base = base(example)
+    diff = float((y_super - y_fold).abs().max())
+    tolerance = fold_tolerance(y_super.dtype, float(y_super.abs().max()))
+    same = same_architecture(folded, base)
     return {
-        "max_abs_diff": float((y_super - y_fold).abs().max()),
-        "same_architecture": same_architecture(folded, base),
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "ok": diff <= tolerance and same,
+        "same_architecture": same,
         "gates_open": len(opened),
         "layers": len(reparam_layers(supernet)),
         # the deltas must actually change the output, or the check proves nothing

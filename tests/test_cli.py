@@ -11,14 +11,14 @@ def test_inspect_json_resnet18(capsys):
     assert {"layers", "total_params", "fold_check"} <= out.keys()
     assert out["total_params"] == 11_689_512
     assert all({"name", "kind", "params"} <= layer.keys() for layer in out["layers"])
-    assert out["fold_check"]["max_abs_diff"] <= 1e-5
+    assert out["fold_check"]["max_abs_diff"] <= 1e-5 and out["fold_check"]["ok"]
     assert out["fold_check"]["same_architecture"] is True
 
 
 def test_inspect_bcresnet(capsys):
     assert main(["inspect", "--backbone", "bcresnet-1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["fold_check"]["max_abs_diff"] <= 1e-5
+    assert out["fold_check"]["max_abs_diff"] <= 1e-5 and out["fold_check"]["ok"]
     assert any(layer["kind"] == "dwconv2d" for layer in out["layers"])
 
 

@@ -15,14 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..flops import count_flops
-from ..fold import same_architecture
+from ..fold import fold_tolerance, same_architecture
 from ..robustness import save_predictions
 from ..train import TrainConfig, batches, check_finite_weights, evaluate, resolve_device
 from .base import Method, get_method
-
-#: Largest fold error accepted in fp32, relative to the outputs' scale (at least 1).
-FOLD_TOLERANCE = 1e-5
-
 
 def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Size of a safetensors file holding exactly ``tensors`` (written to a temp file)."""
@@ -31,12 +27,6 @@ def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
         path = os.path.join(tmp, "task.safetensors")
         save_file(plain, path)
         return os.path.getsize(path)
-
-
-def fold_tolerance(dtype: torch.dtype, scale: float) -> float:
-    """Accepted fold error: 1e-5 in fp32, ten rounding steps in lower precision."""
-    eps = FOLD_TOLERANCE if dtype == torch.float32 else 10 * torch.finfo(dtype).eps
-    return eps * max(1.0, scale)
 
 
 def run_method(method_name: str | Method, base_model: nn.Module, task,
@@ -77,7 +67,7 @@ def run_method(method_name: str | Method, base_model: nn.Module, task,
     before anything is exported.
 
     A fold that does not give the base architecture raises; a fold whose outputs
-    drift beyond :data:`FOLD_TOLERANCE` (relative to the output scale) warns.
+    drift beyond :data:`swr.fold.FOLD_TOLERANCE` (relative to the output scale) warns.
     ``method_name`` may also be a ready :class:`Method` (``knobs`` must then be empty).
     """
     method = get_method(method_name, **knobs) if isinstance(method_name, str) else method_name
