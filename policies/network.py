@@ -14,6 +14,12 @@ The policy is budget-conditioned: the budget itself, as a log-scaled share of th
 candidates' total cost (:func:`budget_feature`), is an input of the embedding (so the
 context of every layer depends on it) and of the head, and every rollout in a batch
 may have its own budget. One trained policy thus gives a selection per budget.
+
+A policy made with ``memory=True`` decides under a training-memory budget too (a
+:class:`~swr.memory.MemoryLimit` handed to :meth:`PolicyNetwork.rollout`): a layer that
+would break it is masked like one over the parameter budget, and the head also reads
+the share of the memory budget the selection so far commits, what the layer would add
+relative to what is left, and the memory budget as a share of full fine-tuning's.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swr.envs.mdp import budget_features, fits as fits_budget
+from swr.envs.mdp import (budget_features, fits as fits_budget, memory_features, memory_step,
+                         share_feature)
+from swr.memory import MemoryLimit
 
 
 @dataclass
@@ -58,15 +66,43 @@ def _budget_tensor(budget, k: int) -> torch.Tensor:
     return b
 
 
+class _MemoryState:
+    """A batch of rollouts' memory: segments covered ``(K, P)`` and the budget's tensors."""
+
+    def __init__(self, memory: MemoryLimit, k: int):
+        cost = memory.cost
+        self.member = torch.as_tensor(cost.member)
+        self.weights = torch.as_tensor(cost.weights, dtype=torch.float64)
+        self.budget = float(memory.budget)
+        self.covered = torch.as_tensor(cost.start()).expand(k, -1).clone()
+        self.share = share_feature(memory.budget, cost.full_bytes)
+
+    def features(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Layer ``i`` added to each rollout: segments after, whether it fits, and the
+        head's memory inputs ``(K, 1)`` each."""
+        after, committed, after_bytes = memory_step(self.covered, self.member[i], self.weights)
+        used, rel = memory_features(committed, after_bytes, self.budget)
+        share = torch.full_like(used, self.share)
+        return after, after_bytes <= self.budget, [x.float().unsqueeze(1)
+                                                   for x in (used, rel, share)]
+
+
 class PolicyNetwork(nn.Module):
-    def __init__(self, n_features: int, hidden: int = 64):
+    def __init__(self, n_features: int, hidden: int = 64, memory: bool = False):
         super().__init__()
+        self.memory = memory
         # +1: the budget feature, appended to every layer's features
         self.embed = nn.Sequential(nn.Linear(n_features + 1, hidden), nn.ReLU())
         self.context = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         # context + fraction of budget left + relative cost + the budget feature
-        self.head = nn.Sequential(nn.Linear(2 * hidden + 3, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, 1))
+        # (+ memory committed, relative memory cost, the memory budget feature)
+        self.head = nn.Sequential(nn.Linear(2 * hidden + 3 + (3 if memory else 0), hidden),
+                                  nn.ReLU(), nn.Linear(hidden, 1))
+
+    def _check_memory(self, memory: Optional[MemoryLimit]) -> None:
+        if (memory is not None) != self.memory:
+            raise ValueError("a policy made with memory=True needs a memory budget, and only it "
+                             "takes one")
 
     def forward(self, features: torch.Tensor, budget_feat: torch.Tensor) -> torch.Tensor:
         """``(L, F)`` features and ``(B,)`` budget features -> ``(B, L, 2*hidden)`` context."""
@@ -83,12 +119,16 @@ class PolicyNetwork(nn.Module):
 
     def rollout(self, features: torch.Tensor, costs: torch.Tensor, budget, k: int,
                 generator: Optional[torch.Generator] = None, greedy: bool = False,
-                explore: float = 0.0, order: Optional[Sequence[int]] = None) -> Rollout:
+                explore: float = 0.0, order: Optional[Sequence[int]] = None,
+                memory: Optional[MemoryLimit] = None) -> Rollout:
         """Sample ``k`` selections (or the most likely ones with ``greedy``) under
-        ``budget``: one number for all, or a sequence of ``k`` budgets, deciding the
-        layers in ``order`` (default: network order). With ``explore`` > 0 each
-        decision is a coin flip with that probability (the policy sampled is the
-        mixture, whatever the size of the logits)."""
+        ``budget``: one number for all, or a sequence of ``k`` budgets, and ``memory``
+        (for a policy made with ``memory=True``), deciding the layers in ``order``
+        (default: network order). With ``explore`` > 0 each decision is a coin flip with
+        that probability (the policy sampled is the mixture, whatever the size of the
+        logits)."""
+        self._check_memory(memory)
+        mem = _MemoryState(memory, k) if memory is not None else None
         budgets = _budget_tensor(budget, k)
         total = float(costs.sum())
         ctx = self._contexts(features, budgets, total)
@@ -102,8 +142,12 @@ class PolicyNetwork(nn.Module):
             cost = float(costs[i])
             fits = fits_budget(cost, left)
             frac_left, rel_cost = budget_features(left, budgets, cost)
+            extra = []
+            if mem is not None:
+                after, fits_memory, extra = mem.features(i)
+                fits = fits & fits_memory
             inp = torch.cat([ctx[:, i], frac_left.float().unsqueeze(1),
-                             rel_cost.float().unsqueeze(1), bfeat], dim=1)
+                             rel_cost.float().unsqueeze(1), bfeat, *extra], dim=1)
             logit = self.head(inp).squeeze(1)
             if explore > 0:
                 p = (1 - explore) * torch.sigmoid(logit) + explore / 2
@@ -121,36 +165,64 @@ class PolicyNetwork(nn.Module):
             log_prob = log_prob + torch.where(fits, lp, torch.zeros_like(lp))
             entropy = entropy + torch.where(fits, ent, torch.zeros_like(ent))
             left = left - take.double() * cost
+            if mem is not None:
+                mem.covered = torch.where(take.unsqueeze(1), after, mem.covered)
             masks[:, i] = take
         return Rollout(masks, log_prob, entropy)
 
     def forced_logits(self, features: torch.Tensor, costs: torch.Tensor,
                       budgets: Sequence[float] | torch.Tensor, masks: torch.Tensor,
-                      order: Optional[Sequence[int]] = None
+                      order: Optional[Sequence[int]] = None,
+                      memory: Optional[MemoryLimit] = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, L)`` of every decision along the given selections ``(B, L)``
         (teacher forcing: all steps at once, decided in ``order`` as :meth:`rollout`
-        does), and where the layer fits ``(B, L)``; both in network order."""
+        does), and where the layer fits ``(B, L)`` (both budgets); both in network order."""
+        self._check_memory(memory)
         b = _budget_tensor(budgets, len(masks))
         total = float(costs.sum())
         ctx = self._contexts(features, b, total)
-        if order is not None:  # work in decision order, hand back in network order
-            idx = torch.as_tensor(list(order), dtype=torch.long)
-            back = torch.empty_like(idx)
-            back[idx] = torch.arange(len(idx))
-            logits, fits = self._forced(ctx[:, idx], costs[idx], b, masks[:, idx], total)
-            return logits[:, back], fits[:, back]
-        return self._forced(ctx, costs, b, masks, total)
+        idx = (torch.as_tensor(list(order), dtype=torch.long) if order is not None
+               else torch.arange(len(costs)))
+        extra, fits_memory = self._forced_memory(memory, masks[:, idx], idx)
+        logits, fits = self._forced(ctx[:, idx], costs[idx], b, masks[:, idx], total, extra)
+        if fits_memory is not None:
+            fits = fits & fits_memory
+        back = torch.empty_like(idx)  # hand back in network order
+        back[idx] = torch.arange(len(idx))
+        return logits[:, back], fits[:, back]
+
+    def _forced_memory(self, memory: Optional[MemoryLimit], masks: torch.Tensor,
+                       idx: torch.Tensor) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """The head's memory inputs ``(B, L, 1)`` each and where memory fits ``(B, L)``,
+        along ``masks`` in decision order (layers ``idx``)."""
+        if memory is None:
+            return [], None
+        cost = memory.cost
+        member = torch.as_tensor(cost.member)[idx]  # (L, P), decision order
+        weights = torch.as_tensor(cost.weights, dtype=torch.float64)
+        taken = masks.unsqueeze(2) & member.unsqueeze(0)  # (B, L, P)
+        # the segments covered before each decision: the start and every earlier take
+        before = (torch.cumsum(taken.long(), dim=1) - taken.long()) > 0
+        covered = before | torch.as_tensor(cost.start())
+        after = covered | member.unsqueeze(0)
+        committed = (covered.double() @ weights).round()
+        after_bytes = (after.double() @ weights).round()
+        used, rel = memory_features(committed, after_bytes, float(memory.budget))
+        share = torch.full_like(used, share_feature(memory.budget, cost.full_bytes))
+        return ([x.float().unsqueeze(2) for x in (used, rel, share)],
+                after_bytes <= float(memory.budget))
 
     def _forced(self, ctx: torch.Tensor, costs: torch.Tensor, b: torch.Tensor,
-                masks: torch.Tensor, total: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forced_logits` with the layers (context, costs, masks) already in
-        decision order."""
+                masks: torch.Tensor, total: float, extra: Sequence[torch.Tensor] = ()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forced_logits` with the layers (context, costs, masks, the memory
+        inputs ``extra``) already in decision order."""
         spent = torch.cumsum(masks.double() * costs, dim=1) - masks.double() * costs
         left = b.unsqueeze(1) - spent
         fits = fits_budget(costs.unsqueeze(0), left)
         frac_left, rel_cost = budget_features(left, b.unsqueeze(1), costs.unsqueeze(0))
         bfeat = budget_feature(b, total).float().view(-1, 1, 1).expand(-1, masks.shape[1], 1)
         inp = torch.cat([ctx, frac_left.float().unsqueeze(2), rel_cost.float().unsqueeze(2),
-                         bfeat], dim=2)
+                         bfeat, *extra], dim=2)
         return self.head(inp).squeeze(2), fits

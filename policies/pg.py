@@ -16,6 +16,11 @@ reward, one per budget (a larger budget scores higher); advantages are normalise
 the batch's spread so the step size does not depend on the reward scale.
 ``prior_steps=0`` starts from a random network instead (the ablation; it still decides
 the layers in importance order unless ``order="network"``).
+
+Under a training-memory budget as well (the problem's ``memory``), the policy reads and
+respects both budgets (:class:`~swr.policies.network.PolicyNetwork` with ``memory=True``),
+its prior is the knapsack under both
+(:func:`~swr.policies.selectors.memory_knapsack_selection`), and filling keeps both.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from swr.memory import MemoryLimit
 
 from .network import PolicyNetwork, Rollout
 from .registry import register_searcher
@@ -89,11 +96,13 @@ def _as_budgets(budget) -> list[int]:
     return [int(budget)] if isinstance(budget, (int, np.integer)) else [int(b) for b in budget]
 
 
-def prior_masks(values: np.ndarray, costs: np.ndarray, budgets: Sequence[int]) -> np.ndarray:
-    """The knapsack selection over ``values`` at each budget, ``(len(budgets), L)``."""
-    from .selectors import knapsack_selection
+def prior_masks(values: np.ndarray, costs: np.ndarray, budgets: Sequence[int],
+                memory: Optional[MemoryLimit] = None) -> np.ndarray:
+    """The knapsack selection over ``values`` at each budget (and ``memory``),
+    ``(len(budgets), L)``."""
+    from .selectors import memory_knapsack_selection
 
-    return np.stack([knapsack_selection(values, costs, b) for b in budgets])
+    return np.stack([memory_knapsack_selection(values, costs, b, memory) for b in budgets])
 
 
 def decision_order(values: Optional[np.ndarray], costs: np.ndarray, order: str
@@ -111,28 +120,34 @@ def decision_order(values: Optional[np.ndarray], costs: np.ndarray, order: str
 
 
 def fill_masks(masks: torch.Tensor, costs: np.ndarray, budgets: Sequence[int],
-               order: Optional[Sequence[int]] = None) -> torch.Tensor:
+               order: Optional[Sequence[int]] = None,
+               memory: Optional[MemoryLimit] = None) -> torch.Tensor:
     """Each selection (a row of ``masks``) with the layers it left out added, in
-    ``order`` (default: network order), while they fit its budget."""
+    ``order`` (default: network order), while they fit its budget (and ``memory``)."""
     out = masks.clone()
     costs = np.asarray(costs, dtype=np.float64)
     seq = range(len(costs)) if order is None else order
     for r, budget in enumerate(budgets):
         row = out[r].numpy()
         left = float(budget) - float(costs[row].sum())
+        covered = memory.cost.covered(row) if memory is not None else None
         for i in seq:
-            if not row[i] and costs[i] <= left:
+            if not row[i] and costs[i] <= left and (memory is None
+                                                    or memory.fits_adding(covered, i)):
                 row[i], left = True, left - costs[i]
+                if memory is not None:
+                    covered = covered | memory.cost.member[i]
     return out
 
 
 def imitation_loss(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tensor,
                    budgets: Sequence[int], targets: torch.Tensor, confidence: float,
-                   order: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, int]:
+                   order: Optional[Sequence[int]] = None,
+                   memory: Optional[MemoryLimit] = None) -> tuple[torch.Tensor, int]:
     """Cross-entropy of the policy's decisions along the ``targets`` selections (soft
     labels ``confidence`` / ``1 - confidence``), over the decisions where the layer
     fits; and how many of those decisions the greedy policy gets wrong."""
-    logits, fits = policy.forced_logits(feats, costs, budgets, targets, order)
+    logits, fits = policy.forced_logits(feats, costs, budgets, targets, order, memory)
     t = targets.float()
     soft = t * confidence + (1 - t) * (1 - confidence)
     loss = F.binary_cross_entropy_with_logits(logits[fits], soft[fits])
@@ -143,7 +158,8 @@ def imitation_loss(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tens
 def imitate_prior(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tensor,
                   budgets: Sequence[int], targets: torch.Tensor, cfg: PGConfig,
                   extra: Optional[tuple[list[int], torch.Tensor]] = None,
-                  order: Optional[Sequence[int]] = None) -> dict:
+                  order: Optional[Sequence[int]] = None,
+                  memory: Optional[MemoryLimit] = None) -> dict:
     """Train ``policy`` to reproduce ``targets`` (one selection per budget) by
     supervised learning, and the ``extra`` (budgets, selections) as well if given;
     stops once its greedy rollout reproduces every target and the loss on them is
@@ -153,12 +169,13 @@ def imitate_prior(policy: PolicyNetwork, feats: torch.Tensor, costs: torch.Tenso
     floor = -(c * np.log(c) + (1 - c) * np.log(1 - c)) if 0 < c < 1 else 0.0
     steps, loss, wrong = 0, float("nan"), -1
     for steps in range(1, cfg.prior_steps + 1):
-        out, wrong = imitation_loss(policy, feats, costs, budgets, targets, c, order)
+        out, wrong = imitation_loss(policy, feats, costs, budgets, targets, c, order, memory)
         loss = float(out.detach())
         if wrong == 0 and loss < floor + 0.02:
             break
         if extra is not None:
-            out = out + imitation_loss(policy, feats, costs, extra[0], extra[1], c, order)[0]
+            out = out + imitation_loss(policy, feats, costs, extra[0], extra[1], c, order,
+                                       memory)[0]
         opt.zero_grad()
         out.backward()
         opt.step()
@@ -170,38 +187,41 @@ class PGTrainer:
 
     ``budget`` is one budget or a list: rollouts take the budgets in turn, and the
     policy is pretrained on the knapsack over ``values`` (Taylor importance) at each
-    of them when ``values`` is given and ``cfg.prior_steps`` > 0.
+    of them when ``values`` is given and ``cfg.prior_steps`` > 0. ``memory``: a
+    training-memory budget every rollout keeps as well.
     """
 
     def __init__(self, features: np.ndarray, costs: np.ndarray, budget, cfg: PGConfig,
                  on_iteration: Optional[Callable[[dict], None]] = None,
-                 values: Optional[np.ndarray] = None):
+                 values: Optional[np.ndarray] = None, memory: Optional[MemoryLimit] = None):
         torch.manual_seed(cfg.seed)
         self.cfg, self.on_iteration = cfg, on_iteration
+        self.memory = memory
         self.budgets = _as_budgets(budget)
         self.budget = self.budgets[0] if len(self.budgets) == 1 else self.budgets
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.feats = torch.as_tensor(features, dtype=torch.float32)
         self.cost_t = torch.as_tensor(costs, dtype=torch.float64)
-        self.policy = PolicyNetwork(self.feats.shape[1], cfg.hidden)
+        self.policy = PolicyNetwork(self.feats.shape[1], cfg.hidden, memory=memory is not None)
         self.order = decision_order(values, np.asarray(costs), cfg.order)
         self.prior: Optional[torch.Tensor] = None
         self.prior_info: dict = {"prior_steps": 0}
         if values is not None and cfg.prior_steps > 0:
             values = np.asarray(values, dtype=np.float64)
-            self.prior = torch.as_tensor(prior_masks(values, np.asarray(costs), self.budgets))
+            self.prior = torch.as_tensor(prior_masks(values, np.asarray(costs), self.budgets,
+                                                     memory))
             extra = None
             if cfg.prior_samples > 0:
                 rng = np.random.default_rng(cfg.seed)
                 xb = [b for b in self.budgets for _ in range(cfg.prior_samples)]
                 xm = np.stack([prior_masks(values * rng.lognormal(0.0, cfg.prior_noise,
                                                                   len(values)),
-                                           np.asarray(costs), [b])[0] for b in xb])
+                                           np.asarray(costs), [b], memory)[0] for b in xb])
                 extra = (xb, torch.as_tensor(xm))
             with one_thread():
                 self.prior_info = imitate_prior(self.policy, self.feats, self.cost_t,
                                                 self.budgets, self.prior, cfg, extra,
-                                                self.order)
+                                                self.order, memory)
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.baselines: dict[int, float] = {}
         self.iterations = 0
@@ -222,11 +242,11 @@ class PGTrainer:
         """The policy's most likely selection at each budget."""
         with torch.no_grad(), one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, self.budgets, len(self.budgets),
-                                       greedy=True, order=self.order)
+                                       greedy=True, order=self.order, memory=self.memory)
         return [m.numpy() for m in self._filled(roll.masks, self.budgets)]
 
     def _filled(self, masks: torch.Tensor, budgets: Sequence[int]) -> torch.Tensor:
-        return fill_masks(masks, self.cost_t.numpy(), budgets, self.order) \
+        return fill_masks(masks, self.cost_t.numpy(), budgets, self.order, self.memory) \
             if self.cfg.fill else masks
 
     def _next_budgets(self, k: int) -> list[int]:
@@ -242,7 +262,8 @@ class PGTrainer:
         budgets = self._next_budgets(k)
         with one_thread():
             roll = self.policy.rollout(self.feats, self.cost_t, budgets, k, generator=self.gen,
-                                       explore=self.explore, order=self.order)
+                                       explore=self.explore, order=self.order,
+                                       memory=self.memory)
         masks = self._filled(roll.masks, budgets)
         keys = {np.packbits(m.numpy()).tobytes() for m in masks}
         fresh = len(keys - self._sampled)
@@ -280,7 +301,7 @@ class PGTrainer:
             if self.prior is not None and cfg.prior_coef > 0:
                 loss = loss + cfg.prior_coef * imitation_loss(
                     self.policy, self.feats, self.cost_t, self.budgets, self.prior,
-                    cfg.prior_confidence, self.order)[0]
+                    cfg.prior_confidence, self.order, self.memory)[0]
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -339,7 +360,7 @@ class PGSearcher(PoolSearcher):
                                                  "evaluations": len(run.log.seen)})
 
         trainer = PGTrainer(features, costs, budgets, cfg, on_iteration,
-                            values=problem.importance)
+                            values=problem.importance, memory=problem.memory)
         # first: the pretrained policy's greedy selection at each budget (the knapsack's),
         # and the knapsack's own where imitation missed it, so pg starts where it ends
         first = trainer.greedy_masks()
@@ -361,6 +382,8 @@ class PGSearcher(PoolSearcher):
                 "order": ",".join(map(str, trainer.order or [])),
                 # "1": its selections are its rollouts filled in that order (fill_masks)
                 "fill": str(int(cfg.fill)),
+                # the training-memory budget in bytes it decided under ("": none)
+                "memory_budget": "" if problem.memory is None else str(problem.memory.budget),
                 **{k: str(v) for k, v in trainer.prior_info.items()}}
         save_safetensors({k: v.contiguous() for k, v in policy.state_dict().items()}, path, meta)
         return path

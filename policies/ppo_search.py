@@ -57,15 +57,17 @@ class PooledVecEnv(DummyVecEnv):
 
 
 def run_ppo(settings, features: np.ndarray, costs: Sequence[int], budget: int,
-            names: Sequence[str], run: SearchRun, out: Path) -> Path:
-    """Train MaskablePPO until ``run`` has its evaluations; save the model in ``out``."""
+            names: Sequence[str], run: SearchRun, out: Path, memory=None) -> Path:
+    """Train MaskablePPO until ``run`` has its evaluations; save the model in ``out``.
+    ``memory``: a training-memory budget (:class:`swr.memory.MemoryLimit`) the
+    environments mask and observe beside the parameter budget."""
     from .ppo import ppo_select
 
     n_envs = max(1, settings.workers)
     evaluator = RunEvaluator(run)
 
     def make_env() -> LayerSelectEnv:
-        return LayerSelectEnv(features, costs, budget, evaluator, names)
+        return LayerSelectEnv(features, costs, budget, evaluator, names, memory=memory)
 
     def stop(reserve: int) -> bool:
         return run.evaluations_left() <= reserve
@@ -91,7 +93,8 @@ class PPOSearcher(PoolSearcher):
         from swr.envs.features import layer_features
 
         return run_ppo(self.settings, layer_features(problem.stats), problem.costs,
-                       problem.budget_params, problem.names, run, problem.out)
+                       problem.budget_params, problem.names, run, problem.out,
+                       memory=problem.memory)
 
 
 register_searcher("ppo", PPOSearcher,

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from swr.envs.evaluator import BN_CLIPS, PROXY_EPOCHS
 from swr.errors import SwrError
+from swr.methods import SWR, register_method, swr_variant
 from swr.selection import Searcher
 
 
@@ -54,10 +55,14 @@ SEARCHERS: dict[str, tuple[SearcherFactory, str]] = {}
 
 
 def register_searcher(name: str, factory: SearcherFactory, summary: str) -> None:
-    """Make ``factory(settings)`` available as searcher ``name`` (a later call replaces it)."""
+    """Make ``factory(settings)`` available as searcher ``name`` (a later call replaces it),
+    and SWR with it as method ``swr-<name>`` (method ``swr`` itself runs SWR's default
+    searcher): the one place the ``swr-<searcher>`` methods are registered."""
     if not name or name != name.strip():
         raise ValueError(f"searcher name {name!r} must be non-empty without surrounding spaces")
     SEARCHERS[name] = (factory, summary)
+    if name != SWR.selector:
+        register_method(f"swr-{name}", swr_variant(f"swr-{name}", name))
 
 
 def searcher_names() -> list[str]:

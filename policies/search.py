@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from swr.budget import feasible_masks, random_feasible_gates
+from swr.budget import random_feasible_gates
 from swr.envs.evaluator import canonical
 from swr.errors import ClusterLostError
 from swr.io import save_png, write_csv, writing_error
@@ -103,9 +103,11 @@ class SearchRun:
     searcher must leave them out.
     """
 
-    def __init__(self, names, costs, budget, pool, log: EvaluationLog, limit: int, progress: bool):
+    def __init__(self, names, costs, budget, pool, log: EvaluationLog, limit: int, progress: bool,
+                 memory=None):
         self.names, self.costs, self.budget = names, np.asarray(costs), budget
         self.pool, self.log, self.limit = pool, log, limit
+        self.memory = memory  # a swr.memory.MemoryLimit every selection must fit, or None
         self._bar = None
         if progress:
             from swr.progress import progress_bar
@@ -124,9 +126,11 @@ class SearchRun:
 
     def score(self, masks: list[np.ndarray]) -> list[float]:
         sels = [self._canonical(mask) for mask in masks]
-        for sel in sels:
+        for sel, mask in zip(sels, masks):
             if sum(self.costs[self.names.index(n)] for n in sel) > self.budget:
                 raise AssertionError(f"selector proposed {sel} over the budget")
+            if self.memory is not None and not self.memory.fits(np.asarray(mask, dtype=bool)):
+                raise AssertionError(f"selector proposed {sel} over the memory budget")
         new = [s for s in dict.fromkeys(sels) if s not in self.log.seen]
         new = new[:max(self.evaluations_left(), 0)]  # the rest are over the limit
         todo = [s for s in new if s not in self.log.saved]
@@ -216,8 +220,8 @@ class PoolSearcher:
     for the next). Either way the best selection of a budget is the best-scoring
     distinct selection that fits it. When no more selections fit the (largest) budget
     than ``evaluations`` allows, the driver scores every one of them instead of asking
-    ``propose`` (:func:`swr.budget.feasible_masks`): every searcher then returns the
-    best there is.
+    ``propose`` (:meth:`~swr.selection.SearchProblem.fitting_masks`): every searcher then
+    returns the best there is.
     """
 
     name = ""
@@ -247,7 +251,8 @@ class PoolSearcher:
         factory = evaluator_factory(s, problem.supernet, problem.task,
                                     norms=problem.norms_trained)
         pool = make_pool(s, factory, names)
-        run = SearchRun(names, costs, problem.budget_params, pool, log, s.evaluations, s.progress)
+        run = SearchRun(names, costs, problem.budget_params, pool, log, s.evaluations, s.progress,
+                        memory=problem.memory)
         retries = 0
         per_budget_weights: list[Optional[Path]] = []
         try:
@@ -256,7 +261,7 @@ class PoolSearcher:
                 # no more selections fit than the search may score: score them all, the
                 # one way to be sure of the best (any searcher would end the same)
                 weights = None
-                masks = feasible_masks(costs, problem.budget_params)
+                masks = problem.fitting_masks()
                 for i in range(0, len(masks), 32):
                     run.score(masks[i:i + 32])
             elif len(problem.budget_list) > 1 and not self.budget_conditioned:
@@ -319,7 +324,8 @@ class PoolSearcher:
         for _ in range(TOP_UP_DRAWS * before):
             if run.evaluations_left() <= 0:
                 break
-            mask = np.asarray(random_feasible_gates(costs, problem.budget_params, g))
+            mask = np.asarray(random_feasible_gates(costs, problem.budget_params, g,
+                                                    problem.memory))
             if run.is_new(mask):
                 run.score([mask])
         return before - max(run.evaluations_left(), 0)

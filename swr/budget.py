@@ -89,6 +89,65 @@ class Budget:
         return f"{self.fraction:.4g}" if self.fraction is not None else str(self.params)
 
 
+#: Bytes per unit of a training-memory size (``500KB``, ``2MiB``): decimal and binary.
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+                "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A training-memory budget (``swr search --train-memory``): a ``fraction`` of full
+    fine-tuning's saved bytes, or a size in ``bytes``. What it bounds is the bytes one
+    training step saves for backward (:func:`swr.memory.saved_bytes`); the trained
+    parameters' own state is bounded by the parameter budget already."""
+
+    fraction: float | None = None
+    bytes: int | None = None
+
+    def __post_init__(self):
+        if (self.fraction is None) == (self.bytes is None):
+            raise SwrError("a memory budget is either a fraction or a size, not both")
+        if self.fraction is not None and not (math.isfinite(self.fraction)
+                                              and 0 < self.fraction <= 1):
+            raise BudgetError(f"--train-memory {self.fraction:.4g} of full fine-tuning must be "
+                              "in (0%, 100%]")
+        if self.bytes is not None and self.bytes <= 0:
+            raise BudgetError(f"--train-memory of {self.bytes} bytes must be positive")
+
+    @classmethod
+    def parse(cls, text: "str | MemoryBudget") -> "MemoryBudget":
+        """``"30%"`` -> a fraction of full fine-tuning; ``"2MiB"``, ``"500KB"``, ``"1.5GB"``,
+        ``"123456"`` (bytes) -> a size."""
+        if isinstance(text, MemoryBudget):
+            return text
+        s = str(text).strip().lower().replace("_", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|b|kb|mb|gb|kib|mib|gib)?", s)
+        if not m:
+            raise BudgetError(f"cannot read --train-memory {text!r}: give a percentage of full "
+                              "fine-tuning's saved bytes (30%) or a size (2MiB, 500KB, 123456)")
+        value, unit = float(m.group(1)), m.group(2) or ""
+        if unit == "%":
+            if not 0 < value <= 100:
+                raise BudgetError(f"--train-memory {text!r} must be in (0%, 100%]")
+            return cls(fraction=value / 100)
+        size = value * MEMORY_UNITS[unit]
+        if not math.isfinite(size) or size > 2**63:
+            raise BudgetError(f"--train-memory {text!r} is too large to be a size")
+        if unit in ("", "b") and "." in m.group(1):
+            raise BudgetError(f"--train-memory {text!r}: a number of bytes is whole; for a "
+                              "share of full fine-tuning write a percentage (30%)")
+        return cls(bytes=int(round(size)))
+
+    def resolve(self, full_bytes: int) -> int:
+        """The budget in bytes, against full fine-tuning's ``full_bytes``."""
+        if self.bytes is not None:
+            return self.bytes
+        return int(math.floor(self.fraction * full_bytes))
+
+    def __str__(self) -> str:
+        return f"{100 * self.fraction:.4g}%" if self.fraction is not None else f"{self.bytes}B"
+
+
 #: How SWR's task norms relate to the budget (``swr search --norms``, SWR's ``norms`` knob):
 #: ``auto`` trains and counts them when they fit, else trains deltas only; ``budget``
 #: trains and counts them or refuses; ``none`` trains deltas only; ``free`` trains them
@@ -168,21 +227,26 @@ def check_selection(model: nn.Module, selection: Iterable[str], budget_params: i
 
 
 def random_feasible_gates(costs: Sequence[int], budget_params: int,
-                          generator: torch.Generator) -> list[bool]:
+                          generator: torch.Generator, memory=None) -> list[bool]:
     """A random selection within ``budget_params``: layers in random order, each kept
     with a per-selection probability drawn from [0.2, 1) while it fits, so both sparse
     and budget-filling selections occur (the distribution random search draws from).
-    Drawn from ``generator`` alone: the same generator state gives the same gates."""
+    Drawn from ``generator`` alone: the same generator state gives the same gates.
+    ``memory`` (a :class:`swr.memory.MemoryLimit`): a layer must fit its budget too."""
     n = len(costs)
     keep = 0.2 + 0.8 * float(torch.rand((), generator=generator))
     order = torch.randperm(n, generator=generator).tolist()
     coins = torch.rand(n, generator=generator).tolist()
     opened = [False] * n
     left = budget_params
+    covered = memory.cost.start() if memory is not None else None
     for i, coin in zip(order, coins):
-        if costs[i] <= left and coin < keep:
+        if costs[i] <= left and coin < keep and (memory is None
+                                                 or memory.fits_adding(covered, i)):
             opened[i] = True
             left -= costs[i]
+            if memory is not None:
+                covered = covered | memory.cost.member[i]
     return opened
 
 

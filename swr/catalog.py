@@ -1,7 +1,7 @@
 """The names users can type, read from the registries that resolve them (``swr list``).
 
-Nothing here keeps its own copy of a list: backbones come from
-``swr.tasks.backbones.BACKBONE_FORMS`` (and timm's own registry), tasks from
+Nothing here keeps its own copy of a list: backbones come from the backbone registry
+``swr.tasks.registry`` (an open family such as timm lists its own members), tasks from
 ``swr.tasks.TASK_FORMS`` / ``SUITE_FORMS`` and the embedded suites' target lists,
 methods from ``swr.methods.METHODS`` (with SWR under every registered searcher),
 policies from the searcher registry ``swr.policies.SEARCHERS``. Part of the
@@ -22,25 +22,12 @@ def _first_line(text: str | None) -> str:
     return re.sub(r":\w+:`([^`]*)`", r"\1", line).replace("``", "")
 
 
-def backbones(timm_pattern: str | None = None) -> list[tuple[str, str]]:
-    """``(name, description)`` per backbone form; with ``timm_pattern`` (fnmatch, e.g.
-    ``resnet*``) every matching timm architecture as ``timm:<name>`` instead."""
-    if timm_pattern is not None:
-        import timm
+def backbones() -> list[tuple[str, str]]:
+    """``(name, description)`` per backbone form, family by family as registered."""
+    from .tasks.backbones import BACKBONES
 
-        return [(f"timm:{n}", "") for n in timm.list_models(timm_pattern)]
-    from .tasks.backbones import BACKBONE_FORMS
-
-    out = []
-    for form in BACKBONE_FORMS:
-        if form.startswith("timm:"):
-            import timm
-
-            out.append((form, f"any of timm's {len(timm.list_models())} architectures "
-                              f"(`swr list backbones 'timm:resnet*'` lists them)"))
-        else:
-            out.append((form, "BC-ResNet keyword spotter (width multiplier after the dash)"))
-    return out
+    return [(form, family.describe()) for family in BACKBONES.values()
+            for form in family.forms or family.names]
 
 
 def tasks() -> list[tuple[str, str]]:
@@ -61,9 +48,8 @@ def tasks() -> list[tuple[str, str]]:
 def methods() -> list[tuple[str, str]]:
     """``(name, description)`` per registered method (SWR with each searcher included)."""
     from .methods import METHODS
-    from .search import register_swr_methods
+    from .policies import SEARCHERS  # noqa: F401  (SWR's swr-<searcher> register with them)
 
-    register_swr_methods()
     out = []
     for name in sorted(METHODS):
         cls = METHODS[name]
@@ -82,8 +68,13 @@ def policies() -> list[tuple[str, str]]:
 
 def names(kind: str, pattern: str | None = None) -> list[tuple[str, str]]:
     """The entries of ``kind`` (one of :data:`KINDS`), filtered by fnmatch ``pattern``."""
-    if kind == "backbones" and pattern and pattern.startswith("timm:"):
-        return backbones(pattern.removeprefix("timm:"))
+    if kind == "backbones" and pattern:
+        from .tasks.backbones import find_family
+
+        family = find_family(pattern)
+        if family is not None and family.members is not None:
+            # an open family (timm) lists its members matching the pattern instead
+            return [(n, "") for n in family.members(pattern.removeprefix(family.prefix))]
     entries = {"backbones": backbones, "tasks": tasks, "methods": methods,
                "policies": policies}[kind]()
     if pattern:

@@ -120,6 +120,33 @@ def _base_spec(args: argparse.Namespace):
     return base_spec(args.checkpoint, args.backbone, args.weights)
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers (``0.5`` or ``0.485,0.456,0.406``)."""
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid list of numbers: {text!r}") from None
+
+
+def _data_args(p) -> None:
+    """``--image-size``, ``--mean``, ``--std``: image inputs prepared otherwise than the base's
+    own data config says (checked by :class:`swr.tasks.base.DataOverride`)."""
+    p.add_argument("--image-size", type=_int, metavar="PX",
+                   help="image tasks: prepare inputs at PX x PX pixels (8 to 4096) instead of "
+                        "the base's own size")
+    for name, example in (("mean", "0.5"), ("std", "0.25")):
+        p.add_argument(f"--{name}", type=_float_list, metavar="X[,X,X]",
+                       help=f"image tasks: normalisation {name} per R,G,B channel (one value: "
+                            f"all three; e.g. {example}) instead of the base's own")
+
+
+def _data_override(args: argparse.Namespace):
+    """The checked :class:`~swr.tasks.base.DataOverride` of the options, or None."""
+    from .tasks.base import DataOverride
+
+    return DataOverride(args.image_size, args.mean, args.std) or None
+
+
 def _report_skipped(command: str, skipped: list[str], where: str) -> None:
     """One stderr line summarising the files ``--on-bad-file skip`` left out."""
     if skipped:
@@ -190,6 +217,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", help="initialise from a local safetensors / torch checkpoint")
+    _data_args(p)
     _on_bad_file_arg(p)
     _device_arg(p)
     _overwrite_arg(p)
@@ -200,7 +228,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     m = pretrain(args.task, args.backbone, args.out, epochs=args.epochs, lr=args.lr,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,
-                 weights=args.weights, on_bad_file=args.on_bad_file, overwrite=args.overwrite)
+                 weights=args.weights, on_bad_file=args.on_bad_file, overwrite=args.overwrite,
+                 data_override=_data_override(args))
     print(f"{args.backbone} on {args.task}: test acc {m['test_acc']:.4f}, val acc "
           f"{m['val_acc']:.4f} (best epoch {m['best_epoch']}/{m['epochs']}), "
           f"{m['seconds'] / 60:.1f} min -> {args.out}")
@@ -241,6 +270,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                      "local one; if its head goes away the search stops with exit status 75 and "
                      "continues with --resume")
     _overwrite_arg(adv)
+    adv.add_argument("--train-memory", default=None, metavar="SIZE",
+                     help="a training-memory budget beside --budget: what one training step "
+                          "saves for backward, as a share of full fine-tuning's (30%%) or a size "
+                          "(2MiB, 500KB, bytes); every selection fits both (default: none)")
     adv.add_argument("--norms", choices=list(NORM_MODES), default="auto",
                      help="the task norms SWR trains beside the deltas: auto (default) counts "
                           "them in --budget when they fit, leaving the rest to deltas, else "
@@ -270,6 +303,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                      "of its clips (a random sample); 0 = every clip (default: %(default)s)")
     adv.add_argument("--samples-per-iteration", type=positive_int, default=8,
                      help="selections sampled per policy step")
+    _data_args(adv)
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
@@ -294,7 +328,8 @@ def run_search_cmd(args: argparse.Namespace) -> int:
                        reward=args.reward, evaluator=args.evaluator,
                        proxy_epochs=args.proxy_epochs, bn_stats=args.bn_stats,
                        bn_clips=args.bn_clips or None, on_bad_file=args.on_bad_file,
-                       norms=args.norms)
+                       norms=args.norms, data_override=_data_override(args),
+                       train_memory=args.train_memory)
     r = run_search(cfg)
     first = r["budgets"][0] if "budgets" in r else r
     if first.get("evaluations_topped_up"):
@@ -353,6 +388,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                         "head, zero deltas, base norms: LP-FT; the default) or supernet (stage "
                         "1's deltas, norms and head)")
     p.add_argument("--from-scratch", action="store_true", help=argparse.SUPPRESS)  # = --init probe
+    _data_args(p)
     _on_bad_file_arg(p, default=None)
     _device_arg(p)
     _overwrite_arg(p)
@@ -370,7 +406,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     m = finetune(args.selection, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
                  device=args.device, init=args.init, from_scratch=args.from_scratch,
-                 on_bad_file=args.on_bad_file, overwrite=args.overwrite)
+                 on_bad_file=args.on_bad_file, overwrite=args.overwrite,
+                 data_override=_data_override(args))
     print(f"test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), {m['updated_params']} trained "
           f"params (excl. head), task delta {m['delta_bytes']} bytes, fold error "
           f"{m['fold_max_abs_diff']:.2g} -> {args.out}")
@@ -403,7 +440,8 @@ def _finetune_method(args: argparse.Namespace) -> int:
         raise SwrError("--method needs --task, e.g. --task glyphs:sketch")
     m = finetune_method(args.method, args.task, _base_spec(args), args.out, budget=args.budget,
                         epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device,
-                        on_bad_file=args.on_bad_file or "fail", overwrite=args.overwrite)
+                        on_bad_file=args.on_bad_file or "fail", overwrite=args.overwrite,
+                        data_override=_data_override(args))
     print(f"{args.method}: test acc {m['test_acc']:.4f} (val {m['val_acc']:.4f}), "
           f"{m['updated_params']} trained params (excl. head), task delta {m['delta_bytes']} "
           f"bytes, fold error {m['fold_max_abs_diff']:.2g} -> {args.out}")
@@ -460,9 +498,8 @@ def _searchers() -> dict:
 
 def _method_names() -> list[str]:
     from .methods import METHODS
-    from .search import register_swr_methods
+    from .policies import SEARCHERS  # noqa: F401  (SWR's swr-<searcher> register with them)
 
-    register_swr_methods()
     return list(METHODS)
 
 
@@ -499,6 +536,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supernet-epochs", type=positive_int, default=8,
                    help="stage 1 epochs of swr* runs")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUT/results.csv")
+    _data_args(p)
     _overwrite_arg(p)
     _on_bad_file_arg(p)
     _device_arg(p)
@@ -522,7 +560,8 @@ def run_bench_cmd(args: argparse.Namespace) -> int:
                       lr=args.lr, tune=args.tune, workers=args.workers, device=args.device,
                       swr_evaluations=args.swr_evaluations, resume=args.resume,
                       overwrite=args.overwrite, on_bad_file=args.on_bad_file,
-                      batch_size=args.batch_size, supernet_epochs=args.supernet_epochs)
+                      batch_size=args.batch_size, supernet_epochs=args.supernet_epochs,
+                      data_override=_data_override(args))
     run_bench(cfg)
     print((Path(args.out) / "results.md").read_text())
     listed = Path(args.out) / "skipped_files.json"
@@ -667,10 +706,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _base_args(p)
     p.add_argument("--store", help="task store folder: evaluate its task --name instead")
     p.add_argument("--name", help="with --store: the task's name (swr store list)")
+    p.add_argument("--model", help="a task model folder written by swr fold: evaluate it instead")
     p.add_argument("--task", help="the task whose split to score (default: the task the "
                    "model was made for)")
     p.add_argument("--split", default="test", choices=["test", "val", "shift_test", "train"])
     p.add_argument("--folder", help="score the files of FOLDER/<class>/ instead of a task split")
+    _data_args(p)
     p.add_argument("--out", required=True, help="folder for metrics.json, confusion.csv and "
                    "confusion.png")
     _on_bad_file_arg(p)
@@ -683,9 +724,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     given = args.checkpoint or args.backbone or args.weights
     m = evaluate(args.out, delta=args.delta, base=_base_spec(args) if given else None,
-                 store=args.store, name=args.name, task=args.task, split=args.split,
-                 folder=args.folder, device=args.device, on_bad_file=args.on_bad_file,
-                 overwrite=args.overwrite)
+                 store=args.store, name=args.name, model=args.model, task=args.task,
+                 split=args.split, folder=args.folder, device=args.device,
+                 on_bad_file=args.on_bad_file, overwrite=args.overwrite,
+                 data_override=_data_override(args))
     worst = sorted(((v["accuracy"], c) for c, v in m["per_class"].items()
                     if v["accuracy"] is not None))[:3]
     print(f"accuracy {m['accuracy']:.4f} on {m['n']} inputs ({m.get('task') or m.get('folder')}"
@@ -695,7 +737,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 COMMANDS["evaluate"] = (_evaluate_args, run_evaluate,
-                        "score a task model (a task delta on its base, or a store's task): "
+                        "score a task model (a task delta on its base, a store's task, or a "
+                        "folded model from swr fold): "
                         "accuracy, per-class accuracy, confusion matrix")
 
 

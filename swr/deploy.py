@@ -79,7 +79,9 @@ def fold_task(checkpoint: "str | Path | BaseSpec", delta: str | Path, out: str |
     """Rebuild a task model from a base checkpoint and its task delta into folder ``out``.
 
     Writes ``model.safetensors`` and ``fold.json`` (with ``--onnx`` also ``model.onnx``
-    and ``base.onnx``, each checked with onnxruntime). ``out`` may be neither an input
+    and ``base.onnx``, each checked with onnxruntime). ``fold.json`` records, besides the
+    sizes, what ``swr evaluate --model`` needs: the task, its classes and preprocessing
+    (from the delta) and the base's data config. ``out`` may be neither an input
     nor hold one; it is locked while written, replaced whole once every file is written,
     and refused when it holds an earlier run unless ``overwrite``. Returns the report.
     """
@@ -93,6 +95,8 @@ def fold_task(checkpoint: "str | Path | BaseSpec", delta: str | Path, out: str |
     _, delta_meta = read_task_delta_header(delta)  # checked in full by rebuild
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     report = {"backbone": meta["backbone"], "task": delta_meta.get("task"),
+              "classes": delta_meta.get("classes"), "preprocess": delta_meta.get("preprocess"),
+              "data_config": meta.get("data_config"),
               "delta_bytes": Path(delta).stat().st_size,
               "params": count(task_model), "base_params": count(base),
               "same_module_types": [type(m).__name__ for m in task_model.modules()]

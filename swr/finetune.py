@@ -19,7 +19,7 @@ from .methods import run_method
 from .methods.base import default_lr
 from .methods.swr import SWR
 from .runlog import TRAINING_LOGS
-from .source import BaseSpec, load_base, load_task
+from .source import BaseSpec, DataOverride, load_base, load_task
 from .tasks import task_data_path
 from .train import TrainConfig, steps_in_an_epoch
 
@@ -38,14 +38,15 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20,
              init: str = "probe", from_scratch: bool = False, progress: bool = True,
              layers: Optional[list[str]] = None, on_bad_file: Optional[str] = None,
              overwrite: bool = False, probe_lr: Optional[float] = None,
-             warmup: float = 0.1) -> dict:
+             warmup: float = 0.1, data_override: Optional[DataOverride] = None) -> dict:
     """Final training of a selection written by ``swr search``; returns the metrics.
 
     The selection is trained by SWR's one stage 3 (:class:`swr.methods.swr.SWR`, run as
     every bench row is by :func:`swr.methods.run_method`): ``init="probe"`` (LP-FT,
     the default) or ``"supernet"`` (stage 1's deltas, norms and head, from the supernet
     the selection names); ``from_scratch`` is ``init="probe"``. ``on_bad_file``
-    defaults to the policy the search ran with. ``out`` is locked while the run goes on
+    and ``data_override`` (image size and normalisation) default to those the search
+    ran with. ``out`` is locked while the run goes on
     and replaced only once every file (live logs included) is written; one that holds
     an earlier run is refused unless ``overwrite``. The metrics are the bench row's
     keys plus the selection's.
@@ -83,6 +84,9 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20,
         raise SwrError(f"selection file {selection_file} is malformed: 'norms_trained' must be "
                        f"true or false and 'norms' one of {', '.join(NORM_MODES)}; write it with "
                        "swr search")
+    if data_override is None:
+        data_override = DataOverride.from_dict(sel.get("data_override"),
+                                               f"selection file {selection_file}")
     chosen = list(sel["layers"]) if layers is None else layers
     # before any work: the run may not overwrite what it reads, nor a folder of other files
     check_output(out, {"--selection": selection_file,
@@ -99,7 +103,8 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20,
             raise SwrError(f"selection file {selection_file} states budget_params {budget}, above "
                            f"the backbone's {total} parameters (100%); write it with swr search")
         task = load_task(sel["task"], meta,
-                         on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail")
+                         on_bad_file=on_bad_file or sel.get("on_bad_file") or "fail",
+                         override=data_override)
         init = "probe" if from_scratch else init
         supernet_file = None
         if init == "supernet":
@@ -129,6 +134,7 @@ def finetune(selection_file: str | Path, out: str | Path, epochs: int = 20,
             "task": sel["task"], "backbone": meta["backbone"], "epochs": epochs, "seed": seed,
             "lr": lr, "steps": epochs * steps_in_an_epoch(task.train, batch_size), "init": init,
             "policy": sel.get("policy"), "skipped_files": list(task.info.get("skipped", [])),
+            "data_override": data_override.as_dict() if data_override else None,
         }
         write_json(stage / "metrics.json", metrics)
         return metrics

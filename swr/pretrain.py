@@ -18,7 +18,9 @@ from . import tasks
 from .errors import SwrError
 from .io import cache_dir, check_output, check_run_folder, read_json, run_folder, write_json
 from .runlog import TRAINING_LOGS
-from .tasks.backbones import backbone_data_config, create_backbone, save_checkpoint
+from .tasks.backbones import (backbone_data_config, check_backbone_name, create_backbone,
+                             save_checkpoint)
+from .tasks.base import DataOverride
 from .train import TrainConfig, evaluate, resolve_device, train
 
 #: The embedded defaults: source task, backbone, epochs, learning rate; the quick
@@ -40,26 +42,32 @@ OUTPUTS = {"model.safetensors", "history.json", "metrics.json",
 def pretrain(task_spec: str, backbone: str, out: str | Path, epochs: int = 40,
              lr: float = 1e-2, batch_size: int = 64, seed: int = 0, device: str = "auto",
              weights: Optional[str] = None, progress: bool = True,
-             on_bad_file: str = "fail", overwrite: bool = False) -> dict:
+             on_bad_file: str = "fail", overwrite: bool = False,
+             data_override: Optional[DataOverride] = None) -> dict:
     """Train ``backbone`` on ``task_spec``, keep the best on validation, write ``out``.
 
     Started from ``weights`` (pre-trained elsewhere), image tasks are prepared with the
     backbone's own timm data config, which ``metrics.json`` records for the commands
-    that use this checkpoint. ``out`` is locked while the run goes on; one that holds
+    that use this checkpoint; ``data_override`` (``--image-size``, ``--mean``, ``--std``)
+    replaces its values, and is recorded too. ``out`` is locked while the run goes on; one that holds
     an earlier checkpoint is refused unless ``overwrite``. The run, its live logs
     included, is staged and replaces ``out`` only once complete.
     """
+    check_backbone_name(backbone)  # before the task is made (a suite renders on first use)
     check_output(out, {"--weights": weights, "--task": tasks.task_data_path(task_spec)})
     check_run_folder(out, OUTPUTS)
     with run_folder(out, "pretrain", OUTPUTS, overwrite=overwrite) as stage:
         return _pretrain(task_spec, backbone, stage, epochs, lr, batch_size, seed, device,
-                         weights, progress, on_bad_file)
+                         weights, progress, on_bad_file, data_override)
 
 
 def _pretrain(task_spec, backbone, stage: Path, epochs, lr, batch_size, seed, device, weights,
-              progress, on_bad_file) -> dict:
+              progress, on_bad_file, data_override) -> dict:
     data_config = backbone_data_config(backbone) if weights is not None else None
-    task = tasks.get_task(task_spec, on_bad_file=on_bad_file, data_config=data_config)
+    task = tasks.get_task(task_spec, on_bad_file=on_bad_file, data_config=data_config,
+                          override=data_override)
+    if data_config is not None and data_override:
+        data_config = data_override.apply(data_config)
     torch.manual_seed(seed)
     model = create_backbone(backbone, num_classes=task.num_classes, weights=weights)
     params = [p.requires_grad_(True) for p in model.parameters()]  # everything trains
@@ -81,6 +89,7 @@ def _pretrain(task_spec, backbone, stage: Path, epochs, lr, batch_size, seed, de
         # how its inputs were prepared: the tasks that use this checkpoint prepare theirs
         # the same way (size, mean, std), not at a default 224 px
         "data_config": data_config if data_config is not None else trained_data_config(task),
+        "data_override": data_override.as_dict() if data_override else None,
     }
     save_checkpoint(model.cpu(), stage / "model.safetensors", backbone=backbone,
                     task=task_spec, classes=task.class_names)

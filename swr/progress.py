@@ -4,13 +4,19 @@ On a terminal every long loop shows a tqdm bar as usual. When stderr is not a te
 (``swr demo 2> log``, a batch job), a bar writes a line of its own at its start, at most
 one more every :data:`LOG_INTERVAL` seconds, and its last (100%) line: a log of a long
 run stays a few hundred lines, not one line per batch.
+
+A loop that runs inside a larger job (a bench run's training epochs, its search) has no
+bar of its own there: it tells what it is doing with :func:`report_status`, and the job
+that wants to show it (``swr bench`` on its bar of runs) listens with
+:func:`status_reported_to`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 #: Seconds between two progress lines of one bar in a log file.
 LOG_INTERVAL = 30.0
@@ -49,3 +55,24 @@ def progress_bar(total: int, desc: str, unit: str, leave: bool = True, **kwargs:
                     file=stream, **kwargs)
     return tqdm(total=total, desc=desc, unit=unit, leave=True, file=_LogLines(stream),
                 **{"ncols": 100, "mininterval": 1.0, **kwargs})
+
+
+#: Who hears :func:`report_status` in this process (see :func:`status_reported_to`).
+_listeners: list[Callable[[str], None]] = []
+
+
+@contextlib.contextmanager
+def status_reported_to(listener: Callable[[str], None]) -> Iterator[None]:
+    """While the block runs, every :func:`report_status` of this process calls
+    ``listener`` with its text (``"lora epoch 3/10"``)."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def report_status(text: str) -> None:
+    """Say what the work in progress is doing now, to whoever listens (nobody: nothing)."""
+    for listener in list(_listeners):
+        listener(text)

@@ -30,10 +30,11 @@ from . import tasks
 from .envs.evaluator import BN_CLIPS, PROXY_EPOCHS
 from .errors import SwrError
 from .io import check_rerun, left_as_found_on_refusal, out_lock, write_json
-from .methods import METHODS, SWR, register_method, swr_variant
+# the searchers by name; with each, SWR under it as method swr-<searcher>
+from .policies import SearchSettings, build_searcher, searcher_names
 from .selection import (Searcher, budget_folder, budget_list, check_search_val, search_selection,
                         supernet_settings)
-from .source import base_spec, load_base, load_task
+from .source import DataOverride, base_spec, load_base, load_task
 from .supernet import SupernetConfig
 
 
@@ -82,10 +83,13 @@ class SearchConfig:
     weights: Optional[str] = None
     # how the task norms meet the budget (swr.budget.NORM_MODES, split_budget)
     norms: str = "auto"
+    #: a training-memory budget beside the parameter budget (swr.budget.MemoryBudget:
+    #: "30%" of full fine-tuning's saved bytes, or a size); None: parameters only
+    train_memory: Optional[str] = None
+    #: a user's image size and normalisation over the base's (--image-size, --mean, --std)
+    data_override: Optional[DataOverride] = None
 
     def validate(self) -> "SearchConfig":
-        from .policies import searcher_names
-
         if self.policy not in searcher_names():
             raise SwrError(f"--policy {self.policy!r} is not one of {', '.join(searcher_names())}")
         from .train import check_seed
@@ -98,6 +102,10 @@ class SearchConfig:
         budgets = budget_list(self.budget)
         for b in budgets:  # each readable, before any work
             Budget.parse(b)
+        if self.train_memory is not None:
+            from .budget import MemoryBudget
+
+            MemoryBudget.parse(self.train_memory)
         if self.evaluations < len(budgets):
             raise SwrError(f"--evaluations {self.evaluations} is fewer than the {len(budgets)} "
                            "budgets of --budget; give at least one per budget")
@@ -147,8 +155,6 @@ class SearchConfig:
 
     def searcher(self) -> Searcher:
         """The searcher this configuration names, with its settings."""
-        from .policies import SearchSettings, build_searcher
-
         return build_searcher(self.policy, SearchSettings(
             evaluations=self.evaluations, workers=self.workers, seed=self.seed,
             device=self.device, ray_address=self.ray_address,
@@ -175,7 +181,8 @@ def run_search(cfg: SearchConfig) -> dict:
         check_rerun(cfg.out, "search", SEARCH_MARKERS, resume=cfg.resume,
                     overwrite=cfg.overwrite, resumable=True)
         base_model, ckpt_meta = load_base(spec)
-        task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file)
+        task = load_task(cfg.task, ckpt_meta, on_bad_file=cfg.on_bad_file,
+                         override=cfg.data_override)
         result, _ = search(base_model, task, cfg, backbone=ckpt_meta["backbone"])
         result["checkpoint"] = str(Path(cfg.checkpoint).resolve()) if cfg.checkpoint else None
         result["base"] = spec.to_dict()
@@ -191,13 +198,16 @@ def run_search(cfg: SearchConfig) -> dict:
         # and, for val-batch statistics, from how many clips of each batch (None: all)
         result["bn_clips"] = cfg.bn_clips if result["bn_stats"] == "val" else None
         result["on_bad_file"] = cfg.on_bad_file
+        # swr finetune prepares the task the same way
+        result["data_override"] = cfg.data_override.as_dict() if cfg.data_override else None
         result["skipped_files"] = list(task.info.get("skipped", []))
         if "budgets" not in result:
             write_json(Path(cfg.out) / "selection.json", result)
             return result
         shared = {k: result[k] for k in ("checkpoint", "base", "task", "reward", "evaluator",
                                          "bn_stats",
-                                         "bn_clips", "on_bad_file", "skipped_files")}
+                                         "bn_clips", "on_bad_file", "data_override",
+                                         "skipped_files")}
         for entry in result["budgets"]:
             entry.update(shared)
             folder = Path(cfg.out) / budget_folder(entry["budget"])
@@ -234,7 +244,7 @@ def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, ob
         if not cfg.resume:  # a resumed search reuses the cached supernet and keeps its log
             reset_runlog(cfg.out, ("epochs",))
         return search_selection(base_model, task, cfg.budget, searcher, supernet, cfg.out,
-                                backbone, norms=cfg.norms)
+                                backbone, norms=cfg.norms, train_memory=cfg.train_memory)
 
 
 #: The files a search leaves in its ``--out``: a folder holding one holds a search.
@@ -250,6 +260,8 @@ FINGERPRINT_LABELS = {
     "bn_batches": "bn_batches", "supernet_epochs": "--supernet-epochs", "norms": "--norms",
     "reward": "--reward", "supernet_gates": "--supernet-gates", "bn_stats": "--bn-stats",
     "bn_clips": "--bn-clips", "evaluator": "--evaluator", "proxy_epochs": "--proxy-epochs",
+    "data_override": "--image-size/--mean/--std",
+    "train_memory_bytes": "--train-memory (in bytes saved for backward)",
 }
 
 
@@ -279,7 +291,26 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
             # the default evaluator leaves the fingerprints of earlier searches unchanged
             **({} if cfg.evaluator == "supernet" else
                {"evaluator": cfg.evaluator, "proxy_epochs": cfg.proxy_epochs}),
+            # likewise the base's own image size and normalisation
+            **({"data_override": cfg.data_override.as_dict()} if cfg.data_override else {}),
+            # and no memory budget
+            **({} if cfg.train_memory is None else
+               {"train_memory_bytes": train_memory_bytes(base_model, task, cfg)}),
             **supernet}
+
+
+def train_memory_bytes(base_model, task, cfg: SearchConfig) -> int:
+    """``cfg.train_memory`` in bytes: a percentage of full fine-tuning's saved bytes on the
+    search's batch (:func:`swr.selection.full_finetune_saved_bytes`), or a size as given."""
+    from .budget import MemoryBudget
+    from .selection import full_finetune_saved_bytes
+    from .supernet import build_supernet
+
+    wanted = MemoryBudget.parse(cfg.train_memory)
+    if wanted.bytes is not None:
+        return wanted.bytes
+    probe = build_supernet(base_model, task.num_classes, bias_delta=cfg.supernet.bias_delta)
+    return wanted.resolve(full_finetune_saved_bytes(probe, task, cfg.supernet.batch_size))
 
 
 def check_fingerprint(out: Path, fingerprint: dict, resume: bool, command: str = "search",
@@ -326,24 +357,12 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def register_swr_methods() -> None:
-    """Register SWR with every other searcher as method ``swr-<searcher>``
-    (``swr`` itself uses the default, ``pg``)."""
-    from .policies import searcher_names
-
-    for name in searcher_names():
-        if name != SWR.selector and f"swr-{name}" not in METHODS:
-            register_method(f"swr-{name}", swr_variant(f"swr-{name}", name))
-
-
 def attach_searcher(method, progress: bool = False) -> None:
     """Give ``method`` the searcher its :meth:`~swr.methods.Method.search_settings`
     name, when it asks for one."""
     wanted = method.search_settings()
     if wanted is None:
         return
-    from .policies import SearchSettings, build_searcher
-
     wanted = dict(wanted)
     policy = wanted.pop("policy")
     method.searcher = build_searcher(policy, SearchSettings(progress=progress, **wanted))

@@ -14,17 +14,22 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from torch import nn
 
-from .budget import (backbone_params, count_feasible, resolve_budget, selection_cost,
-                     split_budget)
-from .errors import SwrError
+from .budget import (MemoryBudget, backbone_params, count_feasible, feasible_masks,
+                     resolve_budget, selection_cost, split_budget)
+from .errors import BudgetError, SwrError
+from .progress import report_status
 from .reparam import candidates, norm_parameters
 from .supernet import SupernetConfig, build_supernet, prepare_supernet
 from .train import steps_in_an_epoch
+
+if TYPE_CHECKING:
+    from .memory import MemoryCost, MemoryLimit
 
 Selection = tuple[str, ...]
 
@@ -75,6 +80,8 @@ class SearchProblem:
     #: whether the task norms train beside the deltas (stage 1's setting, which the
     #: final training of a single budget shares): an evaluator that trains does the same
     norms_trained: bool = True
+    #: a training-memory budget every selection must fit as well (None: parameters only)
+    memory: Optional["MemoryLimit"] = None
 
     @property
     def budget_list(self) -> list[int]:
@@ -89,9 +96,16 @@ class SearchProblem:
 
     @cached_property
     def feasible_selections(self) -> Optional[int]:
-        """How many selections fit ``budget_params`` (:func:`swr.budget.count_feasible`),
-        counted once per problem."""
-        return count_feasible(self.costs, self.budget_params)
+        """How many selections fit ``budget_params`` (:func:`swr.budget.count_feasible`)
+        and the memory budget, counted once per problem (None: too many to count)."""
+        return count_fitting(self.costs, self.budget_params, self.memory)
+
+    def fitting_masks(self) -> list[np.ndarray]:
+        """Every selection that fits both budgets (for a space small enough to score whole)."""
+        masks = feasible_masks(self.costs, self.budget_params)
+        if self.memory is None or not masks:
+            return masks
+        return [m for m, ok in zip(masks, self.memory.fitting(np.stack(masks))) if ok]
 
     @property
     def importance(self) -> np.ndarray:
@@ -125,6 +139,23 @@ class SearchResult:
     short: Optional[str] = None
 
 
+#: The most parameter-feasible selections :func:`count_fitting` enumerates to count those
+#: that fit a memory budget too; above it the count is unknown (None).
+COUNT_FITTING_LIMIT = 200_000
+
+
+def count_fitting(costs, budget_params: int, memory: Optional["MemoryLimit"]) -> Optional[int]:
+    """:func:`swr.budget.count_feasible`, and with ``memory`` the selections among them
+    that fit its budget too (enumerated; None above :data:`COUNT_FITTING_LIMIT`)."""
+    n = count_feasible(costs, budget_params)
+    if memory is None or n is None:
+        return n
+    if n > COUNT_FITTING_LIMIT:
+        return None
+    masks = feasible_masks(costs, budget_params)
+    return int(memory.fitting(np.stack(masks)).sum()) if masks else 0
+
+
 def selection_memory(model: nn.Module, task, layers, norms_trained: bool,
                      batch_size: int) -> dict:
     """:func:`swr.memory.training_memory` of training ``layers`` (and the task norms when
@@ -139,8 +170,138 @@ def selection_memory(model: nn.Module, task, layers, norms_trained: bool,
     trial = copy.deepcopy(model).cpu()
     set_selection(trial, layers)
     params = set_trainable(trial, deltas=list(layers), norms=norms_trained, head=True)
-    x = next(batches(task.train, batch_size))[0]
+    # a batch of its own, as on the device it trains on: a batch of an in-memory split is
+    # a view of the whole split, which a saved input would otherwise count whole
+    x = next(batches(task.train, batch_size))[0].clone()
     return training_memory(trial, x, params)
+
+
+#: The largest batch a :class:`~swr.memory.MemoryCost` is measured at directly; above it,
+#: at two batches this small, combined linearly (saved bytes are affine in the batch
+#: size), so the calibration costs a few small forward passes per layer.
+MEMORY_PROBE_BATCHES = (2, 4)
+
+
+def _trial_storages(trial: nn.Module, x, layers, norms: bool, full: bool = False) -> dict:
+    """:func:`swr.memory.saved_storages` of one training step of ``trial`` (a supernet)
+    training ``layers``' deltas, the task norms if ``norms``, and the head; with ``full``,
+    every base parameter instead of the deltas (full fine-tuning, gates closed)."""
+    from .memory import saved_storages
+    from .reparam import set_selection, set_trainable
+
+    set_selection(trial, [] if full else layers)
+    set_trainable(trial, deltas=[] if full else list(layers), norms=norms or full, head=True)
+    if full:
+        for name, p in trial.named_parameters():
+            if not name.endswith(("delta", "delta_bias")):
+                p.requires_grad_(True)
+    trial.train()  # as selection_memory measures one step
+    return saved_storages(trial, x)
+
+
+def memory_cost(model: nn.Module, task, batch_size: int) -> "MemoryCost":
+    """The :class:`~swr.memory.MemoryCost` of training any selection of supernet
+    ``model``'s candidate layers (with the head, and the task norms where asked) on the
+    first batch of ``task.train`` at ``batch_size``, the batch :func:`selection_memory`
+    measures on: every layer's saved storages measured once, on a copy of ``model``
+    (above :data:`MEMORY_PROBE_BATCHES` on two small batches, combined linearly).
+    ``full_bytes`` is full fine-tuning's saved bytes on the same batch."""
+    import copy
+
+    from .memory import MemoryCost, perturb_weights
+    from .train import batches
+
+    trial = copy.deepcopy(model).cpu()
+    # the deltas stay zero: an open gate then computes what a closed one does
+    perturb_weights(trial, skip=lambda name: name.endswith(("delta", "delta_bias")))
+    names = [c.name for c in candidates(trial)]
+    x = next(batches(task.train, batch_size))[0]
+    n = int(x.shape[0])
+    passes, full = [], 0.0
+    with _one_thread():
+        for b, coef in _probe_batches(n):
+            xb = x[:b].clone()
+            passes.append((coef, _trial_storages(trial, xb, [], False),
+                           _trial_storages(trial, xb, [], True),
+                           [_trial_storages(trial, xb, [name], False) for name in names]))
+            full += coef * sum(_trial_storages(trial, xb, [], True, full=True).values())
+    return MemoryCost.from_storages(names, passes, int(round(full)), n)
+
+
+def full_finetune_saved_bytes(model: nn.Module, task, batch_size: int) -> int:
+    """Full fine-tuning's saved bytes on the batch :func:`memory_cost` measures (its
+    ``full_bytes``, without measuring every layer): what a ``--train-memory``
+    percentage is of."""
+    import copy
+
+    from .train import batches
+
+    trial = copy.deepcopy(model).cpu()
+    x = next(batches(task.train, batch_size))[0]
+    with _one_thread():
+        full = sum(coef * sum(_trial_storages(trial, x[:b].clone(), [], True,
+                                              full=True).values())
+                   for b, coef in _probe_batches(int(x.shape[0])))
+    return int(round(full))
+
+
+def _probe_batches(n: int) -> list[tuple[int, float]]:
+    """(batch, coefficient) pairs whose combination gives saved bytes at batch ``n``."""
+    lo, hi = MEMORY_PROBE_BATCHES
+    return [(n, 1.0)] if n <= hi else [(lo, (hi - n) / (hi - lo)), (hi, (n - lo) / (hi - lo))]
+
+
+class _one_thread:
+    """Many passes on a few examples run on one torch thread (on a busy machine, ops
+    this small ran about ten times slower on two, each waiting for a descheduled OpenMP
+    thread); the caller's thread count is restored after."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def memory_limit(probe: nn.Module, task, train_memory, budgets: list, budgets_params: list[int],
+                 splits: list[tuple[int, bool, bool]], norms: str, batch_size: int
+                 ) -> tuple[list[tuple[int, bool, bool]], "MemoryLimit"]:
+    """The memory budget ``train_memory`` (``"30%"`` of full fine-tuning's saved bytes, or
+    a size) over supernet ``probe``'s layers, and the norm ``splits`` (one per budget, as
+    :func:`norm_split` gives them) it leaves: training the task norms keeps activations
+    down to the first norm, so where that does not fit, ``auto`` trains deltas only (the
+    whole budget theirs) and the other modes refuse. Refuses, one line each, a budget
+    below what the head (and norms) alone save and a pair of budgets no layer fits."""
+    from .memory import MemoryLimit
+
+    wanted = MemoryBudget.parse(train_memory)
+    cost = memory_cost(probe, task, batch_size)
+    limit = wanted.resolve(cost.full_bytes)
+    shown = f"--train-memory {train_memory} ({limit} bytes of the {cost.full_bytes} full " \
+            "fine-tuning saves)"
+    norm_bytes = cost.for_norms(True).bytes_of(cost.for_norms(True).start())
+    fitted = []
+    for params, (delta, trained, counted) in zip(budgets_params, splits):
+        if trained and norm_bytes > limit:
+            if norms != "auto":
+                raise BudgetError(f"{shown} cannot hold the {norm_bytes} bytes that training the "
+                                  "task norms saves; use --norms none, or raise --train-memory")
+            delta, trained, counted = params, False, False
+        fitted.append((delta, trained, counted))
+    cost = cost.for_norms(any(trained for _, trained, _ in fitted))
+    start = cost.bytes_of(cost.start())
+    if start > limit:
+        raise BudgetError(f"{shown} is below the {start} bytes that training the head alone "
+                          "saves; raise it")
+    layer_bytes = cost.layer_bytes()
+    costs = np.array([c.params for c in candidates(probe)])
+    for label, (delta, _, _) in zip(budgets, fitted):
+        if not ((layer_bytes <= limit) & (costs <= delta)).any():
+            raise BudgetError(f"no layer fits both --budget {label} ({delta} delta parameters) "
+                              f"and {shown}: the layer that saves least needs "
+                              f"{int(layer_bytes.min())} bytes; raise either")
+    return fitted, MemoryLimit(cost, limit, str(train_memory))
 
 
 def budget_folder(label: str) -> str:
@@ -173,7 +334,7 @@ class Searcher(Protocol):
 
 def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
                      supernet: SupernetConfig, out: str | Path, backbone: str,
-                     norms: str = "auto") -> tuple[dict, nn.Module]:
+                     norms: str = "auto", train_memory=None) -> tuple[dict, nn.Module]:
     """Stage 1 (cached) and stage 2 with ``searcher``; returns (result, trained supernet).
 
     ``budget`` is anything :func:`swr.budget.resolve_budget` takes (``"5%"``, a
@@ -190,6 +351,14 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
     ``norms_trained``, ``norm_params`` (the task norms' size), ``delta_budget_params``
     and ``updated_params`` (deltas + trained norms). The supernet is returned with
     every gate closed.
+
+    ``train_memory`` (:class:`swr.budget.MemoryBudget`: ``"30%"`` of full fine-tuning's
+    saved bytes, or a size) bounds what one training step saves for backward as well
+    (:func:`memory_limit`, checked before stage 1): every selection scored fits both,
+    and each result records ``train_memory``, ``train_memory_bytes``,
+    ``full_finetune_saved_bytes`` and ``memory_model_saved_bytes`` (the selection's
+    saved bytes as the search's :class:`~swr.memory.MemoryCost` counts them, beside the
+    measured ``training_memory``).
     """
     check_search_val(task)
     budgets = budget_list(budget)
@@ -199,6 +368,10 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
         _check_budget_list(budgets, budgets_params, searcher)
     # (deltas' share, norms trained, norms counted) per budget
     splits = [norm_split(probe, b, norms) for b in budgets_params]
+    limit = None
+    if train_memory is not None:
+        splits, limit = memory_limit(probe, task, train_memory, budgets, budgets_params, splits,
+                                     norms, supernet.batch_size)
     delta_budgets = [d for d, _, _ in splits]
     if not any(trained for _, trained, _ in splits):
         # no budget trains the task norms: neither does stage 1, so the deltas learn with
@@ -226,8 +399,9 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
                             # statistics, those the final model keeps; on one of budget
                             # gate sets val-batch statistics ranked better (experiments/SEARCH.md)
                             bn_stats=None if supernet.norms or supernet.gates == "budget"
-                            else "supernet", norms_trained=supernet.norms)
+                            else "supernet", norms_trained=supernet.norms, memory=limit)
     t1 = time.perf_counter()
+    report_status(f"search ({searcher.name})")
     found = searcher(problem)
     t_search = time.perf_counter() - t1
     info = searcher.describe()
@@ -238,7 +412,7 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
         # the space the searcher drew from: near the evaluations, every searcher ends alike
         # (the largest budget's is the problem's own, counted once)
         feasible = (problem.feasible_selections if delta_budget == problem.budget_params
-                    else count_feasible(problem.costs, delta_budget))
+                    else count_fitting(problem.costs, delta_budget, limit))
         return {
             "layers": list(res.layers), "cost": cost,
             "budget_params": budgets_params[i], "budget": str(label),
@@ -265,6 +439,11 @@ def search_selection(base_model: nn.Module, task, budget, searcher: Searcher,
             # batch size: activations saved for backward, and gradients + AdamW moments
             "training_memory": selection_memory(model, task, res.layers, norms_trained,
                                                 supernet.batch_size),
+            **({} if limit is None else {
+                "train_memory": limit.label, "train_memory_bytes": limit.budget,
+                "full_finetune_saved_bytes": limit.cost.full_bytes,
+                "memory_model_saved_bytes": limit.cost.saved_bytes(
+                    np.isin(problem.names, list(res.layers)))}),
         }
 
     if not many:
@@ -306,4 +485,5 @@ def supernet_settings(cfg: SupernetConfig, seed: int, device: str, progress: boo
 
 
 __all__ = ["SearchProblem", "SearchResult", "Searcher", "Selection", "budget_folder", "budget_list",
+           "count_fitting", "full_finetune_saved_bytes", "memory_cost", "memory_limit",
            "norm_split", "search_selection", "supernet_settings"]

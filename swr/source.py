@@ -28,6 +28,7 @@ from torch import nn
 from .errors import SwrError
 # the data-config helpers live with the backbones; re-exported as part of this module's API
 from .tasks.backbones import backbone_data_config, model_data_config  # noqa: F401
+from .tasks.base import DataOverride
 from .tasks.base import task_preprocess  # noqa: F401  (re-exported: where users found it)
 
 
@@ -144,14 +145,16 @@ def load_base(spec: BaseSpec) -> tuple[nn.Module, dict]:
     return model, desc
 
 
-def load_task(task_spec: str, desc: dict, on_bad_file: str = "fail", **kwargs: Any):
-    """The task ``task_spec`` prepared the way the base described by ``desc`` expects."""
+def load_task(task_spec: str, desc: dict, on_bad_file: str = "fail",
+              override: Optional[DataOverride] = None, **kwargs: Any):
+    """The task ``task_spec`` prepared the way the base described by ``desc`` expects,
+    or with a user's ``override`` of its image size and normalisation."""
     from .tasks import get_task
 
     return get_task(task_spec, on_bad_file=on_bad_file, data_config=desc.get("data_config"),
-                    **kwargs)
+                    override=override, **kwargs)
 
 
-__all__ = ["BaseSpec", "backbone_data_config", "base_spec", "checkpoint_backbone", "file_sha256",
+__all__ = ["BaseSpec", "DataOverride", "backbone_data_config", "base_spec", "checkpoint_backbone", "file_sha256",
            "load_base", "load_task", "model_data_config", "state_hash", "task_preprocess"]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import re
 import shutil
@@ -38,6 +37,8 @@ from .delta import base_hash, read_task_delta, read_task_delta_header
 from .errors import ForeignDeltaError, SwrError
 from .io import atomic_path, out_lock, read_json, write_json
 from .reparam import head_prefix, replace_module
+from .tasks.backbones import backbone_family, check_backbone_name
+from .tasks.base import image_preprocess_problem
 
 FORMAT = "swr-task-store/1"
 #: seconds a store change waits for another one to finish before it is refused
@@ -81,24 +82,9 @@ def _check_preprocess(pre: object, index: Path, key: str) -> None:
         raise _damaged(index, key, "must be an object with modality 'audio' or 'image'")
     if pre["modality"] != "image":
         return
-    size = pre.get("image_size")
-    if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
-                                 and 8 <= size <= 4096):
-        raise _damaged(index, f"{key}.image_size", f"{size!r} must be a whole number of pixels "
-                       "from 8 to 4096")
-    for name, positive in (("mean", False), ("std", True)):
-        v = pre.get(name)
-        if v is None:
-            continue
-        if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                and (x > 0 if positive else True) for x in v)):
-            raise _damaged(index, f"{key}.{name}", f"{v!r} must be 3 finite numbers"
-                           + (", each above 0" if positive else ""))
-    crop = pre.get("crop_pct")
-    if crop is not None and not (isinstance(crop, (int, float)) and not isinstance(crop, bool)
-                                 and 0 < crop <= 1):
-        raise _damaged(index, f"{key}.crop_pct", f"{crop!r} must be in (0, 1]")
+    problem = image_preprocess_problem(pre)
+    if problem is not None:
+        raise _damaged(index, f"{key}.{problem[0]}", problem[1])
 
 
 def validate_index(data: object, root: Path, index: Path) -> dict:
@@ -110,8 +96,6 @@ def validate_index(data: object, root: Path, index: Path) -> dict:
             or not isinstance(data.get("tasks"), dict):
         raise SwrError(f"{index} is not a swr task store index (format {FORMAT}); "
                        "recreate the store")
-    from .tasks.backbones import check_backbone_name
-
     backbone = data.get("backbone")
     if not isinstance(backbone, str):
         raise _damaged(index, "backbone", "must be a backbone name")
@@ -437,7 +421,7 @@ def task_preprocess_of(store: TaskStore, name: str) -> dict:
     pre = store.entry(name).get("preprocess")
     if isinstance(pre, dict) and pre.get("modality") in ("audio", "image"):
         return pre
-    if store.backbone.startswith("bcresnet-"):
+    if backbone_family(store.backbone).modality == "audio":
         return {"modality": "audio"}
     from .tasks.imagefolder import data_config_kwargs
 

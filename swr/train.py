@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import SwrError
+from .progress import report_status
 from .runlog import RunLog
 
 
@@ -345,6 +346,7 @@ def train(model: nn.Module, task, params: Iterable[nn.Parameter], cfg: TrainConf
     runlog = RunLog(cfg.log_dir, "epochs", tag=cfg.desc) if cfg.log_dir else None
     step = 0
     for epoch in range(cfg.epochs):
+        report_status(f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}")
         model.train()
         loss_sum = correct = seen = 0
         for x, y in batches(task.train, cfg.batch_size, shuffle=True, generator=g,

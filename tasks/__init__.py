@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from swr.errors import SwrError
 
-from .base import Task
+from .base import DataOverride, Task
 
 TASK_FORMS = ["kws-synth:<lang>", "glyphs:<target>", "imagefolder:<path>",
               "speechcommands:<path>", "mswc:<path>:<lang>", "cub:<path>",
@@ -52,8 +52,13 @@ def split_shots(spec: str) -> tuple[str, Optional[str]]:
     return spec, None
 
 
+#: Task kinds whose inputs are audio (log-mel spectrograms); every other kind is images.
+AUDIO_KINDS = ("kws-synth", "speechcommands", "mswc")
+
+
 def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
-             data_config: dict | None = None, **kwargs: Any) -> Task:
+             data_config: dict | None = None, override: Optional[DataOverride] = None,
+             **kwargs: Any) -> Task:
     """Load the task named by ``spec`` (see the module docstring for the forms).
 
     ``on_bad_file`` ("fail" or "skip") is passed to the loaders of real data
@@ -61,13 +66,19 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
     and have no files a user could damage. Skipped files are listed in
     ``task.info["skipped"]``. ``data_config`` (a backbone's timm data config, see
     :func:`swr.source.load_base`) sets the image tasks' preprocessing; audio tasks
-    ignore it.
+    ignore it. ``override`` (a user's ``--image-size``/``--mean``/``--std``) replaces
+    those values of ``data_config`` (glyphs are then rendered at that size) and is
+    recorded in ``task.info["data_override"]``; an audio task refuses it.
     """
     if on_bad_file not in ("fail", "skip"):
         raise SwrError(f"on_bad_file must be 'fail' or 'skip', got {on_bad_file!r}")
     from .suites import check_single_task
 
     check_single_task(spec)
+    kind = spec.partition(":")[0]
+    if override and kind in AUDIO_KINDS:
+        raise SwrError(f"task {spec} is audio: --image-size, --mean and --std prepare image "
+                       "tasks only; drop them")
     base_spec, value = split_shots(spec)
     if value is not None:
         from .base import few_shot
@@ -75,7 +86,20 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
 
         (shots,) = parse_values(SHOTS, value, spec)  # bounded before any data is read
         return few_shot(get_task(base_spec, seed=seed, on_bad_file=on_bad_file,
-                                 data_config=data_config, **kwargs), shots, seed=seed)
+                                 data_config=data_config, override=override, **kwargs),
+                        shots, seed=seed)
+    if override:
+        if override.image_size and kind == "glyphs":  # rendered at that size, not resized
+            kwargs = {**kwargs, "image_size": override.image_size}
+        task = _load(spec, seed, on_bad_file, override.apply(data_config), kwargs)
+        task.info["data_override"] = override.as_dict()
+        return task
+    return _load(spec, seed, on_bad_file, data_config, kwargs)
+
+
+def _load(spec: str, seed: int, on_bad_file: str, data_config: dict | None,
+          kwargs: dict) -> Task:
+    """The task of a single spec without ``?shots=``, from its kind's loader."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise SwrError(f"task {spec!r} is not of a known form: {', '.join(TASK_FORMS)}")
@@ -106,7 +130,8 @@ def get_task(spec: str, seed: int = 0, on_bad_file: str = "fail",
     from .imagenet_to_sketch import LOADERS
 
     if kind in LOADERS:
-        return LOADERS[kind](rest, seed=seed, on_bad_file=on_bad_file, **kwargs)
+        return LOADERS[kind](rest, seed=seed, on_bad_file=on_bad_file, data_config=data_config,
+                             **kwargs)
     raise SwrError(f"unknown task kind {kind!r} in {spec!r}; known: {', '.join(TASK_FORMS)}")
 
 
@@ -127,5 +152,5 @@ def task_data_path(spec: str) -> Optional[str]:
 
 from .suites import SUITE_FORMS, expand_tasks, get_suite  # noqa: E402
 
-__all__ = ["SUITE_FORMS", "Task", "TASK_FORMS", "expand_tasks", "get_suite", "get_task",
-           "task_data_path"]
+__all__ = ["AUDIO_KINDS", "DataOverride", "SUITE_FORMS", "Task", "TASK_FORMS", "expand_tasks",
+           "get_suite", "get_task", "task_data_path"]

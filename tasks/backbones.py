@@ -1,4 +1,12 @@
-"""Backbones by name: ``bcresnet-<tau>`` and ``timm:<model>``, weights from local files.
+"""Backbones by name, weights from local files: the public face of the backbone registry.
+
+Each family registers itself in the module that defines it (:mod:`.registry`; e.g.
+``bcresnet-<tau>`` in :mod:`.bcresnet`), and the import below collects them; the timm
+family (``timm:<model_name>``) is defined here. To add a family: one module with a
+builder decorated by ``@register_backbone``, and its name on that import line.
+The functions here (:func:`check_backbone_name`, :func:`create_backbone`,
+:func:`input_shape`, :func:`backbone_data_config`, :func:`backbone_family`) answer by
+looking the name up there.
 
 Weights never come from a hub: ``--weights PATH`` points at a safetensors file or a
 torch checkpoint (read with ``weights_only=True``, so it cannot run code).
@@ -20,11 +28,12 @@ from torch import nn
 from swr.errors import SwrError
 from swr.io import save_safetensors
 
-from .bcresnet import BCRESNET_TAUS, create_bcresnet
+# the family modules register themselves on import; timm's family is registered below
+from . import bcresnet, dscnn  # noqa: F401
 from .heads import head_prefix
-
-BACKBONE_FORMS = [f"bcresnet-{t:g}" for t in BCRESNET_TAUS] + ["timm:<model_name>"]
-
+# BACKBONES and find_family are re-exported: read here, the registry holds every family
+from .registry import (BACKBONES, BackboneFamily, backbone_forms, check_name,  # noqa: F401
+                       find_family, register_backbone)
 
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)?$")
 
@@ -46,16 +55,14 @@ def check_backbone_name(name: object) -> str:
     The one check of a backbone name, whether typed or read from a file
     (``metrics.json``, ``store.json``, a delta's metadata).
     """
-    if not isinstance(name, str) or not name:
-        raise SwrError(f"backbone {name!r} is not a name; known: {', '.join(BACKBONE_FORMS)}")
-    if name.startswith("timm:"):
-        _timm_name(name)
-        return name
-    if name in BACKBONE_FORMS:
-        return name
-    if name.startswith("bcresnet-"):
-        create_bcresnet(name)  # its own one-line error naming the taus
-    raise SwrError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_FORMS)}")
+    return check_name(name)
+
+
+def backbone_family(name: str) -> BackboneFamily:
+    """The registered family of backbone ``name`` (its modality, input shape, learning-rate
+    row, builder); a name swr cannot build raises :class:`SwrError`."""
+    check_backbone_name(name)
+    return find_family(name)
 
 
 def _timm_name(name: str) -> str:
@@ -74,6 +81,47 @@ def _timm_name(name: str) -> str:
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise SwrError(f"unknown timm model {arch!r}{hint}")
     return model
+
+
+def _timm_description() -> str:
+    import timm
+
+    return (f"any of timm's {len(timm.list_models())} architectures "
+            "(`swr list backbones 'timm:resnet*'` lists them)")
+
+
+def _timm_members(pattern: str) -> list[str]:
+    import timm
+
+    return [f"timm:{n}" for n in timm.list_models(pattern)]
+
+
+def _timm_data_config(name: str) -> Optional[dict]:
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(_timm_name(name))
+    if cfg is None:
+        return None
+    resolved = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    return {k: (list(resolved[k]) if isinstance(resolved[k], tuple) else resolved[k])
+            for k in DATA_CONFIG_KEYS if k in resolved}
+
+
+# Registered after the family modules above, so that it is listed last.
+@register_backbone(prefix="timm:", forms=("timm:<model_name>",), check=_timm_name,
+                   description=_timm_description, members=_timm_members,
+                   data_config=_timm_data_config, modality="image", input_shape=(3, 224, 224),
+                   num_classes=1000, lr_family="timm")
+def _create_timm(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    import timm
+
+    return timm.create_model(_timm_name(name), pretrained=False, num_classes=num_classes,
+                             **kwargs)
+
+
+#: The backbone names users can type, as registered by the built-in families.
+BACKBONE_FORMS = backbone_forms()
 
 
 def create_backbone(name: str, num_classes: Optional[int] = None,
@@ -109,18 +157,15 @@ def create_backbone(name: str, num_classes: Optional[int] = None,
 
 
 def _default_classes(name: str) -> int:
-    return 12 if name.startswith("bcresnet-") else 1000
+    family = find_family(name)
+    return family.num_classes if family is not None else 1
 
 
 def _build(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    if name.startswith("bcresnet-"):
-        return create_bcresnet(name, num_classes=num_classes, **kwargs)
-    if name.startswith("timm:"):
-        import timm
-
-        return timm.create_model(_timm_name(name), pretrained=False, num_classes=num_classes,
-                                 **kwargs)
-    raise SwrError(f"unknown backbone {name!r}; known: {', '.join(BACKBONE_FORMS)}")
+    family = find_family(name)
+    if family is None:
+        raise SwrError(f"unknown backbone {name!r}; known: {', '.join(backbone_forms())}")
+    return family.build(name, num_classes=num_classes, **kwargs)
 
 
 def input_shape(model: nn.Module, name: str = "") -> tuple[int, ...]:
@@ -128,9 +173,9 @@ def input_shape(model: nn.Module, name: str = "") -> tuple[int, ...]:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(cfg["input_size"])
-    if name.startswith("bcresnet-"):
-        return (1, 40, 101)
-    return (3, 224, 224)
+    family = find_family(name)
+    # an unnamed model without a data config is taken for an ImageNet-sized image model
+    return family.input_shape if family is not None else (3, 224, 224)
 
 
 # -- checkpoints ----------------------------------------------------------------------
@@ -240,15 +285,9 @@ def model_data_config(model: nn.Module) -> Optional[dict]:
 
 
 def backbone_data_config(name: str) -> Optional[dict]:
-    """The timm data config of backbone ``name`` without building it (None if not timm)."""
-    if not name.startswith("timm:"):
+    """The timm data config of backbone ``name`` without building it (None for a family
+    without one, e.g. the keyword spotters)."""
+    family = find_family(name)
+    if family is None or family.data_config is None:
         return None
-    from timm.data import resolve_data_config
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(_timm_name(name))
-    if cfg is None:
-        return None
-    resolved = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
-    return {k: (list(resolved[k]) if isinstance(resolved[k], tuple) else resolved[k])
-            for k in DATA_CONFIG_KEYS if k in resolved}
+    return family.data_config(name)

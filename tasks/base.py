@@ -9,10 +9,11 @@ which makes evaluation a plain loop over pre-batched tensors.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -46,8 +47,9 @@ class Task:
         return len(self.class_names)
 
     def data_hash(self) -> str:
-        """SHA-256 (hex, first 16 chars) of what training reads: the class names and the
-        train and validation splits (see :func:`dataset_hash`); computed once per task.
+        """SHA-256 (hex, first 16 chars) of what training reads: the class names, the
+        train and validation splits (see :func:`dataset_hash`) and a user's
+        :class:`DataOverride` of their preparation; computed once per task.
 
         Caches and resumable runs key on it, so replaced or added data never reuses
         results made from the old data.
@@ -55,6 +57,10 @@ class Task:
         cached = self.__dict__.get("_data_hash")
         if cached is None:
             h = hashlib.sha256(repr(list(self.class_names)).encode())
+            # files are hashed by path, not pixels: a user's other size or normalisation
+            # of the same files is other data (absent otherwise, so earlier hashes hold)
+            if self.info.get("data_override"):
+                h.update(repr(sorted(self.info["data_override"].items())).encode())
             for split in (self.train, self.val):
                 dataset_hash(split, h)
             cached = self.__dict__["_data_hash"] = h.hexdigest()[:16]
@@ -230,3 +236,105 @@ def task_preprocess(task) -> dict:
     size = int(task.input_shape[-1])
     return {"modality": "image", "image_size": size, "crop_pct": None,
             "interpolation": "bilinear", "mean": info.get("mean"), "std": info.get("std")}
+
+
+#: The image sizes (pixels) an image preprocessing may ask for.
+IMAGE_SIZES = (8, 4096)
+
+
+def image_preprocess_problem(pre: dict) -> Optional[tuple[str, str]]:
+    """The first of ``pre``'s ``image_size``, ``mean``, ``std`` and ``crop_pct`` (each
+    optional) that is out of bounds, as ``(key, "VALUE must be ...")``; None when all
+    are fine. The one check of an image preprocessing, whether a store recorded it or a
+    user typed it (:class:`DataOverride`)."""
+    low, high = IMAGE_SIZES
+    size = pre.get("image_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
+                                 and low <= size <= high):
+        return "image_size", f"{size!r} must be a whole number of pixels from {low} to {high}"
+    for name, positive in (("mean", False), ("std", True)):
+        v = pre.get(name)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (x > 0 if positive else True) for x in v)):
+            return name, f"{v!r} must be 3 finite numbers" + (", each above 0" if positive else "")
+    crop = pre.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and not isinstance(crop, bool)
+                                 and 0 < crop <= 1):
+        return "crop_pct", f"{crop!r} must be in (0, 1]"
+    return None
+
+
+@dataclass(frozen=True)
+class DataOverride:
+    """A user's image size and normalisation (``--image-size``, ``--mean``, ``--std``),
+    replacing those of the data config an image task would otherwise be prepared with
+    (the base's own, see :func:`swr.source.load_base`).
+
+    Unset fields keep the base's value. One ``mean`` or ``std`` value stands for all
+    three channels. Checked when made (:func:`image_preprocess_problem`): a bad value
+    raises :class:`SwrError` naming the option.
+    """
+
+    image_size: Optional[int] = None
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None:
+                v = tuple(v)
+                object.__setattr__(self, name, v * 3 if len(v) == 1 else v)
+        problem = image_preprocess_problem(
+            {"image_size": self.image_size,
+             **{k: list(getattr(self, k)) for k in ("mean", "std")
+                if getattr(self, k) is not None}})
+        if problem is not None:
+            key, why = problem
+            hint = ("" if key == "image_size" else
+                    f"; give one value for all channels or three (R,G,B), e.g. --{key} 0.5")
+            raise SwrError(f"--{key.replace('_', '-')} {why}{hint}")
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.image_size, self.mean, self.std))
+
+    def as_dict(self) -> dict:
+        """The set fields (for ``metrics.json``, ``selection.json``, fingerprints)."""
+        out: dict = {}
+        if self.image_size is not None:
+            out["image_size"] = self.image_size
+        for key in ("mean", "std"):
+            if getattr(self, key) is not None:
+                out[key] = [float(x) for x in getattr(self, key)]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> Optional["DataOverride"]:
+        """The inverse of :meth:`as_dict` (None for None or ``{}``), read from file ``where``."""
+        if d is None or d == {}:
+            return None
+        if not isinstance(d, dict) or set(d) - {"image_size", "mean", "std"} or not all(
+                isinstance(d.get(k), (list, type(None))) for k in ("mean", "std")):
+            raise SwrError(f"{where}: 'data_override' must map image_size, mean and std to "
+                           "values; write the file again with swr")
+        try:
+            return cls(d.get("image_size"), d.get("mean"), d.get("std"))
+        except SwrError as e:
+            raise SwrError(f"{where}: data_override {e}; write the file again with swr") from None
+
+    def apply(self, data_config: Optional[dict]) -> dict:
+        """``data_config`` (a timm data config, or None) with these values in place."""
+        out = dict(data_config or {})
+        if self.image_size is not None:
+            out["input_size"] = [3, self.image_size, self.image_size]
+        for key in ("mean", "std"):
+            if getattr(self, key) is not None:
+                out[key] = [float(x) for x in getattr(self, key)]
+        return out
+
+    def apply_to_preprocess(self, pre: dict) -> dict:
+        """An image ``preprocess`` record (:func:`task_preprocess`) with these values in place."""
+        return {**pre, **self.as_dict()}

@@ -41,6 +41,8 @@ from torch import nn
 
 from swr.errors import SwrError
 
+from .registry import register_backbone
+
 #: Width factors of the models reported in the paper (Table 2).
 BCRESNET_TAUS: tuple[float, ...] = (1, 1.5, 2, 3, 6, 8)
 
@@ -247,13 +249,10 @@ class BCResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def create_bcresnet(name: str, num_classes: int = 12, **kwargs) -> BCResNet:
-    """Build a registry model by name: ``bcresnet-1``, ``bcresnet-1.5``, ... ``bcresnet-8``.
-
-    Extra keyword arguments go to :class:`BCResNet` (``in_chans``, ``n_mels``,
-    ``dropout``, ``subbands``). An unknown name raises :class:`SwrError` listing
-    the valid ones.
-    """
+def bcresnet_tau(name: str) -> float:
+    """The width factor ``tau`` that registry name ``name`` stands for (case and
+    surrounding spaces ignored); an unknown name raises :class:`SwrError` listing the
+    valid ones."""
     prefix = "bcresnet-"
     key = name.strip().lower()
     tau = None
@@ -265,4 +264,20 @@ def create_bcresnet(name: str, num_classes: int = 12, **kwargs) -> BCResNet:
     if tau is None or tau not in BCRESNET_TAUS:
         raise SwrError(f"unknown BC-ResNet model {name!r}; choose one of "
                        f"{', '.join(BCRESNET_NAMES)}")
-    return BCResNet(tau=tau, num_classes=num_classes, **kwargs)
+    return tau
+
+
+# The learning-rate row "bcresnet": small, a BatchNorm after every convolution,
+# pre-trained here from scratch (see swr.methods.base.DEFAULT_LR).
+@register_backbone(prefix="bcresnet-", names=BCRESNET_NAMES, check=bcresnet_tau,
+                   description="BC-ResNet keyword spotter (width multiplier after the dash)",
+                   modality="audio", input_shape=(1, 40, 101), num_classes=12,
+                   lr_family="bcresnet")
+def create_bcresnet(name: str, num_classes: int = 12, **kwargs) -> BCResNet:
+    """Build a registry model by name: ``bcresnet-1``, ``bcresnet-1.5``, ... ``bcresnet-8``.
+
+    Extra keyword arguments go to :class:`BCResNet` (``in_chans``, ``n_mels``,
+    ``dropout``, ``subbands``). An unknown name raises :class:`SwrError` listing
+    the valid ones.
+    """
+    return BCResNet(tau=bcresnet_tau(name), num_classes=num_classes, **kwargs)

@@ -709,10 +709,9 @@ def load_glyphs(target: str, root: str | os.PathLike | None = None, seed: int = 
     its own. Every image is seeded by its index, so a larger split starts with the
     default split's images.
     """
-    mean, std = MEAN, STD
-    if data_config and data_config.get("mean") and data_config.get("std"):
-        mean = tuple(float(v) for v in data_config["mean"])
-        std = tuple(float(v) for v in data_config["std"])
+    data_config = data_config or {}
+    mean = tuple(float(v) for v in data_config.get("mean") or MEAN)
+    std = tuple(float(v) for v in data_config.get("std") or STD)
     if target not in SPECS:
         raise SwrError(f"unknown glyphs target {target!r}; known: {', '.join(SPECS)}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 8:

@@ -39,7 +39,8 @@ from .base import Task
 from .datasets import (FileDataset, Item, OnBadFile, check_fraction, check_no_class_lost,
                        check_on_bad_file, class_counts, probe_items, resolve_inside,
                        stratified_holdout)
-from .imagefolder import _list_split, image_transforms, probe_image, read_image
+from .imagefolder import (EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, _list_split,
+                          data_config_kwargs, image_transforms, probe_image, read_image)
 from .matfile import read_mat
 
 #: the fixed draw that splits a dataset shipped without a test split (WikiArt, Sketch
@@ -74,14 +75,21 @@ def image_task(task_id: str, root: Path, class_names: Sequence[str], train: list
                test: list[Item], val: list[Item] | None = None, *,
                boxes: dict[Path, Box] | None = None, image_size: int = 224,
                val_fraction: float = 0.1, seed: int = 0, on_bad_file: OnBadFile = "fail",
-               cropped: bool | None = None, info: dict | None = None) -> Task:
+               cropped: bool | None = None, info: dict | None = None,
+               data_config: dict | None = None) -> Task:
     """An image task from labelled file lists, as :func:`~.imagefolder.load_imagefolder` builds.
 
     ``val`` None: ``val_fraction`` of each class of ``train`` is held out (keyed by
     ``seed``). ``boxes`` crop images to objects; cropped images use the square
     resize transforms (``cropped``, default: whether there are boxes). Every file's
     header is checked; bad files fail or are skipped (``task.info["skipped"]``).
+    ``data_config`` (the base's timm data config) sets size, mean, std, interpolation
+    and crop pct in place of ``image_size`` and the ImageNet defaults.
     """
+    tf_kwargs = {"image_size": image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                 "interpolation": "bilinear", "crop_pct": EVAL_CROP_RATIO,
+                 **data_config_kwargs(data_config)}
+    image_size = tf_kwargs["image_size"]
     policy = check_on_bad_file(on_bad_file)
     check_fraction("val_fraction", val_fraction, low_open=True)
     if image_size < 1:
@@ -102,7 +110,7 @@ def image_task(task_id: str, root: Path, class_names: Sequence[str], train: list
         if not lists[split]:
             raise SwrError(f"no readable images in the {split} split of {root}")
     crop = bool(boxes) if cropped is None else cropped
-    train_tf, eval_tf = image_transforms(image_size, crop)
+    train_tf, eval_tf = image_transforms(cropped=crop, **tf_kwargs)
     decode = CroppedReader(boxes) if boxes else read_image
     splits = {s: FileDataset(lists[s], decode, train_tf if s == "train" else eval_tf, policy,
                              skipped) for s in lists}
@@ -110,6 +118,9 @@ def image_task(task_id: str, root: Path, class_names: Sequence[str], train: list
                 input_shape=(3, image_size, image_size), **splits,
                 info={"root": str(root), "skipped": skipped, "seed": seed,
                       "image_size": image_size, "cropped": crop, **(info or {}),
+                      "preprocess": {**tf_kwargs, "mean": list(tf_kwargs["mean"]),
+                                     "std": list(tf_kwargs["std"]),
+                                     "crop_pct": None if crop else tf_kwargs["crop_pct"]},
                       "class_counts": {s: class_counts(ds.labels, class_names)
                                        for s, ds in splits.items()}})
 

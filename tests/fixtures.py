@@ -77,3 +77,27 @@ def in_memory_tasks(tasks: dict[str, Task]):
         torch.set_num_threads(threads)
 
     return get_task, world
+
+
+def digits_imagefolder(root: Path, train_per_class: int = 30, test_per_class: int = 10,
+                       size: int = 32) -> Path:
+    """scikit-learn's bundled handwritten digits (8x8 grey, 1,797 images; no download) as
+    an image folder ``root/{train,test}/<digit>/*.png``: each class's first
+    ``train_per_class`` images for training, the next ``test_per_class`` for test,
+    upscaled to ``size`` px and saved as RGB."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    taken: dict[int, int] = {}
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        n = taken.get(int(label), 0)
+        if n >= train_per_class + test_per_class:
+            continue
+        taken[int(label)] = n + 1
+        folder = root / ("train" if n < train_per_class else "test") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = Image.fromarray((image * (255 / 16)).astype(np.uint8))  # 0..16 -> 0..255
+        grey.resize((size, size), Image.Resampling.BILINEAR).convert("RGB").save(
+            folder / f"{i:04d}.png")
+    return root

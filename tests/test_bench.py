@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import swr.bench  # noqa: F401  (registers the swr-<searcher> methods)
+import swr.bench  # noqa: F401  (loads the searchers, each registering SWR with it: swr-<searcher>)
 import swr.tasks
 from swr import demo as demo_mod
 from swr.bench import COLUMNS, BenchConfig, run_bench

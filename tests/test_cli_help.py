@@ -59,7 +59,6 @@ def test_the_short_help_shows_what_a_user_chooses(capsys):
 def test_list_prints_the_registries(capsys):
     from swr.methods import METHODS
     from swr.policies import SEARCHERS
-    from swr.search import register_swr_methods
     from swr.tasks import SUITE_FORMS, TASK_FORMS
     from swr.tasks.backbones import BACKBONE_FORMS
 
@@ -67,7 +66,6 @@ def test_list_prints_the_registries(capsys):
         assert main(["list", *argv]) == 0
         return [line.split()[0] for line in capsys.readouterr().out.splitlines()]
 
-    register_swr_methods()
     assert listed("methods") == sorted(METHODS) and "swr-knapsack" in METHODS
     assert listed("policies") == list(SEARCHERS)
     assert listed("backbones") == BACKBONE_FORMS

@@ -324,6 +324,55 @@ def test_register_method_adds_a_name():
             "taps", "two-stage", "vpt-shallow", "vpt-deep"} <= set(METHODS)
 
 
+def test_register_method_decorates_a_class_under_its_name():
+    """``@register_method`` registers a Method class where it is defined, by its ``name``;
+    the built-in methods are registered that way, in the order users see them."""
+    @register_method
+    class Decorated(Method):
+        name = "decorated-test"
+
+        def prepare(self, model, task, budget_params):
+            return model
+
+        def trainable_parameters(self, model):
+            return []
+
+        def updated_params(self, model):
+            return 0
+
+        def stored_tensors(self, model):
+            return {}
+
+    try:
+        assert METHODS["decorated-test"] is Decorated
+        assert isinstance(get_method("decorated-test"), Decorated)
+    finally:
+        del METHODS["decorated-test"]
+    assert list(METHODS)[:15] == ["linear", "full", "bitfit", "norm", "ssf", "lora",
+                                  "adapter-par", "adapter-seq", "taps", "two-stage",
+                                  "vpt-shallow", "vpt-deep", "wise-ft", "swr", "swr-deltas"]
+    assert all(METHODS[n].name == n for n in METHODS)
+    with pytest.raises(ValueError, match="non-empty"):
+        register_method(" spaced ", Decorated)
+
+
+def test_a_searcher_registers_swr_with_it():
+    """Registering a searcher makes SWR with it a method, ``swr-<searcher>``: the one place
+    those methods come from (no import has to run a registration of its own)."""
+    from swr.methods import SWR
+    from swr.policies import SEARCHERS, register_searcher
+
+    assert {f"swr-{n}" for n in SEARCHERS if n != SWR.selector} <= set(METHODS)
+    assert "swr-pg" not in METHODS  # SWR's default searcher is method "swr" itself
+    register_searcher("probe-searcher", lambda settings: None, "a test searcher")
+    try:
+        method = get_method("swr-probe-searcher")
+        assert isinstance(method, SWR) and method.selector == "probe-searcher"
+        assert method.search_settings()["policy"] == "probe-searcher"
+    finally:
+        del SEARCHERS["probe-searcher"], METHODS["swr-probe-searcher"]
+
+
 def test_count_flops_counts_multiply_accumulates_twice():
     assert count_flops(nn.Linear(10, 5), torch.randn(1, 10)) == 2 * 10 * 5
     conv = nn.Conv2d(3, 4, 3, padding=1)

@@ -30,3 +30,52 @@ def test_a_bar_on_a_terminal_is_plain_tqdm():
         bar.update(1)
     bar.close()
     assert "\r" in out.getvalue()
+
+
+def test_a_bench_bar_names_the_run_going_on_and_its_epoch(monkeypatch, tmp_path, capsys):
+    """swr bench in-process: its bar of runs shows which run is going and the epoch its
+    training is in; in a log, spaced as every bar's lines are."""
+    import itertools
+
+    import swr.tasks
+    from swr.bench import BenchConfig, run_bench
+
+    from fixtures import tiny_audio_task, tiny_checkpoint
+
+    task = tiny_audio_task()
+    monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
+    clock = itertools.count(0, 31)  # every write 31 s after the last: the log keeps each
+    monkeypatch.setattr(progress, "_now", lambda: float(next(clock)))
+    cfg = BenchConfig(tasks=["tiny"], checkpoint=str(tiny_checkpoint(tmp_path / "ckpt")),
+                      methods=["norm", "bitfit"], budgets=["5%"], out=str(tmp_path / "b"),
+                      seeds=1, epochs=2, workers=1, device="cpu")
+    run_bench(cfg, log=lambda s: None)
+    lines = capsys.readouterr().err.splitlines()
+    for method in ("norm", "bitfit"):
+        for epoch in (1, 2):
+            assert any(f"tiny {method} natural s0: epoch {epoch}/2" in line
+                       for line in lines), (method, epoch, lines)
+    # the second run's lines carry the first's result beside them
+    assert any("tiny bitfit natural s0: epoch" in line and "last norm@natural=" in line
+               for line in lines), lines
+    assert "\r" not in "".join(lines)
+
+
+def test_a_bench_bar_in_a_log_writes_no_more_often_than_any_bar(monkeypatch, tmp_path, capsys):
+    import swr.tasks
+    from swr.bench import BenchConfig, run_bench
+
+    from fixtures import tiny_audio_task, tiny_checkpoint
+
+    task = tiny_audio_task()
+    monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: task)
+    monkeypatch.setattr(progress, "_now", lambda: 0.0)  # the clock stands still
+    cfg = BenchConfig(tasks=["tiny"], checkpoint=str(tiny_checkpoint(tmp_path / "ckpt")),
+                      methods=["norm"], budgets=["5%"], out=str(tmp_path / "b"),
+                      seeds=1, epochs=3, workers=1, device="cpu")
+    run_bench(cfg, log=lambda s: None)
+    lines = capsys.readouterr().err.splitlines()
+    # the bar's first line and its 100% ones (the last run's update, the close), none of
+    # the epochs between
+    assert len(lines) <= 3 and "epoch" not in lines[0] and "100%" in lines[-1], lines
+    assert "last norm@natural=" in lines[-1]

@@ -260,13 +260,15 @@ def test_finetune_method_cli_and_its_errors(tmp_path, monkeypatch, capsys):
         assert err.count("\n") == 1 and any(m in err for m in message.split("|")), err
 
 
-def test_evaluate_scores_a_delta_and_a_store_task_as_the_bench_did(three_tasks, tmp_path,
-                                                                   monkeypatch):
-    """swr evaluate on a run's task delta (on its base) and on the same task in a store:
-    the accuracy of the deployed model on the test split is the run's test accuracy, and
-    metrics.json, confusion.csv and confusion.png say the same."""
+def test_evaluate_scores_a_delta_a_folded_model_and_a_store_task_as_the_bench_did(
+        three_tasks, tmp_path, monkeypatch):
+    """swr evaluate on a run's task delta (on its base), on the model swr fold made of it,
+    and on the same task in a store: the accuracy of the deployed model on the test split
+    is the run's test accuracy, and metrics.json, confusion.csv and confusion.png say the
+    same."""
     import csv
 
+    from swr.deploy import fold_task
     from swr.evaluation import evaluate
 
     tmp, weights, tasks, runs = three_tasks
@@ -277,6 +279,12 @@ def test_evaluate_scores_a_delta_and_a_store_task_as_the_bench_did(three_tasks, 
         m = evaluate(tmp_path / f"eval-{name}", delta=str(delta), base=spec, device="cpu")
         assert m["task"] == name and m["split"] == "test"
         assert m["accuracy"] == pytest.approx(runs[name]["test_acc"], abs=1e-12), name
+        fold_task(spec, delta, tmp_path / f"model-{name}")
+        folded = evaluate(tmp_path / f"eval-model-{name}", model=str(tmp_path / f"model-{name}"),
+                          device="cpu")
+        assert folded["task"] == name and folded["classes"] == m["classes"]
+        assert folded["accuracy"] == pytest.approx(runs[name]["test_acc"], abs=1e-12), name
+        assert folded["per_class"] == m["per_class"]
         rows = list(csv.DictReader(open(tmp_path / f"eval-{name}" / "confusion.csv")))
         assert sum(int(r[r["true"]]) for r in rows) == round(m["accuracy"] * m["n"])
         assert (tmp_path / f"eval-{name}" / "confusion.png").stat().st_size > 1000
@@ -290,3 +298,14 @@ def test_evaluate_scores_a_delta_and_a_store_task_as_the_bench_did(three_tasks, 
         m["accuracy"] * m["n"])
     with pytest.raises(SwrError, match="--name"):
         evaluate(tmp_path / "e2", store=str(tmp_path / "st"), device="cpu")
+    with pytest.raises(SwrError, match="one model"):
+        evaluate(tmp_path / "e3", model=str(tmp_path / "model-a"),
+                 delta=str(tmp / "a" / "task_delta.safetensors"), device="cpu")
+    with pytest.raises(SwrError, match="takes audio"):  # an image option on an audio model
+        evaluate(tmp_path / "e4", model=str(tmp_path / "model-a"), device="cpu",
+                 folder=str(tmp_path), data_override=swr.tasks.DataOverride(image_size=32))
+    report = tmp_path / "model-a" / "fold.json"
+    old = json.loads(report.read_text())
+    report.write_text(json.dumps({k: v for k, v in old.items() if k != "data_config"}))
+    with pytest.raises(SwrError, match="fold the model again"):
+        evaluate(tmp_path / "e5", model=str(tmp_path / "model-a"), device="cpu")

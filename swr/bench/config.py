@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..budget import Budget
 from ..methods.base import default_lr
+from ..tasks.base import DataOverride
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
            "updated_params", "budget_params", "within_budget", "norm_params", "norms",
@@ -60,6 +61,8 @@ class BenchConfig:
     # the base as a backbone + weights file instead of a swr pretrain checkpoint
     backbone: Optional[str] = None
     weights: Optional[str] = None
+    #: a user's image size and normalisation over the base's (--image-size, --mean, --std)
+    data_override: Optional[DataOverride] = None
 
 
 def family_lr(family: str, cfg: BenchConfig, backbone: str = "") -> float:

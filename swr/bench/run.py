@@ -27,15 +27,11 @@ from ..io import (check_rerun, left_as_found_on_refusal, out_lock, write_csv, wr
                   write_text)
 from ..source import base_spec, checkpoint_backbone
 from ..robustness import cell_name, ensemble_rows
-from ..search import check_fingerprint, register_swr_methods
+from ..search import check_fingerprint
 from .config import (COLUMNS, ENSEMBLE_COLUMNS, NATURAL, BenchConfig, budget_order, expand_tasks,
                      family_lr, method_lr)
 from .plots import plot_pareto, plot_robustness
 from .report import _f, budget_markdown, results_markdown, robustness_markdown
-
-# swr-ppo, swr-random, ...: SWR with each registered searcher, in every process that benches
-register_swr_methods()
-
 
 def configure_method(method: str, cfg: BenchConfig, seed: int, backbone: str, knobs: dict,
                      out_dir: Optional[str] = None, progress: bool = False):
@@ -76,7 +72,7 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
     if threads:
         torch.set_num_threads(threads)
     base, meta = load_base(base_spec(cfg.checkpoint, cfg.backbone, cfg.weights))
-    task = load_task(task_spec, meta, on_bad_file=cfg.on_bad_file)
+    task = load_task(task_spec, meta, on_bad_file=cfg.on_bad_file, override=cfg.data_override)
     budget_params = None if budget == NATURAL else Budget.parse(budget).resolve(backbone_params(base))
     tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
                      device=cfg.device, progress=False, desc=method, log_dir=out_dir)
@@ -175,7 +171,7 @@ BENCH_FINGERPRINT_LABELS = {
     "epochs": "--epochs", "lr": "--lr", "method_lr": "per-method learning rates",
     "batch_size": "batch size", "seeds": "--seeds", "swr_evaluations": "--swr-evaluations",
     "supernet_epochs": "supernet epochs", "tune": "--tune", "tune_trials": "tune trials",
-    "on_bad_file": "--on-bad-file",
+    "on_bad_file": "--on-bad-file", "data_override": "--image-size/--mean/--std",
 }
 
 
@@ -191,7 +187,9 @@ def bench_fingerprint(cfg: BenchConfig, backbone: str) -> dict:
             "epochs": cfg.epochs, "lr": cfg.lr, "method_lr": dict(sorted(cfg.method_lr.items())),
             "batch_size": cfg.batch_size, "seeds": cfg.seeds,
             "swr_evaluations": cfg.swr_evaluations, "supernet_epochs": cfg.supernet_epochs,
-            "tune": cfg.tune, "tune_trials": cfg.tune_trials, "on_bad_file": cfg.on_bad_file}
+            "tune": cfg.tune, "tune_trials": cfg.tune_trials, "on_bad_file": cfg.on_bad_file,
+            # absent without one: fingerprints of benches made before the options still match
+            **({"data_override": cfg.data_override.as_dict()} if cfg.data_override else {})}
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
@@ -221,7 +219,7 @@ def check_tasks(cfg: BenchConfig) -> None:
     plan(cfg)  # unknown methods and budgets first: they cost nothing to check
     _, meta = load_base(base_spec(cfg.checkpoint, cfg.backbone, cfg.weights))
     for task in cfg.tasks:
-        load_task(task, meta, on_bad_file=cfg.on_bad_file)
+        load_task(task, meta, on_bad_file=cfg.on_bad_file, override=cfg.data_override)
 
 
 #: What a bench writes into its ``--out``: a folder holding one holds a bench, and
@@ -294,8 +292,16 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
         from ..progress import progress_bar
 
         bar = progress_bar(len(todo), "bench", "run")
+    last = ""  # the last finished run's result, shown beside what runs now
+
+    def show(now: str, refresh: bool = True) -> None:
+        """The bar's postfix: the run(s) going on and what they do, then the last result
+        (a log gets it at most every LOG_INTERVAL seconds, see swr.progress)."""
+        if bar is not None:
+            bar.set_postfix_str("; ".join(t for t in (now, last) if t), refresh=refresh)
 
     def finished(row: dict) -> None:
+        nonlocal last
         new_bad = [p for p in row.pop("skipped_files", []) if p not in bad_files.get(row["task"], [])]
         if new_bad:
             bad_files.setdefault(row["task"], []).extend(new_bad)
@@ -312,8 +318,9 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
         rows.append(row)
         write_rows(results_csv, rows)
         if bar is not None:
+            last = f"last {row['method']}@{row['budget']}={float(row['test_acc']):.3f}"
+            show("", refresh=False)  # shown by the update
             bar.update(1)
-            bar.set_postfix(last=f"{row['method']}@{row['budget']}={float(row['test_acc']):.3f}")
 
     if workers > 1 and len(todo) > 1:
         import ray
@@ -329,6 +336,12 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
         threads = worker_threads(workers)
         pending = {}
         queue = list(todo)
+
+        def show_running() -> None:  # a worker's epochs stay in it: the runs' names
+            names = [run_label(c) for c in pending.values()]
+            show(f"running {', '.join(names[:2])}"
+                 + (f" and {len(names) - 2} more" if len(names) > 2 else ""))
+
         try:
             while queue or pending:
                 while queue and len(pending) < workers:
@@ -336,6 +349,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
                     a = list(job_args(cell))
                     a[7] = threads
                     pending[remote.remote(*a)] = cell
+                show_running()
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     pending.pop(ref)
@@ -344,8 +358,16 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
             _abandon(pending)  # the error's line stays the only one printed
             raise
     else:
+        from ..progress import status_reported_to
+
         for cell in todo:
-            finished(run_job(*job_args(cell)))
+            label, method = run_label(cell), cell[1]
+            show(label)
+            # the run's own epochs (and SWR's search), as its training loops report them
+            with status_reported_to(
+                    lambda text: show(f"{label}: {text.removeprefix(method + ' ')}")):
+                result = run_job(*job_args(cell))
+            finished(result)
     if bar is not None:
         bar.close()
     rows.sort(key=lambda r: (r["task"], r["method"], budget_order(r["budget"]), int(r["seed"])))
@@ -369,6 +391,15 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
 
 
 
+def run_label(cell: tuple) -> str:
+    """A bench cell as the progress bar names it: ``kws-synth:fr swr 5% s0`` (a long task
+    spec, e.g. a path, keeps its end)."""
+    task, method, budget, seed = cell
+    if len(task) > 40:
+        task = "..." + task[-37:]
+    return f"{task} {method} {budget} s{seed}"
+
+
 def _abandon(refs) -> None:
     """Cancel the Ray runs still pending when a bench stops, and collect their outcome,
     so that Ray does not print an "Unhandled error" traceback for each at exit."""
@@ -386,7 +417,8 @@ def finetune_method(method: str, task_spec: str, base, out: str | Path,
                     budget: Optional[str] = None, epochs: int = 20, lr: Optional[float] = None,
                     batch_size: int = 64, seed: int = 0, device: str = "auto",
                     progress: bool = True, on_bad_file: str = "fail",
-                    knobs: Optional[dict] = None, overwrite: bool = False) -> dict:
+                    knobs: Optional[dict] = None, overwrite: bool = False,
+                    data_override=None) -> dict:
     """Train any foldable method on ``task_spec`` from ``base`` and keep the result
     (``swr finetune --method``).
 
@@ -397,7 +429,9 @@ def finetune_method(method: str, task_spec: str, base, out: str | Path,
     base, lr and epochs) into ``out``, staged so that ``out`` is all new or all old;
     returns the metrics. ``base`` is a :class:`swr.source.BaseSpec`. ``lr`` defaults to
     the bench's default for the method and backbone family; ``budget`` is needed by the
-    methods that size themselves to one (``lora``, ``swr``, ...).
+    methods that size themselves to one (``lora``, ``swr``, ...). ``data_override``
+    (a :class:`swr.tasks.base.DataOverride`) replaces the base's image size and
+    normalisation, and is recorded.
     """
     from ..finetune import OUTPUTS
     from ..io import check_output, check_run_folder, run_folder
@@ -419,7 +453,7 @@ def finetune_method(method: str, task_spec: str, base, out: str | Path,
         raise SwrError(f"method {method!r} sizes itself to a budget: give --budget "
                        "(e.g. 5% or 20000)")
     base_model, desc = load_base(base)
-    task = load_task(task_spec, desc, on_bad_file=on_bad_file)
+    task = load_task(task_spec, desc, on_bad_file=on_bad_file, override=data_override)
     budget_params = (Budget.parse(budget).resolve(backbone_params(base_model))
                      if recipe.respects_budget else None)
     cfg = BenchConfig(tasks=[task_spec], checkpoint=base.checkpoint or "", methods=[method],
@@ -436,6 +470,7 @@ def finetune_method(method: str, task_spec: str, base, out: str | Path,
         metrics = {**row, "task": task_spec, "backbone": desc["backbone"], "base": desc["base"],
                    "weights_sha256": desc["weights_sha256"], "lr": lr, "epochs": epochs,
                    "seed": seed, "classes": list(task.class_names),
-                   "skipped_files": list(task.info.get("skipped", []))}
+                   "skipped_files": list(task.info.get("skipped", [])),
+                   "data_override": data_override.as_dict() if data_override else None}
         write_json(stage / "metrics.json", metrics)
     return metrics

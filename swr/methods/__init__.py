@@ -10,30 +10,27 @@ tuning); other packages add theirs with ``register_method``.
 
 To add a method: a dataclass subclass of :class:`Method` in its own module here (its
 fields are its knobs; ``lr_family`` and ``tunables`` say how the bench picks its
-learning rate and what ``--tune`` tries), registered in the loop below.
+learning rate and what ``--tune`` tries), decorated with ``@register_method``, and the
+module imported below. SWR under each other searcher (``swr-knapsack``, ...) is
+registered with the searcher (``swr.policies.register_searcher``).
 """
 
-from .adapter import Adapter, SequentialAdapter
 from .base import METHODS, Method, get_method, register_method
-from .bitfit import BitFit
-from .full import FullFineTune
+# each module registers its methods where they are defined; imported in the order
+# users see the methods listed (swr bench --help)
 from .linear import LinearProbe
-from .lora import LoRA
+from .full import FullFineTune
+from .bitfit import BitFit
 from .norm import NormTuning
-from .runner import run_method
 from .ssf import SSF
-from .swr import SWR, swr_variant
+from .lora import LoRA
+from .adapter import Adapter, SequentialAdapter
 from .taps import TAPS
 from .two_stage import TwoStage
 from .vpt import VPTDeep, VPTShallow
 from .wise import WiSEFT
-
-# One place lists the built-in methods, by the names users type.
-for _cls in (LinearProbe, FullFineTune, BitFit, NormTuning, SSF, LoRA, Adapter,
-             SequentialAdapter, TAPS, TwoStage, VPTShallow, VPTDeep, WiSEFT, SWR):
-    register_method(_cls.name, _cls)
-del _cls
-register_method("swr-deltas", swr_variant("swr-deltas", norms="none"))
+from .swr import SWR, swr_variant
+from .runner import run_method
 
 __all__ = ["METHODS", "Adapter", "BitFit", "FullFineTune", "LinearProbe", "LoRA", "Method",
            "NormTuning", "SSF", "SWR", "SequentialAdapter", "TAPS", "TwoStage", "VPTDeep",

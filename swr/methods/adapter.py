@@ -30,7 +30,7 @@ from ..errors import SwrError
 from ..layers import is_candidate
 from ..reparam import head_names, head_parameters, replace_module
 from ..train import batches
-from .base import Method, fit_size, head_state, new_head, numel, train_only
+from .base import Method, fit_size, head_state, new_head, numel, register_method, train_only
 
 
 class Bottleneck(nn.Module):
@@ -155,6 +155,7 @@ def _adapters(model: nn.Module) -> dict[str, AdaptedBlock]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedBlock)}
 
 
+@register_method
 @dataclass
 class Adapter(Method):
     """A bottleneck adapter of ``width`` channels on every repeated block.
@@ -209,6 +210,7 @@ class Adapter(Method):
         return {**out, **head_state(model)}
 
 
+@register_method
 @dataclass
 class SequentialAdapter(Adapter):
     """The sequential form: ``y = block(x) + A(block(x))`` (see :class:`Adapter`)."""

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import BudgetError, SwrError
 from ..reparam import head_parameters, head_prefix, norm_modules
+from ..tasks.backbones import find_family
 from ..train import TrainConfig, TrainResult, freeze_batchnorm, train  # noqa: F401
 
 
@@ -168,7 +169,8 @@ class Method(ABC):
         return None
 
 
-#: Learning rates used when not tuned (``--tune``), by backbone family and the method's
+#: Learning rates used when not tuned (``--tune``), by the backbone's learning-rate row
+#: (the ``lr_family`` its family registers, :mod:`swr.tasks.registry`) and the method's
 #: learning-rate family (:attr:`swr.methods.Method.lr_family`; ``default``: every other
 #: method). timm backbones pre-trained on large data take small steps, a head- or
 #: norm-only problem a larger one than a whole backbone. BC-ResNet (small, a BatchNorm
@@ -184,7 +186,9 @@ DEFAULT_LR = {
 def default_lr(family: str, backbone: str = "") -> float:
     """The learning rate of a method's learning-rate ``family`` on ``backbone`` when none
     is given (:data:`DEFAULT_LR`)."""
-    table = DEFAULT_LR["bcresnet" if backbone.startswith("bcresnet") else "timm"]
+    known = find_family(backbone)
+    # no backbone named (or none swr knows): the row of pre-trained image models
+    table = DEFAULT_LR[known.lr_family if known is not None else "timm"]
     return table.get(family, table["default"])
 
 
@@ -195,11 +199,22 @@ MethodFactory = Callable[..., Method]
 METHODS: dict[str, MethodFactory] = {}
 
 
-def register_method(name: str, factory: MethodFactory) -> None:
-    """Make ``factory(**knobs)`` available as method ``name`` (a later call replaces it)."""
-    if not name or name != name.strip():
+def register_method(name: str | type[Method], factory: Optional[MethodFactory] = None):
+    """Make ``factory(**knobs)`` available as method ``name`` (a later call replaces it);
+    returns ``factory``.
+
+    As a class decorator (``@register_method`` above a :class:`Method` subclass, as timm's
+    ``@register_model``), it registers the class under its own ``name`` where it is
+    defined.
+    """
+    if factory is None and isinstance(name, type):
+        factory, name = name, name.name
+    if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"method name {name!r} must be non-empty without surrounding spaces")
+    if factory is None:
+        raise ValueError(f"method {name!r}: give the factory to register")
     METHODS[name] = factory
+    return factory
 
 
 def get_method(name: str, **knobs) -> Method:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..reparam import head_names, head_parameters
-from .base import Method, frozen_copy, head_state, new_head, numel, train_only
+from .base import Method, frozen_copy, head_state, new_head, numel, register_method, train_only
 
 
 def bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -30,6 +30,7 @@ def bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+@register_method
 @dataclass
 class BitFit(Method):
     """Biases only (those that exist); BatchNorm statistics stay the base ones.

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..budget import backbone_params
-from .base import Method, frozen_copy, new_head, train_only
+from .base import Method, frozen_copy, new_head, register_method, train_only
 
 
+@register_method
 @dataclass
 class FullFineTune(Method):
     """All parameters train and BatchNorm statistics update.

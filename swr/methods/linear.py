@@ -11,9 +11,10 @@ from torch import nn
 
 from ..reparam import head_parameters
 from ..train import TrainConfig, TrainResult, fit_head
-from .base import Method, frozen_copy, head_state, new_head, train_only
+from .base import Method, frozen_copy, head_state, new_head, register_method, train_only
 
 
+@register_method
 @dataclass
 class LinearProbe(Method):
     """Head only. The backbone, BatchNorm statistics included, stays the base model.

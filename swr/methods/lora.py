@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import SwrError
 from ..reparam import candidates, head_parameters
-from .base import Method, fit_size, head_state, new_head, numel
+from .base import Method, fit_size, head_state, new_head, numel, register_method
 
 # The kinds peft can merge; grouped/depthwise convs ("dwconv2d", "gconv2d", ...) are not.
 _MERGEABLE_KINDS = ("linear", "conv1d", "conv2d")
@@ -57,6 +57,7 @@ def _lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+@register_method
 @dataclass
 class LoRA(Method):
     """Low-rank weight updates on the mergeable candidate layers, one rank for all.

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from ..reparam import head_parameters, norm_parameters
-from .base import Method, frozen_copy, head_state, new_head, norm_state, numel, train_only
+from .base import (Method, frozen_copy, head_state, new_head, norm_state, numel, register_method,
+                   train_only)
 
 
+@register_method
 @dataclass
 class NormTuning(Method):
     """BatchNorm / LayerNorm / GroupNorm (SubSpectralNorm's inner BatchNorm) affines.

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import BudgetError
 from ..reparam import candidates, head_parameters, replace_module
-from .base import Method, head_state, new_head, numel, train_only
+from .base import Method, head_state, new_head, numel, register_method, train_only
 
 
 class SSFLayer(nn.Module):
@@ -69,6 +69,7 @@ def ssf_layers(model: nn.Module) -> dict[str, SSFLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SSFLayer)}
 
 
+@register_method
 @dataclass
 class SSF(Method):
     """Per-channel scale (+ shift where a bias exists) after every candidate layer.

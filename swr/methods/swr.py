@@ -50,12 +50,13 @@ from ..reparam import (norm_parameters, reparam_layers, restore_norms, set_selec
 from ..selection import Searcher, search_selection
 from ..supernet import SupernetConfig, new_supernet
 from ..train import TrainConfig, TrainResult, fit_head, train
-from .base import Method, new_head
+from .base import Method, new_head, register_method
 
 #: where stage 3 starts (:attr:`SWR.init`)
 INITS = ("probe", "supernet")
 
 
+@register_method
 @dataclass
 class SWR(Method):
     """Scalable Weight Reparametrization with a searched layer selection."""
@@ -256,3 +257,7 @@ def swr_variant(name: str, selector: Optional[str] = None, **fixed) -> type:
 
     cls.__init__ = __init__
     return cls
+
+
+# SWR training its deltas only (no task norms): the deltas' own gain over norm tuning
+register_method("swr-deltas", swr_variant("swr-deltas", norms="none"))

@@ -33,7 +33,7 @@ from ..layers import ReparamLayer
 from ..reparam import (candidates, delta_parameters, head_parameters, norm_parameters,
                        reparam_layers, replace_module)
 from ..train import TrainConfig, TrainResult, train
-from .base import Method, head_state, new_head, norm_state, numel, train_only
+from .base import Method, head_state, new_head, norm_state, numel, register_method, train_only
 
 
 class ScoredReparamLayer(ReparamLayer):
@@ -80,6 +80,7 @@ def scored_layers(model: nn.Module) -> dict[str, ScoredReparamLayer]:
     return {n: m for n, m in reparam_layers(model).items() if isinstance(m, ScoredReparamLayer)}
 
 
+@register_method
 @dataclass
 class TAPS(Method):
     """Learned per-layer gates with a cost-weighted sparsity penalty, then a budget cut.

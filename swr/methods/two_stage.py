@@ -30,7 +30,7 @@ from ..fold import fold
 from ..layers import ReparamLayer
 from ..reparam import candidates, head_parameters, norm_parameters, replace_module
 from ..train import TrainConfig, TrainResult, batches, resolve_device, train
-from .base import Method, head_state, new_head, norm_state, numel, train_only
+from .base import Method, head_state, new_head, norm_state, numel, register_method, train_only
 
 
 class ChannelReparamLayer(ReparamLayer):
@@ -108,6 +108,7 @@ def taylor_channel_importance(model: nn.Module, task, n_batches: int, batch_size
     return importance
 
 
+@register_method
 @dataclass
 class TwoStage(Method):
     """Norm tuning, then Taylor-selected channel deltas within the budget.

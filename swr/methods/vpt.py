@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..reparam import head_parameters
-from .base import Method, fit_size, head_state, new_head, train_only
+from .base import Method, fit_size, head_state, new_head, register_method, train_only
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -72,6 +72,7 @@ class PromptedViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+@register_method
 @dataclass
 class VPTShallow(Method):
     """Prompts at the input of a timm ViT; ``length`` defaults to the longest that fits.
@@ -113,6 +114,7 @@ class VPTShallow(Method):
         return {"prompts": model.prompts, **head_state(model)}
 
 
+@register_method
 @dataclass
 class VPTDeep(VPTShallow):
     """Prompts before every block of a timm ViT (see :class:`VPTShallow`)."""

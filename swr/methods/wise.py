@@ -21,10 +21,11 @@ from ..errors import SwrError
 from ..reparam import head_parameters
 from ..robustness import interpolate
 from ..train import TrainConfig, TrainResult, evaluate, train
-from .base import freeze_batchnorm, frozen_copy, train_only
+from .base import freeze_batchnorm, frozen_copy, register_method, train_only
 from .full import FullFineTune
 
 
+@register_method
 @dataclass
 class WiSEFT(FullFineTune):
     """Linear probe, then full fine-tune from it, then the best interpolation on validation.
