@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import fmt_ci, folder_slug, md_table  # noqa: E402
+from _common import folder_slug, md_table, mean_ci95  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,6 +99,17 @@ def paired(cells: list[dict], first: str, other: str, key: str, scale: float) ->
             for s, p in sorted(by) if p == first and (s, other) in by]
 
 
+def fmt_diff(xs: list[float]) -> str:
+    """A mean difference and its 95% t interval to 4 decimals (scores differ by
+    thousandths of a nat), ``*`` when the interval excludes zero."""
+    if not xs:
+        return "-"
+    m, lo, hi = mean_ci95(xs)
+    if len(xs) < 2:
+        return f"{m:+.4f} (n=1)"
+    return f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" + (" *" if lo > 0 or hi < 0 else "")
+
+
 def render(cells: list[dict], args) -> str:
     first = args.policy_list[0]
     metrics = [("val_score", "val score", 1.0)]
@@ -117,7 +128,7 @@ def render(cells: list[dict], args) -> str:
         for key, _, scale in metrics:
             xs = [scale * c[key] for c in sub]
             row += [f"{statistics.mean(xs):.4f} ({', '.join(f'{x:.4f}' for x in xs)})",
-                    "-" if p == first else fmt_ci(paired(cells, first, p, key, scale))]
+                    "-" if p == first else fmt_diff(paired(cells, first, p, key, scale))]
         row += [", ".join(f"{100 * c['saved_bytes'] / c['full_finetune_saved_bytes']:.1f}"
                           for c in sub),
                 ", ".join(str(len(c["layers"])) for c in sub),
