@@ -66,14 +66,14 @@ def export_digits(root: Path, size: int = 32, train_fraction: float = 0.7) -> di
 def swr_cli(args: list[str], env: dict) -> float:
     """Run ``swr ARGS`` in a fresh process (its output shown); returns its wall seconds."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "swr.cli", *args], check=True, env=env, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "swr.app.cli", *args], check=True, env=env, cwd=ROOT)
     return time.perf_counter() - start
 
 
 def epoch_seconds(spec: str, checkpoint: str, image_size: int | None, threads: int) -> dict:
     """One epoch of full fine-tuning on ``spec`` (at the base's size, or ``image_size``):
     the seconds it took (training and its validation pass) and the test accuracy."""
-    from swr.bench.config import BenchConfig, method_lr
+    from swr.app.bench.config import BenchConfig, method_lr
     from swr.methods import run_method
     from swr.source import DataOverride, base_spec, load_base, load_task
     from swr.train import TrainConfig

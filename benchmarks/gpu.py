@@ -10,7 +10,7 @@ supernet on the embedded kws task (or a synthetic stand-in of ``--n-train`` /
 * scoring: ``SupernetEvaluator`` scorings per second and clips per second (BN
   recalibration + validation), plain path and prefix cache, against the floor (a
   forward pass of the base architecture over the same validation batches),
-* the whole search (``swr.search.search``, policy gradient, in-process and, with
+* the whole search (``swr.app.search.search``, policy gradient, in-process and, with
   ``--workers 2``, two Ray workers sharing the GPU).
 
     python benchmarks/gpu.py [--quick] [--device auto|cuda|cuda:N] [--n-train 4096 --n-val 1024]
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"  # --device cpu: the same measurements, printed only
     from swr.envs.evaluator import SupernetEvaluator
-    from swr.search import SearchConfig, search
+    from swr.app.search import SearchConfig, search
     from swr.supernet import SupernetConfig, build_supernet, train_supernet
 
     info = machine()
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
             r, _ = search(copy.deepcopy(base), task, cfg, backbone=BACKBONE)
             total = time.perf_counter() - t0
             if workers:
-                from swr.parallel import shutdown_ray
+                from swr.policies.ray_setup import shutdown_ray
 
                 shutdown_ray()
             search_rows.append([workers or "0 (in-process)", r["evaluations"],

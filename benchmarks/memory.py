@@ -8,7 +8,7 @@ that sum is reported per part (driver, Ray workers, Ray's own services), togethe
 the sum of USS (memory unique to each process; RSS counts shared library pages once
 per process).
 
-* Peak: ``swr.search.search`` (policy gradient) with N = 0 (in-process), 1 and 2
+* Peak: ``swr.app.search.search`` (policy gradient) with N = 0 (in-process), 1 and 2
   Ray workers. The supernet is trained by the first run and served from its cache
   to the others, so those peaks are the search phase's.
 * Growth: RSS read after every scoring call of a long search with 2 workers, with
@@ -122,9 +122,9 @@ class MeasuredPool:
 
 def run_search(base, task, workers: int, evaluations: int, out: str, trace: list | None = None,
                policy: str = "pg", prefix_cache_mb: float | None = None):
-    from swr.parallel import shutdown_ray
+    from swr.policies.ray_setup import shutdown_ray
     from swr.policies import search as search_mod
-    from swr.search import SearchConfig, search
+    from swr.app.search import SearchConfig, search
     from swr.supernet import SupernetConfig
 
     cfg = SearchConfig(task=task.id, checkpoint="", budget=BUDGET, out=out,

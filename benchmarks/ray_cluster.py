@@ -1,6 +1,6 @@
 """The search on a 2-node local Ray cluster against one node.
 
-One ``swr.search.search`` (pg, same seed, same evaluations, same cached supernet) run
+One ``swr.app.search.search`` (pg, same seed, same evaluations, same cached supernet) run
 
 * in this process (``workers=0``; this run also trains the supernet, which the
   others then load from the cache, so every timed search starts from the same one),
@@ -85,7 +85,7 @@ class LocalCluster:
 
     def start(self) -> float:
         """Start the head and the other nodes; seconds it took."""
-        from swr.parallel import _probe
+        from swr.policies.ray_setup import _probe
 
         t = time.perf_counter()
         # every node and the driver on the loopback address: Ray wants a driver's address
@@ -182,7 +182,7 @@ def run_search(base, task, tmp: str, name: str, evaluations: int, epochs: int, s
     the CPU seconds it used and other processes used meanwhile (:class:`CpuMeter`)."""
     import ray
 
-    from swr.search import SearchConfig, search
+    from swr.app.search import SearchConfig, search
     from swr.supernet import SupernetConfig
 
     cfg = SearchConfig(task=task.id, checkpoint="", budget=BUDGET, out=os.path.join(tmp, name),

@@ -233,7 +233,7 @@ def main(argv=None) -> None:
     import ray
     from ray import cloudpickle
 
-    from swr.parallel import init_ray, local_cpus, shutdown_ray, worker_threads
+    from swr.policies.ray_setup import init_ray, local_cpus, shutdown_ray, worker_threads
     from swr.policies.pool import LocalPool, RayPool, SupernetEvaluatorFactory
     from swr.reparam import reparam_layers
 

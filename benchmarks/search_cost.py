@@ -14,8 +14,8 @@ Arms (E from ``--epochs``):
   training clips per scoring: the evaluator's default before validation-batch
   statistics; a deltas-only search scores with the supernet's statistics whatever
   it asks, and the table's BN column says what scored),
-* ``default``: the pipeline with swr's defaults scaled to E (``swr.search`` and
-  ``swr.finetune``'s defaults are S = 10, F = 20 for E = 20),
+* ``default``: the pipeline with swr's defaults scaled to E (``swr.app.search`` and
+  ``swr.app.finetune``'s defaults are S = 10, F = 20 for E = 20),
 * ``E total``: S + F = E (the supernet's epochs count towards the final training,
   which starts from its deltas), the default evaluator.
 
@@ -40,7 +40,7 @@ from _common import command, machine, md_table, print_table, task_line, write_se
 
 def arms(epochs: int) -> list[tuple[str, int, int, str]]:
     """(name, supernet epochs S, final epochs F, BatchNorm statistics) of every arm."""
-    from swr.search import SearchConfig
+    from swr.app.search import SearchConfig
 
     bn = SearchConfig.bn_stats  # the default evaluator
     s_default = max(1, round(epochs * 10 / 20))  # swr search 10 : swr finetune 20
@@ -76,9 +76,9 @@ def fresh_supernet_cache(tmp: Path):
 def run_arm(spec: str, checkpoint: str, name: str, s_epochs: int, f_epochs: int, bn: str,
             evaluations: int, budget: str, policy: str, seed: int, tmp: Path) -> dict:
     """One SWR pipeline, search then final training, timed stage by stage."""
-    from swr.finetune import finetune
-    from swr.parallel import shutdown_ray
-    from swr.search import SearchConfig, run_search
+    from swr.app.finetune import finetune
+    from swr.policies.ray_setup import shutdown_ray
+    from swr.app.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
     slug = name.replace(" ", "-")

@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_seed(args, seed: int) -> dict:
     """The list search, one search per budget and the final training of every selection."""
-    from swr.finetune import finetune
-    from swr.search import SearchConfig, run_search
+    from swr.app.finetune import finetune
+    from swr.app.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
     folder = Path(args.out) / f"seed{seed}"

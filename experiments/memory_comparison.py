@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_cell(args, seed: int, policy: str) -> dict:
     """One search (and, with ``--epochs``, its final training): a row of cells.jsonl."""
-    from swr.search import SearchConfig, run_search
+    from swr.app.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
     folder = (Path(args.out) / folder_slug(args.task) / f"b{args.budget.rstrip('%')}"
@@ -84,7 +84,7 @@ def run_cell(args, seed: int, policy: str) -> dict:
            "search_s": sel["seconds"]["search"], "supernet_s": sel["seconds"]["supernet"],
            "wall_s": time.perf_counter() - t0}
     if args.epochs > 0:
-        from swr.finetune import finetune
+        from swr.app.finetune import finetune
 
         m = finetune(folder / policy / "selection.json", folder / f"{policy}-final",
                      epochs=args.epochs, seed=seed, device="cpu", progress=False)

@@ -16,7 +16,7 @@ import json
 import statistics
 
 import swr.policies  # noqa: F401  (registers the searchers)
-from swr.bench import BenchConfig, configure_method, method_lr
+from swr.app.bench import BenchConfig, configure_method, method_lr
 from swr.budget import Budget, backbone_params
 from swr.methods import run_method
 from swr.source import BaseSpec, load_base, load_task

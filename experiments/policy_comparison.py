@@ -130,8 +130,8 @@ def feasible_space(ckpt: str, delta_budget: int) -> int:
 def run_cell(args, task: str, ckpt: str, base: str, budget: str, seed: int,
              policy: str) -> dict:
     """One search and its final training; the row that goes into cells.jsonl."""
-    from swr.finetune import finetune
-    from swr.search import SearchConfig, run_search
+    from swr.app.finetune import finetune
+    from swr.app.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
     folder = cell_folder(args, base, task, budget, seed)

@@ -213,7 +213,7 @@ def run(args) -> dict:
 
     from swr.budget import resolve_budget
     from swr.envs.evaluator import SupernetEvaluator, TrainedEvaluator
-    from swr.finetune import finetune
+    from swr.app.finetune import finetune
     from swr.io import write_csv, write_json
     from swr.reparam import candidates
     from swr.selection import norm_split

@@ -114,7 +114,7 @@ def register_exhaustive() -> None:
 
 
 def score_all(args) -> None:
-    from swr.search import SearchConfig, run_search
+    from swr.app.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
     if (args.folder / "selection.json").is_file():
@@ -188,7 +188,7 @@ def work_order(table: dict[tuple[str, ...], float], top: int, sample: int
 def train_all(args, part: int, parts: int) -> None:
     """Final-train this part's share of :func:`work_order`, appending each result as it
     finishes (an interrupted run continues where it stopped)."""
-    from swr.finetune import finetune
+    from swr.app.finetune import finetune
 
     done = finals(args.folder)
     table = scores(args.folder, args.bn_stats)

@@ -136,7 +136,7 @@ class RayPool:
                  gpus_per_worker: float = 0.0, omp_wait_policy: str | None = "PASSIVE"):
         import ray
 
-        from swr.parallel import init_ray
+        from .ray_setup import init_ray
 
         init_ray()
         self._ray = ray
@@ -174,7 +174,7 @@ class RayPool:
         ray = self._ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        from swr.parallel import cluster_alive
+        from .ray_setup import cluster_alive
 
         results: list[float | None] = [None] * len(selections)
         queue = list(range(len(selections)))
@@ -207,7 +207,7 @@ class RayPool:
         return [float(r) for r in results]
 
     def _lost(self) -> None:
-        from swr.parallel import cluster_address, lost_reason
+        from .ray_setup import cluster_address, lost_reason
 
         self.lost = True
         raise ClusterLostError(f"lost the Ray cluster at {cluster_address() or '(unknown)'}: "

@@ -1,7 +1,8 @@
 """Policy search with sb3-contrib's MaskablePPO over the layer-selection environment.
 
-Rollouts run in Ray actors (:class:`RayVecEnv`) or in-process (:data:`SyncVecEnv`);
-every finished episode is one selection scored by the environment's evaluator. The
+Rollouts run in the environments it is handed (the search hands it
+:class:`~swr.policies.ppo_search.PooledVecEnv`, which scores through the search's pool,
+in-process or on Ray) or in-process ones built from factories; every finished episode is one selection scored by the environment's evaluator. The
 search keeps the best selection seen: the policy is a means to find a selection and
 is discarded afterwards.
 
@@ -20,14 +21,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from swr.progress import progress_bar
-
-from swr.parallel import limit_threads
-from .ray_vecenv import RayVecEnv, SyncVecEnv
 
 
 @dataclass
@@ -117,7 +114,7 @@ class _EpisodeCallback(BaseCallback):
 
 def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, seed: int = 0,
               n_steps: int = 64, batch_size: int = 64, learning_rate: float = 3e-4,
-              use_ray: bool = True, progress: bool = True,
+              progress: bool = True,
               log: Callable[[dict], None] | None = None, n_epochs: int = 4,
               gamma: float = 1.0, ent_coef: float = 0.01, net_arch: Sequence[int] = (64, 64),
               final_rollout: bool = False, stop: Callable[[int], bool] | None = None,
@@ -126,11 +123,10 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
     """Train MaskablePPO on the environments and return it with the best selection seen.
 
     Args:
-        env_fns: one factory per parallel environment (picklable when ``use_ray``;
-            see :class:`RayVecEnv` for sharing large objects).
+        env_fns: one factory per parallel environment (run in this process unless
+            ``vec_env`` is given).
         total_timesteps: environment steps (layer decisions) over all environments.
         n_steps: steps per environment per policy update.
-        use_ray: run the environments in Ray actors; otherwise in this process.
         progress: show a progress bar.
         log: called with a record (selection, score, cost, counts) per finished episode.
         gamma: 1 by default: the reward comes only at the end of a fixed-length
@@ -155,14 +151,8 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
         raise ValueError("need at least one environment factory")
     start = time.perf_counter()
     if vec_env is None:
-        vec_env = RayVecEnv(list(env_fns)) if use_ray else SyncVecEnv(list(env_fns))
+        vec_env = DummyVecEnv(list(env_fns))
     tally = _Tally(log)
-    caller_threads = torch.get_num_threads()
-    if use_ray:
-        # The policy is a small MLP on small batches: extra intra-op threads only
-        # contend with the env actors for the cores (2x slower measured on 2 cores).
-        # In-process environments keep the caller's threads for their evaluator.
-        limit_threads(1)
     try:
         model = MaskablePPO("MlpPolicy", vec_env, n_steps=n_steps, batch_size=batch_size,
                             n_epochs=n_epochs, learning_rate=learning_rate, gamma=gamma,
@@ -188,7 +178,6 @@ def train_ppo(env_fns: Sequence[Callable[[], gym.Env]], total_timesteps: int, se
                     tally, total_timesteps, progress, lambda: stop(0)))
     finally:
         vec_env.close()
-        torch.set_num_threads(caller_threads)
     return model, tally.result(model.num_timesteps, time.perf_counter() - start)
 
 
@@ -210,7 +199,7 @@ def _deterministic_rollout(model: MaskablePPO, vec_env: VecEnv, tally: _Tally) -
     obs, _ = vec_env.env_method("reset", indices=0)[0]
     done = False
     while not done:
-        # A copy: arrays coming back from Ray are read-only, and torch warns on those.
+        # A copy: arrays coming back from another process are read-only (torch warns).
         masks = np.array(vec_env.env_method("action_masks", indices=0)[0])
         action, _ = model.predict(obs, deterministic=True, action_masks=masks)
         obs, _, terminated, truncated, info = vec_env.env_method("step", int(action), indices=0)[0]

@@ -77,7 +77,7 @@ def run_ppo(settings, features: np.ndarray, costs: Sequence[int], budget: int,
     vec_env = PooledVecEnv([make_env] * n_envs, run)
     model, _ = ppo_select([make_env] * n_envs, episodes * len(names), seed=settings.seed,
                           n_steps=n_steps, batch_size=min(64, n_steps * n_envs),
-                          use_ray=False, progress=False, stop=stop, vec_env=vec_env,
+                          progress=False, stop=stop, vec_env=vec_env,
                           log_dir=str(out))
     path = Path(out) / "policy_ppo.zip"
     model.save(str(path))

@@ -185,7 +185,7 @@ def make_pool(cfg: SearchSettings, factory, names):
     device = factory.device
     if cfg.workers <= 0:
         return LocalPool(factory())
-    from swr.parallel import available_cpus, init_ray, worker_threads
+    from .ray_setup import available_cpus, init_ray, worker_threads
 
     init_ray(cfg.ray_address)
     gpus = 1.0 / cfg.workers if device.startswith("cuda") else 0.0
@@ -201,7 +201,7 @@ def _cluster_lost(error: Exception, cfg: SearchSettings) -> bool:
         return True
     if cfg.workers <= 0 or not type(error).__module__.startswith("ray"):
         return False
-    from swr.parallel import cluster_alive
+    from .ray_setup import cluster_alive
 
     return not cluster_alive()
 

@@ -13,9 +13,11 @@ The core, in the order a user meets it::
     task_model = swr.fold(model)                # plain base architecture
     swr.export_task_delta(model, "task.safetensors", backbone="bcresnet-2")
 
-Choosing the layers by a named searcher, as ``swr search`` does::
+Choosing the layers by a named searcher, as ``swr search`` does (the application
+floor, ``swr.app``, which brings the searchers and Ray)::
 
-    result = swr.select(model, task, "5%", policy="knapsack")   # stages 1 and 2
+    from swr.app import select
+    result = select(model, task, "5%", policy="knapsack")      # stages 1 and 2
     swr.set_selection(supernet_or_model, result["layers"])
 
 The whole method: ``swr.methods.run_method("swr", ...)`` with a searcher from
@@ -43,15 +45,6 @@ __all__ = [
     "fold_batchnorm", "fold_check", "get_selection", "merge", "norm_parameters",
     "read_task_delta", "reparam_layers", "reparametrize", "resolve_budget", "same_architecture",
     "sample_gates", "save_checkpoint", "selection_cost", "set_selection", "set_trainable",
-    "unmerge", "unwrap", "select",
+    "unmerge", "unwrap",
 ]
 
-
-def __getattr__(name: str):
-    # ``swr.select`` needs the searchers (swr.policies, Ray); they load on first use only,
-    # so that ``import swr`` stays light and the core never imports the search layer
-    if name == "select":
-        from .api import select
-
-        return select
-    raise AttributeError(f"module 'swr' has no attribute {name!r}")

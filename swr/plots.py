@@ -70,7 +70,7 @@ def pareto_figure(summary: Sequence[dict], title: str = "",
     """Test accuracy against updated backbone parameters (log), one panel per task.
 
     ``summary``: rows with ``task, method, budget, n, test_acc, test_std,
-    updated_params`` (what :func:`swr.bench.summarize` returns). ``best``: per budget,
+    updated_params`` (what :func:`swr.app.bench.summarize` returns). ``best``: per budget,
     ``(trained parameters, method)`` of the best method at or below it (over all
     tasks), drawn as a dotted line and named in the caption.
     """

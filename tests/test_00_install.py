@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from swr import native
-import swr.cli as cli
-from swr.cli import main
+import swr.app.cli as cli
+from swr.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_broken_torchaudio_in_a_real_process(tmp_path):
         "raise OSError('Could not load this library: libtorchaudio.so: "
         "undefined symbol: torch_exception_get_what_without_backtrace')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "swr.cli", "check"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "swr.app.cli", "check"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-import swr.bench  # noqa: F401  (loads the searchers, each registering SWR with it: swr-<searcher>)
+import swr.app.bench  # noqa: F401  (loads the searchers, each registering SWR with it: swr-<searcher>)
 import swr.tasks
-from swr import demo as demo_mod
-from swr.bench import COLUMNS, BenchConfig, run_bench
-from swr.cli import main
+from swr.app import demo as demo_mod
+from swr.app.bench import COLUMNS, BenchConfig, run_bench
+from swr.app.cli import main
 from swr.errors import SwrError
 
 from fixtures import tiny_audio_task, tiny_checkpoint
@@ -119,7 +119,7 @@ def test_bench_tune_picks_lr_and_knob_on_validation_then_runs_seeds(tmp_path):
     """--tune: Ray Tune trials choose each method's lr (and LoRA's rank); the final runs use them."""
     import ray
 
-    from swr.parallel import shutdown_ray
+    from swr.policies.ray_setup import shutdown_ray
     from swr.methods import METHODS
 
     data = _imagefolder(tmp_path / "img")
@@ -155,7 +155,7 @@ def test_bench_tune_picks_lr_and_knob_on_validation_then_runs_seeds(tmp_path):
 
 
 def test_default_learning_rates_follow_the_backbone_family_and_yield_to_the_user(tiny, tmp_path):
-    from swr.bench import method_lr
+    from swr.app.bench import method_lr
 
     cfg = bench_cfg(tiny, tmp_path)
     assert method_lr("full", cfg, "timm:resnet18") == 1e-3

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.errors import SwrError
 from swr.io import atomic_path, cache_dir, write_text
 
@@ -193,7 +193,7 @@ def test_ray_address_answered_by_an_http_server_ends_in_seconds(ckpt, tmp_path):
         env = dict(os.environ, SWR_CACHE=str(tmp_path / "cache"))
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "swr.cli", *search_args(ckpt, tmp_path / "o"), "--task",
+            [sys.executable, "-m", "swr.app.cli", *search_args(ckpt, tmp_path / "o"), "--task",
              "kws-synth:de", "--workers", "1", "--ray-address", f"127.0.0.1:{port}"],
             capture_output=True, text=True, env=env, timeout=60)
         seconds = time.perf_counter() - start
@@ -274,12 +274,12 @@ def test_bench_of_a_missing_folder_is_refused_before_any_worker(ckpt, tmp_path, 
 def test_bench_refused_after_its_lock_leaves_out_as_found(ckpt, tmp_path, capsys, monkeypatch):
     """A refusal after ``--out`` was locked, the fingerprint written and ``preds/`` made
     (here: by its first run) takes back what the bench made there."""
-    import swr.bench.run
+    import swr.app.bench.run
 
     def refuse(*a, **k):
         raise SwrError("refused for the test")
 
-    monkeypatch.setattr(swr.bench.run, "run_job", refuse)
+    monkeypatch.setattr(swr.app.bench.run, "run_job", refuse)
     real = swr.tasks.get_task
     monkeypatch.setattr(swr.tasks, "get_task",
                         lambda spec, **kw: TINY if spec == "tiny" else real(spec, **kw))
@@ -327,7 +327,7 @@ def test_no_out_may_be_the_cache(command, ckpt, tmp_path, capsys):
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A task store holding one audio task 'tiny' (norm tuning, one epoch)."""
-    from swr.bench import finetune_method
+    from swr.app.bench import finetune_method
     from swr.source import BaseSpec
 
     monkeypatch.setattr(swr.tasks, "get_task", lambda spec, **kw: TINY)
@@ -386,7 +386,7 @@ def test_missing_libsndfile_is_a_broken_install_everywhere(tmp_path, ckpt):
     for args in (["check"], ["search", "--task", "kws-synth:de", "--checkpoint", str(ckpt),
                              "--budget", "10%", "--out", str(tmp_path / "o"), "--workers", "0",
                              "--device", "cpu"]):
-        proc = subprocess.run([sys.executable, "-m", "swr.cli", *args], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "swr.app.cli", *args], capture_output=True,
                               text=True, env=env, timeout=120)
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(err) == 1, proc.stderr[-2000:]

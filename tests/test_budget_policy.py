@@ -15,7 +15,7 @@ from swr.policies.pool import LocalPool
 from swr.policies.registry import SearchSettings
 from swr.policies.search import EvaluationLog, SearchRun
 from swr.policies.selectors import knapsack_selection
-from swr.search import SearchConfig, run_search
+from swr.app.search import SearchConfig, run_search
 from swr.selection import SearchProblem
 from swr.supernet import SupernetConfig
 
@@ -248,7 +248,7 @@ def test_budget_list_search_writes_a_selection_per_budget(tiny, tmp_path, policy
 
 
 def test_budget_list_same_seed_same_selections_and_finetune_reads_them(tiny, tmp_path):
-    from swr.finetune import finetune
+    from swr.app.finetune import finetune
 
     _, ckpt = tiny
     a = run_search(list_cfg(tmp_path, ckpt, "pg", out="a", evaluations=10, budget="5%,10%"))

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from swr.cli import COMMANDS, main
+from swr.app.cli import COMMANDS, main
 
 
 def test_inspect_json_resnet18(capsys):

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from swr.cli import COMMANDS, EXAMPLES, build_parser, main
+from swr.app.cli import COMMANDS, EXAMPLES, build_parser, main
 
 
 def _subparsers(advanced: bool = True) -> dict[str, argparse.ArgumentParser]:

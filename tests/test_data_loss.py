@@ -27,7 +27,7 @@ SOURCE = "glyphs:source?images=3,2,2"
 
 
 def swr(*args, env=None, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "swr.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "swr.app.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, **kw)
 
 
@@ -117,7 +117,7 @@ def test_damaged_store_index_is_one_line_naming_the_key(store, damage, key):
 
 def test_concurrent_store_adds_keep_every_task(store, base_and_deltas):
     _, deltas = base_and_deltas
-    procs = [subprocess.Popen([sys.executable, "-m", "swr.cli", "store", "add", str(store),
+    procs = [subprocess.Popen([sys.executable, "-m", "swr.app.cli", "store", "add", str(store),
                                "--delta", str(deltas[n]), "--name", n],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for n in ("two", "three")]
@@ -135,7 +135,7 @@ def test_a_store_add_waits_for_the_lock_holder_and_reads_the_index_afresh(store,
     _, deltas = base_and_deltas
     with open(store / ".lock", "a+") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        p = subprocess.Popen([sys.executable, "-m", "swr.cli", "store", "add", str(store),
+        p = subprocess.Popen([sys.executable, "-m", "swr.app.cli", "store", "add", str(store),
                               "--delta", str(deltas["two"]), "--name", "two"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(8)  # it started and is waiting: meanwhile this process changes the index
@@ -182,7 +182,7 @@ def test_every_writer_of_an_out_takes_its_lock(tmp_path, base_and_deltas, comman
     held = _held(out)
     try:
         if command == "store":  # a store change waits its turn: a short wait shows it waits
-            p = subprocess.Popen([sys.executable, "-m", "swr.cli", *map(str, args)], env=env,
+            p = subprocess.Popen([sys.executable, "-m", "swr.app.cli", *map(str, args)], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(8)
             assert p.poll() is None and not (out / "store.json").exists()
@@ -237,7 +237,7 @@ def test_a_terminated_rerun_leaves_the_old_run_whole_logs_included(tmp_path, sig
     before = snapshot(out)
     assert "epochs.csv" in before and any(k.startswith("tensorboard") for k in before) \
         or os.environ.get("SWR_TENSORBOARD") == "0"
-    p = subprocess.Popen([sys.executable, "-m", "swr.cli", "pretrain", "--task", SOURCE,
+    p = subprocess.Popen([sys.executable, "-m", "swr.app.cli", "pretrain", "--task", SOURCE,
                           "--backbone", "timm:resnet10t", "--epochs", "500", "--out", str(out),
                           "--device", "cpu", "--overwrite"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -265,7 +265,7 @@ def test_sigterm_during_a_ray_search_is_one_line_and_exit_143(tmp_path):
     ckpt = tmp_path / "ckpt"
     assert swr("pretrain", "--task", SOURCE, "--backbone", "timm:resnet10t", "--epochs", 1,
                "--out", ckpt, "--device", "cpu", env=env).returncode == 0
-    p = subprocess.Popen([sys.executable, "-m", "swr.cli", "search", "--task",
+    p = subprocess.Popen([sys.executable, "-m", "swr.app.cli", "search", "--task",
                           "glyphs:sketch?images=12,4,4", "--checkpoint", str(ckpt), "--budget",
                           "5%", "--out", str(tmp_path / "s"), "--workers", "2", "--evaluations",
                           "400", "--device", "cpu", "--supernet-epochs", "1"], env=env,

@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 from PIL import Image, ImageDraw
 
-from swr.cli import main
+from swr.app.cli import main
 from swr.errors import SwrError
 from swr.selection import MIN_VAL_EXAMPLES
 from swr.store import load_input

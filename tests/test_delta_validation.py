@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.delta import apply_task_delta, read_task_delta, save_task_delta
 from swr.errors import SwrError
 from swr.pretrain import load_pretrained
@@ -156,7 +156,7 @@ def _limit_file_size():
 
 
 def swr_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swr.cli", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "swr.app.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300,
                           preexec_fn=_limit_file_size)
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from swr.cli import main
+from swr.app.cli import main
 from swr.pretrain import pretrain
 from swr.source import BaseSpec, DataOverride, load_base, load_task
 

@@ -6,7 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
-from swr.cli import build_parser
+from swr.app.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from swr.cli import main
+from swr.app.cli import main
 from swr.errors import SwrError
 from swr.fold import fold_check
 from swr.methods.base import DEFAULT_LR, default_lr

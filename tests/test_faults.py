@@ -18,10 +18,10 @@ import torch
 
 import swr.policies.search as search_mod
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.envs.evaluator import SyntheticEvaluator
 from swr.policies.pool import RayPool
-from swr.search import SearchConfig, run_search
+from swr.app.search import SearchConfig, run_search
 from swr.supernet import SupernetConfig
 
 from fixtures import tiny_audio_task, tiny_checkpoint
@@ -184,7 +184,7 @@ from fixtures import tiny_audio_task
 import swr.tasks
 task = tiny_audio_task()
 swr.tasks.get_task = lambda spec, **kw: task
-from swr.cli import main
+from swr.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -249,7 +249,7 @@ class SlowFactory:
 make = search_mod.evaluator_factory
 search_mod.evaluator_factory = lambda cfg, supernet, task, **kw: SlowFactory(
     make(cfg, supernet, task, **kw))
-from swr.cli import main
+from swr.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -32,7 +32,7 @@ import swr.io
 import swr.tasks
 from swr.runlog import TRAINING_LOGS
 import swr.tasks.backbones as backbones
-from swr.cli import main
+from swr.app.cli import main
 from swr.errors import SwrError
 from swr.io import write_json
 from swr.pretrain import load_pretrained

@@ -521,7 +521,7 @@ def test_swr_probe_is_the_linear_probes_own_solution():
     validation. SWR cannot score below its own subset there."""
     from swr.methods.linear import LinearProbe
     from swr.methods.swr import SWR
-    from swr.search import attach_searcher
+    from swr.app.search import attach_searcher
 
     from fixtures import tiny_audio_task
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.delta import apply_task_delta, base_hash, read_task_delta
 from swr.errors import SwrError
 from swr.source import BaseSpec, base_spec, load_base, model_data_config, state_hash
@@ -166,7 +166,7 @@ def test_search_finetune_fold_from_own_weights(tmp_path, monkeypatch, capsys):
     assert main(["finetune", "--selection", str(search_out / "selection.json"), "--epochs", "1",
                  "--device", "cpu", "--out", str(final)]) == 0
     # one epoch: the steps it took, and one line suggesting enough epochs for 240
-    from swr.finetune import SUGGESTED_STEPS
+    from swr.app.finetune import SUGGESTED_STEPS
 
     assert json.loads((final / "metrics.json").read_text())["steps"] == per_epoch
     notice = [line for line in capsys.readouterr().err.splitlines() if "optimizer steps" in line]

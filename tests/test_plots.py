@@ -95,8 +95,8 @@ def test_plots_keep_a_notebooks_backend(tmp_path):
     code = f"""
 import sys, matplotlib
 matplotlib.use("svg")  # stands for a notebook's inline backend
-from swr.bench import plot_pareto, plot_robustness
-from swr.demo import plot_selection_map
+from swr.app.bench import plot_pareto, plot_robustness
+from swr.app.demo import plot_selection_map
 from swr.policies.search import plot_search
 rows = [dict(task="t", method=m, budget=b, seed=s, test_acc=a + 0.01 * s, shift_acc=a - 0.1,
              updated_params=p, stored_bytes=4 * p, extra_flops=0, foldable=True,

@@ -38,7 +38,7 @@ def test_a_bench_bar_names_the_run_going_on_and_its_epoch(monkeypatch, tmp_path,
     import itertools
 
     import swr.tasks
-    from swr.bench import BenchConfig, run_bench
+    from swr.app.bench import BenchConfig, run_bench
 
     from fixtures import tiny_audio_task, tiny_checkpoint
 
@@ -63,7 +63,7 @@ def test_a_bench_bar_names_the_run_going_on_and_its_epoch(monkeypatch, tmp_path,
 
 def test_a_bench_bar_in_a_log_writes_no_more_often_than_any_bar(monkeypatch, tmp_path, capsys):
     import swr.tasks
-    from swr.bench import BenchConfig, run_bench
+    from swr.app.bench import BenchConfig, run_bench
 
     from fixtures import tiny_audio_task, tiny_checkpoint
 

@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.errors import SwrError
 from swr.io import atomic_path, write_json
 from swr.policies.pool import LocalPool
@@ -394,9 +394,9 @@ def test_debug_prints_a_traceback(world):
     """The real console entry point: one line normally, the traceback with --debug."""
     args = ["inspect", "--backbone", "bcresnet-1", "--weights", str(world.evil["pickle"])]
     env = dict(os.environ, PYTHONPATH=str(TESTS_DIR))
-    plain = subprocess.run([sys.executable, "-m", "swr.cli", *args], capture_output=True,
+    plain = subprocess.run([sys.executable, "-m", "swr.app.cli", *args], capture_output=True,
                            text=True, env=env, timeout=120)
-    debug = subprocess.run([sys.executable, "-m", "swr.cli", *args, "--debug"],
+    debug = subprocess.run([sys.executable, "-m", "swr.app.cli", *args, "--debug"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "SwrError" in debug.stderr
@@ -588,7 +588,7 @@ def map_(self, selections):
         out += original(self, [s])
     return out
 LocalPool.map = map_
-from swr.cli import main
+from swr.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -635,12 +635,12 @@ def bench_rows(out: Path) -> list[dict]:
 
 
 def test_interrupted_bench_resumes_skipping_done_runs(world, capsys, monkeypatch):
-    import swr.bench.run
+    import swr.app.bench.run
 
     ref = world.d / "bench_ref"
     assert main(bench_args(world, ref)) == 0
     out = world.d / "bench_int"
-    real_run_job = swr.bench.run.run_job
+    real_run_job = swr.app.bench.run.run_job
     calls = []
 
     def run_job(*args, **kwargs):
@@ -649,7 +649,7 @@ def test_interrupted_bench_resumes_skipping_done_runs(world, capsys, monkeypatch
             raise KeyboardInterrupt
         return real_run_job(*args, **kwargs)
 
-    monkeypatch.setattr(swr.bench.run, "run_job", run_job)
+    monkeypatch.setattr(swr.app.bench.run, "run_job", run_job)
     assert main(bench_args(world, out)) == 130
     assert len(bench_rows(out)) == 2  # the finished runs are on disk
     calls.clear()

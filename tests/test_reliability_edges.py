@@ -1,7 +1,7 @@
 """Reliability at the edges, second round: runaway resources, dataset walks, tracebacks
 on odd values, and errors that used to surface only after training.
 
-* Worker counts follow one rule (:func:`swr.parallel.resolve_workers`): never more
+* Worker counts follow one rule (:func:`swr.policies.ray_setup.resolve_workers`): never more
   than the CPUs this process may use (or the joined cluster has); more is reduced
   with a one-line notice.
 * Dataset walks never open a non-regular file (a FIFO named like an image or clip
@@ -27,9 +27,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import swr.parallel
+import swr.policies.ray_setup
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.errors import SwrError
 
 from fixtures import tiny_checkpoint, write_clip
@@ -96,19 +96,19 @@ def no_training(monkeypatch):
 def no_ray_running(monkeypatch) -> None:
     """As if no Ray instance ran (another test module's may still): the cap is then this
     process's CPUs."""
-    monkeypatch.setattr(swr.parallel.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(swr.policies.ray_setup.ray, "is_initialized", lambda: False)
 
 
 def test_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch, capsys):
     """One rule for every command: None = one per CPU; above the CPUs: reduced, one notice."""
     no_ray_running(monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert swr.parallel.local_cpus() == 1  # the affinity, not os.cpu_count()
-    assert swr.parallel.resolve_workers(None) == 1
-    assert swr.parallel.resolve_workers(1) == 1
-    assert swr.parallel.resolve_workers(0) == 0  # no Ray
+    assert swr.policies.ray_setup.local_cpus() == 1  # the affinity, not os.cpu_count()
+    assert swr.policies.ray_setup.resolve_workers(None) == 1
+    assert swr.policies.ray_setup.resolve_workers(1) == 1
+    assert swr.policies.ray_setup.resolve_workers(0) == 0  # no Ray
     assert capsys.readouterr().err == ""
-    assert swr.parallel.resolve_workers(1000) == 1
+    assert swr.policies.ray_setup.resolve_workers(1000) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["swr: --workers 1000 is more than the 1 CPU(s) this process may use; "
                    "starting 1 worker(s)"]
@@ -119,18 +119,18 @@ def test_workers_are_capped_at_the_cpus_of_a_joined_cluster(monkeypatch, capsys)
     """With --ray-address the cluster's CPUs are the cap (joined first, so an unreachable
     one fails before any training), not this machine's."""
     joined = []
-    monkeypatch.setattr(swr.parallel, "init_ray", lambda address=None, **k: joined.append(address))
-    monkeypatch.setattr(swr.parallel.ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(swr.parallel.ray, "cluster_resources", lambda: {"CPU": 48.0})
+    monkeypatch.setattr(swr.policies.ray_setup, "init_ray", lambda address=None, **k: joined.append(address))
+    monkeypatch.setattr(swr.policies.ray_setup.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(swr.policies.ray_setup.ray, "cluster_resources", lambda: {"CPU": 48.0})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert swr.parallel.resolve_workers(None, "10.0.0.1:6379") == 48
-    assert swr.parallel.resolve_workers(32, "10.0.0.1:6379") == 32
+    assert swr.policies.ray_setup.resolve_workers(None, "10.0.0.1:6379") == 48
+    assert swr.policies.ray_setup.resolve_workers(32, "10.0.0.1:6379") == 32
     assert capsys.readouterr().err == ""
-    assert swr.parallel.resolve_workers(1000, "10.0.0.1:6379") == 48
+    assert swr.policies.ray_setup.resolve_workers(1000, "10.0.0.1:6379") == 48
     assert capsys.readouterr().err.strip() == (
         "swr: --workers 1000 is more than the 48 CPU(s) of the Ray cluster; starting 48 worker(s)")
     assert joined == ["10.0.0.1:6379"] * 3
-    assert swr.parallel.resolve_workers(0, "10.0.0.1:6379") == 0 and len(joined) == 3  # no Ray
+    assert swr.policies.ray_setup.resolve_workers(0, "10.0.0.1:6379") == 0 and len(joined) == 3  # no Ray
 
 
 class RecordingPool:
@@ -156,7 +156,7 @@ def test_search_with_1000_workers_starts_no_more_than_the_cpus(world, monkeypatc
     import swr.policies.pool
 
     monkeypatch.setattr(swr.policies.pool, "RayPool", RecordingPool)
-    monkeypatch.setattr(swr.parallel, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(swr.policies.ray_setup, "init_ray", lambda *a, **k: None)
     no_ray_running(monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     RecordingPool.asked.clear()
@@ -176,7 +176,7 @@ def test_bench_workers_are_capped_too(world, monkeypatch, capsys):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     no_ray_running(monkeypatch)
     started = []
-    monkeypatch.setattr(swr.parallel, "init_ray", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(swr.policies.ray_setup, "init_ray", lambda *a, **k: started.append(a))
     assert main(["bench", "--task", "tiny", "--checkpoint", str(world.ckpt), "--methods",
                  "linear", "--seeds", "2", "--epochs", "1", "--workers", "64", "--device", "cpu",
                  "--out", str(world.d / "bench_capped")]) == 0
@@ -196,7 +196,7 @@ from fixtures import tiny_audio_task
 import swr.tasks
 task = tiny_audio_task()
 swr.tasks.get_task = lambda spec, **kw: task
-from swr.cli import main
+from swr.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -442,7 +442,7 @@ def test_unwritable_cache_fails_before_training(world, capsys, monkeypatch, no_t
 
 
 def test_seed_range_is_checked_from_python_too(world):
-    from swr.search import SearchConfig
+    from swr.app.search import SearchConfig
 
     with pytest.raises(SwrError, match="--seed -1 must be an integer from 0 to 4294967295"):
         SearchConfig(task="tiny", checkpoint=str(world.ckpt), budget="10%", out="x",

@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.pretrain import load_pretrained
 from swr.supernet import SupernetConfig, new_supernet, prepare_supernet
 
@@ -469,7 +469,7 @@ task = tiny_audio_task()
 swr.tasks.get_task = lambda spec, **kw: task
 # whatever else a process draws first (other data, other libraries) differs between runs
 torch.rand(int(os.environ["SWR_TEST_DRAWS"]))
-from swr.cli import main
+from swr.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import swr.tasks
-from swr.bench import BenchConfig, run_bench
+from swr.app.bench import BenchConfig, run_bench
 from swr.errors import SwrError
 from swr.methods import get_method, run_method
 from swr.robustness import (accuracy, cell_name, ensemble, ensemble_rows, interpolate,

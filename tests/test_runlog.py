@@ -87,7 +87,7 @@ def test_train_logs_every_epoch(tmp_path):
 @needs_writer
 @pytest.mark.parametrize("policy", ["pg", "ppo"])
 def test_search_logs_iterations(policy, tmp_path, monkeypatch):
-    from swr.search import SearchConfig, run_search
+    from swr.app.search import SearchConfig, run_search
     from swr.supernet import SupernetConfig
 
     task = tiny_audio_task()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import swr.tasks
 from swr.envs.evaluator import BN_CLIPS, PROXY_EPOCHS
 from swr.errors import SwrError
-from swr.search import SearchConfig, run_search
+from swr.app.search import SearchConfig, run_search
 from swr.policies.selectors import (greedy_selection, knapsack_selection, random_selection)
 from swr.supernet import SupernetConfig
 
@@ -91,8 +91,8 @@ def test_selectors_never_exceed_budget_and_knapsack_is_optimal(costs, budget, se
 def test_finetune_folds_exactly_and_fold_cli_rebuilds(tiny, tmp_path, capsys):
     import torch
 
-    from swr.cli import main
-    from swr.finetune import finetune
+    from swr.app.cli import main
+    from swr.app.finetune import finetune
     from swr.pretrain import load_pretrained
     from swr.tasks.backbones import create_backbone
 
@@ -246,7 +246,7 @@ def test_deltas_only_search_trains_stage_one_with_the_base_norms(tiny, tmp_path,
 
 
 def test_search_norms_budget_that_cannot_hold_the_norms_is_one_line(tiny, tmp_path, capsys):
-    from swr.cli import main
+    from swr.app.cli import main
 
     _, ckpt = tiny
     code = main(["search", "--task", "tiny", "--checkpoint", str(ckpt), "--budget", "10%",
@@ -263,7 +263,7 @@ def test_finetune_trains_norms_only_when_the_selection_says_so(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from swr.finetune import finetune
+    from swr.app.finetune import finetune
     from swr.reparam import norm_modules
 
     _, ckpt = tiny
@@ -339,7 +339,7 @@ def test_budget_gated_supernet_is_its_own_cache_entry(tiny, tmp_path):
 
 
 def test_cli_reward_and_supernet_gates(tiny, tmp_path, capsys):
-    from swr.cli import main
+    from swr.app.cli import main
 
     _, ckpt = tiny
     common = ["search", "--task", "tiny", "--checkpoint", str(ckpt), "--budget", "10%",
@@ -364,7 +364,7 @@ def test_cli_reward_and_supernet_gates(tiny, tmp_path, capsys):
 def test_trained_evaluator_scores_what_a_short_final_training_reaches(tiny, tmp_path, norms):
     """--evaluator trained: a selection's score is the validation accuracy a final
     training of --proxy-epochs epochs (seed + 1) reaches from the same supernet."""
-    from swr.finetune import finetune
+    from swr.app.finetune import finetune
 
     _, ckpt = tiny
     r = run_search(search_cfg(tmp_path, ckpt, "random", out="tr", evaluations=4,

@@ -13,10 +13,10 @@ from torchvision.transforms import v2
 
 import swr.policies  # noqa: F401  (registers swr-knapsack)
 import swr.tasks
-from swr.cli import main
+from swr.app.cli import main
 from swr.delta import apply_task_delta, read_task_delta
 from swr.errors import ForeignDeltaError, SwrError
-from swr.bench import finetune_method
+from swr.app.bench import finetune_method
 from swr.export import delta_from_folded, write_task_delta
 from swr.source import BaseSpec
 from swr.store import TaskStore, create_or_open
@@ -269,7 +269,7 @@ def test_evaluate_scores_a_delta_a_folded_model_and_a_store_task_as_the_bench_di
     import csv
 
     from swr.deploy import fold_task
-    from swr.evaluation import evaluate
+    from swr.app.evaluation import evaluate
 
     tmp, weights, tasks, runs = three_tasks
     monkeypatch.setattr(swr.tasks, "get_task", lambda s, **kw: tasks[s])

@@ -292,7 +292,7 @@ def test_bench_runs_a_suite_task_by_task(tmp_path):
     and each run's epochs.csv under runs/."""
     from fixtures import tiny_checkpoint
 
-    from swr.bench import BenchConfig, run_bench
+    from swr.app.bench import BenchConfig, run_bench
 
     root = tmp_path / "mswc"
     words = [f"w{i}" for i in range(10)]  # the default protocol: 10 keywords, 10+ TRAIN clips

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import swr
+from swr.app import select
 from fixtures import tiny_audio_task
 
 
@@ -42,13 +43,13 @@ def test_train_refuses_a_pair_that_is_not_a_pair():
         swr.train(model, (ds, ds, ds), list(model.parameters()), swr.TrainConfig(epochs=1))
 
 
-def test_select_from_import_swr_chooses_layers_within_the_budget(tmp_path, monkeypatch):
+def test_select_chooses_layers_within_the_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("SWR_CACHE", str(tmp_path / "cache"))
     task = tiny_audio_task()
     torch.manual_seed(0)
     model = swr.create_backbone("bcresnet-1", num_classes=6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = swr.select(model, task, "10%", policy="knapsack", evaluations=3, supernet_epochs=1,
+    result = select(model, task, "10%", policy="knapsack", evaluations=3, supernet_epochs=1,
                         device="cpu", out=tmp_path / "sel")
     budget = swr.resolve_budget(swr.reparametrize(swr.create_backbone("bcresnet-1")), "10%")
     assert result["budget_params"] == budget and 0 < result["cost"] <= budget
@@ -59,9 +60,9 @@ def test_select_from_import_swr_chooses_layers_within_the_budget(tmp_path, monke
     assert not swr.reparam_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(swr.SwrError, match="not one of"):
-        swr.select(model, task, "10%", policy="magic")
+        select(model, task, "10%", policy="magic")
     with pytest.raises(swr.SwrError, match="already reparametrized"):
-        swr.select(swr.reparametrize(model), task, "10%")
+        select(swr.reparametrize(model), task, "10%")
 
 
 class _FileLike(torch.utils.data.Dataset):

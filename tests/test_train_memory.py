@@ -25,7 +25,7 @@ from swr.policies.search import EvaluationLog, SearchRun
 from swr.policies.selectors import (greedy_memory_selection, knapsack_selection,
                                     memory_knapsack_selection, repaired_knapsack_selection)
 from swr.reparam import candidates, set_selection, set_trainable
-from swr.search import SearchConfig, run_search
+from swr.app.search import SearchConfig, run_search
 from swr.selection import SearchProblem, memory_cost, selection_memory
 from swr.supernet import SupernetConfig, build_supernet
 from swr.tasks.backbones import create_backbone
@@ -351,7 +351,7 @@ def test_search_without_a_memory_budget_records_none_of_it(tiny, tmp_path):
 
 
 def test_memory_budgets_that_cannot_hold_are_one_line(tiny, tmp_path, capsys):
-    from swr.cli import main
+    from swr.app.cli import main
 
     _, ckpt = tiny
     base = ["search", "--task", "tiny", "--checkpoint", str(ckpt), "--budget", "10%",

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from .bench import BenchConfig, run_bench, summarize
-from .errors import SwrError
-from .io import check_rerun, out_lock, save_png, write_text
-from .pretrain import default_checkpoint, load_pretrained
-from .reparam import candidates
+from ..errors import SwrError
+from ..io import check_rerun, out_lock, save_png, write_text
+from ..pretrain import default_checkpoint, load_pretrained
+from ..reparam import candidates
 
 SUITES = {
     # suite: (targets, methods)
@@ -163,7 +163,7 @@ def plot_selection_map(path: Path, rows: list[dict], layer_names: list[str],
                        costs: dict[str, int] | None = None) -> bool:
     """A tasks x layers grid: filled where SWR reparametrized that layer (seed 0), with
     each layer's parameter cost (``costs``) above it."""
-    from .plots import selection_map_figure
+    from ..plots import selection_map_figure
 
     picks = {}
     for r in rows:

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..budget import Budget
-from ..methods.base import default_lr
-from ..tasks.base import DataOverride
+from ...budget import Budget
+from ...methods.base import default_lr
+from ...tasks.base import DataOverride
 
 COLUMNS = ["task", "method", "budget", "seed", "test_acc", "val_acc", "shift_acc",
            "updated_params", "budget_params", "within_budget", "norm_params", "norms",
@@ -30,7 +30,7 @@ NATURAL = "natural"
 
 def expand_tasks(specs: list[str]) -> list[str]:
     """Suites to their tasks (see :func:`swr.tasks.get_suite`)."""
-    from ..tasks.suites import expand_tasks as expand
+    from ...tasks.suites import expand_tasks as expand
 
     return expand(specs)
 
@@ -72,7 +72,7 @@ def family_lr(family: str, cfg: BenchConfig, backbone: str = "") -> float:
 
 def method_lr(method: str, cfg: BenchConfig, backbone: str = "") -> float:
     """The learning rate of ``method``: ``cfg.method_lr``, else ``--lr``, else the default."""
-    from ..methods import METHODS
+    from ...methods import METHODS
 
     if method in cfg.method_lr:
         return cfg.method_lr[method]

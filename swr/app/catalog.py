@@ -24,7 +24,7 @@ def _first_line(text: str | None) -> str:
 
 def backbones() -> list[tuple[str, str]]:
     """``(name, description)`` per backbone form, family by family as registered."""
-    from .tasks.backbones import BACKBONES
+    from ..tasks.backbones import BACKBONES
 
     return [(form, family.describe()) for family in BACKBONES.values()
             for form in family.forms or family.names]
@@ -32,9 +32,9 @@ def backbones() -> list[tuple[str, str]]:
 
 def tasks() -> list[tuple[str, str]]:
     """``(name, description)`` per task form, every embedded task, and every suite."""
-    from .tasks import SUITE_FORMS, TASK_FORMS, get_suite
-    from .tasks.glyphs import SOURCE
-    from .tasks.kws_synth import SOURCE_LANG
+    from ..tasks import SUITE_FORMS, TASK_FORMS, get_suite
+    from ..tasks.glyphs import SOURCE
+    from ..tasks.kws_synth import SOURCE_LANG
 
     out = [(form, "task form") for form in TASK_FORMS]
     out.append((f"kws-synth:{SOURCE_LANG}", "embedded spoken words, source language"))
@@ -47,8 +47,8 @@ def tasks() -> list[tuple[str, str]]:
 
 def methods() -> list[tuple[str, str]]:
     """``(name, description)`` per registered method (SWR with each searcher included)."""
-    from .methods import METHODS
-    from .policies import SEARCHERS  # noqa: F401  (SWR's swr-<searcher> register with them)
+    from ..methods import METHODS
+    from ..policies import SEARCHERS  # noqa: F401  (SWR's swr-<searcher> register with them)
 
     out = []
     for name in sorted(METHODS):
@@ -61,7 +61,7 @@ def methods() -> list[tuple[str, str]]:
 
 def policies() -> list[tuple[str, str]]:
     """``(name, summary)`` per search policy ``swr search --policy`` accepts."""
-    from .policies import SEARCHERS
+    from ..policies import SEARCHERS
 
     return [(name, summary) for name, (_, summary) in SEARCHERS.items()]
 
@@ -69,7 +69,7 @@ def policies() -> list[tuple[str, str]]:
 def names(kind: str, pattern: str | None = None) -> list[tuple[str, str]]:
     """The entries of ``kind`` (one of :data:`KINDS`), filtered by fnmatch ``pattern``."""
     if kind == "backbones" and pattern:
-        from .tasks.backbones import find_family
+        from ..tasks.backbones import find_family
 
         family = find_family(pattern)
         if family is not None and family.members is not None:

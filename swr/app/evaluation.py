@@ -21,11 +21,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import SwrError
-from .io import run_folder, save_png, write_csv, write_json
-from .robustness import predict
-from .tasks.base import DataOverride
-from .train import resolve_device
+from ..errors import SwrError
+from ..io import run_folder, save_png, write_csv, write_json
+from ..robustness import predict
+from ..tasks.base import DataOverride
+from ..train import resolve_device
 
 #: Every file ``swr evaluate`` writes into its ``--out``.
 OUTPUTS = {"metrics.json", "confusion.csv", "confusion.png"}
@@ -57,7 +57,7 @@ def predict_folder(model: nn.Module, folder: Path, classes: Sequence[str], pre: 
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Labels and predictions for the files of ``folder/<class>/``; class folders must
     be among ``classes``. Returns the files too."""
-    from .store import load_input
+    from ..store import load_input
 
     if not folder.is_dir():
         raise SwrError(f"--folder {folder} is not a folder of class folders")
@@ -82,8 +82,8 @@ def predict_folder(model: nn.Module, folder: Path, classes: Sequence[str], pre: 
 
 
 def _delta_model(delta: str, base) -> tuple[nn.Module, dict]:
-    from .delta import apply_task_delta, read_task_delta_header
-    from .source import load_base
+    from ..delta import apply_task_delta, read_task_delta_header
+    from ..source import load_base
 
     model, desc = load_base(base)
     _, meta = read_task_delta_header(delta)
@@ -93,7 +93,7 @@ def _delta_model(delta: str, base) -> tuple[nn.Module, dict]:
 
 
 def _store_model(store: str, name: str) -> tuple[nn.Module, dict]:
-    from .store import TaskStore, task_preprocess_of
+    from ..store import TaskStore, task_preprocess_of
 
     st = TaskStore(store)
     entry = st.entry(name)
@@ -105,9 +105,9 @@ def _store_model(store: str, name: str) -> tuple[nn.Module, dict]:
 
 def _folded_model(folder: str) -> tuple[nn.Module, dict]:
     """The task model of a ``swr fold`` folder (``model.safetensors`` and ``fold.json``)."""
-    from .io import read_json
-    from .tasks.backbones import check_backbone_name, create_backbone
-    from .tasks.base import image_preprocess_problem
+    from ..io import read_json
+    from ..tasks.backbones import check_backbone_name, create_backbone
+    from ..tasks.base import image_preprocess_problem
 
     root = Path(folder)
     if not root.is_dir():
@@ -145,7 +145,7 @@ def _recorded_override(info: dict, spec: str) -> Optional[DataOverride]:
     """The image size and normalisation the model of ``info`` records (its task's
     preprocessing), to prepare image task ``spec`` as the model was trained on it; None
     for audio or a model that records none."""
-    from .tasks import AUDIO_KINDS
+    from ..tasks import AUDIO_KINDS
 
     pre = info["preprocess"]
     if (not (isinstance(pre, dict) and pre.get("modality") == "image")
@@ -167,8 +167,8 @@ def evaluate(out: str | Path, *, delta: Optional[str] = None, base=None,
     """Score a task model (see the module docstring) and write ``out``; returns the metrics.
 
     ``data_override`` replaces the image size and normalisation the model records."""
-    from .plots import confusion_figure
-    from .source import load_task
+    from ..plots import confusion_figure
+    from ..source import load_task
 
     if sum(x is not None for x in (delta, store, model)) != 1:
         raise SwrError("give one model to evaluate: --delta FILE (with its base), --store "

@@ -22,8 +22,8 @@ def tune_methods(cfg, cells: list[tuple[str, str, str, int]], run_job: Callable[
     """
     from ray import tune
 
-    from .methods import METHODS
-    from .parallel import init_ray
+    from ..methods import METHODS
+    from ..policies.ray_setup import init_ray
 
     init_ray()
     best: dict[tuple[str, str, str], tuple[float, dict]] = {}

@@ -1,9 +1,8 @@
-"""Python entry points of the application layer, reachable from ``import swr``.
+"""Python entry points of the application floor (``from swr.app import select``).
 
-``swr.select`` runs stages 1 and 2 (the supernet, then a search by a named searcher) on an
+``select`` runs stages 1 and 2 (the supernet, then a search by a named searcher) on an
 in-memory model and task: the notebook counterpart of ``swr search``. It lives here, not
 in the core, because turning a searcher's *name* into an object needs ``swr.policies``;
-``swr/__init__.py`` loads this module only when ``swr.select`` is first used, so
 ``import swr`` stays free of Ray, Gymnasium and SB3.
 """
 
@@ -15,10 +14,10 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .errors import SwrError
-from .reparam import reparam_layers
-from .selection import search_selection
-from .supernet import SupernetConfig
+from ..errors import SwrError
+from ..reparam import reparam_layers
+from ..selection import search_selection
+from ..supernet import SupernetConfig
 
 
 def select(model: nn.Module, task, budget: Union[str, float, int], policy: str = "knapsack",
@@ -44,10 +43,10 @@ def select(model: nn.Module, task, budget: Union[str, float, int], policy: str =
     Raises:
         SwrError: an unknown policy, a budget no layer fits in, a reparametrized model.
     """
-    from .policies import SearchSettings, build_searcher
+    from ..policies import SearchSettings, build_searcher
 
     if reparam_layers(model):
-        raise SwrError("swr.select takes the base model; this one is already reparametrized "
+        raise SwrError("select takes the base model; this one is already reparametrized "
                        "(pass the model before swr.reparametrize)")
     searcher = build_searcher(policy, SearchSettings(
         evaluations=evaluations, workers=workers, seed=seed, device=device, progress=progress))

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .budget import NORM_MODES
-from .envs.evaluator import BN_CLIPS, EVALUATORS, PROXY_EPOCHS
-from .errors import ClusterLostError, SwrError, handle_sigterm, was_terminated
+from ..budget import NORM_MODES
+from ..envs.evaluator import BN_CLIPS, EVALUATORS, PROXY_EPOCHS
+from ..errors import ClusterLostError, SwrError, handle_sigterm, was_terminated
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
 
@@ -115,7 +115,7 @@ def _base_args(p: argparse.ArgumentParser) -> None:
 
 
 def _base_spec(args: argparse.Namespace):
-    from .source import base_spec
+    from ..source import base_spec
 
     return base_spec(args.checkpoint, args.backbone, args.weights)
 
@@ -142,7 +142,7 @@ def _data_args(p) -> None:
 
 def _data_override(args: argparse.Namespace):
     """The checked :class:`~swr.tasks.base.DataOverride` of the options, or None."""
-    from .tasks.base import DataOverride
+    from ..tasks.base import DataOverride
 
     return DataOverride(args.image_size, args.mean, args.std) or None
 
@@ -167,10 +167,10 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from .budget import backbone_params
-    from .fold import fold_check
-    from .reparam import candidates
-    from .tasks.backbones import create_backbone, input_shape
+    from ..budget import backbone_params
+    from ..fold import fold_check
+    from ..reparam import candidates
+    from ..tasks.backbones import create_backbone, input_shape
 
     model = create_backbone(args.backbone, weights=args.weights).eval()
     layers = candidates(model, bias_delta=args.bias_delta)
@@ -224,7 +224,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import pretrain
+    from ..pretrain import pretrain
 
     m = pretrain(args.task, args.backbone, args.out, epochs=args.epochs, lr=args.lr,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -307,16 +307,16 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_search_cmd(args: argparse.Namespace) -> int:
-    from .io import check_output
+    from ..io import check_output
     from .search import SearchConfig, run_search
-    from .supernet import SupernetConfig
-    from .tasks import task_data_path
+    from ..supernet import SupernetConfig
+    from ..tasks import task_data_path
 
     # the search writes its own files into --out (kept for --resume), it never replaces it
     _base_spec(args)  # one of the two forms, before any work
     check_output(args.out, {"--checkpoint": args.checkpoint, "--weights": args.weights,
                             "--task": task_data_path(args.task)}, replaced=False)
-    # workers=None: one per available CPU, decided by swr.parallel.resolve_workers
+    # workers=None: one per available CPU, decided by swr.policies.ray_setup.resolve_workers
     cfg = SearchConfig(task=args.task, checkpoint=args.checkpoint or "", budget=args.budget,
                        backbone=args.backbone, weights=args.weights,
                        out=args.out, policy=args.policy, seed=args.seed,
@@ -418,7 +418,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _suggest_more_steps(steps: int, epochs: int) -> None:
     """One line when the final training took fewer optimizer steps than
-    :data:`swr.finetune.SUGGESTED_STEPS`, with the ``--epochs`` that would reach them."""
+    :data:`swr.app.finetune.SUGGESTED_STEPS`, with the ``--epochs`` that would reach them."""
     from .finetune import SUGGESTED_STEPS
 
     if steps >= SUGGESTED_STEPS:
@@ -466,7 +466,7 @@ def _fold_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_fold(args: argparse.Namespace) -> int:
-    from .deploy import fold_task
+    from ..deploy import fold_task
 
     report = fold_task(_base_spec(args), args.delta, args.out, onnx=args.onnx,
                        overwrite=args.overwrite)
@@ -491,14 +491,14 @@ def _csv_list(text: str) -> list[str]:
 
 
 def _searchers() -> dict:
-    from .policies import SEARCHERS
+    from ..policies import SEARCHERS
 
     return SEARCHERS
 
 
 def _method_names() -> list[str]:
-    from .methods import METHODS
-    from .policies import SEARCHERS  # noqa: F401  (SWR's swr-<searcher> register with them)
+    from ..methods import METHODS
+    from ..policies import SEARCHERS  # noqa: F401  (SWR's swr-<searcher> register with them)
 
     return list(METHODS)
 
@@ -544,8 +544,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def run_bench_cmd(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
-    from .io import check_output
-    from .tasks import task_data_path
+    from ..io import check_output
+    from ..tasks import task_data_path
 
     def data(task: str) -> str | None:  # a suite (imagenet-to-sketch:<root>) names its root
         suite, _, root = task.partition(":")
@@ -592,7 +592,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_store(args: argparse.Namespace) -> int:
-    from .store import TaskStore, create_or_open
+    from ..store import TaskStore, create_or_open
 
     if args.action == "add":
         if not args.delta:
@@ -642,8 +642,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .store import TaskStore, predict_files
-    from .train import resolve_device
+    from ..store import TaskStore, predict_files
+    from ..train import resolve_device
 
     store = TaskStore(args.store)
     store.entry(args.task)  # an unknown task fails before the base is loaded
@@ -776,7 +776,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 def run_check(args: argparse.Namespace) -> int:
     from importlib import metadata
 
-    from .native import OTHER_CHECKS, environment_error, installed_versions
+    from ..native import OTHER_CHECKS, environment_error, installed_versions
 
     line = environment_error()
     if line is not None:
@@ -842,7 +842,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(advanced: bool = False) -> argparse.ArgumentParser:
     """The ``swr`` parser; ``advanced`` lists the advanced options in the help too."""
-    from ._version import __version__
+    from .._version import __version__
 
     global _SHOW_ADVANCED
     _SHOW_ADVANCED = advanced
@@ -881,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, run, _ = COMMANDS[args.command]
     handle_sigterm()
-    if getattr(args, "debug", False):  # Ray's own notices too (swr.parallel.init_ray)
+    if getattr(args, "debug", False):  # Ray's own notices too (swr.policies.ray_setup.init_ray)
         import logging
 
         logging.getLogger("swr").setLevel(logging.DEBUG)
@@ -931,8 +931,8 @@ def _check_common(args: argparse.Namespace) -> None:
     accept, the device torch must be able to train on, an output folder and the cache
     that can be written, so that a bad value ends the command now instead of after
     training a model."""
-    from .io import cache_dir, check_output, unwritable_reason
-    from .train import check_seed, resolve_device
+    from ..io import cache_dir, check_output, unwritable_reason
+    from ..train import check_seed, resolve_device
 
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed)
@@ -955,7 +955,7 @@ def _check_common(args: argparse.Namespace) -> None:
 
 def _report_broken_install(command: str) -> bool:
     """Print the one line naming a broken torch/torchvision/torchaudio install, if it is one."""
-    from .native import environment_error
+    from ..native import environment_error
 
     line = environment_error()
     if line is None:

@@ -12,16 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .budget import NORM_MODES, backbone_params
-from .errors import SwrError
-from .io import check_output, check_run_folder, read_json, run_folder, write_json
-from .methods import run_method
-from .methods.base import default_lr
-from .methods.swr import SWR
-from .runlog import TRAINING_LOGS
-from .source import BaseSpec, DataOverride, load_base, load_task
-from .tasks import task_data_path
-from .train import TrainConfig, steps_in_an_epoch
+from ..budget import NORM_MODES, backbone_params
+from ..errors import SwrError
+from ..io import check_output, check_run_folder, read_json, run_folder, write_json
+from ..methods import run_method
+from ..methods.base import default_lr
+from ..methods.swr import SWR
+from ..runlog import TRAINING_LOGS
+from ..source import BaseSpec, DataOverride, load_base, load_task
+from ..tasks import task_data_path
+from ..train import TrainConfig, steps_in_an_epoch
 
 #: Optimizer steps below which ``swr finetune`` suggests more epochs: a final training
 #: of a few dozen steps leaves small tasks clearly short of what the selection reaches.

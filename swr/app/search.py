@@ -26,16 +26,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from . import tasks
-from .envs.evaluator import BN_CLIPS, PROXY_EPOCHS
-from .errors import SwrError
-from .io import check_rerun, left_as_found_on_refusal, out_lock, write_json
+from .. import tasks
+from ..envs.evaluator import BN_CLIPS, PROXY_EPOCHS
+from ..errors import SwrError
+from ..io import check_rerun, left_as_found_on_refusal, out_lock, write_json
 # the searchers by name; with each, SWR under it as method swr-<searcher>
-from .policies import SearchSettings, build_searcher, searcher_names
-from .selection import (Searcher, budget_folder, budget_list, check_search_val, search_selection,
+from ..policies import SearchSettings, build_searcher, searcher_names
+from ..selection import (Searcher, budget_folder, budget_list, check_search_val, search_selection,
                         supernet_settings)
-from .source import DataOverride, base_spec, load_base, load_task
-from .supernet import SupernetConfig
+from ..source import DataOverride, base_spec, load_base, load_task
+from ..supernet import SupernetConfig
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SearchConfig:
     seed: int = 0
     evaluations: int = 40
     # 0: score in this process; N: N Ray workers (at most the CPUs available, see
-    # swr.parallel.resolve_workers); None: one per available CPU
+    # swr.policies.ray_setup.resolve_workers); None: one per available CPU
     workers: Optional[int] = 0
     resume: bool = False
     #: replace the search an existing ``out`` holds (refused without it or ``resume``)
@@ -92,18 +92,18 @@ class SearchConfig:
     def validate(self) -> "SearchConfig":
         if self.policy not in searcher_names():
             raise SwrError(f"--policy {self.policy!r} is not one of {', '.join(searcher_names())}")
-        from .train import check_seed
+        from ..train import check_seed
 
         check_seed(self.seed)
         if self.evaluations < 1:
             raise SwrError(f"--evaluations {self.evaluations} must be at least 1")
-        from .budget import Budget
+        from ..budget import Budget
 
         budgets = budget_list(self.budget)
         for b in budgets:  # each readable, before any work
             Budget.parse(b)
         if self.train_memory is not None:
-            from .budget import MemoryBudget
+            from ..budget import MemoryBudget
 
             MemoryBudget.parse(self.train_memory)
         if self.evaluations < len(budgets):
@@ -112,28 +112,28 @@ class SearchConfig:
         if self.workers is not None and self.workers < 0:
             raise SwrError(f"--workers {self.workers} must be 0 (no Ray) or more")
         if self.ray_address is not None:
-            from .parallel import check_ray_address
+            from ..policies.ray_setup import check_ray_address
 
             if self.workers == 0:
                 raise SwrError(f"--ray-address {self.ray_address} with --workers 0: workers 0 "
                                "scores in this process, without Ray; drop one of the two")
             check_ray_address(self.ray_address)
-        from .budget import NORM_MODES
+        from ..budget import NORM_MODES
 
         if self.norms not in NORM_MODES:
             raise SwrError(f"--norms {self.norms!r} is not one of {', '.join(NORM_MODES)}")
-        from .envs.evaluator import METRICS
+        from ..envs.evaluator import METRICS
 
         if self.reward is not None and self.reward not in METRICS:
             raise SwrError(f"--reward {self.reward!r} is not one of {', '.join(METRICS)}")
-        from .envs.evaluator import EVALUATORS
+        from ..envs.evaluator import EVALUATORS
 
         if self.evaluator not in EVALUATORS:
             raise SwrError(f"--evaluator {self.evaluator!r} is not one of "
                            f"{', '.join(EVALUATORS)}")
         if self.proxy_epochs < 1:
             raise SwrError(f"--proxy-epochs {self.proxy_epochs} must be at least 1")
-        from .envs.evaluator import BN_STATS
+        from ..envs.evaluator import BN_STATS
 
         if self.bn_stats not in BN_STATS:
             raise SwrError(f"--bn-stats {self.bn_stats!r} is not one of {', '.join(BN_STATS)}")
@@ -149,7 +149,7 @@ class SearchConfig:
     @property
     def metric(self) -> str:
         """What a selection scores by: ``reward``, else the evaluator's default."""
-        from .envs.evaluator import evaluator_metric
+        from ..envs.evaluator import evaluator_metric
 
         return evaluator_metric(self.evaluator, self.reward)
 
@@ -169,7 +169,7 @@ def run_search(cfg: SearchConfig) -> dict:
     write ``selection.json``."""
     cfg.validate()
     if cfg.ray_address is not None:  # an address that is no Ray head: refused before any work
-        from .parallel import check_head
+        from ..policies.ray_setup import check_head
 
         check_head(cfg.ray_address)
     spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
@@ -226,8 +226,8 @@ def run_search(cfg: SearchConfig) -> dict:
 
 def search(base_model, task, cfg: SearchConfig, backbone: str) -> tuple[dict, object]:
     """Stage 1 + stage 2 on an in-memory model and task; returns (result, supernet)."""
-    from .parallel import resolve_workers
-    from .runlog import reset as reset_runlog
+    from ..policies.ray_setup import resolve_workers
+    from ..runlog import reset as reset_runlog
 
     cfg.validate()
     check_search_val(task)  # before anything is written to --out or Ray is joined
@@ -270,8 +270,8 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
     hash, the budget in parameters and how task norms count in it, the searcher and its
     settings, the supernet settings.
     Not the device, workers or Ray address: a resumed search may finish elsewhere."""
-    from .budget import Budget, backbone_params
-    from .source import state_hash
+    from ..budget import Budget, backbone_params
+    from ..source import state_hash
 
     # the gates' budget follows from budget_params; the default gates leave the
     # fingerprints of searches recorded before the option unchanged
@@ -302,9 +302,9 @@ def search_fingerprint(base_model, task, cfg: SearchConfig) -> dict:
 def train_memory_bytes(base_model, task, cfg: SearchConfig) -> int:
     """``cfg.train_memory`` in bytes: a percentage of full fine-tuning's saved bytes on the
     search's batch (:func:`swr.selection.full_finetune_saved_bytes`), or a size as given."""
-    from .budget import MemoryBudget
-    from .selection import full_finetune_saved_bytes
-    from .supernet import build_supernet
+    from ..budget import MemoryBudget
+    from ..selection import full_finetune_saved_bytes
+    from ..supernet import build_supernet
 
     wanted = MemoryBudget.parse(cfg.train_memory)
     if wanted.bytes is not None:

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..budget import Budget, backbone_params
-from ..errors import BudgetError, SwrError
-from ..io import (check_rerun, left_as_found_on_refusal, out_lock, write_csv, write_json,
+from ...budget import Budget, backbone_params
+from ...errors import BudgetError, SwrError
+from ...io import (check_rerun, left_as_found_on_refusal, out_lock, write_csv, write_json,
                   write_text)
-from ..source import base_spec, checkpoint_backbone
-from ..robustness import cell_name, ensemble_rows
+from ...source import base_spec, checkpoint_backbone
+from ...robustness import cell_name, ensemble_rows
 from ..search import check_fingerprint
 from .config import (COLUMNS, ENSEMBLE_COLUMNS, NATURAL, BenchConfig, budget_order, expand_tasks,
                      family_lr, method_lr)
@@ -38,7 +38,7 @@ def configure_method(method: str, cfg: BenchConfig, seed: int, backbone: str, kn
     """The :class:`~swr.methods.Method` named ``method`` for one run: ``knobs`` plus what
     it takes from the run (seed, device, folder, SWR's evaluations; the learning rates
     of its other phases), with the searcher it asks for attached."""
-    from ..methods import METHODS, get_method
+    from ...methods import METHODS, get_method
     from ..search import attach_searcher
 
     knobs = dict(knobs)
@@ -65,9 +65,9 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
     evaluation splits (for the ensembles table)."""
     import torch
 
-    from ..methods import run_method
-    from ..source import load_base, load_task
-    from ..train import TrainConfig
+    from ...methods import run_method
+    from ...source import load_base, load_task
+    from ...train import TrainConfig
 
     if threads:
         torch.set_num_threads(threads)
@@ -77,7 +77,7 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
     tc = TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=seed,
                      device=cfg.device, progress=False, desc=method, log_dir=out_dir)
     if out_dir:  # this cell starts afresh: its epochs.csv and TensorBoard events are new
-        from ..runlog import reset
+        from ...runlog import reset
 
         reset(out_dir)
     chosen = configure_method(method, cfg, seed, meta["backbone"], knobs, out_dir)
@@ -97,7 +97,7 @@ def run_job(task_spec: str, method: str, budget: str, seed: int, cfg: BenchConfi
 
 def plan(cfg: BenchConfig) -> list[tuple[str, str, str, int]]:
     """All (task, method, budget, seed) cells; budget-free methods get one 'natural' budget."""
-    from ..methods import METHODS, get_method
+    from ...methods import METHODS, get_method
 
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
@@ -179,7 +179,7 @@ def bench_fingerprint(cfg: BenchConfig, backbone: str) -> dict:
     """What every row of a bench depends on beyond its (task, method, budget, seed) key:
     the base weights by content hash and the training settings shared by all runs.
     Tasks, methods and budgets are left out: a resumed bench may add cells."""
-    from ..source import file_sha256
+    from ...source import file_sha256
 
     spec = base_spec(cfg.checkpoint, cfg.backbone, cfg.weights)
     weights = Path(spec.checkpoint) / "model.safetensors" if spec.checkpoint else Path(str(spec.weights))
@@ -213,7 +213,7 @@ def check_tasks(cfg: BenchConfig) -> None:
     """Load the base and every task of ``cfg`` once, in this process, before any run: a
     missing folder, an unreadable file or a bounded option (:mod:`swr.tasks.options`)
     ends the bench with its one line instead of failing in each Ray worker."""
-    from ..source import load_base, load_task
+    from ...source import load_base, load_task
 
     cfg.tasks = expand_tasks(cfg.tasks)
     plan(cfg)  # unknown methods and budgets first: they cost nothing to check
@@ -246,7 +246,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     todo = [c for c in cells if c not in done]
     log(f"bench: {len(cells)} runs ({len(cells) - len(todo)} done before), "
         f"{len(cfg.tasks)} task(s), methods {', '.join(cfg.methods)}")
-    from ..parallel import resolve_workers
+    from ...policies.ray_setup import resolve_workers
 
     workers = resolve_workers(cfg.workers)
 
@@ -289,7 +289,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     # after the resumed state is checked: an error is then the only line printed
     bar = None
     if cfg.progress:
-        from ..progress import progress_bar
+        from ...progress import progress_bar
 
         bar = progress_bar(len(todo), "bench", "run")
     last = ""  # the last finished run's result, shown beside what runs now
@@ -325,11 +325,11 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
     if workers > 1 and len(todo) > 1:
         import ray
 
-        from ..parallel import init_ray, worker_threads
+        from ...policies.ray_setup import init_ray, worker_threads
 
         init_ray()
         # on a GPU the workers share it: each asks Ray for its share, so none waits for one
-        from ..train import resolve_device
+        from ...train import resolve_device
 
         gpus = 1.0 / workers if resolve_device(cfg.device).type == "cuda" else 0.0
         remote = ray.remote(num_cpus=1, num_gpus=gpus)(run_job)
@@ -358,7 +358,7 @@ def _run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
             _abandon(pending)  # the error's line stays the only one printed
             raise
     else:
-        from ..progress import status_reported_to
+        from ...progress import status_reported_to
 
         for cell in todo:
             label, method = run_label(cell), cell[1]
@@ -434,11 +434,11 @@ def finetune_method(method: str, task_spec: str, base, out: str | Path,
     normalisation, and is recorded.
     """
     from ..finetune import OUTPUTS
-    from ..io import check_output, check_run_folder, run_folder
-    from ..methods import get_method, run_method
-    from ..source import load_base, load_task
-    from ..tasks import task_data_path
-    from ..train import TrainConfig
+    from ...io import check_output, check_run_folder, run_folder
+    from ...methods import get_method, run_method
+    from ...source import load_base, load_task
+    from ...tasks import task_data_path
+    from ...train import TrainConfig
 
     # before any work: the run may not overwrite what it reads, nor a folder of other files
     check_output(out, {"--checkpoint": base.checkpoint, "--weights": base.weights,

@@ -81,7 +81,7 @@ MIN_PAIRS = 6
 def _clip_differences(a: dict, b: dict, pred_dir) -> Optional[list[float]]:
     """Per test clip, correct under run ``a`` minus correct under run ``b`` (the same
     clips, one bench cell each), or None when either cell kept no predictions."""
-    from ..robustness import cell_name, load_predictions
+    from ...robustness import cell_name, load_predictions
 
     out = []
     for key in sorted(set(a) & set(b)):
@@ -118,7 +118,7 @@ def budget_groups(rows: list[dict], pred_dir=None) -> list[dict]:
     in ``pred_dir``, over the test clips they were scored on (``unit`` "test clips": the
     interval of the test sample, one training per task and seed).
     """
-    from ..stats import paired_interval
+    from ...stats import paired_interval
 
     runs: dict[tuple[str, str], dict[tuple[str, int], dict]] = {}
     for r in rows:
