@@ -30,7 +30,7 @@ DEFAULT_SOURCES = {
     "glyphs": ("glyphs:source", "timm:resnet10t", 15, 3e-3),
 }
 QUICK_SOURCES = {
-    "kws": ("kws-synth:en", "bcresnet-1.5", 24, 3e-2),
+    "kws": ("kws-synth:en", "bcresnet-1.5", 20, 3e-2),
     "glyphs": ("glyphs:source", "timm:resnet10t", 4, 3e-3),
 }
 

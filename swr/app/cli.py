@@ -107,7 +107,7 @@ def _overwrite_arg(p: argparse.ArgumentParser) -> None:
 def _base_args(p: argparse.ArgumentParser) -> None:
     """The base model, in either form: a swr pretrain folder, or a backbone + weights file."""
     p.add_argument("--checkpoint", help="base model: folder written by swr pretrain")
-    p.add_argument("--backbone", help="base model: timm:<model_name> or bcresnet-<tau>, with "
+    p.add_argument("--backbone", help="base model: a backbone name (swr list backbones), with "
                    "--weights (instead of --checkpoint)")
     p.add_argument("--weights", help="the backbone's pre-trained weights: a local safetensors "
                    "file or torch checkpoint (read with weights_only=True); image tasks then use "
@@ -157,7 +157,8 @@ def _report_skipped(command: str, skipped: list[str], where: str) -> None:
 # -- swr inspect ----------------------------------------------------------------------
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True,
-                   help="bcresnet-<tau> (tau in 1,1.5,2,3,6,8) or timm:<model_name>")
+                   help="a backbone name: bcresnet-<tau>, dscnn-<s|m|l>, timm:<model_name> "
+                        "(swr list backbones)")
     p.add_argument("--weights", help="local safetensors / torch checkpoint (optional)")
     p.add_argument("--bias-delta", action="store_true", help="count bias deltas in layer costs")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold self-check")
@@ -210,7 +211,9 @@ COMMANDS["inspect"] = (_inspect_args, run_inspect,
 # -- swr pretrain ---------------------------------------------------------------------
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="source task, e.g. kws-synth:en, glyphs:source")
-    p.add_argument("--backbone", required=True, help="bcresnet-<tau> or timm:<model_name>")
+    p.add_argument("--backbone", required=True,
+                   help="a backbone name: bcresnet-<tau>, dscnn-<s|m|l>, timm:<model_name> "
+                        "(swr list backbones)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--lr", type=positive_finite_float, default=1e-2)

@@ -60,7 +60,7 @@ def _run_demo(out: Path, suite, quick, seeds, workers, device, resume, overwrite
     log(f"demo: source {source['backbone']} on {source['task']}: test acc {source['test_acc']:.4f}")
     # the full demo runs every method as a default bench does; the quick one trims the
     # epochs and SWR's search so that it stays within minutes on 2 CPU cores
-    sizes = dict(epochs=8, swr_evaluations=24, supernet_epochs=3) if quick else {}
+    sizes = dict(epochs=6, swr_evaluations=24, supernet_epochs=3) if quick else {}
     cfg = BenchConfig(tasks=targets, checkpoint=str(ckpt), methods=methods, budgets=["5%"],
                       out=str(out / "bench"), seeds=seeds, device=device, workers=workers,
                       resume=resume, overwrite=overwrite, **sizes)
