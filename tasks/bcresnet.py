@@ -41,6 +41,7 @@ from torch import nn
 
 from swr.errors import SwrError
 
+from .heads import PooledClassifier
 from .registry import register_backbone
 
 #: Width factors of the models reported in the paper (Table 2).
@@ -167,7 +168,7 @@ def _check_frequency_layout(n_mels: int, subbands: int) -> None:
                        f"n_mels >= {8 * _HEAD_KERNEL}")
 
 
-class BCResNet(nn.Module):
+class BCResNet(PooledClassifier):
     """BC-ResNet-``tau`` (paper Table 1), with a timm-style model interface.
 
     ``forward_features`` returns the pooled ``num_features = 32 * tau`` vector and
@@ -210,43 +211,12 @@ class BCResNet(nn.Module):
             nn.BatchNorm2d(self.num_features),
             nn.ReLU(inplace=True),
         )
-        self.head: nn.Module = self._make_head(num_classes)
-
-        # Mirrors timm's pretrained_cfg so code written for timm models can read the
-        # expected input size and the classifier's name.
-        self.pretrained_cfg = {
-            "architecture": f"bcresnet-{tau:g}",
-            "input_size": (in_chans, n_mels, 101),
-            "num_classes": num_classes,
-            "first_conv": "stem.0",
-            "classifier": "head",
-        }
-        self.default_cfg = self.pretrained_cfg
-
-    def _make_head(self, num_classes: int) -> nn.Module:
-        """Linear classifier on the pooled features; ``0`` classes gives an identity."""
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        """The classification head (an ``nn.Linear``, or ``nn.Identity`` with 0 classes)."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        self._init_head(f"bcresnet-{tau:g}", in_chans, n_mels, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Log-mel ``(B, in_chans, n_mels, T)`` -> pooled features ``(B, num_features)``."""
         x = self.head_conv(self.stages(self.stem(x)))
         return x.mean(dim=(2, 3))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooled features -> logits (or the features themselves with ``pre_logits``)."""
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def bcresnet_tau(name: str) -> float:

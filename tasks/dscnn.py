@@ -34,6 +34,7 @@ from torch import nn
 
 from swr.errors import SwrError
 
+from .heads import PooledClassifier
 from .registry import register_backbone
 
 #: Name -> (channels, depthwise-separable blocks) of the paper's S, M and L models.
@@ -76,7 +77,7 @@ class DSBlock(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-class DSCNN(nn.Module):
+class DSCNN(PooledClassifier):
     """DS-CNN with ``channels`` everywhere and ``blocks`` depthwise-separable blocks, with
     a timm-style model interface (``forward_features`` gives the pooled features,
     ``head`` is the linear classifier)."""
@@ -94,40 +95,11 @@ class DSCNN(nn.Module):
         self.num_features = channels
         self.stem = _conv_bn_relu(in_chans, channels, _STEM_KERNEL, _STEM_STRIDE, _STEM_PADDING)
         self.blocks = nn.Sequential(*(DSBlock(channels) for _ in range(blocks)))
-        self.head: nn.Module = self._make_head(num_classes)
-        # as BC-ResNet: mirrors timm's pretrained_cfg (input size, classifier name)
-        self.pretrained_cfg = {
-            "architecture": name,
-            "input_size": (in_chans, n_mels, 101),
-            "num_classes": num_classes,
-            "first_conv": "stem.0",
-            "classifier": "head",
-        }
-        self.default_cfg = self.pretrained_cfg
-
-    def _make_head(self, num_classes: int) -> nn.Module:
-        """Linear classifier on the pooled features; ``0`` classes gives an identity."""
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        """The classification head (an ``nn.Linear``, or ``nn.Identity`` with 0 classes)."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        self._init_head(name, in_chans, n_mels, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Log-mel ``(B, in_chans, n_mels, T)`` -> pooled features ``(B, num_features)``."""
         return self.blocks(self.stem(x)).mean(dim=(2, 3))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooled features -> logits (or the features themselves with ``pre_logits``)."""
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _check_dscnn_name(name: str) -> None:
