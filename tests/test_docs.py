@@ -40,3 +40,16 @@ def test_the_commands_in_readme_and_docs_parse():
     parser = build_parser()
     for command in swr:
         parser.parse_args(shlex.split(command)[1:])
+
+
+def test_the_readme_python_snippet_runs(tmp_path, monkeypatch):
+    """The README's "Python first" block runs as written (in a scratch folder: it writes
+    base.safetensors and task.safetensors), its comments' figures included."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text[text.index("## Python first"):].split("\n\n")[1]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    assert code.startswith("import torch") and "apply_task_delta" in code
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own README)
+    assert scope["budget"] == 558_825
