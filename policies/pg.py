@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from swr.budget import Filling
 from swr.memory import MemoryLimit
 
 from .network import PolicyNetwork, Rollout
@@ -129,14 +130,12 @@ def fill_masks(masks: torch.Tensor, costs: np.ndarray, budgets: Sequence[int],
     seq = range(len(costs)) if order is None else order
     for r, budget in enumerate(budgets):
         row = out[r].numpy()
-        left = float(budget) - float(costs[row].sum())
-        covered = memory.cost.covered(row) if memory is not None else None
+        fill = Filling(costs, float(budget) - float(costs[row].sum()), memory,
+                       memory.cost.covered(row) if memory is not None else None)
         for i in seq:
-            if not row[i] and costs[i] <= left and (memory is None
-                                                    or memory.fits_adding(covered, i)):
-                row[i], left = True, left - costs[i]
-                if memory is not None:
-                    covered = covered | memory.cost.member[i]
+            if not row[i] and fill.fits(i):
+                row[i] = True
+                fill.add(i)
     return out
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from swr.budget import Filling
 from swr.memory import MemoryLimit
 
 from .registry import register_searcher
@@ -46,15 +47,12 @@ def random_selection(costs: np.ndarray, budget: int, rng: np.random.Generator,
     per-selection probability while it fits (so sparse and full selections both occur)."""
     mask = np.zeros(len(costs), dtype=bool)
     keep = rng.uniform(0.2, 1.0)
-    left = budget
-    covered = memory.cost.start() if memory is not None else None
+    fill = Filling(costs, budget, memory)
     for i in rng.permutation(len(costs)):
-        if costs[i] <= left and rng.random() < keep and (
-                memory is None or memory.fits_adding(covered, i)):
+        # the coin is drawn only for a layer whose parameters still fit
+        if costs[i] <= fill.left and rng.random() < keep and fill.fits(i):
             mask[i] = True
-            left -= costs[i]
-            if memory is not None:
-                covered = covered | memory.cost.member[i]
+            fill.add(i)
     return mask
 
 
@@ -69,16 +67,13 @@ def greedy_selection(values: np.ndarray, costs: np.ndarray, budget: int,
     """Highest value per parameter first; skip what does not fit (either budget), continue
     down the list."""
     mask = np.zeros(len(costs), dtype=bool)
-    left = budget
-    covered = memory.cost.start() if memory is not None else None
+    fill = Filling(costs, budget, memory)
     for i in importance_order(values, costs):
         if values[i] <= 0:
             break
-        if costs[i] <= left and (memory is None or memory.fits_adding(covered, i)):
+        if fill.fits(i):
             mask[i] = True
-            left -= costs[i]
-            if memory is not None:
-                covered = covered | memory.cost.member[i]
+            fill.add(i)
     return mask
 
 

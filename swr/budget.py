@@ -226,6 +226,29 @@ def check_selection(model: nn.Module, selection: Iterable[str], budget_params: i
     return cost
 
 
+class Filling:
+    """A selection filled layer by layer: what is left of its parameter budget and, under
+    a training-memory limit (a :class:`swr.memory.MemoryLimit`), the segments it already
+    saves (``covered``: from the limit's start unless given). The one bookkeeping of every
+    fill within both budgets (random selections, greedy, pg's completions)."""
+
+    def __init__(self, costs: Sequence, left, memory=None, covered=None):
+        self.costs, self.left, self.memory = costs, left, memory
+        self.covered = None if memory is None else (
+            memory.cost.start() if covered is None else covered)
+
+    def fits(self, i: int) -> bool:
+        """Whether layer ``i`` still fits both budgets."""
+        return self.costs[i] <= self.left and (self.memory is None
+                                               or self.memory.fits_adding(self.covered, i))
+
+    def add(self, i: int) -> None:
+        """Count layer ``i`` in."""
+        self.left -= self.costs[i]
+        if self.memory is not None:
+            self.covered = self.covered | self.memory.cost.member[i]
+
+
 def random_feasible_gates(costs: Sequence[int], budget_params: int,
                           generator: torch.Generator, memory=None) -> list[bool]:
     """A random selection within ``budget_params``: layers in random order, each kept
@@ -238,15 +261,11 @@ def random_feasible_gates(costs: Sequence[int], budget_params: int,
     order = torch.randperm(n, generator=generator).tolist()
     coins = torch.rand(n, generator=generator).tolist()
     opened = [False] * n
-    left = budget_params
-    covered = memory.cost.start() if memory is not None else None
+    fill = Filling(costs, budget_params, memory)
     for i, coin in zip(order, coins):
-        if costs[i] <= left and coin < keep and (memory is None
-                                                 or memory.fits_adding(covered, i)):
+        if coin < keep and fill.fits(i):
             opened[i] = True
-            left -= costs[i]
-            if memory is not None:
-                covered = covered | memory.cost.member[i]
+            fill.add(i)
     return opened
 
 
