@@ -55,8 +55,8 @@ def evaluator_metric(evaluator: str, reward: str | None = None) -> str:
     return reward or EVALUATORS[evaluator]
 
 
-#: Epochs of :class:`TrainedEvaluator`'s short training by default: a proxy, so short;
-#: how well it ranks final accuracy is measured in experiments/SEARCH.md.
+#: Epochs of :class:`TrainedEvaluator`'s short training by default: a proxy of the final
+#: training, kept short because every evaluation pays for it.
 PROXY_EPOCHS = 2
 
 #: Where :class:`SupernetEvaluator` takes BatchNorm statistics from (``bn_stats``).

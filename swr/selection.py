@@ -176,9 +176,9 @@ def selection_memory(model: nn.Module, task, layers, norms_trained: bool,
     return training_memory(trial, x, params)
 
 
-#: The largest batch a :class:`~swr.memory.MemoryCost` is measured at directly; above it,
-#: at two batches this small, combined linearly (saved bytes are affine in the batch
-#: size), so the calibration costs a few small forward passes per layer.
+#: The batch sizes a :class:`~swr.memory.MemoryCost` is counted at when training uses a
+#: larger batch: saved bytes are affine in the batch size, so two small batches give the
+#: count at any size for a few small forward passes per layer.
 MEMORY_PROBE_BATCHES = (2, 4)
 
 
@@ -252,9 +252,9 @@ def _probe_batches(n: int) -> list[tuple[int, float]]:
 
 
 class _one_thread:
-    """Many passes on a few examples run on one torch thread (on a busy machine, ops
-    this small ran about ten times slower on two, each waiting for a descheduled OpenMP
-    thread); the caller's thread count is restored after."""
+    """Many passes on a few examples run on one torch thread: ops this small gain nothing
+    from more, and on a busy machine each would wait for a descheduled OpenMP thread; the
+    caller's thread count is restored after."""
 
     def __enter__(self):
         self.threads = torch.get_num_threads()
