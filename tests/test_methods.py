@@ -299,21 +299,25 @@ def test_unknown_names_knobs_and_budgets_are_clear_errors(families):
         get_method("two-stage").prepare(copy.deepcopy(base), task, 100)
 
 
+class _Stub(Method):
+    """A method that trains nothing: what the registry tests register."""
+
+    def prepare(self, model, task, budget_params):
+        return model
+
+    def trainable_parameters(self, model):
+        return []
+
+    def updated_params(self, model):
+        return 0
+
+    def stored_tensors(self, model):
+        return {}
+
+
 def test_register_method_adds_a_name():
-    class Probe(Method):
+    class Probe(_Stub):
         name = "probe-test"
-
-        def prepare(self, model, task, budget_params):
-            return model
-
-        def trainable_parameters(self, model):
-            return []
-
-        def updated_params(self, model):
-            return 0
-
-        def stored_tensors(self, model):
-            return {}
 
     register_method("probe-test", Probe)
     try:
@@ -328,20 +332,8 @@ def test_register_method_decorates_a_class_under_its_name():
     """``@register_method`` registers a Method class where it is defined, by its ``name``;
     the built-in methods are registered that way, in the order users see them."""
     @register_method
-    class Decorated(Method):
+    class Decorated(_Stub):
         name = "decorated-test"
-
-        def prepare(self, model, task, budget_params):
-            return model
-
-        def trainable_parameters(self, model):
-            return []
-
-        def updated_params(self, model):
-            return 0
-
-        def stored_tensors(self, model):
-            return {}
 
     try:
         assert METHODS["decorated-test"] is Decorated
